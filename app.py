@@ -1,0 +1,475 @@
+"""holdfast's HTTP API, the page, and the `python app.py` entry point.
+
+`create_app(store, providers, config)` returns a Bottle app; nothing here is
+global, so tests wire test stores and fake providers the same way main() wires
+the real ones.
+"""
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+
+import bottle
+
+from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
+                    NotFound, TooLarge, Unauthorized)
+from store import ACTIVE, TERMINAL, TaskStatus, task_json
+
+log = logging.getLogger("holdfast.app")
+HERE = os.path.dirname(os.path.abspath(__file__))
+STATIC = os.path.join(HERE, "static")
+_TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+STATUSES = frozenset(s.value for s in TaskStatus)
+
+
+# -- configuration -------------------------------------------------------------
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data: str = "./data"
+    store: str = "sqlite"
+    threads: int = 8
+    admin_token: str = None
+    max_body: int = 1024 * 1024
+    sse_max_s: float = 60.0
+    session_ttl_s: float = 7200.0
+    keep_files_h: float = 72.0
+    keep_tasks_d: float = 30.0
+    log: str = "text"
+    worker_threads: int = 4
+    max_active: int = 100          # per user, unless the user row says otherwise
+    providers: dict = field(default_factory=dict)
+
+    SECRET = ("admin_token",)
+
+    @classmethod
+    def load(cls, env=None, path=None):
+        """holdfast.toml's [server] table, then HOLDFAST_* variables over it.
+        Secrets come from the environment only."""
+        env = os.environ if env is None else env
+        path = path or env.get("HOLDFAST_CONFIG", "holdfast.toml")
+        table = {}
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as fh:
+                    table = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+        elif "HOLDFAST_CONFIG" in env:
+            raise ConfigError(f"HOLDFAST_CONFIG names {path}, which does not exist")
+        config = cls(providers=table.get("providers", {}))
+        server = table.get("server", {})
+        for f in fields(cls):
+            if f.name == "providers":
+                continue
+            if f.name in server:
+                if f.name in cls.SECRET:
+                    raise ConfigError(f"{f.name} is a secret: set HOLDFAST_{f.name.upper()} instead")
+                config._set(f, server[f.name], f"[server] {f.name}")
+            var = "HOLDFAST_" + f.name.upper()
+            if env.get(var) not in (None, ""):
+                config._set(f, env[var], var)
+        if config.log not in ("text", "json"):
+            raise ConfigError("HOLDFAST_LOG must be text or json")
+        return config
+
+    def _set(self, f, value, where):
+        kind = type(getattr(self, f.name)) if getattr(self, f.name) is not None else str
+        try:
+            if kind is int:
+                value = int(value)
+            elif kind is float:
+                value = float(value)
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+        if kind in (int, float) and value <= 0 and f.name != "port":
+            raise ConfigError(f"{where} must be positive")
+        setattr(self, f.name, value)
+
+
+# -- the HTTP seam -------------------------------------------------------------
+
+def error_body(status, code, message):
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
+def json_errors(callback):
+    """One error hook: holdfast's errors become their JSON; anything else a
+    plain 500 without a stack trace."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except HoldfastError as exc:
+            for name, value in exc.headers.items():
+                bottle.response.set_header(name, value)
+            return error_body(exc.status, exc.code, exc.message)
+        except Exception:
+            log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+            return error_body(500, "internal", "internal error")
+    return wrapper
+
+
+def read_json(max_body):
+    """The request's JSON object, within `max_body` bytes."""
+    environ = bottle.request.environ
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length:
+        try:
+            length = int(length)
+        except ValueError:
+            raise InvalidInput("bad Content-Length") from None
+        if length > max_body:
+            raise TooLarge(f"request body is larger than {max_body} bytes")
+        raw = environ["wsgi.input"].read(length) if length else b""
+    else:
+        raw = environ["wsgi.input"].read(max_body + 1)
+        if len(raw) > max_body:
+            raise TooLarge(f"request body is larger than {max_body} bytes")
+    if not raw.strip():
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def optional_key(value, what):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _KEY.match(value):
+        raise InvalidInput(f"{what} must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
+# -- the app -------------------------------------------------------------------
+
+def create_app(store, providers, config, *, worker=None, files=None, clock=time.time):
+    app = bottle.Bottle(catchall=True)
+    app.install(json_errors)
+    admin_hash = None
+
+    def default_error(res):
+        bottle.response.content_type = "application/json"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(res.status_code, "error")
+        message = res.body if isinstance(res.body, str) and res.status_code < 500 else "internal error"
+        if res.status_code == 404:
+            message = "no such endpoint"
+        return json.dumps({"error": {"code": code, "message": message}})
+
+    app.default_error_handler = default_error
+
+    def bearer(allow_query=False):
+        header = bottle.request.get_header("Authorization", "")
+        if header.startswith("Bearer "):
+            return header[7:].strip()
+        if allow_query:
+            return bottle.request.query.get("token") or None
+        return None
+
+    def current_user(allow_query=False):
+        token = bearer(allow_query)
+        user = store.user_by_token(token) if token else None
+        if user is None:
+            raise Unauthorized("missing or unknown token")
+        return user
+
+    def admin_user():
+        user = current_user()
+        if not user["is_admin"]:
+            raise Forbidden("admin token required")
+        return user
+
+    def task_id_arg(task_id):
+        if not _TASK_ID.match(task_id):
+            raise NotFound("task not found", code="task_not_found")
+        return task_id
+
+    # tasks
+
+    @app.post("/api/tasks")
+    def submit():
+        user = current_user()
+        body = read_json(config.max_body)
+        unknown = set(body) - {"provider", "params", "dedupe_key"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = body.get("provider")
+        if not isinstance(name, str):
+            raise InvalidInput("provider is required and must be a string")
+        provider = providers.get(name)
+        if provider is None:
+            raise InvalidInput(f"unknown provider {name!r}", code="unknown_provider")
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise InvalidInput("params must be an object")
+        provider.validate(params)
+        key = optional_key(body.get("dedupe_key"), "dedupe_key")
+        header_key = optional_key(bottle.request.get_header("Idempotency-Key"), "Idempotency-Key")
+        if key and header_key and key != header_key:
+            raise InvalidInput("dedupe_key and Idempotency-Key differ")
+        task, deduplicated = _submit(user, provider, params, key or header_key)
+        bottle.response.status = 200 if deduplicated else 201
+        return {"task": task_json(task), "deduplicated": deduplicated}
+
+    def _submit(user, provider, params, key, retry_of=None):
+        now = clock()
+        task, deduplicated = store.submit(
+            user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
+            cost=provider.cost, dedupe_key=key, retry_of=retry_of,
+            max_active=user["max_active"] or config.max_active)
+        if not deduplicated and worker is not None:
+            worker.wake()
+        return task, deduplicated
+
+    @app.get("/api/tasks")
+    def list_tasks():
+        user = current_user()
+        q = bottle.request.query
+        statuses = None
+        if q.get("status"):
+            wanted = q.get("status")
+            if wanted == "active":
+                statuses = sorted(ACTIVE)
+            elif wanted == "terminal":
+                statuses = sorted(TERMINAL)
+            else:
+                statuses = wanted.split(",")
+                bad = [s for s in statuses if s not in STATUSES]
+                if bad or len(statuses) > len(STATUSES):
+                    raise InvalidInput(f"unknown status {', '.join(bad)}; use {', '.join(sorted(STATUSES))}, "
+                                       "active or terminal")
+        try:
+            limit = int(q.get("limit", 50))
+        except ValueError:
+            raise InvalidInput("limit must be an integer") from None
+        if not 1 <= limit <= 200:
+            raise InvalidInput("limit must be from 1 to 200")
+        before = q.get("before") or None
+        if before is not None and not _TASK_ID.match(before):
+            raise InvalidInput("before must be a task id (the `next` of an earlier page)")
+        tasks, cursor = store.list_tasks(user["id"], statuses=statuses, limit=limit, before=before)
+        return {"tasks": [task_json(t) for t in tasks], "next": cursor}
+
+    @app.get("/api/tasks/<task_id>")
+    def get_task(task_id):
+        user = current_user()
+        return {"task": task_json(store.get_task(task_id_arg(task_id), user["id"]))}
+
+    @app.post("/api/tasks/<task_id>/cancel")
+    def cancel(task_id):
+        user = current_user()
+        task = store.cancel(task_id_arg(task_id), user["id"], now=clock())
+        if worker is not None:
+            worker.cancel_at_provider(task)
+        return {"task": task_json(task)}
+
+    @app.post("/api/tasks/<task_id>/retry")
+    def retry(task_id):
+        user = current_user()
+        old = store.get_task(task_id_arg(task_id), user["id"])
+        if old["status"] not in ("failed", "cancelled"):
+            raise Conflict(f"only failed or cancelled tasks can be retried; this one is {old['status']}",
+                           code="not_retryable")
+        provider = providers.get(old["provider"])
+        if provider is None:
+            raise InvalidInput(f"provider {old['provider']!r} is no longer configured",
+                               code="unknown_provider")
+        task, deduplicated = _submit(user, provider, old["params"], old["dedupe_key"], retry_of=old["id"])
+        bottle.response.status = 200 if deduplicated else 201
+        return {"task": task_json(task), "deduplicated": deduplicated}
+
+    @app.get("/api/tasks/<task_id>/files/<name>")
+    def get_file(task_id, name):
+        user = current_user(allow_query=True)
+        task = store.get_task(task_id_arg(task_id), user["id"])
+        meta = next((f for f in task["files"] if f["name"] == name), None)
+        if meta is None or files is None:
+            raise NotFound("file not found", code="file_not_found")
+        path = files.path(task["id"], name)
+        if not os.path.exists(path):
+            raise NotFound("file not found", code="file_not_found")
+        res = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                 mimetype=meta["content_type"])
+        res.set_header("X-Content-Type-Options", "nosniff")
+        res.set_header("Cache-Control", "private, max-age=3600")
+        return res
+
+    # the caller and the service
+
+    @app.get("/api/me")
+    def me():
+        user = current_user()
+        credits = None
+        if user["credit_balance"] is not None:
+            credits = {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
+        return {"user": {"name": user["name"], "admin": user["is_admin"]}, "credits": credits,
+                "limits": {"max_active": user["max_active"] or config.max_active,
+                           "rate_per_s": user["rate_per_s"], "max_body": config.max_body}}
+
+    @app.get("/api/providers")
+    def list_providers():
+        current_user()
+        return {"providers": [p.describe() for p in providers.values()]}
+
+    @app.get("/healthz")
+    def healthz():
+        now = clock()
+        result = {"ok": True, "store": store.name, "scheduler": "off"}
+        try:
+            store.health()
+            stats = store.stats(now)
+            result.update(queue_depth=stats["queue_depth"], oldest_active_s=stats["oldest_active_s"])
+        except HoldfastError as exc:
+            result.update(ok=False, store=f"{store.name} ({exc.message})", queue_depth=None,
+                          oldest_active_s=None)
+        if worker is not None:
+            result["scheduler"] = "running" if worker.alive() else "stopped"
+            result["ok"] = result["ok"] and worker.alive()
+        bottle.response.status = 200 if result["ok"] else 503
+        return result
+
+    # the page
+
+    @app.get("/")
+    def index():
+        return bottle.static_file("index.html", root=STATIC)
+
+    @app.get("/static/<path:path>")
+    def static(path):
+        res = bottle.static_file(path, root=STATIC)
+        if isinstance(res, bottle.HTTPError):
+            raise NotFound("no such file")
+        return res
+
+    app.config["holdfast.store"] = store
+    return app
+
+
+# -- commands ------------------------------------------------------------------
+
+def setup_logging(kind):
+    handler = logging.StreamHandler()
+    if kind == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def open_everything(config):
+    """(store, providers, files) as config says."""
+    from providers import build_providers
+    from store import FileStore, open_store
+    os.makedirs(config.data, exist_ok=True)
+    store = open_store(config.store, config.data)
+    providers = build_providers(config.providers)
+    files = FileStore(os.path.join(config.data, "files"))
+    return store, providers, files
+
+
+def first_run_users(store, config):
+    """On a new data directory: an admin and a demo user, tokens printed once."""
+    if store.count_users():
+        return
+    _, admin_token = store.create_user("admin", admin=True, token=config.admin_token)
+    _, demo_token = store.create_user("demo")
+    print("New data directory: created two users. Their tokens are shown only now:")
+    if not config.admin_token:
+        print(f"  admin  {admin_token}")
+    else:
+        print("  admin  (HOLDFAST_ADMIN_TOKEN)")
+    print(f"  demo   {demo_token}")
+    sys.stdout.flush()
+
+
+def serve(config):
+    import waitress
+    from recover import recover
+    from worker import Worker
+    setup_logging(config.log)
+    store, providers, files = open_everything(config)
+    report = recover(store, providers, now=time.time())
+    if report["changed"]:
+        log.info("recovery: %s", report["summary"])
+    first_run_users(store, config)
+    worker = Worker(store, providers, files, threads=config.worker_threads)
+    app = create_app(store, providers, config, worker=worker, files=files)
+    worker.start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
+    sys.stdout.flush()
+    try:
+        waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
+                       connection_limit=max(100, config.threads * 16),
+                       max_request_body_size=config.max_body * 2 + 65536,
+                       channel_timeout=60, ident="holdfast", _quiet=True)
+    finally:
+        worker.stop(wait=False)
+        store.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python app.py", description="holdfast: durable AI-generation jobs")
+    sub = parser.add_subparsers(dest="command")
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    add = users.add_parser("add", help="create a user and print its token")
+    add.add_argument("name")
+    add.add_argument("--credits", type=int, default=None, help="starting balance (default: no limit)")
+    add.add_argument("--admin", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = Config.load()
+        if args.command is None:
+            return serve(config)
+        setup_logging(config.log)
+        store, _, _ = open_everything(config)
+        try:
+            user, token = store.create_user(args.name, admin=args.admin, credits=args.credits)
+        finally:
+            store.close()
+        print(token)
+        return 0
+    except HoldfastError as exc:
+        print(f"holdfast: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,881 @@
+"""Persistence: the task model, the Store interface, its backends, migrations.
+
+The peewee models below are the one description of the schema. Queries run as
+plain SQL through the peewee database object: the query builder costs more than
+the work on the hot paths (submit, claim, get by id), and plain SQL keeps every
+backend honest about what it does inside a transaction.
+
+Times are stored as float seconds since the epoch (UTC) and shown as ISO 8601.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from enum import Enum
+
+import peewee
+from peewee import (AutoField, BooleanField, CharField, CompositeKey,
+                    FloatField, IntegerField, Model, TextField)
+
+from errors import (Conflict, InvalidInput, NotFound, PaymentRequired,
+                    StaleLease, StoreUnavailable, TooMany)
+
+log = logging.getLogger("holdfast.store")
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({"queued", "running"})
+TERMINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
+# A task can go back from running to queued: the provider lost it and it will
+# be submitted again. Terminal statuses lead nowhere.
+TRANSITIONS = {
+    "queued": frozenset({"queued", "running", "succeeded", "partial", "failed", "cancelled"}),
+    "running": frozenset({"running", "queued", "succeeded", "partial", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "partial": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout",
+                         "result_expired", "provider_lost", "invalid_result", "internal"})
+DEDUPE_IGNORED = ("failed", "cancelled")
+
+
+def check_transition(current, new):
+    if new not in TRANSITIONS[current]:
+        raise Conflict(f"illegal transition {current} -> {new}", code="illegal_transition")
+
+
+# -- schema ----------------------------------------------------------------
+
+class _Base(Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class User(_Base):
+    id = AutoField()
+    name = CharField(unique=True)
+    token_hash = CharField(unique=True)
+    is_admin = BooleanField(default=False)
+    credit_balance = IntegerField(null=True)   # None: no credit limit
+    max_active = IntegerField(null=True)       # None: the server default
+    rate_per_s = FloatField(null=True)
+    created_at = FloatField()
+
+    class Meta:
+        table_name = "users"
+
+
+class Task(_Base):
+    id = CharField(primary_key=True)
+    user_id = IntegerField()
+    provider = CharField()
+    status = CharField()
+    step = CharField(null=True)
+    progress = FloatField(null=True)
+    dedupe_key = CharField(null=True)
+    params = TextField()
+    external_id = CharField(null=True)
+    attempts = IntegerField(default=0)
+    files = TextField(default="[]")
+    error = TextField(null=True)
+    cost = IntegerField(default=0)
+    credits = CharField(default="none")
+    retry_of = CharField(null=True)
+    created_at = FloatField()
+    updated_at = FloatField()
+    started_at = FloatField(null=True)
+    finished_at = FloatField(null=True)
+    deadline_at = FloatField()
+    version = IntegerField(default=1)
+    # Polls are data: when to look at the task next, and who is looking.
+    next_poll_at = FloatField(null=True)
+    polls = IntegerField(default=0)
+    lease_owner = CharField(null=True)
+    lease_expires_at = FloatField(null=True)
+    lease_token = IntegerField(default=0)
+    state = TextField(null=True)   # the provider adapter's private JSON
+
+    class Meta:
+        table_name = "tasks"
+        indexes = (
+            (("status", "next_poll_at"), False),
+            (("user_id", "status"), False),
+            (("user_id", "id"), False),
+        )
+
+
+class Event(_Base):
+    seq = AutoField()
+    user_id = IntegerField()
+    task_id = CharField()
+    type = CharField()
+    data = TextField()
+    created_at = FloatField()
+
+    class Meta:
+        table_name = "events"
+        indexes = ((("user_id", "seq"), False),)
+
+
+class Ledger(_Base):
+    id = AutoField()
+    user_id = IntegerField()
+    task_id = CharField()
+    kind = CharField()     # reserve, charge, refund, grant
+    amount = IntegerField()
+    created_at = FloatField()
+
+    class Meta:
+        table_name = "ledger"
+
+
+class Session(_Base):
+    user_id = IntegerField()
+    key = CharField()
+    messages = TextField(default="[]")
+    data = TextField(null=True)
+    updated_at = FloatField()
+    expires_at = FloatField()
+
+    class Meta:
+        table_name = "sessions"
+        primary_key = CompositeKey("user_id", "key")
+
+
+class SchemaVersion(_Base):
+    version = IntegerField(primary_key=True)
+    applied_at = FloatField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
+
+
+def _migration_1(db):
+    with db.bind_ctx(MODELS):
+        db.create_tables(MODELS)
+    # Dedupe and settle-once are constraints, not checks in Python alone.
+    db.execute_sql(
+        "CREATE UNIQUE INDEX tasks_dedupe ON tasks (user_id, dedupe_key) "
+        "WHERE dedupe_key IS NOT NULL AND status NOT IN ('failed', 'cancelled')")
+    db.execute_sql("CREATE UNIQUE INDEX ledger_once ON ledger (task_id, kind) WHERE kind <> 'grant'")
+    db.execute_sql(
+        "CREATE UNIQUE INDEX ledger_settle ON ledger (task_id) WHERE kind IN ('charge', 'refund')")
+
+
+MIGRATIONS = [(1, _migration_1)]
+
+TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
+_TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+_JSON_COLUMNS = ("params", "files", "error", "state")
+_UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts", "files",
+                        "error", "next_poll_at", "polls", "started_at", "state",
+                        "lease_expires_at"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+# -- small helpers ---------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id(now=None):
+    """`t_` + a ULID: sortable by creation time, unguessable."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "t_" + "".join(reversed(chars))
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def iso(ts):
+    if ts is None:
+        return None
+    dt = datetime.fromtimestamp(ts, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def dumps(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def task_json(task):
+    """The public JSON of a task, as every endpoint returns it."""
+    tid = task["id"]
+    return {
+        "id": tid, "provider": task["provider"], "status": task["status"],
+        "step": task["step"], "progress": task["progress"],
+        "dedupe_key": task["dedupe_key"], "params": task["params"],
+        "external_id": task["external_id"], "attempts": task["attempts"],
+        "files": [dict(f, url=f"/api/tasks/{tid}/files/{f['name']}") for f in task["files"]],
+        "error": task["error"], "cost": task["cost"], "credits": task["credits"],
+        "retry_of": task["retry_of"],
+        "created_at": iso(task["created_at"]), "updated_at": iso(task["updated_at"]),
+        "started_at": iso(task["started_at"]), "finished_at": iso(task["finished_at"]),
+        "deadline_at": iso(task["deadline_at"]), "version": task["version"],
+    }
+
+
+def event_json(seq, task_id, type_, data):
+    """An event as clients see it; `data` is the stored task JSON text."""
+    return '{"seq":%d,"task_id":%s,"type":"%s","task":%s}' % (seq, json.dumps(task_id), type_, data)
+
+
+def lease_owner_id():
+    """host:pid:nonce, so recovery can tell a dead local owner from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def owner_is_dead(owner):
+    """True only when the owner ran on this host and its process is gone."""
+    try:
+        host, pid, _ = owner.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# -- the interface ---------------------------------------------------------
+
+class BaseStore:
+    """What every backend does. Tasks are plain dicts with TASK_COLUMNS as keys
+    (params, files, error and state already decoded); `task_json` makes the
+    public form.
+
+    Every method that changes a task bumps its `version` and writes its event
+    row in the same transaction. Errors are holdfast's own (errors.py).
+    """
+
+    name = "base"
+    multi_process = False   # several processes may share the store
+    multi_host = False      # several hosts may share the store
+
+    def close(self):
+        """Release connections and files."""
+
+    def health(self):
+        """Raise StoreUnavailable when the store cannot answer."""
+        raise NotImplementedError
+
+    # users
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None):
+        """Create a user; return (user dict, token). The token (a new random
+        one unless given) is shown only here: the store keeps its hash.
+        Conflict if the name is taken."""
+        raise NotImplementedError
+
+    def user_by_token(self, token):
+        """The user dict whose token this is, or None."""
+        raise NotImplementedError
+
+    def user_by_name(self, name):
+        """The user dict with this name; NotFound otherwise."""
+        raise NotImplementedError
+
+    def count_users(self):
+        raise NotImplementedError
+
+    def reserved_credits(self, user_id):
+        """Credits held by the user's tasks that have not ended."""
+        raise NotImplementedError
+
+    # tasks
+    def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
+               dedupe_key=None, retry_of=None, max_active=None):
+        """Create a queued task, or find the user's live task with this
+        dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
+        user with a balance (PaymentRequired when too low) and refuses a user
+        at `max_active` active tasks (TooMany), all in one transaction."""
+        raise NotImplementedError
+
+    def get_task(self, task_id, user_id=None):
+        """The task; NotFound when missing or owned by another user."""
+        raise NotImplementedError
+
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
+        """(tasks newest first, cursor for the next page or None)."""
+        raise NotImplementedError
+
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+        """Lease up to `limit` due tasks (next_poll_at <= now, no live lease)
+        to `owner`. Each claim increments the task's lease_token; the returned
+        tasks carry the new token, which every later write must present."""
+        raise NotImplementedError
+
+    def update(self, task_id, *, token, now, release=False, **changes):
+        """Apply `changes` to a task held with lease `token` (None: no lease
+        check, for users and admins). Checks the transition table; settles
+        credits when the task ends; `release` drops the lease. StaleLease when
+        the token is old, Conflict for an illegal transition, NotFound."""
+        raise NotImplementedError
+
+    def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
+        """Set when to look at a held task next and drop the lease. Nothing a
+        user sees changes, so no version bump and no event. StaleLease."""
+        raise NotImplementedError
+
+    def cancel(self, task_id, user_id, *, now):
+        """Cancel a user's active task (credits refunded). Conflict if terminal."""
+        raise NotImplementedError
+
+    def overdue(self, *, now, limit):
+        """Active tasks whose deadline_at has passed."""
+        raise NotImplementedError
+
+    def expire(self, task_id, *, now, error):
+        """Fail an active task past its deadline, whoever holds it (refunded).
+        Conflict if it ended meanwhile."""
+        raise NotImplementedError
+
+    def lease_owners(self):
+        """The owners holding leases now."""
+        raise NotImplementedError
+
+    def release_leases(self, owners):
+        """Drop every lease these owners hold; return how many."""
+        raise NotImplementedError
+
+    # events
+    def events_since(self, user_id, since, limit=100):
+        """[(seq, event JSON text)] for the user's events after `since`."""
+        raise NotImplementedError
+
+    def last_seq(self, user_id=None):
+        raise NotImplementedError
+
+    # operations
+    def stats(self, now):
+        """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
+        raise NotImplementedError
+
+
+# -- SQL backends ----------------------------------------------------------
+
+class SqlStore(BaseStore):
+    """The shared implementation for databases peewee speaks to."""
+
+    placeholder = "?"
+    for_update = ""
+
+    def __init__(self, db):
+        self.db = db
+        self._sql_cache = {}
+
+    # one seam for driver errors
+    @contextmanager
+    def _seam(self):
+        try:
+            yield
+        except peewee.OperationalError as exc:
+            raise StoreUnavailable(f"store error: {exc}") from exc
+
+    def _sql(self, sql):
+        if self.placeholder == "?":
+            return sql
+        out = self._sql_cache.get(sql)
+        if out is None:
+            out = self._sql_cache[sql] = sql.replace("?", self.placeholder)
+        return out
+
+    def _exec(self, sql, params=()):
+        return self.db.execute_sql(self._sql(sql), params)
+
+    def _one(self, sql, params=()):
+        return self._exec(sql, params).fetchone()
+
+    def _write(self):
+        """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
+        return self.db.atomic()
+
+    def migrate(self):
+        with self._seam():
+            self.db.connect(reuse_if_open=True)
+            self._migrate()
+
+    def _migrate(self):
+        with self._write():
+            if not self.db.table_exists("schema_version"):
+                current = 0
+            else:
+                current = self._one("SELECT MAX(version) FROM schema_version")[0] or 0
+            for version, step in MIGRATIONS:
+                if version > current:
+                    log.info("migrating schema to version %d", version)
+                    step(self.db)
+                    self._exec("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                               (version, time.time()))
+
+    def schema_version(self):
+        with self._seam():
+            return self._one("SELECT MAX(version) FROM schema_version")[0]
+
+    def close(self):
+        self.db.close()
+
+    def health(self):
+        with self._seam():
+            self._one("SELECT 1")
+
+    @staticmethod
+    def _task(row):
+        task = dict(zip(TASK_COLUMNS, row))
+        for col in _JSON_COLUMNS:
+            value = task[col]
+            task[col] = json.loads(value) if value is not None else None
+        if task["files"] is None:
+            task["files"] = []
+        return task
+
+    # users
+
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None):
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidInput("user name must be 1-64 letters, digits, '_', '.' or '-'")
+        if credits is not None and (not isinstance(credits, int) or credits < 0):
+            raise InvalidInput("credits must be a non-negative integer")
+        if token is not None and len(token) < 16:
+            raise InvalidInput("a chosen token must be at least 16 characters")
+        token = token or "hf_" + secrets.token_urlsafe(32)
+        now = time.time() if now is None else now
+        with self._seam():
+            try:
+                with self._write():
+                    self._exec(
+                        "INSERT INTO users (name, token_hash, is_admin, credit_balance, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)", (name, hash_token(token), bool(admin), credits, now))
+            except peewee.IntegrityError as exc:
+                raise Conflict(f"user {name!r} exists", code="user_exists") from exc
+        return self.user_by_name(name), token
+
+    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at"
+
+    def _user(self, row):
+        if row is None:
+            return None
+        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at")
+        user = dict(zip(keys, row))
+        user["is_admin"] = bool(user["is_admin"])
+        return user
+
+    def user_by_token(self, token):
+        with self._seam():
+            return self._user(self._one(
+                f"SELECT {self._USER_COLS} FROM users WHERE token_hash = ?", (hash_token(token),)))
+
+    def user_by_name(self, name):
+        with self._seam():
+            user = self._user(self._one(f"SELECT {self._USER_COLS} FROM users WHERE name = ?", (name,)))
+        if user is None:
+            raise NotFound("user not found", code="user_not_found")
+        return user
+
+    def count_users(self):
+        with self._seam():
+            return self._one("SELECT COUNT(*) FROM users")[0]
+
+    def reserved_credits(self, user_id):
+        with self._seam():
+            return self._one("SELECT COALESCE(SUM(cost), 0) FROM tasks WHERE user_id = ? "
+                             "AND credits = 'reserved'", (user_id,))[0]
+
+    # tasks
+
+    def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
+               dedupe_key=None, retry_of=None, max_active=None):
+        task_id = new_task_id(now)
+        params_text = dumps(params)
+        with self._seam():
+            for _ in range(3):
+                try:
+                    with self._write():
+                        return self._submit(task_id, user_id, provider, params, params_text, now,
+                                            deadline_at, cost, dedupe_key, retry_of, max_active)
+                except peewee.IntegrityError:
+                    # Another transaction took the dedupe key between our
+                    # check and our insert (possible only where the backend
+                    # does not serialize writers): the index kept one. Read it.
+                    if dedupe_key is None:
+                        raise
+            raise StoreUnavailable("could not settle a dedupe race")
+
+    def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
+                cost, dedupe_key, retry_of, max_active):
+        if dedupe_key is not None:
+            row = self._one(
+                _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
+                "AND status NOT IN ('failed', 'cancelled')", (user_id, dedupe_key))
+            if row is not None:
+                return self._task(row), True
+        if max_active is not None:
+            active = self._one("SELECT COUNT(*) FROM tasks WHERE user_id = ? "
+                               "AND status IN ('queued', 'running')", (user_id,))[0]
+            if active >= max_active:
+                raise TooMany(f"you have {active} active tasks (limit {max_active})",
+                              code="too_many_active", retry_after=5)
+        credits = "none"
+        if cost > 0:
+            balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
+            if balance is not None:
+                if balance < cost:
+                    raise PaymentRequired(
+                        f"this task costs {cost} credits and your balance is {balance}")
+                self._exec("UPDATE users SET credit_balance = credit_balance - ? WHERE id = ?",
+                           (cost, user_id))
+                self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                           "VALUES (?, ?, 'reserve', ?, ?)", (user_id, task_id, cost, now))
+                credits = "reserved"
+        task = {
+            "id": task_id, "user_id": user_id, "provider": provider, "status": "queued",
+            "step": None, "progress": None, "dedupe_key": dedupe_key, "params": params,
+            "external_id": None, "attempts": 0, "files": [], "error": None, "cost": cost,
+            "credits": credits, "retry_of": retry_of, "created_at": now, "updated_at": now,
+            "started_at": None, "finished_at": None, "deadline_at": deadline_at, "version": 1,
+            "next_poll_at": now, "polls": 0, "lease_owner": None, "lease_expires_at": None,
+            "lease_token": 0, "state": None,
+        }
+        row = [task[c] for c in TASK_COLUMNS]
+        row[TASK_COLUMNS.index("params")] = params_text
+        row[TASK_COLUMNS.index("files")] = "[]"
+        self._exec(f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES "
+                   f"({', '.join('?' * len(TASK_COLUMNS))})", row)
+        self._event(task, "created", now)
+        return task, False
+
+    def _event(self, task, type_, now):
+        self._exec("INSERT INTO events (user_id, task_id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (task["user_id"], task["id"], type_, dumps(task_json(task)), now))
+
+    def get_task(self, task_id, user_id=None):
+        with self._seam():
+            if user_id is None:
+                row = self._one(_TASK_SELECT + " WHERE id = ?", (task_id,))
+            else:
+                row = self._one(_TASK_SELECT + " WHERE id = ? AND user_id = ?", (task_id, user_id))
+        if row is None:
+            raise NotFound("task not found", code="task_not_found")
+        return self._task(row)
+
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
+        sql = _TASK_SELECT + " WHERE user_id = ?"
+        params = [user_id]
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+            params += list(statuses)
+        if before:
+            sql += " AND id < ?"
+            params.append(before)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit + 1)
+        with self._seam():
+            rows = self._exec(sql, params).fetchall()
+        tasks = [self._task(r) for r in rows[:limit]]
+        return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
+
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+        marks = ", ".join("?" * len(statuses))
+        with self._seam(), self._write():
+            rows = self._exec(
+                _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
+                "AND (lease_owner IS NULL OR lease_expires_at < ?) "
+                f"ORDER BY next_poll_at LIMIT ?{self.for_update}",
+                (*statuses, now, now, limit)).fetchall()
+            tasks = []
+            for row in rows:
+                task = self._task(row)
+                task["lease_owner"] = owner
+                task["lease_expires_at"] = now + lease_s
+                task["lease_token"] += 1
+                self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? "
+                           "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
+                tasks.append(task)
+        return tasks
+
+    def update(self, task_id, *, token, now, release=False, **changes):
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            return self._apply(self._task(row), token, now, release, changes)
+
+    def _apply(self, task, token, now, release, changes):
+        if token is not None and task["lease_token"] != token:
+            raise StaleLease(f"lease {token} on {task['id']} is stale (now {task['lease_token']})")
+        old = task["status"]
+        new = changes.get("status", old)
+        if old in TERMINAL:
+            raise Conflict(f"task is already {old}", code="task_finished")
+        check_transition(old, new)
+        error = changes.get("error")
+        if error is not None and error.get("code") not in ERROR_CODES:
+            raise ValueError(f"unknown error code {error.get('code')!r}")
+        task.update(changes)
+        if new == "running" and task["started_at"] is None:
+            task["started_at"] = now
+        if new in TERMINAL:
+            task["finished_at"] = now
+            task["next_poll_at"] = None
+            release = True
+            if task["credits"] == "reserved":
+                self._settle(task, new, now)
+        if release:
+            task["lease_owner"] = None
+            task["lease_expires_at"] = None
+        task["updated_at"] = now
+        task["version"] += 1
+        cols = sorted(set(changes) | {"started_at", "finished_at", "next_poll_at", "credits",
+                                      "lease_owner", "lease_expires_at", "updated_at", "version"})
+        values = [dumps(task[c]) if c in _JSON_COLUMNS else task[c] for c in cols]
+        cur = self._exec(f"UPDATE tasks SET {', '.join(c + ' = ?' for c in cols)} "
+                         "WHERE id = ? AND lease_token = ?", (*values, task["id"], task["lease_token"]))
+        if cur.rowcount != 1:
+            raise StaleLease(f"task {task['id']} changed under us")
+        self._event(task, "finished" if new in TERMINAL else "updated", now)
+        return task
+
+    def _settle(self, task, status, now):
+        """Charge on success, refund otherwise: once, by the ledger's indexes."""
+        kind = "charge" if status in ("succeeded", "partial") else "refund"
+        self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (task["user_id"], task["id"], kind, task["cost"], now))
+        if kind == "refund":
+            self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
+                       (task["cost"], task["user_id"]))
+        task["credits"] = "charged" if kind == "charge" else "refunded"
+
+    def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
+        sql = ("UPDATE tasks SET next_poll_at = ?, polls = ?, lease_owner = NULL, "
+               "lease_expires_at = NULL")
+        params = [next_poll_at, polls]
+        if state is not None:
+            sql += ", state = ?"
+            params.append(dumps(state))
+        sql += " WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
+        with self._seam(), self._write():
+            if self._exec(sql, (*params, task_id, token)).rowcount != 1:
+                raise StaleLease(f"task {task_id} is no longer held with lease {token}")
+
+    def overdue(self, *, now, limit):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE status IN ('queued', 'running') "
+                              "AND deadline_at < ? ORDER BY deadline_at LIMIT ?", (now, limit)).fetchall()
+        return [self._task(r) for r in rows]
+
+    def expire(self, task_id, *, now, error):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            task = self._task(row)
+            if task["status"] in TERMINAL or task["deadline_at"] >= now:
+                raise Conflict("task is not overdue", code="not_overdue")
+            return self._apply(task, None, now, True, {"status": "failed", "error": error,
+                                                        "step": "failed"})
+
+    def cancel(self, task_id, user_id, *, now):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ? AND user_id = ?" + self.for_update,
+                            (task_id, user_id))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            task = self._task(row)
+            if task["status"] in TERMINAL:
+                raise Conflict(f"task is already {task['status']}", code="task_finished")
+            return self._apply(task, None, now, True, {"status": "cancelled"})
+
+    def lease_owners(self):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                "SELECT DISTINCT lease_owner FROM tasks WHERE lease_owner IS NOT NULL").fetchall()]
+
+    def release_leases(self, owners):
+        released = 0
+        with self._seam():
+            for owner in owners:
+                with self._write():
+                    released += self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
+                                           "WHERE lease_owner = ?", (owner,)).rowcount
+        return released
+
+    # events
+
+    def events_since(self, user_id, since, limit=100):
+        with self._seam():
+            rows = self._exec("SELECT seq, task_id, type, data FROM events WHERE user_id = ? AND seq > ? "
+                              "ORDER BY seq LIMIT ?", (user_id, since, limit)).fetchall()
+        return [(r[0], event_json(*r)) for r in rows]
+
+    def last_seq(self, user_id=None):
+        with self._seam():
+            if user_id is None:
+                row = self._one("SELECT MAX(seq) FROM events")
+            else:
+                row = self._one("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,))
+        return row[0] or 0
+
+    def task_events(self, task_id):
+        """[(seq, type)] of one task, oldest first (for audits and tests)."""
+        with self._seam():
+            return [tuple(r) for r in self._exec(
+                "SELECT seq, type FROM events WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()]
+
+    def stats(self, now):
+        with self._seam():
+            by_status = dict(self._exec("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+            oldest = self._one("SELECT MIN(created_at) FROM tasks WHERE status IN ('queued', 'running')")[0]
+        return {
+            "queue_depth": by_status.get("queued", 0),
+            "active": by_status.get("queued", 0) + by_status.get("running", 0),
+            "oldest_active_s": round(now - oldest, 3) if oldest is not None else 0,
+            "by_status": by_status,
+        }
+
+
+class SqliteStore(SqlStore):
+    """The default: one file in WAL mode, short BEGIN IMMEDIATE writes, one
+    connection per thread (peewee keeps them thread-local)."""
+
+    name = "sqlite"
+    multi_process = True
+
+    def __init__(self, path):
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        db = peewee.SqliteDatabase(
+            path, timeout=5, lock_type="IMMEDIATE",
+            pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
+                     "cache_size": -8000})
+        super().__init__(db)
+        with self._seam():
+            db.connect(reuse_if_open=True)
+            mode = self._one("PRAGMA journal_mode")[0]
+        if mode.lower() != "wal" and path != ":memory:":
+            db.close()
+            raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got {mode})",
+                                   code="no_wal")
+        self.migrate()
+
+
+def open_store(url, data_dir):
+    """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a URL."""
+    url = url or "sqlite"
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    factory = BACKENDS.get(scheme)
+    if factory is None:
+        raise InvalidInput(f"unknown store {url!r}; use one of {sorted(BACKENDS)}")
+    return factory(url, data_dir)
+
+
+def _sqlite(url, data_dir):
+    path = url.split("://", 1)[1] if "://" in url else os.path.join(data_dir, "holdfast.db")
+    return SqliteStore(path)
+
+
+BACKENDS = {"sqlite": _sqlite}
+
+
+# -- result files -------------------------------------------------------------
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                 ".webp": "image/webp", ".gif": "image/gif", ".mp4": "video/mp4",
+                 ".webm": "video/webm", ".mp3": "audio/mpeg", ".wav": "audio/wav",
+                 ".json": "application/json", ".txt": "text/plain"}
+
+
+def safe_file_name(name):
+    """A result file's name as holdfast stores it: the last path part, plain
+    characters only, never empty, never hidden, never `..`."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[:128]
+    return base if _FILE_NAME.match(base) else "file"
+
+
+class FileStore:
+    """Result files under data/files/<task id>/<name>, written atomically
+    (temporary file, fsync, rename) with their size and sha256."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def path(self, task_id, name):
+        if not re.match(r"^t_[0-9A-Z]{26}$", task_id) or not _FILE_NAME.match(name):
+            raise NotFound("file not found", code="file_not_found")
+        return os.path.join(self.root, task_id, name)
+
+    def save(self, task_id, name, chunks, *, max_bytes, content_type=None):
+        """Write `chunks` (an iterable of bytes) as the task's file `name`.
+        InvalidInput when it passes `max_bytes`; nothing is left behind then."""
+        final = self.path(task_id, name)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.{secrets.token_hex(4)}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise InvalidInput(f"{name} is larger than {max_bytes} bytes", code="invalid_result")
+                    digest.update(chunk)
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        ext = os.path.splitext(name)[1].lower()
+        return {"name": name, "size": size, "sha256": digest.hexdigest(),
+                "content_type": content_type or CONTENT_TYPES.get(ext, "application/octet-stream")}
+
+    def remove_task(self, task_id):
+        folder = os.path.join(self.root, task_id)
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)

@@ -1,0 +1,321 @@
+"""When things happen: dispatch, poll, download, sweep.
+
+Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
+its lease and its attempt count live in the store, so a restart loses no
+schedule: a scheduler tick claims the tasks that are due, works on each outside
+any transaction, and writes back with the lease token it was given. Every
+function takes `now`; tests pass a clock instead of sleeping.
+"""
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
+
+from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
+                    ProviderUnavailable, ResultExpired, StaleLease)
+from providers import Retry
+from store import lease_owner_id, safe_file_name
+
+log = logging.getLogger("holdfast.worker")
+
+# Transient failures (provider down, a download that broke) retry on this
+# schedule until the task's deadline; the sweeper ends it then.
+TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
+
+
+class Worker:
+    def __init__(self, store, providers, files, *, owner=None, lease_s=60.0, batch=50,
+                 threads=4, tick_s=0.5, sweep_s=5.0, clock=time.time):
+        self.store = store
+        self.providers = providers
+        self.files = files
+        self.owner = owner or lease_owner_id()
+        self.lease_s = lease_s
+        self.batch = batch
+        self.threads = threads
+        self.tick_s = tick_s
+        self.sweep_s = sweep_s
+        self.clock = clock
+        self.scheduler = None
+        self.pool = None
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self.last_tick = None
+
+    # -- running in the background -------------------------------------------
+
+    def start(self):
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
+        self.scheduler = BackgroundScheduler(
+            executors={"default": SchedulerPool(2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+        self.scheduler.add_job(self._safe(self.dispatch), "interval", seconds=self.tick_s,
+                               id="dispatch")
+        self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+        self.scheduler.start()
+
+    def stop(self, wait=True):
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=wait)
+            self.scheduler = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=wait, cancel_futures=not wait)
+            self.pool = None
+
+    def alive(self):
+        return self.scheduler is not None and self.scheduler.running
+
+    def wake(self):
+        """Look for due tasks now rather than at the next tick."""
+        scheduler = self.scheduler
+        if scheduler is not None and scheduler.running:
+            try:
+                scheduler.wakeup()
+            except Exception:   # shutting down: the next start will find the task
+                pass
+            job = scheduler.get_job("dispatch")
+            if job is not None:
+                job.modify(next_run_time=_utcnow())
+
+    def _safe(self, fn):
+        def run():
+            try:
+                fn()
+            except Exception:
+                log.exception("%s failed; the next tick tries again", fn.__name__)
+        run.__name__ = fn.__name__
+        return run
+
+    def dispatch(self, now=None):
+        """Claim due tasks and hand them to the pool (the scheduler's tick)."""
+        now = self.clock() if now is None else now
+        self.last_tick = now
+        with self._lock:
+            room = self.threads * 2 - self._inflight
+        if room <= 0:
+            return 0
+        tasks = self.store.claim(self.owner, now=now, limit=min(room, self.batch), lease_s=self.lease_s)
+        for task in tasks:
+            with self._lock:
+                self._inflight += 1
+            self.pool.submit(self._run_pooled, task)
+        return len(tasks)
+
+    def _run_pooled(self, task):
+        try:
+            self.process(task, self.clock())
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    # -- one step, in the caller's thread (tests call these) --------------------
+
+    def run_once(self, now=None):
+        """Claim what is due at `now` and process it here. Returns how many."""
+        now = self.clock() if now is None else now
+        self.last_tick = now
+        tasks = self.store.claim(self.owner, now=now, limit=self.batch, lease_s=self.lease_s)
+        for task in tasks:
+            self.process(task, now)
+        return len(tasks)
+
+    def process(self, task, now):
+        """Move one claimed task one step. Survives any error of its own."""
+        provider = self.providers.get(task["provider"])
+        try:
+            if provider is None:
+                self._finish(task, now, "failed", error=("internal", f"provider {task['provider']!r} "
+                                                         "is not configured"))
+            elif task["status"] == "queued":
+                self._start(task, provider, now)
+            else:
+                self._poll(task, provider, now)
+        except (StaleLease, Conflict) as exc:
+            # Cancelled, finished or taken over meanwhile: its new owner decides.
+            log.info("task %s: %s", task["id"], exc)
+        except Exception as exc:
+            log.exception("task %s: unexpected error; retrying later", task["id"])
+            self._later(task, now, f"internal: {exc}")
+
+    # -- the steps ---------------------------------------------------------------
+
+    def _start(self, task, provider, now):
+        if task["external_id"] is not None:
+            # An earlier attempt stored its id and may have reached the
+            # provider before a crash: ask before submitting again.
+            try:
+                status = provider.poll(task, now)
+            except ProviderUnavailable as exc:
+                return self._later(task, now, str(exc), retry_after=exc.retry_after)
+            if status.state != "unknown":
+                log.info("task %s: found %s at the provider after a restart", task["id"], status.state)
+                return self._apply(task, provider, status, now)
+        task = self.store.update(task["id"], token=task["lease_token"], now=now,
+                                 external_id=provider.new_id(task, now),
+                                 attempts=task["attempts"] + 1, step="submitting")
+        try:
+            external_id = provider.submit(task, now)
+        except ProviderRejected as exc:
+            return self._finish(task, now, "failed", error=(exc.code, exc.message))
+        except ProviderUnavailable as exc:
+            return self._later(task, now, str(exc), retry_after=exc.retry_after)
+        self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
+                          status="running", external_id=external_id, step="submitted",
+                          progress=0.0, polls=0, next_poll_at=now + provider.poll_interval_s)
+        log.info("task %s: submitted to %s as %s", task["id"], provider.name, external_id)
+
+    def _poll(self, task, provider, now):
+        try:
+            status = provider.poll(task, now)
+        except ProviderUnavailable as exc:
+            return self._later(task, now, str(exc), retry_after=exc.retry_after)
+        self._apply(task, provider, status, now)
+
+    def _apply(self, task, provider, status, now):
+        token = task["lease_token"]
+        if status.state in ("queued", "running"):
+            next_at = now + self.poll_interval(task, provider, now)
+            new_status = "running"
+            if (task["status"], task["step"], task["progress"]) == (new_status, status.step, status.progress):
+                self.store.reschedule(task["id"], token=token, next_poll_at=next_at,
+                                      polls=task["polls"] + 1)
+            else:
+                self.store.update(task["id"], token=token, now=now, release=True, status=new_status,
+                                  step=status.step, progress=status.progress,
+                                  polls=task["polls"] + 1, next_poll_at=next_at)
+        elif status.state == "succeeded":
+            self._collect(task, provider, status, now)
+        elif status.state == "failed":
+            self._finish(task, now, "failed", error=(status.code or "provider_rejected",
+                                                     status.message or "the provider failed the job"))
+        else:
+            self._lost(task, provider, now)
+
+    def _lost(self, task, provider, now):
+        if task["attempts"] < provider.retries:
+            log.warning("task %s: %s no longer knows %s; submitting again", task["id"],
+                        provider.name, task["external_id"])
+            self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
+                              status="queued", external_id=None, step="resubmitting",
+                              progress=None, next_poll_at=now)
+        else:
+            self._finish(task, now, "failed", error=(
+                "provider_lost", f"{provider.name} lost the job {task['attempts']} times"))
+
+    def _collect(self, task, provider, status, now):
+        """Save every output before the task may say succeeded."""
+        saved, lost, expired = [], status.missing, False
+        names = set()
+        for i, output in enumerate(status.outputs):
+            name = _unique(safe_file_name(output.name or f"out_{i}"), names)
+            try:
+                saved.append(self.files.save(task["id"], name, provider.fetch(task, output),
+                                             max_bytes=provider.max_file_bytes,
+                                             content_type=output.content_type))
+            except ResultExpired as exc:
+                log.warning("task %s: %s", task["id"], exc)
+                lost += 1
+                expired = True
+            except InvalidInput as exc:
+                log.warning("task %s: %s", task["id"], exc)
+                lost += 1
+            except ProviderUnavailable as exc:
+                return self._later(task, now, f"download: {exc}", retry_after=exc.retry_after)
+        if saved and lost:
+            self._finish(task, now, "partial", files=saved,
+                         error=("result_expired" if expired else "invalid_result",
+                                f"{lost} of {lost + len(saved)} outputs could not be saved"))
+        elif saved:
+            self._finish(task, now, "succeeded", files=saved)
+        elif expired:
+            self._finish(task, now, "failed", error=("result_expired",
+                                                     "the result links expired before they were saved"))
+        else:
+            self._finish(task, now, "failed", error=("invalid_result", "the provider returned no usable output"))
+
+    def _finish(self, task, now, status, *, error=None, files=None):
+        changes = {"status": status, "step": "done" if status != "failed" else "failed"}
+        if error is not None:
+            changes["error"] = {"code": error[0], "message": error[1]}
+        if files is not None:
+            changes["files"] = files
+            changes["progress"] = 1.0
+        self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
+        log.info("task %s: %s%s", task["id"], status, f" ({error[0]}: {error[1]})" if error else "")
+
+    def _later(self, task, now, reason, retry_after=None):
+        """A transient failure: look again later; the deadline bounds it."""
+        state = dict(task["state"] or {})
+        failures = state.get("failures", 0) + 1
+        state.update(failures=failures, last_error=reason[:500])
+        delay = max(TRANSIENT.delay(failures), retry_after or 0)
+        log.warning("task %s: %s; next try in %.0fs", task["id"], reason, delay)
+        try:
+            self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=now + delay,
+                                  polls=task["polls"], state=state)
+        except HoldfastError as exc:
+            log.info("task %s: not rescheduled: %s", task["id"], exc)
+
+    def poll_interval(self, task, provider, now):
+        """The first poll after poll_interval_s, then a tenth of the task's age,
+        up to max_poll_interval_s: quick jobs feel live, long ones cost little."""
+        age = now - (task["started_at"] or now)
+        return min(provider.max_poll_interval_s, max(provider.poll_interval_s, age / 10))
+
+    # -- deadlines ---------------------------------------------------------------
+
+    def sweep(self, now=None):
+        """Fail the tasks past their deadline; cancel them at the provider."""
+        now = self.clock() if now is None else now
+        ended = 0
+        for task in self.store.overdue(now=now, limit=200):
+            never_accepted = task["status"] == "queued" and (task["state"] or {}).get("last_error")
+            code = "provider_unavailable" if never_accepted else "timeout"
+            message = ("the provider could not be reached before the deadline" if never_accepted
+                       else "the task passed its deadline")
+            try:
+                ended_task = self.store.expire(task["id"], now=now, error={"code": code, "message": message})
+            except Conflict:
+                continue
+            ended += 1
+            log.info("task %s: failed (%s)", task["id"], code)
+            self.cancel_at_provider(ended_task)
+        return ended
+
+    def cancel_at_provider(self, task):
+        """Best effort, never in a request's or a transaction's way."""
+        provider = self.providers.get(task["provider"])
+        if provider is None or not task.get("external_id"):
+            return
+        if self.pool is not None:
+            self.pool.submit(self._cancel, provider, task)
+        else:
+            self._cancel(provider, task)
+
+    def _cancel(self, provider, task):
+        try:
+            provider.cancel(task)
+        except Exception as exc:
+            log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
+
+
+def _unique(name, taken):
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate = f"{stem}_{n}.{ext}" if dot else f"{stem}_{n}"
+        n += 1
+    taken.add(candidate)
+    return candidate
+
+
+def _utcnow():
+    return datetime.now(timezone.utc)
+
