@@ -1,0 +1,238 @@
+"""A fake KIE-style jobs API (createTask / recordInfo) with fault injection.
+
+No recording of the real service exists; shapes follow DESIGN.md and KIE's
+public documentation (docs.kie.ai, "Get Task Details").
+"""
+
+import hashlib
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+from . import FakeServer, Response, json_response, png_bytes
+
+
+def _default_fail_input(task_input):
+    return bool(task_input.get("fail")) or task_input.get("prompt") == "fail"
+
+
+@dataclass
+class _Task:
+    task_id: str
+    model: str
+    input: dict
+    param: str          # the createTask body as KIE echoes it: a JSON string
+    created: float      # time.time()
+    seconds: float
+    fails: bool
+    outputs: int
+    expired: bool = False
+
+    @property
+    def done_at(self):
+        return self.created + self.seconds
+
+
+class FakeKIE(FakeServer):
+    """A KIE-style jobs API on 127.0.0.1.
+
+    Endpoints (all under /api/v1/jobs/ need `Authorization: Bearer <api_key>`):
+      POST /api/v1/jobs/createTask  {"model", "input", "callBackUrl"?}
+           -> {"code": 200, "msg": "success", "data": {"taskId"}}
+      GET  /api/v1/jobs/recordInfo?taskId=...
+           -> {"code": 200, "msg": "success", "data": {"taskId", "model",
+               "state", "param", "resultJson", "failCode", "failMsg",
+               "costTime", "completeTime", "createTime", "updateTime"}}
+      GET  /files/<taskId>/<n>.png  (no auth, like a pre-signed link)
+
+    Errors, one rule: like KIE, request-level errors are in the body's
+    `code` with HTTP 200 -- 422 for validation (missing model/input/taskId,
+    bad JSON), 404 for an unknown taskId -- unless `http_errors=True`, which
+    makes the HTTP status equal the body code. Transport-level answers always
+    use the real HTTP status: 401 bad/missing key, 429 rate limit (with
+    Retry-After), 500 injected error. Every error body is {"code", "msg",
+    "data": null}.
+
+    A task is `waiting`, `queuing`, then `generating` for a third of its
+    `job_seconds` each, then `success` (resultJson '{"resultUrls": [...]}'
+    pointing at /files/) or `fail` (failCode "500", failMsg set) when
+    `fail_input(input)` is true (default: input {"fail": true} or prompt
+    "fail"). `callBackUrl` is stored in `param` but never called.
+
+    Faults (apply to paths starting with one of `fault_paths`, default the
+    API only), decided by one draw of a seeded random.Random per request:
+      error_rate      answer 500; nothing is done
+      timeout_rate    do the work, then wait `slow_seconds` before answering
+                      (a client with a shorter timeout gives up, but a
+                      createTask still created its task)
+      malformed_rate  answer 200 with a truncated JSON body; nothing is done
+      rate_limit_once / rate_limit_next(n, retry_after)  the next requests get
+                      429 with Retry-After, before any draw
+    Result links: `link_ttl` seconds after completion they answer
+    `expired_status` (404); `expire()` kills them now; output indices in
+    `dead_outputs` always answer 404 (partial results).
+
+    Records: `created` (taskIds in order), `max_concurrent_seen` (most tasks
+    not yet finished at once), `requests` (Counter by path), `faults`
+    (Counter: "500", "429", "timeout", "malformed").
+    """
+
+    def __init__(self, api_key="test-key", *, job_seconds=0.3, outputs=1, seed=0,
+                 error_rate=0.0, timeout_rate=0.0, malformed_rate=0.0, slow_seconds=2.0,
+                 rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
+                 dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
+                 fault_paths=("/api/",)):
+        super().__init__()
+        self.api_key = api_key
+        self.job_seconds = job_seconds
+        self.outputs = outputs
+        self.error_rate = error_rate
+        self.timeout_rate = timeout_rate
+        self.malformed_rate = malformed_rate
+        self.slow_seconds = slow_seconds
+        self.link_ttl = link_ttl
+        self.expired_status = expired_status
+        self.dead_outputs = set(dead_outputs)
+        self.fail_input = fail_input
+        self.http_errors = http_errors
+        self.fault_paths = tuple(fault_paths)
+        self.created = []
+        self.max_concurrent_seen = 0
+        self.requests = Counter()
+        self.faults = Counter()
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._tasks = {}
+        self._rate_limited = 1 if rate_limit_once else 0
+        self._retry_after = retry_after
+
+    def rate_limit_next(self, n, retry_after=1):
+        """Answer the next `n` API requests with 429 and `Retry-After: retry_after`."""
+        with self._lock:
+            self._rate_limited = n
+            self._retry_after = retry_after
+
+    def expire(self, task_id=None):
+        """Make the result links of `task_id` (or of every task) dead now."""
+        with self._lock:
+            for task in self._tasks.values():
+                if task_id in (None, task.task_id):
+                    task.expired = True
+
+    # -- HTTP ----------------------------------------------------------------
+
+    def handle(self, req):
+        with self._lock:
+            self.requests[req.path] += 1
+            fault = self._draw_fault() if req.path.startswith(self.fault_paths) else None
+        if fault == "429":
+            return json_response({"code": 429, "msg": "Too many requests, please slow down", "data": None},
+                                 429, {"Retry-After": self._retry_after})
+        if fault == "500":
+            return json_response({"code": 500, "msg": "Internal Error, Please try again later.", "data": None}, 500)
+        if fault == "malformed":
+            return Response(200, b'{"code": 200, "msg": "success", "data": {"taskId', {"Content-Type": "application/json"})
+
+        response = self._route(req)
+        if fault == "timeout":
+            # Stop wakes the wait early so a stopped fake does not linger.
+            self._stopping.wait(self.slow_seconds)
+        return response
+
+    def _draw_fault(self):
+        if self._rate_limited > 0:
+            self._rate_limited -= 1
+            fault = "429"
+        else:
+            r = self._rng.random()
+            fault = None
+            for name, rate in (("500", self.error_rate), ("timeout", self.timeout_rate),
+                               ("malformed", self.malformed_rate)):
+                if r < rate:
+                    fault = name
+                    break
+                r -= rate
+        if fault:
+            self.faults[fault] += 1
+        return fault
+
+    def _route(self, req):
+        if req.path.startswith("/files/"):
+            return self._file(req.path)
+        if req.path.startswith("/api/v1/jobs/"):
+            if req.headers.get("authorization") != f"Bearer {self.api_key}":
+                return json_response({"code": 401, "msg": "You do not have access permissions", "data": None}, 401)
+            if (req.method, req.path) == ("POST", "/api/v1/jobs/createTask"):
+                return self._create(req)
+            if (req.method, req.path) == ("GET", "/api/v1/jobs/recordInfo"):
+                return self._record_info(req.query.get("taskId"))
+        return None
+
+    def _fail(self, code, msg):
+        return json_response({"code": code, "msg": msg, "data": None}, code if self.http_errors else 200)
+
+    def _create(self, req):
+        try:
+            body = req.json()
+        except ValueError:
+            return self._fail(422, "request body is not valid JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+            return self._fail(422, "model is required")
+        if not isinstance(body.get("input"), dict):
+            return self._fail(422, "input is required")
+        param = {"model": body["model"], "callBackUrl": body.get("callBackUrl", ""), "input": body["input"]}
+        with self._lock:
+            now = time.time()
+            task = _Task(task_id=uuid.uuid4().hex, model=body["model"], input=body["input"],
+                         param=json.dumps(param), created=now, seconds=self.job_seconds,
+                         fails=bool(self.fail_input(body["input"])), outputs=self.outputs)
+            self._tasks[task.task_id] = task
+            self.created.append(task.task_id)
+            # The most overlapping tasks is always reached at some task's start.
+            active = sum(1 for t in self._tasks.values() if t.created <= now < t.done_at)
+            self.max_concurrent_seen = max(self.max_concurrent_seen, active)
+        return json_response({"code": 200, "msg": "success", "data": {"taskId": task.task_id}})
+
+    def _record_info(self, task_id):
+        if not task_id:
+            return self._fail(422, "taskId is required")
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is None:
+            return self._fail(404, "task not found")
+        now = time.time()
+        elapsed = now - task.created
+        data = {"taskId": task.task_id, "model": task.model, "param": task.param,
+                "resultJson": "", "failCode": "", "failMsg": "",
+                "costTime": None, "completeTime": None,
+                "createTime": int(task.created * 1000), "updateTime": int(now * 1000)}
+        if now < task.done_at:
+            data["state"] = ("waiting", "queuing", "generating")[min(int(3 * elapsed / task.seconds), 2)]
+        else:
+            data.update(costTime=int(task.seconds * 1000), completeTime=int(task.done_at * 1000),
+                        updateTime=int(task.done_at * 1000))
+            if task.fails:
+                data.update(state="fail", failCode="500", failMsg="generation failed (FakeKIE: input asked to fail)")
+            else:
+                urls = [f"{self.url}/files/{task.task_id}/{n}.png" for n in range(task.outputs)]
+                data.update(state="success", resultJson=json.dumps({"resultUrls": urls}))
+        return json_response({"code": 200, "msg": "success", "data": data})
+
+    def _file(self, path):
+        task_id, _, name = path[len("/files/"):].partition("/")
+        with self._lock:
+            task = self._tasks.get(task_id)
+            expired = task is not None and task.expired
+        index = name.removesuffix(".png")
+        if (task is None or task.fails or time.time() < task.done_at or not index.isdigit()
+                or int(index) >= task.outputs or int(index) in self.dead_outputs):
+            return Response(404)
+        if expired or (self.link_ttl is not None and time.time() > task.done_at + self.link_ttl):
+            return Response(self.expired_status)
+        # Each file differs (colour from its name); a real PNG, as a model would return.
+        rgb = tuple(hashlib.sha256(path.encode()).digest()[:3])
+        return Response(200, png_bytes(32, 32, rgb, {"file": path}), {"Content-Type": "image/png"})
