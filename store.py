@@ -43,9 +43,11 @@ class TaskStatus(str, Enum):
 ACTIVE = frozenset({"queued", "running"})
 TERMINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
 # A task can go back from running to queued: the provider lost it and it will
-# be submitted again. Terminal statuses lead nowhere.
+# be submitted again. Results are only collected from a running task (a job
+# found at the provider after a crash becomes running first). Terminal
+# statuses lead nowhere.
 TRANSITIONS = {
-    "queued": frozenset({"queued", "running", "succeeded", "partial", "failed", "cancelled"}),
+    "queued": frozenset({"queued", "running", "failed", "cancelled"}),
     "running": frozenset({"running", "queued", "succeeded", "partial", "failed", "cancelled"}),
     "succeeded": frozenset(),
     "partial": frozenset(),

@@ -154,6 +154,8 @@ class Worker:
                 return self._later(task, now, str(exc), retry_after=exc.retry_after)
             if status.state != "unknown":
                 log.info("task %s: found %s at the provider after a restart", task["id"], status.state)
+                task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
+                                         step="recovered", next_poll_at=now)
                 return self._apply(task, provider, status, now)
         task = self.store.update(task["id"], token=task["lease_token"], now=now,
                                  external_id=provider.new_id(task, now),

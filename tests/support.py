@@ -1,0 +1,194 @@
+"""Test helpers: an in-process WSGI client, a real server in a subprocess,
+and the switch that turns a missing service into a failure on CI."""
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlencode
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def require(available, reason):
+    """Skip a test that needs a service this machine lacks, unless
+    HOLDFAST_REQUIRE_SERVICES=1 (set by .ci/run) makes that a failure."""
+    if available:
+        return
+    if os.environ.get("HOLDFAST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (HOLDFAST_REQUIRE_SERVICES=1 forbids skipping)")
+    pytest.skip(reason)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class WSGIClient:
+    """Calls a WSGI app in-process, as a server would."""
+
+    def __init__(self, app, token=None):
+        self.app = app
+        self.token = token
+
+    def as_user(self, token):
+        return WSGIClient(self.app, token)
+
+    def request(self, method, path, *, json_body=None, data=None, headers=None, query=None, token=...):
+        body = data if data is not None else (b"" if json_body is None else json.dumps(json_body).encode())
+        if isinstance(body, str):
+            body = body.encode()
+        path, _, qs = path.partition("?")
+        if query:
+            qs = urlencode(query)
+        environ = {
+            "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": qs,
+            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": "application/json",
+        }
+        token = self.token if token is ... else token
+        if token:
+            environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        for name, value in (headers or {}).items():
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_LENGTH":
+                environ[key] = value
+            else:
+                environ["HTTP_" + key] = value
+        captured = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            captured["status"] = int(status.split()[0])
+            captured["headers"] = {k.lower(): v for k, v in response_headers}
+
+        chunks = self.app(environ, start_response)
+        try:
+            out = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        return Response(captured["status"], captured["headers"], out)
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, json_body=None, **kw):
+        return self.request("POST", path, json_body=json_body, **kw)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python app.py` in a subprocess on 127.0.0.1 and a free port."""
+
+    def __init__(self, data_dir, env=None, port=None):
+        self.data_dir = str(data_dir)
+        self.port = port or free_port()
+        self.env = {**os.environ, "HOLDFAST_DATA": self.data_dir, "HOLDFAST_PORT": str(self.port),
+                    "HOLDFAST_HOST": "127.0.0.1", "HOLDFAST_CONFIG": os.path.join(self.data_dir, "none.toml"),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        if not os.path.exists(self.env["HOLDFAST_CONFIG"]):
+            self.env.pop("HOLDFAST_CONFIG")
+        self.proc = None
+        self.tokens = {}
+        self.log_path = os.path.join(self.data_dir, f"server-{self.port}.log")
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=20):
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py")], cwd=self.data_dir,
+                                     env=self.env, stdout=subprocess.PIPE, stderr=self.log)
+        deadline = time.time() + timeout
+        lines = []
+        while time.time() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"server exited: {lines}\n{self.read_log()}")
+            lines.append(line)
+            m = re.match(r"\s+(admin|demo)\s+(hf_\S+)", line)
+            if m:
+                self.tokens[m.group(1)] = m.group(2)
+            if line.startswith("holdfast serving on"):
+                break
+        else:
+            raise RuntimeError(f"server did not start: {lines}")
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server never became healthy:\n" + self.read_log())
+
+    def read_log(self):
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()[-5000:]
+        except OSError:
+            return ""
+
+    def kill(self):
+        """SIGKILL: no cleanup, no goodbye."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._close()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._close()
+
+    def _close(self):
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def api(server, token):
+    """A requests session for one user of a real server."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    session.base = server.url
+    return session

@@ -1,0 +1,214 @@
+"""The HTTP API in-process: a temporary SQLite store, the demo provider, and a
+worker moved by a test clock."""
+
+import hashlib
+import json
+
+import pytest
+
+
+def submit(client, token, params=None, **body):
+    return client.post("/api/tasks", {"provider": "demo", "params": params or {"prompt": "a red fox"}, **body},
+                       token=token)
+
+
+def run_until_done(worker, clock, client, token, task_id, limit=40):
+    for _ in range(limit):
+        worker.run_once(clock())
+        task = client.get(f"/api/tasks/{task_id}", token=token).json()["task"]
+        if task["status"] in ("succeeded", "partial", "failed", "cancelled"):
+            return task
+        clock.advance(0.5)
+    raise AssertionError(f"task did not finish: {task}")
+
+
+def counts(store):
+    stats = store.stats(0)
+    return sum(stats["by_status"].values()), store.last_seq()
+
+
+class TestDemoTask:
+    def test_a_demo_task_succeeds_and_its_png_is_served_with_its_checksum(self, client, users, worker, clock):
+        res = submit(client, users["alice"])
+        assert res.status == 201, res
+        body = res.json()
+        assert body["deduplicated"] is False and body["task"]["status"] == "queued"
+        task = run_until_done(worker, clock, client, users["alice"], body["task"]["id"])
+        assert task["status"] == "succeeded" and task["progress"] == 1.0 and task["attempts"] == 1
+        [meta] = task["files"]
+        png = client.get(meta["url"], token=users["alice"])
+        assert png.status == 200 and png.headers["content-type"] == "image/png"
+        assert png.body.startswith(b"\x89PNG\r\n\x1a\n")
+        assert hashlib.sha256(png.body).hexdigest() == meta["sha256"] and len(png.body) == meta["size"]
+
+    def test_progress_and_steps_are_reported_while_running(self, client, users, worker, clock):
+        task_id = submit(client, users["alice"]).json()["task"]["id"]
+        seen = set()
+        for _ in range(6):
+            worker.run_once(clock())
+            task = client.get(f"/api/tasks/{task_id}", token=users["alice"]).json()["task"]
+            seen.add((task["status"], task["step"]))
+            clock.advance(0.5)
+        assert ("running", "painting") in seen and ("running", "sketching") in seen
+
+    def test_params_fail_makes_it_fail_with_provider_rejected(self, client, users, worker, clock):
+        task_id = submit(client, users["alice"], {"prompt": "x", "fail": "no foxes today"}).json()["task"]["id"]
+        task = run_until_done(worker, clock, client, users["alice"], task_id)
+        assert task["status"] == "failed"
+        assert task["error"] == {"code": "provider_rejected", "message": "no foxes today"}
+        assert task["files"] == []
+
+    def test_cancel_then_cancel_again_is_a_conflict(self, client, users, worker, clock):
+        task_id = submit(client, users["alice"]).json()["task"]["id"]
+        worker.run_once(clock())
+        res = client.post(f"/api/tasks/{task_id}/cancel", token=users["alice"])
+        assert res.status == 200 and res.json()["task"]["status"] == "cancelled"
+        again = client.post(f"/api/tasks/{task_id}/cancel", token=users["alice"])
+        assert again.status == 409 and again.json()["error"]["code"] == "task_finished"
+        clock.advance(5)
+        worker.run_once(clock())
+        assert client.get(f"/api/tasks/{task_id}", token=users["alice"]).json()["task"]["status"] == "cancelled"
+
+    def test_retry_makes_a_new_task_and_only_from_failed_or_cancelled(self, client, users, worker, clock):
+        task_id = submit(client, users["alice"]).json()["task"]["id"]
+        assert client.post(f"/api/tasks/{task_id}/retry", token=users["alice"]).status == 409
+        client.post(f"/api/tasks/{task_id}/cancel", token=users["alice"])
+        res = client.post(f"/api/tasks/{task_id}/retry", token=users["alice"])
+        assert res.status == 201
+        new = res.json()["task"]
+        assert new["retry_of"] == task_id and new["id"] != task_id and new["params"] == {"prompt": "a red fox"}
+
+
+class TestDedupe:
+    def test_dedupe_key_and_idempotency_key_return_the_same_task(self, client, users):
+        first = submit(client, users["alice"], dedupe_key="order-123")
+        again = submit(client, users["alice"], dedupe_key="order-123")
+        by_header = client.post("/api/tasks", {"provider": "demo", "params": {}}, token=users["alice"],
+                                headers={"Idempotency-Key": "order-123"})
+        assert first.status == 201 and again.status == 200 and by_header.status == 200
+        assert again.json()["deduplicated"] is True
+        assert first.json()["task"]["id"] == again.json()["task"]["id"] == by_header.json()["task"]["id"]
+
+    def test_conflicting_keys_are_refused(self, client, users, sqlite_store):
+        before = counts(sqlite_store)
+        res = client.post("/api/tasks", {"provider": "demo", "params": {}, "dedupe_key": "a"},
+                          token=users["alice"], headers={"Idempotency-Key": "b"})
+        assert res.status == 400 and counts(sqlite_store) == before
+
+
+class TestIsolation:
+    def test_another_users_task_file_and_cancel_are_404(self, client, users, worker, clock):
+        task_id = submit(client, users["alice"]).json()["task"]["id"]
+        task = run_until_done(worker, clock, client, users["alice"], task_id)
+        url = task["files"][0]["url"]
+        bob = users["bob"]
+        missing = "t_" + "0" * 26
+        for method, path in (("GET", f"/api/tasks/{task_id}"), ("GET", url),
+                             ("POST", f"/api/tasks/{task_id}/cancel"), ("POST", f"/api/tasks/{task_id}/retry")):
+            theirs = client.request(method, path, token=bob)
+            nothing = client.request(method, path.replace(task_id, missing), token=bob)
+            assert theirs.status == 404, (method, path, theirs)
+            assert theirs.json() == nothing.json(), "another user's task must look like a missing one"
+        assert client.get("/api/tasks", token=bob).json()["tasks"] == []
+        assert client.get(f"/api/tasks/{task_id}", token=users["alice"]).json()["task"]["status"] == "succeeded"
+
+
+class TestBadInput:
+    BAD = [
+        ("malformed json", b'{"provider": "demo", ', 400, "invalid_json"),
+        ("not an object", b'["demo"]', 400, "invalid_json"),
+        ("empty body", b"", 400, "invalid_json"),
+        ("NaN", b'{"provider": "demo", "params": {"x": NaN}}', 400, "invalid_json"),
+        ("provider missing", b'{"params": {}}', 400, "invalid_input"),
+        ("provider wrong type", b'{"provider": 3}', 400, "invalid_input"),
+        ("unknown provider", b'{"provider": "nope"}', 400, "unknown_provider"),
+        ("params wrong type", b'{"provider": "demo", "params": "x"}', 400, "invalid_input"),
+        ("prompt wrong type", b'{"provider": "demo", "params": {"prompt": 5}}', 400, "invalid_input"),
+        ("duration out of range", b'{"provider": "demo", "params": {"duration_s": -1}}', 400, "invalid_input"),
+        ("dedupe key wrong type", b'{"provider": "demo", "dedupe_key": 7}', 400, "invalid_input"),
+        ("dedupe key too long", b'{"provider": "demo", "dedupe_key": "' + b"k" * 201 + b'"}', 400,
+         "invalid_input"),
+        ("unknown field", b'{"provider": "demo", "prio": 1}', 400, "invalid_input"),
+        ("deep nesting", b'{"provider": "demo", "params": {"a": ' + b"[" * 100000 + b"]" * 100000 + b"}}",
+         413, "too_large"),
+    ]
+
+    @pytest.mark.parametrize("name,body,status,code", BAD, ids=[b[0] for b in BAD])
+    def test_bad_submissions_get_a_4xx_json_error_and_write_nothing(self, client, users, sqlite_store,
+                                                                    name, body, status, code):
+        before = counts(sqlite_store)
+        res = client.request("POST", "/api/tasks", data=body, token=users["alice"])
+        assert res.status == status, res
+        assert res.headers["content-type"].startswith("application/json")
+        err = res.json()["error"]
+        assert err["code"] == code and err["message"]
+        assert "Traceback" not in res.body.decode()
+        assert counts(sqlite_store) == before
+
+    def test_deeply_nested_json_under_the_size_limit_is_a_400(self, client, users, sqlite_store):
+        before = counts(sqlite_store)
+        body = b'{"provider": "demo", "params": {"a": ' + b"[" * 20000 + b"]" * 20000 + b"}}"
+        res = client.request("POST", "/api/tasks", data=body, token=users["alice"])
+        assert res.status == 400 and res.json()["error"]["code"] == "invalid_json"
+        assert counts(sqlite_store) == before
+
+    def test_a_body_over_the_limit_is_413(self, client, users, sqlite_store, config):
+        before = counts(sqlite_store)
+        body = json.dumps({"provider": "demo", "params": {"prompt": "x" * config.max_body}}).encode()
+        res = client.request("POST", "/api/tasks", data=body, token=users["alice"])
+        assert res.status == 413 and res.json()["error"]["code"] == "too_large"
+        lying = client.request("POST", "/api/tasks", data=b"{}", token=users["alice"],
+                               headers={"Content-Length": str(config.max_body + 1)})
+        assert lying.status == 413
+        assert counts(sqlite_store) == before
+
+    @pytest.mark.parametrize("token", [None, "", "hf_wrong", "Basic abc"])
+    def test_missing_or_unknown_token_is_401(self, client, sqlite_store, token):
+        before = counts(sqlite_store)
+        for method, path in (("POST", "/api/tasks"), ("GET", "/api/tasks"), ("GET", "/api/me"),
+                             ("GET", "/api/tasks/t_" + "0" * 26)):
+            res = client.request(method, path, data=b'{"provider": "demo"}', token=token)
+            assert res.status == 401 and res.json()["error"]["code"] == "unauthorized"
+        assert counts(sqlite_store) == before
+
+    @pytest.mark.parametrize("query,message", [
+        ({"limit": "0"}, "limit"), ({"limit": "201"}, "limit"), ({"limit": "x"}, "limit"),
+        ({"status": "done"}, "status"), ({"before": "'; drop"}, "before"),
+    ])
+    def test_bad_list_queries_are_400(self, client, users, query, message):
+        res = client.get("/api/tasks", query=query, token=users["alice"])
+        assert res.status == 400 and message in res.json()["error"]["message"]
+
+    def test_unknown_routes_and_methods_are_json(self, client, users):
+        assert client.get("/api/nothing", token=users["alice"]).json()["error"]["code"] == "not_found"
+        res = client.request("DELETE", "/api/tasks", token=users["alice"])
+        assert res.status == 405 and res.json()["error"]["code"] == "method_not_allowed"
+
+    def test_a_bad_task_id_or_file_name_is_404(self, client, users):
+        for path in ("/api/tasks/..%2F..%2Fetc", "/api/tasks/t_" + "0" * 26 + "/files/..%2Fx",
+                     "/api/tasks/t_" + "0" * 26 + "/files/out_0.png"):
+            res = client.get(path, token=users["alice"])
+            assert res.status == 404, path
+
+
+class TestListAndMe:
+    def test_list_filters_and_pages(self, client, users, clock):
+        ids = []
+        for i in range(3):
+            ids.append(submit(client, users["alice"]).json()["task"]["id"])
+            clock.advance(1)
+        client.post(f"/api/tasks/{ids[0]}/cancel", token=users["alice"])
+        page = client.get("/api/tasks", query={"limit": "2"}, token=users["alice"]).json()
+        assert [t["id"] for t in page["tasks"]] == ids[::-1][:2] and page["next"]
+        rest = client.get("/api/tasks", query={"before": page["next"]}, token=users["alice"]).json()
+        assert [t["id"] for t in rest["tasks"]] == [ids[0]] and rest["next"] is None
+        active = client.get("/api/tasks", query={"status": "active"}, token=users["alice"]).json()
+        assert sorted(t["id"] for t in active["tasks"]) == sorted(ids[1:])
+        terminal = client.get("/api/tasks", query={"status": "cancelled,failed"}, token=users["alice"]).json()
+        assert [t["id"] for t in terminal["tasks"]] == [ids[0]]
+
+    def test_me_and_providers(self, client, users):
+        me = client.get("/api/me", token=users["alice"]).json()
+        assert me["user"]["name"] == "alice" and me["credits"] is None and me["limits"]["max_active"] > 0
+        providers = client.get("/api/providers", token=users["alice"]).json()["providers"]
+        assert [p["name"] for p in providers] == ["demo"]

@@ -1,0 +1,129 @@
+"""Dedupe and claims under real threads and real processes on one SQLite file."""
+
+import collections
+import multiprocessing
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from store import SqliteStore
+from support import ServerProcess, api
+
+
+def _hammer(store, user_id, key, barrier):
+    barrier.wait()
+    now = time.time()
+    task, dedup = store.submit(user_id, "demo", {"prompt": "same"}, now=now, deadline_at=now + 60,
+                               dedupe_key=key)
+    return task["id"], dedup
+
+
+def test_50_threads_with_one_dedupe_key_make_one_task(sqlite_store):
+    user = sqlite_store.create_user("alice")[0]
+    barrier = threading.Barrier(50)
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: _hammer(sqlite_store, user["id"], "order-1", barrier), range(50)))
+    ids = {task_id for task_id, _ in results}
+    assert len(ids) == 1
+    assert sorted(dedup for _, dedup in results) == [False] + [True] * 49
+    assert len(sqlite_store.list_tasks(user["id"])[0]) == 1
+
+
+def _process_submitter(path, user_id, start_at, rounds, queue):
+    """Runs in a separate process: its own connection, its own interpreter."""
+    store = SqliteStore(path)
+    created, errors = [], []
+    while time.time() < start_at:
+        time.sleep(0.001)
+    for i in range(rounds):
+        now = time.time()
+        try:
+            task, dedup = store.submit(user_id, "demo", {"i": i}, now=now, deadline_at=now + 60,
+                                       dedupe_key="shared-key")
+            if not dedup:
+                created.append(task["id"])
+            store.submit(user_id, "demo", {"i": i}, now=now, deadline_at=now + 60)
+        except Exception as exc:   # reported to the parent, which fails the test
+            errors.append(repr(exc))
+    store.close()
+    queue.put((created, errors))
+
+
+def test_4_processes_with_one_dedupe_key_make_one_task_and_never_lock(tmp_path):
+    path = str(tmp_path / "shared.db")
+    store = SqliteStore(path)
+    user = store.create_user("alice")[0]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0
+    procs = [ctx.Process(target=_process_submitter, args=(path, user["id"], start_at, 100, queue))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    created = [t for c, _ in results for t in c]
+    errors = [e for _, e in results for e in e]
+    assert errors == [], "no 'database is locked' or any other error"
+    assert len(created) == 1
+    tasks, cursor = [], None
+    while True:
+        page, cursor = store.list_tasks(user["id"], limit=200, before=cursor)
+        tasks += page
+        if cursor is None:
+            break
+    assert len(tasks) == 401      # 4 x 100 unkeyed, one keyed
+    keyed = [t for t in tasks if t["dedupe_key"] == "shared-key"]
+    assert len(keyed) == 1 and keyed[0]["id"] == created[0]
+    store.close()
+
+
+def test_concurrent_claims_never_hand_a_task_to_two_workers(sqlite_store):
+    user = sqlite_store.create_user("alice")[0]
+    now = time.time()
+    for _ in range(200):
+        sqlite_store.submit(user["id"], "demo", {}, now=now, deadline_at=now + 60)
+    claimed = collections.Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def claimer(n):
+        barrier.wait()
+        while True:
+            batch = sqlite_store.claim(f"w{n}", now=now + 1, limit=7, lease_s=60)
+            if not batch:
+                return
+            with lock:
+                claimed.update(t["id"] for t in batch)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == 200 and set(claimed.values()) == {1}
+
+
+def test_50_http_clients_with_one_key_get_one_201(tmp_path):
+    with ServerProcess(tmp_path) as server:
+        barrier = threading.Barrier(50)
+
+        def post(_):
+            session = api(server, server.tokens["demo"])
+            barrier.wait()
+            res = session.post(server.url + "/api/tasks", timeout=30,
+                               json={"provider": "demo", "params": {"prompt": "fox"}, "dedupe_key": "click"})
+            return res.status_code, res.json()["task"]["id"], res.json()["deduplicated"]
+
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(post, range(50)))
+        statuses = collections.Counter(s for s, _, _ in results)
+        assert statuses == {201: 1, 200: 49}
+        assert len({task_id for _, task_id, _ in results}) == 1
+        assert sum(1 for _, _, d in results if d) == 49
+        listed = requests.get(server.url + "/api/tasks", timeout=10,
+                              headers={"Authorization": f"Bearer {server.tokens['demo']}"}).json()
+        assert len(listed["tasks"]) == 1

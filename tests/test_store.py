@@ -1,0 +1,215 @@
+"""The store contract: every backend passes these through the `store` fixture."""
+
+import pytest
+
+from errors import Conflict, NotFound, PaymentRequired, StaleLease, TooMany
+from store import TRANSITIONS, TERMINAL, task_json
+
+
+def submit(store, user_id, now, **kw):
+    kw.setdefault("deadline_at", now + 3600)
+    return store.submit(user_id, "demo", kw.pop("params", {"prompt": "x"}), now=now, **kw)
+
+
+@pytest.fixture
+def alice(store):
+    return store.create_user("alice")[0]
+
+
+def row(store, task_id):
+    """Everything about a task, lease and schedule included."""
+    return store.get_task(task_id)
+
+
+class TestUsers:
+    def test_token_is_stored_hashed_and_finds_its_user(self, store):
+        user, token = store.create_user("carol", credits=5)
+        assert store.user_by_token(token)["id"] == user["id"]
+        assert store.user_by_token(token + "x") is None
+        assert user["credit_balance"] == 5
+        assert token not in repr(store.user_by_name("carol"))
+
+    def test_duplicate_name_is_a_conflict(self, store):
+        store.create_user("dave")
+        with pytest.raises(Conflict):
+            store.create_user("dave")
+
+
+class TestSubmit:
+    def test_submit_creates_a_queued_task_with_an_event(self, store, alice):
+        task, dedup = submit(store, alice["id"], 100.0)
+        assert not dedup
+        got = store.get_task(task["id"], alice["id"])
+        assert got["status"] == "queued" and got["version"] == 1 and got["next_poll_at"] == 100.0
+        events = store.events_since(alice["id"], 0)
+        assert len(events) == 1 and '"type":"created"' in events[0][1]
+
+    def test_same_dedupe_key_returns_the_live_task(self, store, alice):
+        first, _ = submit(store, alice["id"], 1.0, dedupe_key="order-1")
+        again, dedup = submit(store, alice["id"], 2.0, dedupe_key="order-1")
+        assert dedup and again["id"] == first["id"]
+        assert store.list_tasks(alice["id"])[0] == [store.get_task(first["id"])]
+
+    def test_dedupe_key_is_per_user(self, store, alice):
+        bob = store.create_user("bob")[0]
+        a, _ = submit(store, alice["id"], 1.0, dedupe_key="k")
+        b, dedup = submit(store, bob["id"], 1.0, dedupe_key="k")
+        assert not dedup and a["id"] != b["id"]
+
+    @pytest.mark.parametrize("ending", ["failed", "cancelled"])
+    def test_a_failed_or_cancelled_task_frees_its_key(self, store, alice, ending):
+        first, _ = submit(store, alice["id"], 1.0, dedupe_key="k")
+        if ending == "cancelled":
+            store.cancel(first["id"], alice["id"], now=2.0)
+        else:
+            store.update(first["id"], token=None, now=2.0, status="failed",
+                         error={"code": "internal", "message": "x"})
+        second, dedup = submit(store, alice["id"], 3.0, dedupe_key="k")
+        assert not dedup and second["id"] != first["id"]
+
+    def test_a_succeeded_task_keeps_its_key(self, store, alice):
+        first, _ = submit(store, alice["id"], 1.0, dedupe_key="k")
+        store.update(first["id"], token=None, now=2.0, status="running")
+        store.update(first["id"], token=None, now=2.0, status="succeeded")
+        again, dedup = submit(store, alice["id"], 3.0, dedupe_key="k")
+        assert dedup and again["id"] == first["id"]
+
+    def test_max_active_refuses_and_creates_nothing(self, store, alice):
+        submit(store, alice["id"], 1.0, max_active=1)
+        with pytest.raises(TooMany):
+            submit(store, alice["id"], 1.0, max_active=1)
+        assert len(store.list_tasks(alice["id"])[0]) == 1
+
+    def test_credits_are_reserved_and_refused_when_short(self, store):
+        user = store.create_user("payer", credits=3)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=2)
+        assert task["credits"] == "reserved"
+        assert store.user_by_name("payer")["credit_balance"] == 1
+        with pytest.raises(PaymentRequired):
+            submit(store, user["id"], 1.0, cost=2)
+        assert store.user_by_name("payer")["credit_balance"] == 1
+        assert len(store.list_tasks(user["id"])[0]) == 1
+
+
+class TestReads:
+    def test_another_users_task_is_not_found(self, store, alice):
+        bob = store.create_user("bob")[0]
+        task, _ = submit(store, alice["id"], 1.0)
+        with pytest.raises(NotFound):
+            store.get_task(task["id"], bob["id"])
+        with pytest.raises(NotFound):
+            store.cancel(task["id"], bob["id"], now=2.0)
+        assert store.get_task(task["id"])["status"] == "queued"
+
+    def test_list_is_newest_first_with_a_cursor_and_status_filter(self, store, alice):
+        ids = [submit(store, alice["id"], 1000.0 + i)[0]["id"] for i in range(5)]
+        page, cursor = store.list_tasks(alice["id"], limit=2)
+        assert [t["id"] for t in page] == ids[::-1][:2]
+        page2, _ = store.list_tasks(alice["id"], limit=10, before=cursor)
+        assert [t["id"] for t in page2] == ids[::-1][2:]
+        store.cancel(ids[0], alice["id"], now=2000.0)
+        cancelled, _ = store.list_tasks(alice["id"], statuses=["cancelled"])
+        assert [t["id"] for t in cancelled] == [ids[0]]
+
+
+class TestTransitions:
+    @pytest.mark.parametrize("old,new", [(o, n) for o in TRANSITIONS for n in TRANSITIONS
+                                         if n not in TRANSITIONS[o] and o not in TERMINAL])
+    def test_an_illegal_transition_is_refused(self, store, alice, old, new):
+        task, _ = submit(store, alice["id"], 1.0)
+        if old != "queued":
+            store.update(task["id"], token=None, now=2.0, status=old)
+        assert new not in TRANSITIONS[old]
+        before = row(store, task["id"])
+        with pytest.raises(Conflict):
+            store.update(task["id"], token=None, now=3.0, status=new)
+        assert row(store, task["id"]) == before
+
+    @pytest.mark.parametrize("end", sorted(TERMINAL))
+    def test_a_terminal_task_never_changes_again(self, store, alice, end):
+        task, _ = submit(store, alice["id"], 1.0)
+        store.update(task["id"], token=None, now=2.0, status="running")
+        done = store.update(task["id"], token=None, now=3.0, status=end,
+                            error={"code": "internal", "message": "x"} if end == "failed" else None)
+        for new in ("running", "queued", "succeeded", end):
+            with pytest.raises(Conflict):
+                store.update(task["id"], token=None, now=4.0, status=new)
+        with pytest.raises(Conflict):
+            store.cancel(task["id"], alice["id"], now=4.0)
+        assert row(store, task["id"]) == done
+
+    def test_every_change_bumps_version_and_writes_one_event(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0)
+        store.update(task["id"], token=None, now=2.0, status="running", step="a", progress=0.1)
+        store.update(task["id"], token=None, now=3.0, step="b", progress=0.5)
+        done = store.update(task["id"], token=None, now=4.0, status="succeeded")
+        assert done["version"] == 4
+        assert [t for _, t in store.task_events(task["id"])] == ["created", "updated", "updated", "finished"]
+        assert task_json(done)["finished_at"] is not None
+        assert done["started_at"] == 2.0
+
+
+class TestLeases:
+    def test_claim_takes_due_tasks_once_with_a_growing_token(self, store, alice):
+        task, _ = submit(store, alice["id"], 10.0)
+        assert store.claim("w1", now=9.0, limit=10, lease_s=30) == []      # not due yet
+        first = store.claim("w1", now=10.0, limit=10, lease_s=30)
+        assert [t["id"] for t in first] == [task["id"]]
+        assert store.claim("w2", now=11.0, limit=10, lease_s=30) == []     # leased
+        second = store.claim("w2", now=41.0, limit=10, lease_s=30)         # lease expired
+        assert second[0]["lease_token"] > first[0]["lease_token"]
+        assert second[0]["lease_owner"] == "w2"
+
+    def test_a_write_with_a_stale_token_is_refused_and_changes_nothing(self, store, alice):
+        task, _ = submit(store, alice["id"], 10.0)
+        old = store.claim("w1", now=10.0, limit=1, lease_s=5)[0]
+        new = store.claim("w2", now=20.0, limit=1, lease_s=5)[0]
+        before = row(store, task["id"])
+        with pytest.raises(StaleLease):
+            store.update(task["id"], token=old["lease_token"], now=21.0, status="running")
+        with pytest.raises(StaleLease):
+            store.reschedule(task["id"], token=old["lease_token"], next_poll_at=99.0, polls=1)
+        assert row(store, task["id"]) == before
+        store.update(task["id"], token=new["lease_token"], now=22.0, status="running")
+        assert row(store, task["id"])["status"] == "running"
+
+    def test_reschedule_releases_without_an_event(self, store, alice):
+        task, _ = submit(store, alice["id"], 10.0)
+        held = store.claim("w1", now=10.0, limit=1, lease_s=30)[0]
+        store.reschedule(task["id"], token=held["lease_token"], next_poll_at=50.0, polls=3,
+                         state={"failures": 1})
+        got = row(store, task["id"])
+        assert got["lease_owner"] is None and got["next_poll_at"] == 50.0 and got["state"] == {"failures": 1}
+        assert got["version"] == 1 and len(store.task_events(task["id"])) == 1
+        assert store.claim("w2", now=49.0, limit=1, lease_s=30) == []
+        assert len(store.claim("w2", now=50.0, limit=1, lease_s=30)) == 1
+
+    def test_release_leases_frees_a_dead_owners_tasks(self, store, alice):
+        submit(store, alice["id"], 10.0)
+        store.claim("dead", now=10.0, limit=1, lease_s=1000)
+        assert store.lease_owners() == ["dead"]
+        assert store.release_leases(["dead"]) == 1
+        assert len(store.claim("alive", now=11.0, limit=1, lease_s=30)) == 1
+
+
+class TestDeadlinesAndCredits:
+    def test_expire_fails_an_overdue_task_and_refunds_once(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4, deadline_at=5.0)
+        assert store.overdue(now=4.0, limit=10) == []
+        assert [t["id"] for t in store.overdue(now=6.0, limit=10)] == [task["id"]]
+        done = store.expire(task["id"], now=6.0, error={"code": "timeout", "message": "late"})
+        assert done["status"] == "failed" and done["credits"] == "refunded"
+        assert store.user_by_name("payer")["credit_balance"] == 10
+        with pytest.raises(Conflict):
+            store.expire(task["id"], now=7.0, error={"code": "timeout", "message": "late"})
+        assert store.user_by_name("payer")["credit_balance"] == 10
+
+    def test_success_charges_and_keeps_the_reservation(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4)
+        store.update(task["id"], token=None, now=2.0, status="running")
+        done = store.update(task["id"], token=None, now=2.0, status="succeeded")
+        assert done["credits"] == "charged"
+        assert store.user_by_name("payer")["credit_balance"] == 6
+        assert store.reserved_credits(user["id"]) == 0
