@@ -433,13 +433,15 @@ def serve(config):
     app = create_app(store, providers, config, worker=worker, files=files)
     worker.start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
-    sys.stdout.flush()
     try:
-        waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                       connection_limit=max(100, config.threads * 16),
-                       max_request_body_size=config.max_body * 2 + 65536,
-                       channel_timeout=60, ident="holdfast", _quiet=True)
+        server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                        connection_limit=max(100, config.threads * 16),
+                                        max_request_body_size=config.max_body * 2 + 65536,
+                                        channel_timeout=60, ident="holdfast")
+        # Announced only once the port is bound, so "serving" is true when read.
+        print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
+        sys.stdout.flush()
+        server.run()
     finally:
         worker.stop(wait=False)
         store.close()
