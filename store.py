@@ -171,6 +171,7 @@ class SchemaVersion(_Base):
 
 
 MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
+DATA_MODELS = [User, Task, Event, Ledger, Session]
 
 
 def _migration_1(db):
@@ -431,18 +432,64 @@ class SqlStore(BaseStore):
             self.db.connect(reuse_if_open=True)
             self._migrate()
 
-    def _migrate(self):
+    def _migrate(self, upto=None):
+        """Apply the pending migrations (up to `upto`); return how many."""
+        applied = 0
         with self._write():
             if not self.db.table_exists("schema_version"):
                 current = 0
             else:
                 current = self._one("SELECT MAX(version) FROM schema_version")[0] or 0
             for version, step in MIGRATIONS:
-                if version > current:
+                if version > current and (upto is None or version <= upto):
                     log.info("migrating schema to version %d", version)
                     step(self.db)
                     self._exec("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
                                (version, time.time()))
+                    applied += 1
+        return applied
+
+    # moving everything between stores
+
+    def export_rows(self):
+        """{table: [row dicts]} of every table but the schema's own, in
+        primary-key order; the same form on every backend."""
+        out = {}
+        with self._seam():
+            for model in DATA_MODELS:
+                cols = [f.column_name for f in model._meta.sorted_fields]
+                order = ", ".join(f.column_name for f in model._meta.get_primary_keys())
+                rows = self._exec(f"SELECT {', '.join(cols)} FROM {model._meta.table_name} "
+                                  f"ORDER BY {order}").fetchall()
+                bools = {f.column_name for f in model._meta.sorted_fields if isinstance(f, BooleanField)}
+                out[model._meta.table_name] = [
+                    {c: (bool(v) if c in bools and v is not None else v) for c, v in zip(cols, r)}
+                    for r in rows]
+        return out
+
+    def import_rows(self, tables):
+        """Load `export_rows()` output into this store, which must be empty."""
+        with self._seam():
+            if self._one("SELECT COUNT(*) FROM users")[0] or self._one("SELECT COUNT(*) FROM tasks")[0]:
+                raise Conflict("the target store is not empty", code="store_not_empty")
+            with self._write():
+                self._insert_rows(tables)
+
+    def _insert_rows(self, tables):
+        known = {m._meta.table_name: m for m in DATA_MODELS}
+        unknown = set(tables) - set(known)
+        if unknown:
+            raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
+        for model in DATA_MODELS:
+            cols = [f.column_name for f in model._meta.sorted_fields]
+            sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
+                   f"VALUES ({', '.join('?' * len(cols))})")
+            for row in tables.get(model._meta.table_name, []):
+                self._exec(sql, [row.get(c) for c in cols])
+        self._after_import()
+
+    def _after_import(self):
+        """Backends with sequences move them past the imported ids."""
 
     def schema_version(self):
         with self._seam():
@@ -798,6 +845,160 @@ class SqliteStore(SqlStore):
         self.migrate()
 
 
+class JsonStore(SqlStore):
+    """The store in plain JSON files, for hosts where an SQLite file cannot
+    work (no WAL, no file locks) or by choice. One process only.
+
+    `holdfast.json` is a snapshot of every table; `holdfast.journal` gets one
+    fsynced line per committed transaction, listing the statements it wrote.
+    Queries run on an in-memory SQLite engine loaded from the two files, so
+    this backend runs exactly the SQL the others run and cannot drift from
+    the contract. A torn last journal line (a crash mid-write) was never
+    committed and is dropped. The snapshot is rewritten (atomic replace) once
+    the journal outgrows it, so a write costs the same at 10k tasks as at 100.
+    """
+
+    name = "json"
+    multi_process = False
+    min_compact_bytes = 1 << 20
+
+    def __init__(self, directory, *, label="json"):
+        import fcntl
+        os.makedirs(directory, exist_ok=True)
+        self.name = label
+        self.snapshot_path = os.path.join(directory, "holdfast.json")
+        self.journal_path = os.path.join(directory, "holdfast.journal")
+        self._lockfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lockfile.close()
+            raise StoreUnavailable(f"another holdfast process is using the JSON store in {directory}; "
+                                   "it serves one process only (use SQLite or PostgreSQL for more)",
+                                   code="store_locked") from None
+        db = peewee.SqliteDatabase(":memory:", thread_safe=False, check_same_thread=False)
+        super().__init__(db)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending = []
+        self._journal_bytes = 0
+        self._replaying = True
+        self._load()
+        self._replaying = False
+        self._journal = open(self.journal_path, "ab")
+        self._journal_bytes = os.path.getsize(self.journal_path)
+        if self._migrated_on_load or self._journal_bytes > self._compact_threshold():
+            self.compact()
+
+    # Every read and write holds the one lock: one connection, one process.
+    @contextmanager
+    def _seam(self):
+        with self._lock, super()._seam():
+            yield
+
+    @contextmanager
+    def _write(self):
+        with self._lock:
+            outer = self._depth == 0
+            self._depth += 1
+            try:
+                with self.db.atomic() as txn:
+                    yield txn
+                    if outer and self._pending and not self._replaying:
+                        self._append(self._pending)
+            finally:
+                self._depth -= 1
+                if outer:
+                    self._pending = []
+            if outer and self._journal_bytes > self._compact_threshold():
+                self.compact()
+
+    def _exec(self, sql, params=()):
+        if self._depth and not self._replaying and not sql.lstrip().upper().startswith("SELECT"):
+            self._pending.append((sql, list(params)))
+        return super()._exec(sql, params)
+
+    def _append(self, statements):
+        line = (json.dumps(statements, separators=(",", ":")) + "\n").encode()
+        try:
+            self._journal.write(line)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as exc:
+            # The transaction rolls back in memory: disk and memory stay equal.
+            raise StoreUnavailable(f"cannot write the JSON journal: {exc}") from exc
+        self._journal_bytes += len(line)
+
+    def _compact_threshold(self):
+        try:
+            return max(self.min_compact_bytes, os.path.getsize(self.snapshot_path))
+        except OSError:
+            return self.min_compact_bytes
+
+    def _load(self):
+        self.db.connect()
+        snapshot = None
+        if os.path.exists(self.snapshot_path):
+            with open(self.snapshot_path, encoding="utf-8") as fh:
+                snapshot = json.load(fh)
+        self._migrate(upto=snapshot["schema_version"] if snapshot else None)
+        if snapshot:
+            self._insert_rows(snapshot["tables"])
+        good = 0
+        if os.path.exists(self.journal_path):
+            with open(self.journal_path, "rb") as fh:
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break
+                    try:
+                        statements = json.loads(line)
+                    except ValueError:
+                        break
+                    with self.db.atomic():
+                        for sql, params in statements:
+                            super()._exec(sql, params)
+                    good += len(line)
+            if good != os.path.getsize(self.journal_path):
+                log.warning("JSON journal: dropping a torn last entry (a crash mid-write)")
+                with open(self.journal_path, "r+b") as fh:
+                    fh.truncate(good)
+        if self._migrate():
+            self._migrated_on_load = True
+
+    _migrated_on_load = False
+
+    def compact(self):
+        """Rewrite the snapshot from memory and empty the journal."""
+        with self._lock:
+            data = {"schema_version": self.schema_version(), "tables": self.export_rows()}
+            tmp = self.snapshot_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, separators=(",", ":"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.snapshot_path)
+            _fsync_dir(os.path.dirname(self.snapshot_path))
+            self._journal.truncate(0)
+            self._journal.seek(0)
+            os.fsync(self._journal.fileno())
+            self._journal_bytes = 0
+
+    def close(self):
+        with self._lock:
+            if not self._journal.closed:
+                self._journal.close()
+            self.db.close()
+            self._lockfile.close()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def open_store(url, data_dir):
     """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a URL."""
     url = url or "sqlite"
@@ -810,10 +1011,21 @@ def open_store(url, data_dir):
 
 def _sqlite(url, data_dir):
     path = url.split("://", 1)[1] if "://" in url else os.path.join(data_dir, "holdfast.db")
-    return SqliteStore(path)
+    try:
+        return SqliteStore(path)
+    except StoreUnavailable as exc:
+        if exc.code != "no_wal":
+            raise
+        log.warning("!!! %s. Falling back to the JSON-file store in %s: one process only, "
+                    "and the SQLite file's data is not read. !!!", exc.message, data_dir)
+        return JsonStore(data_dir, label="json (fallback)")
 
 
-BACKENDS = {"sqlite": _sqlite}
+def _json(url, data_dir):
+    return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir)
+
+
+BACKENDS = {"sqlite": _sqlite, "json": _json}
 
 
 # -- result files -------------------------------------------------------------

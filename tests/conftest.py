@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import Config, create_app  # noqa: E402
 from providers import build_providers  # noqa: E402
-from store import FileStore, SqliteStore  # noqa: E402
+from store import FileStore, JsonStore, SqliteStore  # noqa: E402
 from support import WSGIClient  # noqa: E402
 from worker import Worker  # noqa: E402
 
@@ -35,7 +35,11 @@ def _sqlite(tmp_path):
     return SqliteStore(str(tmp_path / "holdfast.db"))
 
 
-STORE_FACTORIES = {"sqlite": _sqlite}
+def _json(tmp_path):
+    return JsonStore(str(tmp_path / "json"))
+
+
+STORE_FACTORIES = {"sqlite": _sqlite, "json": _json}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
