@@ -425,7 +425,7 @@ def serve(config):
     from worker import Worker
     setup_logging(config.log)
     store, providers, files = open_everything(config)
-    report = recover(store, providers, now=time.time())
+    report = recover(store, providers, now=time.time(), files=files)
     if report["changed"]:
         log.info("recovery: %s", report["summary"])
     first_run_users(store, config)

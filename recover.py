@@ -1,54 +1,151 @@
 """Restart recovery: what was in flight, and what was done about it.
 
-`python app.py` runs `recover()` at start; `python recover.py` runs it by hand
-(safe while the server runs: it only touches leases whose owner is dead).
+`python app.py` runs `recover()` at start; `python recover.py` runs it by
+hand. It is safe while the server runs: it takes the same leases the worker
+takes, and releases only leases that ran out or whose process is gone.
+
+    python recover.py [--dry-run] [--json]
+    python recover.py --export FILE      # every row of every table, as JSON
+    python recover.py --import FILE      # into an empty store
 """
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 
 from errors import HoldfastError
-from store import owner_is_dead
+from store import lease_owner_id, owner_is_dead
+
+log = logging.getLogger("holdfast.recover")
+EXPORT_FORMAT = "holdfast-export"
 
 
-def recover(store, providers, *, now, dry_run=False):
-    """Release the leases of dead local processes so their tasks are taken
-    over at once instead of when the lease runs out. Returns a report."""
+def recover(store, providers, *, now, files=None, dry_run=False):
+    """Look at everything a crash may have left behind and, unless
+    `dry_run`, put it right. Returns a report (a dict)."""
+    from worker import Worker
     stats = store.stats(now)
+    report = {"dry_run": dry_run, "in_flight": stats["active"], "by_status": stats["by_status"]}
+
+    # Leases: of dead local processes, and any that ran out.
     dead = [owner for owner in store.lease_owners() if owner_is_dead(owner)]
-    released = 0 if dry_run else store.release_leases(dead)
-    report = {
-        "in_flight": stats["active"],
-        "by_status": stats["by_status"],
-        "dead_owners": dead,
-        "leases_released": released,
-        "dry_run": dry_run,
-    }
-    report["changed"] = bool(released)
-    report["summary"] = (f"{stats['active']} tasks in flight; {len(dead)} dead worker(s); "
-                         f"{released} lease(s) released")
+    expired = store.expired_leases(now=now)
+    report["dead_owners"] = dead
+    report["expired_leases"] = [task_id for task_id, _ in expired]
+    if not dry_run:
+        report["leases_released"] = store.release_leases(dead) + store.release_expired_leases(now=now)
+
+    # Submissions in doubt: ask the provider before anything is sent again.
+    doubtful = store.in_doubt()
+    report["submissions_in_doubt"] = [t["id"] for t in doubtful]
+    worker = Worker(store, providers, files, owner=lease_owner_id(), clock=lambda: now)
+    if not dry_run:
+        reconciled = {}
+        for task in doubtful:
+            held = store.claim_task(task["id"], worker.owner, now=now, lease_s=worker.lease_s)
+            if held is None:
+                continue      # a live worker has it
+            worker.process(held, now)
+            reconciled[task["id"]] = store.get_task(task["id"])["status"]
+        report["submissions_reconciled"] = reconciled
+
+    # Deadlines.
+    overdue = store.overdue(now=now, limit=10_000)
+    report["past_deadline"] = [t["id"] for t in overdue]
+    if not dry_run:
+        report["failed_past_deadline"] = worker.sweep(now)
+
+    # Credits still reserved by finished tasks.
+    stray = store.stray_reservations()
+    report["stray_reservations"] = [t["id"] for t in stray]
+    if not dry_run:
+        report["reservations_settled"] = {t["id"]: store.settle_stray(t["id"], now=now) for t in stray}
+
+    # Downloads a crash cut short: the temporary file goes; the task, still
+    # running, downloads again at its next poll.
+    partial = files.partial_files() if files is not None else []
+    report["partial_files"] = partial
+    if not dry_run:
+        for path in partial:
+            os.unlink(path)
+
+    report["changed"] = not dry_run and bool(
+        report["leases_released"] or report["submissions_reconciled"] or report["failed_past_deadline"]
+        or report["reservations_settled"] or partial)
+    report["summary"] = summary(report)
     return report
 
 
+def summary(report):
+    verb = "would fix" if report["dry_run"] else "fixed"
+    parts = [f"{report['in_flight']} task(s) in flight",
+             f"{len(report['dead_owners'])} dead worker(s)",
+             f"{len(report['expired_leases'])} expired lease(s)",
+             f"{len(report['submissions_in_doubt'])} submission(s) in doubt",
+             f"{len(report['past_deadline'])} task(s) past deadline",
+             f"{len(report['stray_reservations'])} stray reservation(s)",
+             f"{len(report['partial_files'])} half-written file(s)"]
+    return "; ".join(parts) + f" ({verb} what was found)"
+
+
+def export_data(store, path):
+    data = {"format": EXPORT_FORMAT, "schema_version": store.schema_version(), "tables": store.export_rows()}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return {table: len(rows) for table, rows in data["tables"].items()}
+
+
+def import_data(store, path):
+    from errors import InvalidInput
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise InvalidInput(f"{path} is not a holdfast export")
+    if data.get("schema_version") != store.schema_version():
+        raise InvalidInput(f"{path} has schema version {data.get('schema_version')}; "
+                           f"this store has {store.schema_version()}")
+    store.import_rows(data["tables"])
+    return {table: len(rows) for table, rows in data["tables"].items()}
+
+
 def main(argv=None):
-    from app import Config, open_everything
+    from app import Config, open_everything, setup_logging
     parser = argparse.ArgumentParser(prog="python recover.py", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="report only; change nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    move = parser.add_mutually_exclusive_group()
+    move.add_argument("--export", metavar="FILE", help="write every row of every table to FILE")
+    move.add_argument("--import", dest="import_", metavar="FILE", help="load FILE into an empty store")
     args = parser.parse_args(argv)
     try:
         config = Config.load()
-        store, providers, _ = open_everything(config)
+        setup_logging(config.log)
+        logging.getLogger().setLevel(logging.WARNING)
+        store, providers, files = open_everything(config)
         try:
-            report = recover(store, providers, now=time.time(), dry_run=args.dry_run)
+            if args.export:
+                report = {"exported": export_data(store, args.export), "file": args.export}
+                report["summary"] = f"exported {report['exported']} to {args.export}"
+            elif args.import_:
+                report = {"imported": import_data(store, args.import_), "file": args.import_}
+                report["summary"] = f"imported {report['imported']} from {args.import_}"
+            else:
+                report = recover(store, providers, now=time.time(), files=files, dry_run=args.dry_run)
         finally:
             store.close()
     except HoldfastError as exc:
         print(f"recover: {exc.message}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else report["summary"])
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else report["summary"])
     return 0
 
 

@@ -250,6 +250,57 @@ def event_json(seq, task_id, type_, data):
     return '{"seq":%d,"task_id":%s,"type":"%s","task":%s}' % (seq, json.dumps(task_id), type_, data)
 
 
+# -- accounts: limits and public forms ------------------------------------------
+
+MAX_CREDITS = 10 ** 12           # a balance or a grant; far inside 64-bit integers
+MAX_USER_ACTIVE = 100_000
+MAX_USER_RATE = 10_000.0
+MAX_SESSION_MESSAGES = 40
+_SESSION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_user_limits(credits=None, max_active=None, rate_per_s=None):
+    """InvalidInput unless each given limit is in range (None: not set)."""
+    if credits is not None and (not _is_int(credits) or not 0 <= credits <= MAX_CREDITS):
+        raise InvalidInput(f"credits must be an integer from 0 to {MAX_CREDITS}")
+    if max_active is not None and (not _is_int(max_active) or not 1 <= max_active <= MAX_USER_ACTIVE):
+        raise InvalidInput(f"max_active must be an integer from 1 to {MAX_USER_ACTIVE}")
+    if rate_per_s is not None and (isinstance(rate_per_s, bool) or not isinstance(rate_per_s, (int, float))
+                                   or not 0 < rate_per_s <= MAX_USER_RATE):
+        raise InvalidInput(f"rate_per_s must be a number above 0 and at most {MAX_USER_RATE:g}")
+
+
+def check_session_key(key):
+    if not isinstance(key, str) or not _SESSION_KEY.match(key):
+        raise InvalidInput("a session key is 1-128 characters: letters, digits and _ . : @ -, "
+                           "starting with a letter or digit", code="invalid_session_key")
+    return key
+
+
+def session_json(session):
+    """The public JSON of a conversation session."""
+    return {"key": session["key"], "messages": session["messages"], "data": session["data"],
+            "updated_at": iso(session["updated_at"]), "expires_at": iso(session["expires_at"])}
+
+
+def stuck_reasons(task, now, grace_s):
+    """What looks wrong with an active task: past its deadline (the sweeper
+    should have ended it), a lease that ran out (its worker vanished), or a
+    poll due more than `grace_s` ago that no worker took."""
+    reasons = []
+    if task["deadline_at"] < now:
+        reasons.append("past_deadline")
+    if task["lease_owner"] is not None and (task["lease_expires_at"] or 0) < now:
+        reasons.append("lease_expired")
+    if task["lease_owner"] is None and task["next_poll_at"] is not None and task["next_poll_at"] < now - grace_s:
+        reasons.append("poll_overdue")
+    return reasons
+
+
 def lease_owner_id():
     """host:pid:nonce, so recovery can tell a dead local owner from a live one."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -298,10 +349,14 @@ class BaseStore:
         raise NotImplementedError
 
     # users
-    def create_user(self, name, *, admin=False, credits=None, token=None, now=None):
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
+                    max_active=None, rate_per_s=None):
         """Create a user; return (user dict, token). The token (a new random
         one unless given) is shown only here: the store keeps its hash.
-        Conflict if the name is taken."""
+        `credits` (None: no credit limit) starts the balance with a `grant`
+        ledger row; `max_active` and `rate_per_s` (None: the server's
+        defaults) are the user's own limits. Conflict if the name is taken,
+        InvalidInput for a bad name or limit."""
         raise NotImplementedError
 
     def user_by_token(self, token):
@@ -321,11 +376,14 @@ class BaseStore:
 
     # tasks
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None):
         """Create a queued task, or find the user's live task with this
         dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
-        user with a balance (PaymentRequired when too low) and refuses a user
-        at `max_active` active tasks (TooMany), all in one transaction."""
+        user with a balance (PaymentRequired when too low), refuses a user at
+        `max_active` active tasks (TooMany, code too_many_active) and a
+        provider with `max_queued` queued tasks (TooMany, code queue_full), all
+        in one transaction: a refusal creates and reserves nothing. A
+        deduplicated answer is never refused."""
         raise NotImplementedError
 
     def get_task(self, task_id, user_id=None):
@@ -375,6 +433,35 @@ class BaseStore:
         """Drop every lease these owners hold; return how many."""
         raise NotImplementedError
 
+    # recovery
+
+    def expired_leases(self, *, now):
+        """[(task_id, owner)] of leases that ran out before `now`."""
+        raise NotImplementedError
+
+    def release_expired_leases(self, *, now):
+        """Drop the leases that ran out before `now`; return how many."""
+        raise NotImplementedError
+
+    def claim_task(self, task_id, owner, *, now, lease_s):
+        """Lease one active task whatever its schedule, or None when someone
+        else holds a live lease on it."""
+        raise NotImplementedError
+
+    def in_doubt(self, *, limit=1000):
+        """Queued tasks that stored a provider id: their submit may have
+        reached the provider before a crash."""
+        raise NotImplementedError
+
+    def stray_reservations(self):
+        """Finished tasks whose credits are still `reserved`."""
+        raise NotImplementedError
+
+    def settle_stray(self, task_id, *, now):
+        """Charge or refund a finished task still holding its reservation.
+        Returns the new credits state, or None when it was already settled."""
+        raise NotImplementedError
+
     # events
     def events_since(self, user_id, since, limit=100):
         """[(seq, event JSON text)] for the user's events after `since`."""
@@ -386,6 +473,65 @@ class BaseStore:
     # operations
     def stats(self, now):
         """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
+        raise NotImplementedError
+
+    # -- accounts: credits, admin queries, conversation sessions --------------
+    #
+    # The ledger has one row per credit movement: `reserve` (submit), then one
+    # `charge` (succeeded/partial) or `refund` (failed/cancelled) per task,
+    # both unique per task; `grant` rows (task_id '') are an admin's or the
+    # initial balance. So balance = grants - reserves + refunds, always.
+
+    def grant(self, user_id, amount, *, now):
+        """Add `amount` credits (negative: take them away) to a user who has a
+        credit limit, with a `grant` ledger row, in one transaction. Returns
+        the user. NotFound (user_not_found); Conflict no_credit_limit for a
+        user without a balance, balance_too_low when it would go below zero,
+        balance_too_high past MAX_CREDITS; InvalidInput for a bad amount."""
+        raise NotImplementedError
+
+    def ledger(self, *, user_id=None, task_id=None):
+        """Ledger rows, oldest first, as dicts with id, user_id, task_id,
+        kind, amount, created_at; filtered by user and/or task."""
+        raise NotImplementedError
+
+    def active_count(self, user_id):
+        """How many queued or running tasks the user has."""
+        raise NotImplementedError
+
+    def admin_tasks(self, *, now, stuck=False, grace_s=60.0, limit=100):
+        """Active tasks of every user, oldest first, as [(task, user name,
+        reasons)]. `reasons` lists what looks wrong (see `stuck_reasons`):
+        past_deadline, lease_expired, poll_overdue. With `stuck`, only tasks
+        with at least one reason."""
+        raise NotImplementedError
+
+    def get_session(self, user_id, key, *, now):
+        """The user's live session `key` as a dict with key, messages, data,
+        updated_at, expires_at. NotFound (session_not_found) when missing,
+        expired, or only another user's; InvalidInput for a bad key."""
+        raise NotImplementedError
+
+    def put_session(self, user_id, key, *, messages, data, now, ttl_s, max_sessions=None):
+        """Replace the session (creating it): the newest MAX_SESSION_MESSAGES
+        of `messages`, `data` (a JSON value or None); it expires `ttl_s` after
+        `now`. Conflict (too_many_sessions) when creating it would give the
+        user more than `max_sessions` live sessions. Returns the session."""
+        raise NotImplementedError
+
+    def append_messages(self, user_id, key, messages, *, now, ttl_s, max_sessions=None):
+        """Append to the session (an expired one starts empty, a missing one
+        is created), keep the newest MAX_SESSION_MESSAGES, expire `ttl_s`
+        after `now`; atomic against concurrent appends. Returns (session,
+        how many old messages were dropped). Conflict as put_session."""
+        raise NotImplementedError
+
+    def delete_session(self, user_id, key, *, now):
+        """Delete the session; True if a live one was there."""
+        raise NotImplementedError
+
+    def purge_sessions(self, *, now):
+        """Delete every expired session; return how many."""
         raise NotImplementedError
 
 
@@ -514,11 +660,11 @@ class SqlStore(BaseStore):
 
     # users
 
-    def create_user(self, name, *, admin=False, credits=None, token=None, now=None):
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
+                    max_active=None, rate_per_s=None):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise InvalidInput("user name must be 1-64 letters, digits, '_', '.' or '-'")
-        if credits is not None and (not isinstance(credits, int) or credits < 0):
-            raise InvalidInput("credits must be a non-negative integer")
+        check_user_limits(credits, max_active, rate_per_s)
         if token is not None and len(token) < 16:
             raise InvalidInput("a chosen token must be at least 16 characters")
         token = token or "hf_" + secrets.token_urlsafe(32)
@@ -527,8 +673,14 @@ class SqlStore(BaseStore):
             try:
                 with self._write():
                     self._exec(
-                        "INSERT INTO users (name, token_hash, is_admin, credit_balance, created_at) "
-                        "VALUES (?, ?, ?, ?, ?)", (name, hash_token(token), bool(admin), credits, now))
+                        "INSERT INTO users (name, token_hash, is_admin, credit_balance, max_active, "
+                        "rate_per_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, hash_token(token), bool(admin), credits, max_active,
+                         None if rate_per_s is None else float(rate_per_s), now))
+                    if credits:
+                        user_id = self._one("SELECT id FROM users WHERE name = ?", (name,))[0]
+                        self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                                   "VALUES (?, '', 'grant', ?, ?)", (user_id, credits, now))
             except peewee.IntegrityError as exc:
                 raise Conflict(f"user {name!r} exists", code="user_exists") from exc
         return self.user_by_name(name), token
@@ -567,7 +719,7 @@ class SqlStore(BaseStore):
     # tasks
 
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None):
         task_id = new_task_id(now)
         params_text = dumps(params)
         with self._seam():
@@ -575,7 +727,8 @@ class SqlStore(BaseStore):
                 try:
                     with self._write():
                         return self._submit(task_id, user_id, provider, params, params_text, now,
-                                            deadline_at, cost, dedupe_key, retry_of, max_active)
+                                            deadline_at, cost, dedupe_key, retry_of, max_active,
+                                            max_queued)
                 except peewee.IntegrityError:
                     # Another transaction took the dedupe key between our
                     # check and our insert (possible only where the backend
@@ -585,7 +738,7 @@ class SqlStore(BaseStore):
             raise StoreUnavailable("could not settle a dedupe race")
 
     def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
-                cost, dedupe_key, retry_of, max_active):
+                cost, dedupe_key, retry_of, max_active, max_queued=None):
         if dedupe_key is not None:
             row = self._one(
                 _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
@@ -598,6 +751,12 @@ class SqlStore(BaseStore):
             if active >= max_active:
                 raise TooMany(f"you have {active} active tasks (limit {max_active})",
                               code="too_many_active", retry_after=5)
+        if max_queued is not None:
+            queued = self._one("SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND provider = ?",
+                               (provider,))[0]
+            if queued >= max_queued:
+                raise TooMany(f"provider {provider} has {queued} tasks waiting (limit {max_queued})",
+                              code="queue_full", retry_after=5)
         credits = "none"
         if cost > 0:
             balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
@@ -722,13 +881,23 @@ class SqlStore(BaseStore):
         return task
 
     def _settle(self, task, status, now):
-        """Charge on success, refund otherwise: once, by the ledger's indexes."""
+        """Charge on success, refund otherwise: once, by the ledger's indexes.
+        The balance moves only when this transaction's ledger row went in, so
+        a settle that finds one already there (a race on a backend that does
+        not serialize writers, a repeat after a crash) changes no balance and
+        takes the recorded outcome."""
         kind = "charge" if status in ("succeeded", "partial") else "refund"
-        self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) VALUES (?, ?, ?, ?, ?)",
-                   (task["user_id"], task["id"], kind, task["cost"], now))
-        if kind == "refund":
-            self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
-                       (task["cost"], task["user_id"]))
+        cur = self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         (task["user_id"], task["id"], kind, task["cost"], now))
+        if cur.rowcount == 1:
+            if kind == "refund":
+                self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
+                           (task["cost"], task["user_id"]))
+        else:
+            kind = self._one("SELECT kind FROM ledger WHERE task_id = ? AND kind IN ('charge', 'refund')",
+                             (task["id"],))[0]
+            log.warning("task %s: credits were already settled (%s); not settling again", task["id"], kind)
         task["credits"] = "charged" if kind == "charge" else "refunded"
 
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
@@ -785,6 +954,54 @@ class SqlStore(BaseStore):
                                            "WHERE lease_owner = ?", (owner,)).rowcount
         return released
 
+    def expired_leases(self, *, now):
+        with self._seam():
+            return [tuple(r) for r in self._exec(
+                "SELECT id, lease_owner FROM tasks WHERE lease_owner IS NOT NULL AND lease_expires_at < ? "
+                "ORDER BY id", (now,)).fetchall()]
+
+    def release_expired_leases(self, *, now):
+        with self._seam(), self._write():
+            return self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
+                              "WHERE lease_owner IS NOT NULL AND lease_expires_at < ?", (now,)).rowcount
+
+    def claim_task(self, task_id, owner, *, now, lease_s):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ? AND status IN ('queued', 'running') "
+                            "AND (lease_owner IS NULL OR lease_expires_at < ?)" + self.for_update,
+                            (task_id, now))
+            if row is None:
+                return None
+            task = self._task(row)
+            task.update(lease_owner=owner, lease_expires_at=now + lease_s, lease_token=task["lease_token"] + 1)
+            self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? WHERE id = ?",
+                       (owner, now + lease_s, task["lease_token"], task_id))
+            return task
+
+    def in_doubt(self, *, limit=1000):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE status = 'queued' AND external_id IS NOT NULL "
+                              "ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [self._task(r) for r in rows]
+
+    def stray_reservations(self):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE credits = 'reserved' "
+                              "AND status IN ('succeeded', 'partial', 'failed', 'cancelled') ORDER BY id").fetchall()
+        return [self._task(r) for r in rows]
+
+    def settle_stray(self, task_id, *, now):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            task = self._task(row)
+            if task["credits"] != "reserved" or task["status"] not in TERMINAL:
+                return None
+            self._settle(task, task["status"], now)
+            self._exec("UPDATE tasks SET credits = ? WHERE id = ?", (task["credits"], task_id))
+            return task["credits"]
+
     # events
 
     def events_since(self, user_id, since, limit=100):
@@ -817,6 +1034,157 @@ class SqlStore(BaseStore):
             "oldest_active_s": round(now - oldest, 3) if oldest is not None else 0,
             "by_status": by_status,
         }
+
+    # -- accounts: credits, admin queries, conversation sessions --------------
+
+    def _user_by_id(self, user_id):
+        user = self._user(self._one(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (user_id,)))
+        if user is None:
+            raise NotFound("user not found", code="user_not_found")
+        return user
+
+    def grant(self, user_id, amount, *, now):
+        if not _is_int(amount) or amount == 0 or abs(amount) > MAX_CREDITS:
+            raise InvalidInput(f"amount must be a non-zero integer from -{MAX_CREDITS} to {MAX_CREDITS}")
+        with self._seam():
+            with self._write():
+                # The bounds are in the UPDATE itself: no balance outside them
+                # can be written, whatever else runs at the same time.
+                cur = self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ? "
+                                 "AND credit_balance IS NOT NULL AND credit_balance + ? >= 0 "
+                                 "AND credit_balance + ? <= ?",
+                                 (amount, user_id, amount, amount, MAX_CREDITS))
+                if cur.rowcount == 1:
+                    self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                               "VALUES (?, '', 'grant', ?, ?)", (user_id, amount, now))
+            user = self._user_by_id(user_id)
+        if cur.rowcount != 1:
+            balance = user["credit_balance"]
+            if balance is None:
+                raise Conflict(f"user {user['name']} has no credit limit; grants apply only to users "
+                               "with a balance", code="no_credit_limit")
+            if balance + amount < 0:
+                raise Conflict(f"the balance of {user['name']} is {balance}: taking {-amount} would make "
+                               "it negative", code="balance_too_low")
+            raise Conflict(f"a balance cannot exceed {MAX_CREDITS}", code="balance_too_high")
+        return user
+
+    def ledger(self, *, user_id=None, task_id=None):
+        sql = "SELECT id, user_id, task_id, kind, amount, created_at FROM ledger"
+        where, params = [], []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if task_id is not None:
+            where.append("task_id = ?")
+            params.append(task_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._seam():
+            rows = self._exec(sql + " ORDER BY id", params).fetchall()
+        keys = ("id", "user_id", "task_id", "kind", "amount", "created_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def active_count(self, user_id):
+        with self._seam():
+            return self._one("SELECT COUNT(*) FROM tasks WHERE user_id = ? "
+                             "AND status IN ('queued', 'running')", (user_id,))[0]
+
+    def admin_tasks(self, *, now, stuck=False, grace_s=60.0, limit=100):
+        sql = _TASK_SELECT + " WHERE status IN ('queued', 'running')"
+        params = []
+        if stuck:
+            sql += (" AND (deadline_at < ? OR (lease_owner IS NOT NULL AND lease_expires_at < ?)"
+                    " OR (lease_owner IS NULL AND next_poll_at < ?))")
+            params += [now, now, now - grace_s]
+        with self._seam():
+            tasks = [self._task(r) for r in self._exec(sql + " ORDER BY created_at, id LIMIT ?",
+                                                       (*params, limit)).fetchall()]
+            ids = sorted({t["user_id"] for t in tasks})
+            names = dict(self._exec(f"SELECT id, name FROM users WHERE id IN ({', '.join('?' * len(ids))})",
+                                    ids).fetchall()) if ids else {}
+        return [(t, names.get(t["user_id"]), stuck_reasons(t, now, grace_s)) for t in tasks]
+
+    # Sessions are read-modify-write under one write transaction (and a row
+    # lock where the backend has them), so concurrent appends lose nothing.
+
+    _SESSION_COLS = "key, messages, data, updated_at, expires_at"
+
+    @staticmethod
+    def _session(row):
+        return {"key": row[0], "messages": json.loads(row[1]),
+                "data": None if row[2] is None else json.loads(row[2]),
+                "updated_at": row[3], "expires_at": row[4]}
+
+    def get_session(self, user_id, key, *, now):
+        check_session_key(key)
+        with self._seam():
+            row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ? "
+                            "AND expires_at > ?", (user_id, key, now))
+        if row is None:
+            raise NotFound("session not found", code="session_not_found")
+        return self._session(row)
+
+    def put_session(self, user_id, key, *, messages, data, now, ttl_s, max_sessions=None):
+        return self._write_session(user_id, key, now, ttl_s, max_sessions,
+                                   lambda old: (list(messages), data))[0]
+
+    def append_messages(self, user_id, key, messages, *, now, ttl_s, max_sessions=None):
+        return self._write_session(user_id, key, now, ttl_s, max_sessions,
+                                   lambda old: (old["messages"] + list(messages), old["data"]))
+
+    def _write_session(self, user_id, key, now, ttl_s, max_sessions, change):
+        """Apply `change(old session) -> (messages, data)`; return (session, dropped)."""
+        check_session_key(key)
+        with self._seam():
+            for attempt in range(3):
+                try:
+                    with self._write():
+                        return self._write_session_once(user_id, key, now, ttl_s, max_sessions, change)
+                except peewee.IntegrityError:
+                    # Two first writes of one key raced where writers are not
+                    # serialized; the primary key kept one. Apply ours to it.
+                    if attempt == 2:
+                        raise StoreUnavailable("could not settle a session race") from None
+
+    def _write_session_once(self, user_id, key, now, ttl_s, max_sessions, change):
+        row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ?"
+                        + self.for_update, (user_id, key))
+        live = row is not None and row[4] > now
+        old = self._session(row) if live else {"messages": [], "data": None}
+        messages, data = change(old)
+        dropped = max(0, len(messages) - MAX_SESSION_MESSAGES)
+        messages = messages[dropped:]
+        session = {"key": key, "messages": messages, "data": data, "updated_at": now,
+                   "expires_at": now + ttl_s}
+        values = (dumps(messages), None if data is None else dumps(data), now, now + ttl_s)
+        if live:
+            self._exec("UPDATE sessions SET messages = ?, data = ?, updated_at = ?, expires_at = ? "
+                       "WHERE user_id = ? AND key = ?", (*values, user_id, key))
+        else:
+            # A new session: clear this user's expired ones (this key's too)
+            # and hold the user to `max_sessions` live ones.
+            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
+            if max_sessions is not None:
+                count = self._one("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user_id,))[0]
+                if count >= max_sessions:
+                    raise Conflict(f"you have {count} sessions (limit {max_sessions}); delete one or "
+                                   "let it expire", code="too_many_sessions")
+            self._exec("INSERT INTO sessions (user_id, key, messages, data, updated_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (user_id, key, *values))
+        return session, dropped
+
+    def delete_session(self, user_id, key, *, now):
+        check_session_key(key)
+        with self._seam(), self._write():
+            cur = self._exec("DELETE FROM sessions WHERE user_id = ? AND key = ? AND expires_at > ?",
+                             (user_id, key, now))
+            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
+        return cur.rowcount == 1
+
+    def purge_sessions(self, *, now):
+        with self._seam(), self._write():
+            return self._exec("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
 
 
 class SqliteStore(SqlStore):
@@ -1086,6 +1454,13 @@ class FileStore:
         ext = os.path.splitext(name)[1].lower()
         return {"name": name, "size": size, "sha256": digest.hexdigest(),
                 "content_type": content_type or CONTENT_TYPES.get(ext, "application/octet-stream")}
+
+    def partial_files(self):
+        """Temporary files left by downloads a crash interrupted."""
+        found = []
+        for folder, _, names in os.walk(self.root):
+            found += [os.path.join(folder, n) for n in names if n.endswith(".part")]
+        return sorted(found)
 
     def remove_task(self, task_id):
         folder = os.path.join(self.root, task_id)

@@ -1,0 +1,141 @@
+"""What only the JSON-file store has to prove: durability across kill -9 of
+its process, torn journal lines, one process at a time, bounded journal, and
+the automatic fallback."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import store as store_module
+from app import create_app
+from errors import StoreUnavailable
+from store import JsonStore, open_store
+from support import ROOT, WSGIClient
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from store import JsonStore
+    s = JsonStore({path!r})
+    user = s.user_by_name("alice")
+    i = 0
+    while True:
+        now = time.time()
+        task, _ = s.submit(user["id"], "demo", {{"i": i}}, now=now, deadline_at=now + 60)
+        print(task["id"], flush=True)    # acknowledged: the transaction is on disk
+        i += 1
+""")
+
+
+def test_every_acknowledged_write_survives_kill_9(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    s.min_compact_bytes = 1
+    s.create_user("alice")
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, path=path)],
+                            stdout=subprocess.PIPE, text=True)
+    acked = []
+    for line in proc.stdout:
+        acked.append(line.strip())
+        if len(acked) == 300:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    s = JsonStore(path)
+    try:
+        user = s.user_by_name("alice")
+        stored = set()
+        cursor = None
+        while True:
+            page, cursor = s.list_tasks(user["id"], limit=200, before=cursor)
+            stored |= {t["id"] for t in page}
+            if cursor is None:
+                break
+        assert set(acked) <= stored
+        # Events and the task rows were written together.
+        assert s.last_seq(user["id"]) == len(stored)
+    finally:
+        s.close()
+
+
+def test_a_torn_last_journal_line_is_dropped(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    user = s.create_user("alice")[0]
+    task, _ = s.submit(user["id"], "demo", {}, now=1.0, deadline_at=9.0)
+    s.close()
+    with open(os.path.join(path, "holdfast.journal"), "ab") as fh:
+        fh.write(b'[["INSERT INTO tasks (id) VALUES (?)", ["t_half')      # a crash mid-write
+    s = JsonStore(path)
+    try:
+        assert [t["id"] for t in s.list_tasks(user["id"])[0]] == [task["id"]]
+        s.submit(user["id"], "demo", {}, now=2.0, deadline_at=9.0)
+    finally:
+        s.close()
+    s = JsonStore(path)
+    try:
+        assert len(s.list_tasks(user["id"])[0]) == 2
+    finally:
+        s.close()
+
+
+def test_a_second_process_is_refused_with_a_clear_error(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    try:
+        code = f"import sys; sys.path.insert(0, {ROOT!r}); from store import JsonStore; JsonStore({path!r})"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0
+        assert "another holdfast process is using the JSON store" in proc.stderr
+    finally:
+        s.close()
+
+
+def test_the_journal_is_compacted_and_stays_bounded(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    s.min_compact_bytes = 64 * 1024
+    user = s.create_user("alice")[0]
+    biggest = 0
+    for i in range(400):
+        task, _ = s.submit(user["id"], "demo", {"prompt": "p" * 200, "i": i}, now=float(i), deadline_at=1e10)
+        s.update(task["id"], token=None, now=float(i), status="running")
+        biggest = max(biggest, os.path.getsize(os.path.join(path, "holdfast.journal")))
+    snapshot_size = os.path.getsize(os.path.join(path, "holdfast.json"))
+    assert snapshot_size > 64 * 1024, "compaction happened"
+    assert biggest <= max(s.min_compact_bytes, snapshot_size) + 16 * 1024
+    s.close()
+    s = JsonStore(path)
+    try:
+        tasks, _ = s.list_tasks(user["id"], limit=200)
+        assert len(tasks) == 200 and all(t["status"] == "running" for t in tasks)
+        assert s.last_seq() == 800
+    finally:
+        s.close()
+
+
+def test_sqlite_without_wal_falls_back_loudly_to_json(tmp_path, monkeypatch, caplog, providers, config):
+    def no_wal(path):
+        raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got delete)", code="no_wal")
+
+    monkeypatch.setitem(store_module.BACKENDS, "sqlite", store_module.BACKENDS["sqlite"])
+    monkeypatch.setattr(store_module, "SqliteStore", no_wal)
+    s = open_store("sqlite", str(tmp_path))
+    try:
+        assert isinstance(s, JsonStore) and s.name == "json (fallback)"
+        assert any("Falling back to the JSON-file store" in r.message for r in caplog.records)
+        health = WSGIClient(create_app(s, providers, config)).get("/healthz")
+        assert health.status == 200 and health.json()["store"] == "json (fallback)"
+    finally:
+        s.close()
+
+
+def test_an_unknown_store_name_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="unknown store"):
+        open_store("mongodb://x", str(tmp_path))
