@@ -1,11 +1,4 @@
-"""Provider adapters and their registry.
-
-Each adapter turns its provider's answers into one small common `Status`:
-queued, running(step, progress), succeeded(outputs), failed(code, message) or
-unknown. Adapters hold no task state of their own between calls: what they need
-to remember goes into the task (`external_id`, `state`), so a restart loses
-nothing.
-"""
+"""The built-in demo provider: no network, a small real PNG."""
 
 import hashlib
 import math
@@ -13,145 +6,10 @@ import re
 import secrets
 import struct
 import zlib
-from dataclasses import dataclass, field
 
-from errors import ConfigError, InvalidInput
+from errors import InvalidInput
 
-
-@dataclass(frozen=True)
-class Output:
-    """One result file: either bytes in hand or a URL to download."""
-
-    name: str
-    url: str = None
-    data: bytes = None
-    content_type: str = None
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Status:
-    state: str                 # queued, running, succeeded, failed, unknown
-    step: str = None
-    progress: float = None
-    outputs: tuple = ()
-    code: str = None           # for failed: an error code from store.ERROR_CODES
-    message: str = None
-    missing: int = 0           # for succeeded: outputs the provider lost (partial)
-
-    @classmethod
-    def queued(cls, step="queued"):
-        return cls("queued", step=step)
-
-    @classmethod
-    def running(cls, step=None, progress=None):
-        return cls("running", step=step, progress=progress)
-
-    @classmethod
-    def succeeded(cls, outputs, missing=0):
-        return cls("succeeded", step="done", progress=1.0, outputs=tuple(outputs), missing=missing)
-
-    @classmethod
-    def failed(cls, message, code="provider_rejected"):
-        return cls("failed", code=code, message=message)
-
-    @classmethod
-    def unknown(cls):
-        return cls("unknown")
-
-
-class Retry:
-    """A retry policy as a value: `max_attempts` tries in all, waiting
-    `intervals[i]` seconds before try i+2; the last interval repeats."""
-
-    def __init__(self, max_attempts, intervals=(1, 2, 4, 8, 16, 30)):
-        if max_attempts < 1 or not intervals or min(intervals) < 0:
-            raise ConfigError("retry needs max_attempts >= 1 and non-negative intervals")
-        self.max_attempts = int(max_attempts)
-        self.intervals = tuple(float(i) for i in intervals)
-
-    def delay(self, attempt):
-        """Seconds to wait after failed try number `attempt` (1-based)."""
-        return self.intervals[min(attempt, len(self.intervals)) - 1]
-
-    def exhausted(self, attempt):
-        return attempt >= self.max_attempts
-
-
-class BaseProvider:
-    """What every adapter does. `task` arguments are store task dicts."""
-
-    type = None
-    # The provider accepts an id chosen by holdfast before submitting (ComfyUI's
-    # prompt_id), so a crash between submit and recording it cannot run a job twice.
-    client_ids = False
-
-    defaults = {
-        "concurrency": None, "cost": 0, "poll_interval_s": 2.0, "max_poll_interval_s": 30.0,
-        "max_wait_s": 7200.0, "timeout_s": 10.0, "rate_per_s": None, "retries": 3,
-        "max_file_bytes": 100 * 1024 * 1024,
-    }
-
-    def __init__(self, name, config=None):
-        config = dict(config or {})
-        config.pop("type", None)
-        self.name = name
-        self.config = {**self.defaults, **config}
-        for key in ("poll_interval_s", "max_poll_interval_s", "max_wait_s", "timeout_s"):
-            value = self.config[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"provider {name}: {key} must be a positive number")
-        for key in ("concurrency", "cost", "retries", "max_file_bytes"):
-            value = self.config[key]
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ConfigError(f"provider {name}: {key} must be a non-negative integer")
-        self.health = {"ok": None, "checked_at": None, "error": None}
-
-    def __getattr__(self, key):
-        try:
-            return self.__dict__["config"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def validate(self, params):
-        """Raise InvalidInput for params this provider can never accept."""
-        if not isinstance(params, dict):
-            raise InvalidInput("params must be an object")
-
-    def new_id(self, task, now):
-        """The id holdfast will submit under, stored before submit; None when
-        the provider assigns its own."""
-        return None
-
-    def submit(self, task, now):
-        """Start the job; return the provider's id for it. ProviderUnavailable
-        (retry later) or ProviderRejected (permanent)."""
-        raise NotImplementedError
-
-    def poll(self, task, now):
-        """Ask about `task["external_id"]`; return a Status."""
-        raise NotImplementedError
-
-    def cancel(self, task):
-        """Best effort: stop the job at the provider."""
-
-    def fetch(self, task, output):
-        """Yield the bytes of one Output. ResultExpired when the link is dead."""
-        if output.data is not None:
-            yield output.data
-            return
-        raise NotImplementedError
-
-    def describe(self):
-        keys = ("concurrency", "cost", "poll_interval_s", "max_wait_s", "timeout_s", "rate_per_s")
-        return {"name": self.name, "type": self.type,
-                "limits": {k: self.config[k] for k in keys}, "health": dict(self.health)}
-
-    def close(self):
-        """Release connections."""
-
-
-# -- demo --------------------------------------------------------------------
+from .base import BaseProvider, Output, Status
 
 _DEMO_ID = re.compile(r"^demo-(\d+)-[0-9a-f]+$")
 _DEMO_STEPS = ("sketching", "painting", "varnishing")
@@ -167,6 +25,10 @@ class DemoProvider(BaseProvider):
     client_ids = True
     defaults = {**BaseProvider.defaults, "poll_interval_s": 0.5, "max_poll_interval_s": 2.0,
                 "duration_s": 3.0, "max_wait_s": 600.0}
+
+    def __init__(self, name, config=None, env=None):
+        super().__init__(name, config, env)
+        self._number("duration_s")
 
     def validate(self, params):
         super().validate(params)
@@ -231,28 +93,3 @@ def encode_png(width, height, rows):
     return (b"\x89PNG\r\n\x1a\n"
             + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-# -- registry ----------------------------------------------------------------
-
-PROVIDER_TYPES = {"demo": DemoProvider}
-
-
-def build_providers(table):
-    """{name: provider} from holdfast.toml's [providers] table. `demo` is
-    always there; a configured `demo` entry tunes it."""
-    table = dict(table or {})
-    providers = {}
-    for name, conf in table.items():
-        if not re.match(r"^[A-Za-z0-9_-]{1,40}$", name):
-            raise ConfigError(f"provider name {name!r}: use letters, digits, '_' or '-'")
-        if not isinstance(conf, dict):
-            raise ConfigError(f"[providers.{name}] must be a table")
-        kind = conf.get("type", "demo" if name == "demo" else None)
-        cls = PROVIDER_TYPES.get(kind)
-        if cls is None:
-            raise ConfigError(f"provider {name}: unknown type {kind!r}; "
-                              f"known: {', '.join(sorted(PROVIDER_TYPES))}")
-        providers[name] = cls(name, conf)
-    providers.setdefault("demo", DemoProvider("demo"))
-    return providers

@@ -1,0 +1,60 @@
+"""Provider adapters and their registry.
+
+Each adapter turns its provider's answers into one small common `Status`:
+queued, running(step, progress), succeeded(outputs), failed(code, message) or
+unknown. Adapters hold no task state of their own between calls: what they need
+to remember goes into the task (`external_id`, `state`), so a restart loses
+nothing.
+
+    base.py     Status, Output, Retry, BaseProvider (the interface)
+    http.py     the requests seam, rate limit and downloads HTTP adapters share
+    demo.py     built in, no network
+    comfyui.py  a ComfyUI server
+    kie.py      a KIE-style jobs API
+    local.py    a Python function run in the worker pool
+"""
+
+import os
+import re
+
+from errors import ConfigError
+
+from .base import BaseProvider, Output, Retry, Status
+from .comfyui import ComfyUIProvider
+from .demo import DemoProvider, demo_png, encode_png
+from .http import HttpProvider, RateLimiter, parse_retry_after
+from .kie import KIEProvider
+from .local import LocalProvider
+
+__all__ = ["BaseProvider", "ComfyUIProvider", "DemoProvider", "HttpProvider", "KIEProvider",
+           "LocalProvider", "Output", "PROVIDER_TYPES", "RateLimiter", "Retry", "Status",
+           "build_providers", "demo_png", "encode_png", "parse_retry_after"]
+
+PROVIDER_TYPES = {
+    "demo": DemoProvider,
+    "comfyui": ComfyUIProvider,
+    "kie": KIEProvider,
+    "local": LocalProvider,
+}
+
+
+def build_providers(table, env=None):
+    """{name: provider} from holdfast.toml's [providers] table; secrets are
+    read from `env` (default os.environ). `demo` is always there; a
+    configured `demo` entry tunes it. ConfigError names what is wrong."""
+    env = os.environ if env is None else env
+    table = dict(table or {})
+    providers = {}
+    for name, conf in table.items():
+        if not re.match(r"^[A-Za-z0-9_-]{1,40}$", name):
+            raise ConfigError(f"provider name {name!r}: use 1-40 letters, digits, '_' or '-'")
+        if not isinstance(conf, dict):
+            raise ConfigError(f"[providers.{name}] must be a table")
+        kind = conf.get("type", "demo" if name == "demo" else None)
+        cls = PROVIDER_TYPES.get(kind)
+        if cls is None:
+            raise ConfigError(f"provider {name}: unknown type {kind!r}; "
+                              f"known: {', '.join(sorted(PROVIDER_TYPES))}")
+        providers[name] = cls(name, conf, env)
+    providers.setdefault("demo", DemoProvider("demo"))
+    return providers

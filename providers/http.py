@@ -1,0 +1,206 @@
+"""What the HTTP adapters share: one requests seam, a rate limit, streamed
+downloads.
+
+`HttpProvider.seam()` is the one place where requests' and json's exceptions
+become holdfast's: ProviderUnavailable (transient: connection refused, timeout,
+a truncated or malformed answer) or ProviderRejected (a URL that can never
+work). `HttpProvider.call()` adds the HTTP statuses that mean "later" (408,
+429 with Retry-After, 5xx). Nothing else in the adapters catches a requests
+exception.
+"""
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import requests
+
+from errors import ConfigError, InvalidInput, ProviderRejected, ProviderUnavailable, ResultExpired
+
+from .base import BaseProvider
+
+MAX_RETRY_AFTER_S = 3600.0
+CHUNK = 64 * 1024
+# A result link answering these is dead, not down: 401/403 for a pre-signed
+# URL past its expiry, 404/410 for a file that is gone.
+DEAD_LINK = frozenset({401, 403, 404, 410})
+
+
+def parse_retry_after(value, now=None):
+    """Retry-After (seconds or an HTTP date) as seconds from now, or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        now = datetime.now(timezone.utc).timestamp() if now is None else now
+        seconds = when.timestamp() - now
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
+
+
+def http_url(value, what):
+    """`value` if it is an absolute http(s) URL; InvalidInput otherwise."""
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"{what} is not an http(s) URL: {str(value)[:200]!r}", code="invalid_result")
+    return value
+
+
+class RateLimiter:
+    """At most `rate` calls a second, spread evenly, for every thread of this
+    process. A caller waits its turn when it is near (up to `max_wait`);
+    further off, it gets ProviderUnavailable with the wait as retry_after, so
+    the task is rescheduled in the store instead of holding a thread."""
+
+    def __init__(self, rate, *, max_wait, clock=time.monotonic, sleep=time.sleep):
+        self.rate = rate
+        self.interval = 1.0 / rate
+        self.max_wait = max_wait
+        self.clock = clock
+        self.sleep = sleep
+        self._next = None
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        with self._lock:
+            now = self.clock()
+            at = now if self._next is None else max(now, self._next)
+            wait = at - now
+            if wait > self.max_wait:
+                raise ProviderUnavailable(f"over the rate limit of {self.rate:g} calls/s", retry_after=wait)
+            self._next = at + self.interval
+        if wait > 0:
+            self.sleep(wait)
+
+
+class HttpProvider(BaseProvider):
+    """An adapter that speaks HTTP to `url`, with an optional Bearer key read
+    from the environment variable named by `api_key_env`."""
+
+    defaults = {**BaseProvider.defaults, "url": None, "api_key_env": None}
+    required = ("url",)
+
+    def __init__(self, name, config=None, env=None):
+        super().__init__(name, config, env)
+        try:
+            url = http_url(self.config["url"], f"provider {name}: url")
+        except InvalidInput as exc:
+            raise ConfigError(exc.message) from None
+        self.config["url"] = url.rstrip("/")
+        self._api_key = None
+        var = self.config["api_key_env"]
+        if var is not None:
+            if not isinstance(var, str) or not var:
+                raise ConfigError(f"provider {name}: api_key_env must name an environment variable")
+            self._api_key = (os.environ if env is None else env).get(var)
+            if not self._api_key:
+                raise ConfigError(f"provider {name}: the environment variable {var} (api_key_env) is not set")
+        self._local = threading.local()
+        self._limiter = (RateLimiter(self.rate_per_s, max_wait=min(self.timeout_s, 5.0))
+                         if self.rate_per_s else None)
+
+    def _session(self):
+        # One session (and connection pool) per thread: requests does not
+        # promise that a Session is thread-safe.
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    @contextmanager
+    def seam(self, what, health=True):
+        """requests and json errors -> holdfast's; records the provider's health."""
+        try:
+            yield
+        except requests.exceptions.JSONDecodeError as exc:
+            raise self._down(f"{what}: the answer is not valid JSON ({exc})", health) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                requests.exceptions.MissingSchema) as exc:
+            raise ProviderRejected(f"{self.name}: {what}: bad URL: {exc}", code="invalid_result") from None
+        except requests.Timeout:
+            raise self._down(f"{what} timed out after {self.timeout_s:g}s", health) from None
+        except requests.ConnectionError as exc:
+            raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
+        except requests.RequestException as exc:
+            raise self._down(f"{what}: {_short(exc)}", health) from None
+        except ValueError as exc:   # a JSON document that is not what was promised
+            raise self._down(f"{what}: malformed answer ({exc})", health) from None
+
+    def _down(self, message, health=True, retry_after=None):
+        exc = ProviderUnavailable(f"{self.name}: {message}", retry_after=retry_after)
+        if health:
+            self.seen(False, exc.message)
+        return exc
+
+    def call(self, method, path, *, what, json=None, params=None, stream=False, limited=True,
+             health=True):
+        """One request to `path` (relative to url, or an absolute URL).
+        Returns the response for any status the adapter must read itself;
+        408, 429 and 5xx raise ProviderUnavailable (with Retry-After)."""
+        if limited and self._limiter is not None:
+            self._limiter.acquire()
+        url = path if "://" in path else self.url + path
+        headers = {}
+        # The key goes only to the provider itself, never to a result host.
+        if self._api_key and (url == self.url or url.startswith(self.url + "/")):
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        with self.seam(what, health):
+            resp = self._session().request(method, url, json=json, params=params, headers=headers,
+                                           timeout=self.timeout_s, stream=stream, allow_redirects=True)
+        if resp.status_code in (408, 429) or resp.status_code >= 500:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            resp.close()
+            raise self._down(f"{what}: HTTP {resp.status_code}", health, retry_after)
+        if health:
+            self.seen(True)
+        return resp
+
+    def json_of(self, resp, what):
+        """The response's JSON; ProviderUnavailable when it is not JSON."""
+        with self.seam(what):
+            return resp.json()
+
+    def fetch(self, task, output):
+        if output.data is not None:
+            yield output.data
+            return
+        url = http_url(output.url, f"result {output.name}")
+        resp = self.call("GET", url, what=f"download of {output.name}", stream=True, limited=False,
+                         health=False)
+        try:
+            if resp.status_code in DEAD_LINK:
+                raise ResultExpired(f"{output.name}: the result link answered HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise InvalidInput(f"{output.name}: the result link answered HTTP {resp.status_code}",
+                                   code="invalid_result")
+            length = resp.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > self.max_file_bytes:
+                raise InvalidInput(f"{output.name} is {length} bytes, over the limit of {self.max_file_bytes}",
+                                   code="invalid_result")
+            with self.seam(f"download of {output.name}", health=False):
+                for chunk in resp.iter_content(CHUNK):
+                    if chunk:
+                        yield chunk
+        finally:
+            resp.close()
+
+    def close(self):
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+
+
+def _short(exc):
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."

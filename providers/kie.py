@@ -1,0 +1,118 @@
+"""KIE-style jobs API: POST /api/v1/jobs/createTask -> data.taskId; GET
+/api/v1/jobs/recordInfo?taskId= -> data.state (waiting, queuing, generating,
+success, fail) and data.resultJson, a JSON string with resultUrls.
+
+KIE puts request-level errors in the body's `code` (often with HTTP 200);
+transport-level ones (401, 429, 5xx) in the HTTP status. Both are read.
+KIE cannot take an id from holdfast, so a createTask whose answer was lost
+(a timeout) may leave a job at KIE that holdfast never learns about.
+"""
+
+import json
+import os
+from urllib.parse import urlsplit
+
+from errors import InvalidInput, ProviderRejected, ProviderUnavailable
+
+from .base import Output, Status
+from .http import HttpProvider
+
+# Body codes that mean "later": rate limited, maintenance, server trouble.
+# 501 (generation failed) and 505 (feature disabled) are final.
+_TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
+_QUEUED = ("waiting", "queuing")
+
+
+class KIEProvider(HttpProvider):
+    type = "kie"
+    defaults = {**HttpProvider.defaults, "url": "https://api.kie.ai"}
+    required = ("api_key_env",)
+
+    def validate(self, params):
+        super().validate(params)
+        unknown = set(params) - {"model", "input"}
+        if unknown:
+            raise InvalidInput(f"unknown params for a KIE task: {', '.join(sorted(unknown))}")
+        model = params.get("model")
+        if not isinstance(model, str) or not 0 < len(model) <= 200:
+            raise InvalidInput("params.model must be a model name (a string)")
+        if not isinstance(params.get("input"), dict):
+            raise InvalidInput("params.input must be an object (the model's input)")
+
+    def submit(self, task, now):
+        params = task["params"]
+        data = self._answer(self.call("POST", "/api/v1/jobs/createTask", what="createTask",
+                                      json={"model": params["model"], "input": params["input"]}),
+                            "createTask")
+        task_id = data.get("taskId") if isinstance(data, dict) else None
+        if not isinstance(task_id, (str, int)) or task_id == "":
+            raise ProviderUnavailable(f"{self.name}: createTask answered without a taskId")
+        return str(task_id)
+
+    def poll(self, task, now):
+        data = self._answer(self.call("GET", "/api/v1/jobs/recordInfo", what="recordInfo",
+                                      params={"taskId": task["external_id"]}),
+                            "recordInfo", missing_ok=True)
+        if data is None:
+            return Status.unknown()
+        if not isinstance(data, dict):
+            raise ProviderUnavailable(f"{self.name}: recordInfo: data is not an object")
+        state = data.get("state")
+        if state in _QUEUED:
+            return Status.queued(state)
+        if state == "success":
+            return self._success(data)
+        if state == "fail":
+            message = data.get("failMsg") or "KIE failed the task"
+            if data.get("failCode"):
+                message += f" (failCode {data['failCode']})"
+            return Status.failed(str(message)[:2000])
+        # generating, or a state newer than this adapter: the job is alive.
+        return Status.running(str(state or "generating")[:60], _progress(data.get("progress")))
+
+    def _success(self, data):
+        raw = data.get("resultJson")
+        try:
+            result = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        except ValueError:
+            return Status.failed("KIE said success but its resultJson is not JSON", code="invalid_result")
+        urls = result.get("resultUrls") if isinstance(result, dict) else None
+        if not isinstance(urls, list):
+            return Status.failed("KIE said success but gave no resultUrls", code="invalid_result")
+        outputs = []
+        for i, url in enumerate(urls):
+            name = os.path.basename(urlsplit(url).path) if isinstance(url, str) else ""
+            outputs.append(Output(name or f"out_{i}", url=url if isinstance(url, str) else None))
+        return Status.succeeded(outputs)
+
+    def _answer(self, resp, what, missing_ok=False):
+        """The `data` of a KIE answer; None for an unknown task when
+        `missing_ok`. ProviderUnavailable for "later", ProviderRejected for
+        "never"."""
+        if resp.status_code in (401, 403):
+            raise ProviderRejected(f"KIE refused the API key ({what}: HTTP {resp.status_code})")
+        body = self.json_of(resp, what)
+        if not isinstance(body, dict):
+            raise ProviderUnavailable(f"{self.name}: {what}: the answer is not an object")
+        try:
+            code = int(body.get("code", resp.status_code))
+        except (TypeError, ValueError):
+            code = resp.status_code
+        message = str(body.get("msg") or "")[:1000]
+        if code == 200 and resp.status_code == 200:
+            return body.get("data")
+        if code == 404 and missing_ok:
+            return None
+        if code in _TRANSIENT_CODES:
+            raise ProviderUnavailable(f"{self.name}: {what}: {message or 'try again later'} (code {code})")
+        raise ProviderRejected(f"KIE refused {what}: {message or 'no message'} (code {code})")
+
+
+def _progress(value):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    if value > 1:
+        value /= 100
+    return round(min(1.0, max(0.0, value)), 3)
