@@ -470,6 +470,19 @@ class BaseStore:
     def last_seq(self, user_id=None):
         raise NotImplementedError
 
+    def latest_events(self, since):
+        """{user_id: highest seq} over every user's events after `since`:
+        whose streams have news, in one query for all of them."""
+        raise NotImplementedError
+
+    _event_listeners = ()
+
+    def on_events(self, callback):
+        """Call `callback()` in the writing thread after each commit that
+        added events (quick, must not raise). Only this process's writes are
+        heard: readers also poll latest_events() for other processes'."""
+        self._event_listeners = (*self._event_listeners, callback)
+
     # operations
     def stats(self, now):
         """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
@@ -546,14 +559,21 @@ class SqlStore(BaseStore):
     def __init__(self, db):
         self.db = db
         self._sql_cache = {}
+        self._wrote_events = threading.local()
 
-    # one seam for driver errors
+    # one seam for driver errors; every write transaction runs inside it, so
+    # leaving the outermost one is after the commit: tell the listeners then.
     @contextmanager
     def _seam(self):
         try:
             yield
         except peewee.OperationalError as exc:
             raise StoreUnavailable(f"store error: {exc}") from exc
+        finally:
+            if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
+                self._wrote_events.flag = False
+                for callback in self._event_listeners:
+                    callback()
 
     def _sql(self, sql):
         if self.placeholder == "?":
@@ -789,6 +809,7 @@ class SqlStore(BaseStore):
     def _event(self, task, type_, now):
         self._exec("INSERT INTO events (user_id, task_id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
                    (task["user_id"], task["id"], type_, dumps(task_json(task)), now))
+        self._wrote_events.flag = True
 
     def get_task(self, task_id, user_id=None):
         with self._seam():
@@ -1017,6 +1038,11 @@ class SqlStore(BaseStore):
             else:
                 row = self._one("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,))
         return row[0] or 0
+
+    def latest_events(self, since):
+        with self._seam():
+            return dict(self._exec("SELECT user_id, MAX(seq) FROM events WHERE seq > ? GROUP BY user_id",
+                                   (since,)).fetchall())
 
     def task_events(self, task_id):
         """[(seq, type)] of one task, oldest first (for audits and tests)."""

@@ -1,12 +1,20 @@
 """A real server killed with SIGKILL while tasks run, then started again on
 the same data directory: every accepted task ends, exactly once."""
 
+import collections
 import hashlib
+import os
 import random
+import subprocess
+import sys
+import threading
 import time
 
-from store import SqliteStore
-from support import ServerProcess, api
+import pytest
+import requests
+
+from store import SqliteStore, open_store
+from support import ROOT, ServerProcess, api
 
 
 def wait_all_terminal(session, url, ids, timeout=40):
@@ -60,3 +68,107 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
         assert store.lease_owners() == []
     finally:
         store.close()
+
+
+def _users_add(data_dir, env, name, credits):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "users", "add", name,
+                          "--credits", str(credits)], env=env, cwd=str(data_dir),
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "json"])
+def test_crash_suite_random_kills(tmp_path, backend):
+    """Ten rounds: submissions stream in while the server is killed at a
+    random moment; after every restart, every acknowledged task exists."""
+    seed = int(os.environ.get("HOLDFAST_CRASH_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    why = f"(seed {seed}; rerun with HOLDFAST_CRASH_SEED={seed})"
+    (tmp_path / "holdfast.toml").write_text('[providers.demo]\ncost = 1\nduration_s = 0.6\n'
+                                            'poll_interval_s = 0.2\n')
+    env = {"HOLDFAST_STORE": backend, "HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}
+    start_credits = 100_000
+    token = _users_add(tmp_path, {**os.environ, "HOLDFAST_DATA": str(tmp_path), **env}, "payer", start_credits)
+    server = ServerProcess(tmp_path, env=env).start()
+    session = api(server, token)
+    acked = {}                # dedupe key -> task id, for every 2xx answer
+    unanswered = []
+    counter = iter(range(10**6))
+
+    def post(key):
+        return session.post(server.url + "/api/tasks", timeout=5, json={
+            "provider": "demo", "dedupe_key": key,
+            "params": {"prompt": key, **({"fail": True} if rng.random() < 0.2 else {})}})
+
+    try:
+        for round_no in range(10):
+            stop = threading.Event()
+
+            def submitter():
+                key = None
+                while not stop.is_set():
+                    key = key or f"k{next(counter)}"
+                    try:
+                        res = post(key)
+                    except requests.RequestException:
+                        unanswered.append(key)
+                        key = None
+                        continue
+                    if res.status_code == 429:        # a polite client waits, then tries the same key
+                        time.sleep(min(float(res.headers.get("Retry-After", 1)), 1.0))
+                        continue
+                    if res.status_code not in (200, 201):
+                        errors.append(f"{res.status_code} {res.text}")
+                        return
+                    acked[key] = res.json()["task"]["id"]
+                    key = None
+                    time.sleep(rng.uniform(0, 0.05))
+
+            errors = []
+            thread = threading.Thread(target=submitter)
+            thread.start()
+            time.sleep(rng.uniform(0.2, 1.2))
+            server.kill()
+            stop.set()
+            thread.join(30)
+            assert errors == [], f"{why} {errors}"
+            server = ServerProcess(tmp_path, env=env, port=server.port).start()
+            # A client that got no answer tries again with the same key.
+            while unanswered:
+                key = unanswered[-1]
+                res = post(key)
+                if res.status_code == 429:
+                    time.sleep(min(float(res.headers.get("Retry-After", 1)), 1.0))
+                    continue
+                assert res.status_code in (200, 201), f"{why} {res.text}"
+                acked[unanswered.pop()] = res.json()["task"]["id"]
+            for key, task_id in acked.items():
+                res = session.get(f"{server.url}/api/tasks/{task_id}", timeout=10)
+                assert res.status_code == 200, f"{why} round {round_no}: acknowledged {task_id} is gone"
+        tasks = wait_all_terminal(session, server.url, list(acked.values()), timeout=90)
+    finally:
+        server.stop()
+
+    assert len(acked) >= 30, f"{why} too few submissions to mean anything: {len(acked)}"
+    opened = open_store(backend, str(tmp_path))
+    try:
+        rows = opened.export_rows()
+        keys = collections.Counter(t["dedupe_key"] for t in rows["tasks"])
+        assert set(keys.values()) == {1}, f"{why} a key made two tasks: {keys.most_common(3)}"
+        assert {t["id"] for t in rows["tasks"]} == set(acked.values())
+        for task in tasks.values():
+            expect = "failed" if task["params"].get("fail") else "succeeded"
+            assert task["status"] == expect, f"{why} {task}"
+            assert task["attempts"] == 1, f"{why} submitted twice: {task}"
+            assert [t for _, t in opened.task_events(task["id"])].count("finished") == 1, why
+        succeeded = sum(1 for t in tasks.values() if t["status"] == "succeeded")
+        payer = opened.user_by_name("payer")
+        assert payer["credit_balance"] == start_credits - succeeded, why
+        assert opened.reserved_credits(payer["id"]) == 0, why
+        kinds = collections.Counter((r["task_id"], r["kind"]) for r in rows["ledger"] if r["task_id"])
+        for task in tasks.values():
+            settle = "charge" if task["status"] == "succeeded" else "refund"
+            assert kinds[(task["id"], "reserve")] == 1 and kinds[(task["id"], settle)] == 1, why
+        assert len(kinds) == 2 * len(tasks), f"{why} stray ledger rows"
+    finally:
+        opened.close()
