@@ -57,6 +57,9 @@ TRANSITIONS = {
 ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout",
                          "result_expired", "provider_lost", "invalid_result", "internal"})
 DEDUPE_IGNORED = ("failed", "cancelled")
+# A queued task whose step is this holds one of its provider's slots: its
+# submit is under way, or in doubt after a crash (see take_slot).
+SLOT_STEP = "submitting"
 
 
 def check_transition(current, new):
@@ -410,6 +413,25 @@ class BaseStore:
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
         """Set when to look at a held task next and drop the lease. Nothing a
         user sees changes, so no version bump and no event. StaleLease."""
+        raise NotImplementedError
+
+    # -- provider slots and long steps (the worker's) --------------------------
+
+    def take_slot(self, task_id, *, token, now, limit, **changes):
+        """Apply `changes` (as update(), lease kept) to a task held with
+        lease `token` only if its provider has room: fewer than `limit` of
+        the provider's other tasks hold a slot (None: no limit), or this task
+        holds one already. A task holds a slot while it is running, or queued
+        with step SLOT_STEP. The count and the change happen in one write
+        transaction, serialized per provider, so the limit holds across
+        threads and processes. Returns the changed task, or None (nothing
+        changed) when every slot is taken. StaleLease, Conflict, NotFound."""
+        raise NotImplementedError
+
+    def renew_lease(self, task_id, *, token, expires_at):
+        """Move the expiry of a lease still held with `token` to
+        `expires_at` (a long download, a local function). No version bump,
+        no event. StaleLease when the task is no longer held with it."""
         raise NotImplementedError
 
     def cancel(self, task_id, user_id, *, now):
@@ -931,6 +953,43 @@ class SqlStore(BaseStore):
         sql += " WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
         with self._seam(), self._write():
             if self._exec(sql, (*params, task_id, token)).rowcount != 1:
+                raise StaleLease(f"task {task_id} is no longer held with lease {token}")
+
+    # -- provider slots and long steps (the worker's) --------------------------
+
+    def take_slot(self, task_id, *, token, now, limit, **changes):
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            task = self._task(row)
+            if token is not None and task["lease_token"] != token:
+                raise StaleLease(f"lease {token} on {task_id} is stale (now {task['lease_token']})")
+            holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
+            if limit is not None and not holds:
+                self._slot_lock(task["provider"])
+                busy = self._one(
+                    "SELECT COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
+                    "(status = 'running' OR (status = 'queued' AND step = ?))",
+                    (task["provider"], task_id, SLOT_STEP))[0]
+                if busy >= limit:
+                    return None
+            return self._apply(task, token, now, False, changes)
+
+    def _slot_lock(self, provider):
+        """Serialize slot decisions for `provider` until the transaction
+        ends. SQLite's BEGIN IMMEDIATE already serializes every writer; a
+        backend whose writers run side by side (PostgreSQL) must take a
+        transaction-scoped lock here (pg_advisory_xact_lock of the name)."""
+
+    def renew_lease(self, task_id, *, token, expires_at):
+        with self._seam(), self._write():
+            if self._exec("UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND lease_token = ? "
+                          "AND lease_owner IS NOT NULL AND status IN ('queued', 'running')",
+                          (expires_at, task_id, token)).rowcount != 1:
                 raise StaleLease(f"task {task_id} is no longer held with lease {token}")
 
     def overdue(self, *, now, limit):

@@ -5,11 +5,23 @@ its lease and its attempt count live in the store, so a restart loses no
 schedule: a scheduler tick claims the tasks that are due, works on each outside
 any transaction, and writes back with the lease token it was given. Every
 function takes `now`; tests pass a clock instead of sleeping.
+
+A task's life with a provider:
+
+    queued --take_slot--> queued/submitting --submit--> running --poll...--> collect --> succeeded
+       ^  (no slot: wait)        |  (id stored first)       |  (unknown: lost)
+       +-------------------------+---------------------------+
+
+`attempts` counts submissions, stored with the id before submit (or, local,
+function starts). A submit that failed transiently, or whose job the provider
+does not know, is tried again under the same attempt number, with backoff,
+until the deadline; the sweeper ends the task then.
 """
 
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,14 +30,21 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease)
-from providers import Retry
-from store import lease_owner_id, safe_file_name
+from providers import Retry, Status
+from store import SLOT_STEP, lease_owner_id, safe_file_name
 
 log = logging.getLogger("holdfast.worker")
 
 # Transient failures (provider down, a download that broke) retry on this
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
+WAITING_FOR_SLOT = "waiting for a slot"
+
+
+class _Stopped(Conflict):
+    """A local function's task was cancelled, expired or taken over."""
+
+    code = "task_stopped"
 
 
 class Worker:
@@ -44,6 +63,7 @@ class Worker:
         self.scheduler = None
         self.pool = None
         self._inflight = 0
+        self._held = {}    # task id -> lease token, while a step works on it
         self._lock = threading.Lock()
         self.last_tick = None
 
@@ -57,6 +77,8 @@ class Worker:
         self.scheduler.add_job(self._safe(self.dispatch), "interval", seconds=self.tick_s,
                                id="dispatch")
         self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+        self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
+                               id="renew")
         self.scheduler.start()
 
     def stop(self, wait=True):
@@ -113,6 +135,29 @@ class Worker:
             with self._lock:
                 self._inflight -= 1
 
+    def renew(self, now=None):
+        """Extend the leases of tasks a step is still working on (a long
+        download, a local function), so no other worker takes them over."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            held = list(self._held.items())
+        for task_id, token in held:
+            try:
+                self.store.renew_lease(task_id, token=token, expires_at=now + self.lease_s)
+            except HoldfastError as exc:
+                log.info("task %s: lease not renewed: %s", task_id, exc)
+
+    @contextmanager
+    def _holding(self, task):
+        with self._lock:
+            self._held[task["id"]] = task["lease_token"]
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._held.get(task["id"]) == task["lease_token"]:
+                    del self._held[task["id"]]
+
     # -- one step, in the caller's thread (tests call these) --------------------
 
     def run_once(self, now=None):
@@ -128,13 +173,14 @@ class Worker:
         """Move one claimed task one step. Survives any error of its own."""
         provider = self.providers.get(task["provider"])
         try:
-            if provider is None:
-                self._finish(task, now, "failed", error=("internal", f"provider {task['provider']!r} "
-                                                         "is not configured"))
-            elif task["status"] == "queued":
-                self._start(task, provider, now)
-            else:
-                self._poll(task, provider, now)
+            with self._holding(task):
+                if provider is None:
+                    self._finish(task, now, "failed", error=("internal", f"provider {task['provider']!r} "
+                                                             "is not configured"))
+                elif task["status"] == "queued":
+                    self._start(task, provider, now)
+                else:
+                    self._poll(task, provider, now)
         except (StaleLease, Conflict) as exc:
             # Cancelled, finished or taken over meanwhile: its new owner decides.
             log.info("task %s: %s", task["id"], exc)
@@ -145,7 +191,7 @@ class Worker:
     # -- the steps ---------------------------------------------------------------
 
     def _start(self, task, provider, now):
-        if task["external_id"] is not None:
+        if task["external_id"] is not None and not provider.runs_in_worker:
             # An earlier attempt stored its id and may have reached the
             # provider before a crash: ask before submitting again.
             try:
@@ -157,19 +203,100 @@ class Worker:
                 task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
                                          step="recovered", next_poll_at=now)
                 return self._apply(task, provider, status, now)
-        task = self.store.update(task["id"], token=task["lease_token"], now=now,
-                                 external_id=provider.new_id(task, now),
-                                 attempts=task["attempts"] + 1, step="submitting")
+        if provider.runs_in_worker:
+            return self._run_here(task, provider, now)
+        # Still `submitting`: the last try never got an answer and the
+        # provider does not know the job, so this is the same attempt again.
+        same_try = task["step"] == SLOT_STEP and task["attempts"] > 0
+        attempts = task["attempts"] if same_try else task["attempts"] + 1
+        held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
+                                    external_id=provider.new_id(task, now), attempts=attempts, step=SLOT_STEP)
+        if held is None:
+            return self._wait_for_slot(task, provider, now)
         try:
-            external_id = provider.submit(task, now)
+            external_id = provider.submit(held, now)
         except ProviderRejected as exc:
-            return self._finish(task, now, "failed", error=(exc.code, exc.message))
+            return self._finish(held, now, "failed", error=(exc.code, exc.message))
         except ProviderUnavailable as exc:
-            return self._later(task, now, str(exc), retry_after=exc.retry_after)
-        self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
-                          status="running", external_id=external_id, step="submitted",
-                          progress=0.0, polls=0, next_poll_at=now + provider.poll_interval_s)
-        log.info("task %s: submitted to %s as %s", task["id"], provider.name, external_id)
+            return self._later(held, now, str(exc), retry_after=exc.retry_after)
+        self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
+                          status="running", external_id=external_id, step="submitted", progress=0.0, polls=0,
+                          next_poll_at=now + provider.poll_interval_s, **_recovered(held))
+        log.info("task %s: submitted to %s as %s", held["id"], provider.name, external_id)
+
+    def _wait_for_slot(self, task, provider, now):
+        """Every slot is taken: look again when a running task may have ended."""
+        next_at = now + provider.poll_interval_s
+        if task["step"] != WAITING_FOR_SLOT:
+            self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
+                              step=WAITING_FOR_SLOT, next_poll_at=next_at)
+        else:
+            self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=next_at,
+                                  polls=task["polls"])
+
+    def _run_here(self, task, provider, now):
+        """A local function: run it in this (pool) thread, with retries."""
+        attempt = task["attempts"] + 1
+        held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
+                                    status="running", attempts=attempt, step="running", progress=0.0,
+                                    external_id=f"local-{attempt}", next_poll_at=now)
+        if held is None:
+            return self._wait_for_slot(task, provider, now)
+        report = self._reporter(held)
+        try:
+            outputs = provider.run(held, report)
+        except Exception as exc:
+            if report.stopped is not None:
+                raise report.stopped from None
+            now = self.clock()
+            if isinstance(exc, ProviderRejected):
+                return self._finish(held, now, "failed", error=(exc.code, exc.message))
+            message = f"{type(exc).__name__}: {exc}"[:1000]
+            if provider.retry.exhausted(attempt):
+                log.warning("task %s: %s failed (attempt %d of %d): %s", held["id"], provider.name,
+                            attempt, provider.retry.max_attempts, message)
+                return self._finish(held, now, "failed", error=(
+                    "provider_rejected", f"{message} (attempt {attempt} of {provider.retry.max_attempts})"))
+            delay = provider.retry.delay(attempt)
+            log.warning("task %s: %s raised on attempt %d; again in %gs: %s", held["id"], provider.name,
+                        attempt, delay, message, exc_info=True)
+            state = dict(held["state"] or {}, last_error=message)
+            return self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
+                                     status="queued", step=f"retrying (attempt {attempt} failed)",
+                                     progress=None, external_id=None, next_poll_at=now + delay, state=state)
+        if report.stopped is not None:
+            raise report.stopped
+        self._collect(held, provider, Status.succeeded(outputs), self.clock())
+
+    def _reporter(self, task):
+        """report(step=, progress=) for a local function: writes through the
+        store with the lease token (which renews the lease); raises once the
+        task was cancelled or taken over, so the function stops."""
+        last = {"step": "running", "progress": 0.0, "at": 0.0}
+
+        def report(step=None, progress=None):
+            if report.stopped is not None:
+                raise report.stopped
+            if progress is not None:
+                try:
+                    progress = round(min(1.0, max(0.0, float(progress))), 3)
+                except (TypeError, ValueError):
+                    raise InvalidInput("report(progress=) takes a number from 0 to 1") from None
+            step = last["step"] if step is None else str(step)[:200]
+            now = self.clock()
+            # A step change always shows; progress alone at most 5 times a second.
+            if step == last["step"] and (progress == last["progress"] or time.monotonic() - last["at"] < 0.2):
+                return
+            try:
+                self.store.update(task["id"], token=task["lease_token"], now=now, step=step,
+                                  progress=progress, lease_expires_at=now + self.lease_s)
+            except (StaleLease, Conflict) as exc:
+                report.stopped = _Stopped(f"task {task['id']} stopped: {exc}")
+                raise report.stopped from None
+            last.update(step=step, progress=progress, at=time.monotonic())
+
+        report.stopped = None
+        return report
 
     def _poll(self, task, provider, now):
         try:
@@ -185,11 +312,11 @@ class Worker:
             new_status = "running"
             if (task["status"], task["step"], task["progress"]) == (new_status, status.step, status.progress):
                 self.store.reschedule(task["id"], token=token, next_poll_at=next_at,
-                                      polls=task["polls"] + 1)
+                                      polls=task["polls"] + 1, **_recovered(task))
             else:
                 self.store.update(task["id"], token=token, now=now, release=True, status=new_status,
                                   step=status.step, progress=status.progress,
-                                  polls=task["polls"] + 1, next_poll_at=next_at)
+                                  polls=task["polls"] + 1, next_poll_at=next_at, **_recovered(task))
         elif status.state == "succeeded":
             self._collect(task, provider, status, now)
         elif status.state == "failed":
@@ -200,14 +327,16 @@ class Worker:
 
     def _lost(self, task, provider, now):
         if task["attempts"] < provider.retries:
-            log.warning("task %s: %s no longer knows %s; submitting again", task["id"],
-                        provider.name, task["external_id"])
+            log.warning("task %s: %s no longer knows %s; submitting again", task["id"], provider.name,
+                        task["external_id"])
             self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
                               status="queued", external_id=None, step="resubmitting",
                               progress=None, next_poll_at=now)
         else:
+            what = ("the process running it stopped" if provider.runs_in_worker
+                    else f"{provider.name} no longer knows the job")
             self._finish(task, now, "failed", error=(
-                "provider_lost", f"{provider.name} lost the job {task['attempts']} times"))
+                "provider_lost", f"{what}, after {task['attempts']} attempt(s)"))
 
     def _collect(self, task, provider, status, now):
         """Save every output before the task may say succeeded."""
@@ -223,7 +352,7 @@ class Worker:
                 log.warning("task %s: %s", task["id"], exc)
                 lost += 1
                 expired = True
-            except InvalidInput as exc:
+            except (InvalidInput, ProviderRejected) as exc:
                 log.warning("task %s: %s", task["id"], exc)
                 lost += 1
             except ProviderUnavailable as exc:
@@ -240,8 +369,8 @@ class Worker:
         else:
             self._finish(task, now, "failed", error=("invalid_result", "the provider returned no usable output"))
 
-    def _finish(self, task, now, status, *, error=None, files=None):
-        changes = {"status": status, "step": "done" if status != "failed" else "failed"}
+    def _finish(self, task, now, status, *, error=None, files=None, **changes):
+        changes.update(status=status, step="done" if status != "failed" else "failed")
         if error is not None:
             changes["error"] = {"code": error[0], "message": error[1]}
         if files is not None:
@@ -276,7 +405,9 @@ class Worker:
         now = self.clock() if now is None else now
         ended = 0
         for task in self.store.overdue(now=now, limit=200):
-            never_accepted = task["status"] == "queued" and (task["state"] or {}).get("last_error")
+            # Still queued in a streak of transient failures: the provider
+            # never took it, which says more than "timeout".
+            never_accepted = task["status"] == "queued" and (task["state"] or {}).get("failures")
             code = "provider_unavailable" if never_accepted else "timeout"
             message = ("the provider could not be reached before the deadline" if never_accepted
                        else "the task passed its deadline")
@@ -306,6 +437,15 @@ class Worker:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
 
 
+def _recovered(task):
+    """The state change that clears a transient-failure streak once the
+    provider answers again (nothing when there was none)."""
+    state = task["state"] or {}
+    if not state.get("failures"):
+        return {}
+    return {"state": {k: v for k, v in state.items() if k != "failures"}}
+
+
 def _unique(name, taken):
     stem, dot, ext = name.rpartition(".")
     if not dot:
@@ -320,4 +460,3 @@ def _unique(name, taken):
 
 def _utcnow():
     return datetime.now(timezone.utc)
-
