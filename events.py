@@ -1,0 +1,206 @@
+"""Live events for the HTTP layer: Server-Sent Event streams and long polls,
+both read from the store's event log.
+
+Under waitress every open stream or long poll holds a worker thread. They
+share a fixed number of slots (`max_waiters`, HOLDFAST_SSE_MAX_STREAMS), and
+serve() gives waitress that many threads on top of the API's own, so waiting
+clients can never take the threads the API needs. Past the cap a stream is
+refused (503) and a long poll answers at once.
+
+Waiting costs one thread and no queries. One hub thread looks at the log for
+everyone: at once when this process commits events (store.on_events), and
+every `check_s` for events that other processes wrote. It wakes only the
+waiters of users with news; each then reads its own user's events. Writers
+never wait for readers, so a slow or vanished client cannot hold up the
+worker (guarantee 9).
+"""
+
+import json
+import logging
+import threading
+import time
+
+log = logging.getLogger("holdfast.events")
+
+BATCH = 100            # events per read (and per long-poll answer)
+SLICE_S = 1.0          # how often a waiter checks whether its client left
+
+
+class EventHub:
+    def __init__(self, store, *, max_waiters, check_s=0.5, clock=time.monotonic):
+        self.store = store
+        self.max_waiters = max_waiters
+        self.check_s = check_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._watches = {}          # user_id -> set of _Watch
+        self._cursor = None         # every event after it is still to be announced
+        self._poked = threading.Event()
+        self._thread = None
+        self._open = {"sse": 0, "poll": 0}
+        store.on_events(self._poked.set)
+
+    # -- slots -------------------------------------------------------------------
+
+    def counts(self):
+        """Open streams and long polls now, and the cap they share."""
+        with self._lock:
+            return {**self._open, "max": self.max_waiters}
+
+    def admit(self, kind):
+        """Take a slot for a stream ("sse") or a long poll ("poll"); False
+        when every slot is taken."""
+        with self._lock:
+            if sum(self._open.values()) >= self.max_waiters:
+                return False
+            self._open[kind] += 1
+            return True
+
+    def leave(self, kind):
+        with self._lock:
+            self._open[kind] -= 1
+
+    # -- watching ----------------------------------------------------------------
+
+    def watch(self, user_id):
+        """Start listening for the user's new events. Register before reading
+        the log: an event committed after the read is then announced."""
+        if self._cursor is None:
+            cursor = self.store.last_seq()
+            with self._lock:
+                if self._cursor is None:
+                    self._cursor = cursor
+        watch = _Watch(self, user_id)
+        with self._lock:
+            self._watches.setdefault(user_id, set()).add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="holdfast-events", daemon=True)
+                self._thread.start()
+        return watch
+
+    def _unwatch(self, watch):
+        with self._lock:
+            group = self._watches.get(watch.user_id)
+            if group is not None:
+                group.discard(watch)
+                if not group:
+                    del self._watches[watch.user_id]
+        self._poked.set()   # lets an idle hub thread end now
+
+    def _run(self):
+        """The one reader of news: runs while anyone watches."""
+        while True:
+            self._poked.wait(self.check_s)
+            self._poked.clear()
+            with self._lock:
+                if not self._watches:
+                    self._thread = None
+                    return
+                cursor = self._cursor
+            try:
+                latest = self.store.latest_events(cursor)
+            except Exception:
+                log.exception("cannot read the event log; trying again")
+                time.sleep(self.check_s)
+                continue
+            if not latest:
+                continue
+            with self._lock:
+                self._cursor = max(self._cursor, max(latest.values()))
+                for user_id, seq in latest.items():
+                    for watch in self._watches.get(user_id, ()):
+                        if seq > watch.latest:
+                            watch.latest = seq
+                            watch.cond.notify_all()
+
+    # -- the two ways to follow the log --------------------------------------------
+
+    def resolve(self, user_id, since):
+        """Where to start: `since` None means "from now", the user's last
+        event; a cursor past the whole log (a client of an older database)
+        starts from the log's end."""
+        if since is None:
+            return self.store.last_seq(user_id)
+        return min(since, self.store.last_seq())
+
+    def start(self, user_id, since):
+        """(watch, resolved since) for a stream or a long poll. The watch is
+        registered before `since` is resolved and the log read, so nothing
+        falls in between; close it when done."""
+        watch = self.watch(user_id)
+        try:
+            return watch, self.resolve(user_id, since)
+        except BaseException:
+            watch.close()
+            raise
+
+    def sse(self, watch, user_id, since, *, max_s, keepalive_s, retry_ms, disconnected=lambda: False):
+        """The text of one Server-Sent Events stream, chunk by chunk: the
+        user's events after `since` (`id:` is the event's seq), keepalive
+        comments, ending after `max_s`. It opens with a `ready` event whose id
+        is the starting cursor, so a client that reconnects resumes from
+        there even if no event came meanwhile."""
+        start = self.clock()
+        deadline = start + max_s
+        yield (f"retry: {retry_ms}\nid: {since}\nevent: ready\n"
+               f"data: {json.dumps({'next': since})}\n\n")
+        last_write = start
+        while True:
+            mark = watch.latest   # taken before the read: later news shows as latest > mark
+            rows = self.store.events_since(user_id, since, limit=BATCH)
+            now = self.clock()
+            if rows:
+                since = rows[-1][0]
+                last_write = now
+                yield "".join(f"id: {seq}\ndata: {text}\n\n" for seq, text in rows)
+                if now >= deadline:
+                    return
+                if len(rows) == BATCH:
+                    continue
+            # Wait for news. A keepalive also re-reads the log: a safety net
+            # for an announcement that could have been missed.
+            while watch.latest <= mark:
+                if now >= deadline or disconnected():
+                    return
+                if now - last_write >= keepalive_s:
+                    last_write = now
+                    yield ": keepalive\n\n"
+                    break
+                watch.wait(mark, min(SLICE_S, deadline - now, keepalive_s - (now - last_write)))
+                now = self.clock()
+
+    def poll(self, watch, user_id, since, *, wait_s, disconnected=lambda: False):
+        """(rows, next) for a long poll: the user's events after `since`,
+        waiting up to `wait_s` for the first one."""
+        deadline = self.clock() + wait_s
+        while True:
+            mark = watch.latest
+            rows = self.store.events_since(user_id, since, limit=BATCH)
+            if rows:
+                return rows, rows[-1][0]
+            while watch.latest <= mark:
+                now = self.clock()
+                if now >= deadline or disconnected():
+                    return [], since
+                watch.wait(mark, min(SLICE_S, deadline - now))
+
+
+class _Watch:
+    """One waiter's view of the hub: the newest seq announced for its user."""
+
+    def __init__(self, hub, user_id):
+        self.hub = hub
+        self.user_id = user_id
+        self.latest = 0
+        self.cond = threading.Condition(hub._lock)
+
+    def wait(self, mark, timeout):
+        """True once an event after seq `mark` is announced; False after
+        `timeout` seconds without one."""
+        if timeout <= 0:
+            return self.latest > mark
+        with self.cond:
+            return self.cond.wait_for(lambda: self.latest > mark, timeout)
+
+    def close(self):
+        self.hub._unwatch(self)
