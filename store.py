@@ -17,13 +17,14 @@ import secrets
 import socket
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import Enum
 
 import peewee
 from peewee import (AutoField, BooleanField, CharField, CompositeKey,
-                    FloatField, IntegerField, Model, TextField)
+                    DoubleField, IntegerField, Model, TextField)
 
 from errors import (Conflict, InvalidInput, NotFound, PaymentRequired,
                     StaleLease, StoreUnavailable, TooMany)
@@ -81,8 +82,8 @@ class User(_Base):
     is_admin = BooleanField(default=False)
     credit_balance = IntegerField(null=True)   # None: no credit limit
     max_active = IntegerField(null=True)       # None: the server default
-    rate_per_s = FloatField(null=True)
-    created_at = FloatField()
+    rate_per_s = DoubleField(null=True)
+    created_at = DoubleField()
 
     class Meta:
         table_name = "users"
@@ -94,7 +95,7 @@ class Task(_Base):
     provider = CharField()
     status = CharField()
     step = CharField(null=True)
-    progress = FloatField(null=True)
+    progress = DoubleField(null=True)
     dedupe_key = CharField(null=True)
     params = TextField()
     external_id = CharField(null=True)
@@ -104,17 +105,17 @@ class Task(_Base):
     cost = IntegerField(default=0)
     credits = CharField(default="none")
     retry_of = CharField(null=True)
-    created_at = FloatField()
-    updated_at = FloatField()
-    started_at = FloatField(null=True)
-    finished_at = FloatField(null=True)
-    deadline_at = FloatField()
+    created_at = DoubleField()
+    updated_at = DoubleField()
+    started_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True)
+    deadline_at = DoubleField()
     version = IntegerField(default=1)
     # Polls are data: when to look at the task next, and who is looking.
-    next_poll_at = FloatField(null=True)
+    next_poll_at = DoubleField(null=True)
     polls = IntegerField(default=0)
     lease_owner = CharField(null=True)
-    lease_expires_at = FloatField(null=True)
+    lease_expires_at = DoubleField(null=True)
     lease_token = IntegerField(default=0)
     state = TextField(null=True)   # the provider adapter's private JSON
 
@@ -133,7 +134,7 @@ class Event(_Base):
     task_id = CharField()
     type = CharField()
     data = TextField()
-    created_at = FloatField()
+    created_at = DoubleField()
 
     class Meta:
         table_name = "events"
@@ -146,7 +147,7 @@ class Ledger(_Base):
     task_id = CharField()
     kind = CharField()     # reserve, charge, refund, grant
     amount = IntegerField()
-    created_at = FloatField()
+    created_at = DoubleField()
 
     class Meta:
         table_name = "ledger"
@@ -157,8 +158,8 @@ class Session(_Base):
     key = CharField()
     messages = TextField(default="[]")
     data = TextField(null=True)
-    updated_at = FloatField()
-    expires_at = FloatField()
+    updated_at = DoubleField()
+    expires_at = DoubleField()
 
     class Meta:
         table_name = "sessions"
@@ -167,7 +168,7 @@ class Session(_Base):
 
 class SchemaVersion(_Base):
     version = IntegerField(primary_key=True)
-    applied_at = FloatField()
+    applied_at = DoubleField()
 
     class Meta:
         table_name = "schema_version"
@@ -255,7 +256,7 @@ def event_json(seq, task_id, type_, data):
 
 # -- accounts: limits and public forms ------------------------------------------
 
-MAX_CREDITS = 10 ** 12           # a balance or a grant; far inside 64-bit integers
+MAX_CREDITS = 10 ** 9            # a balance or a grant; inside a 32-bit INTEGER on every backend
 MAX_USER_ACTIVE = 100_000
 MAX_USER_RATE = 10_000.0
 MAX_SESSION_MESSAGES = 40
@@ -299,7 +300,8 @@ def stuck_reasons(task, now, grace_s):
         reasons.append("past_deadline")
     if task["lease_owner"] is not None and (task["lease_expires_at"] or 0) < now:
         reasons.append("lease_expired")
-    if task["lease_owner"] is None and task["next_poll_at"] is not None and task["next_poll_at"] < now - grace_s:
+    due = task["next_poll_at"]
+    if task["lease_owner"] is None and due is not None and due < now - grace_s:
         reasons.append("poll_overdue")
     return reasons
 
@@ -379,14 +381,16 @@ class BaseStore:
 
     # tasks
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
         """Create a queued task, or find the user's live task with this
         dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
         user with a balance (PaymentRequired when too low), refuses a user at
         `max_active` active tasks (TooMany, code too_many_active) and a
         provider with `max_queued` queued tasks (TooMany, code queue_full), all
         in one transaction: a refusal creates and reserves nothing. A
-        deduplicated answer is never refused."""
+        deduplicated answer is never refused. `admit()` (quick, in memory; the
+        caller's rate limit) runs last, only when a task is about to be
+        created: what it raises refuses the task the same way."""
         raise NotImplementedError
 
     def get_task(self, task_id, user_id=None):
@@ -576,7 +580,8 @@ class SqlStore(BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
-    for_update = ""
+    for_update = ""       # row locks, where writers run side by side
+    skip_locked = ""      # claims that pass over rows another claim holds
 
     def __init__(self, db):
         self.db = db
@@ -615,6 +620,11 @@ class SqlStore(BaseStore):
         """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
         return self.db.atomic()
 
+    def _lock(self, name):
+        """Serialize the transactions that take `name` until they end.
+        SQLite's BEGIN IMMEDIATE already serializes every writer; backends
+        whose writers run side by side override this."""
+
     def migrate(self):
         with self._seam():
             self.db.connect(reuse_if_open=True)
@@ -624,6 +634,7 @@ class SqlStore(BaseStore):
         """Apply the pending migrations (up to `upto`); return how many."""
         applied = 0
         with self._write():
+            self._lock("migrate")
             if not self.db.table_exists("schema_version"):
                 current = 0
             else:
@@ -761,7 +772,7 @@ class SqlStore(BaseStore):
     # tasks
 
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
         task_id = new_task_id(now)
         params_text = dumps(params)
         with self._seam():
@@ -770,7 +781,7 @@ class SqlStore(BaseStore):
                     with self._write():
                         return self._submit(task_id, user_id, provider, params, params_text, now,
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
-                                            max_queued)
+                                            max_queued, admit)
                 except peewee.IntegrityError:
                     # Another transaction took the dedupe key between our
                     # check and our insert (possible only where the backend
@@ -780,7 +791,8 @@ class SqlStore(BaseStore):
             raise StoreUnavailable("could not settle a dedupe race")
 
     def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
-                cost, dedupe_key, retry_of, max_active, max_queued=None):
+                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None):
+        self._lock(f"user:{user_id}")
         if dedupe_key is not None:
             row = self._one(
                 _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
@@ -811,6 +823,8 @@ class SqlStore(BaseStore):
                 self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
                            "VALUES (?, ?, 'reserve', ?, ?)", (user_id, task_id, cost, now))
                 credits = "reserved"
+        if admit is not None:
+            admit()
         task = {
             "id": task_id, "user_id": user_id, "provider": provider, "status": "queued",
             "step": None, "progress": None, "dedupe_key": dedupe_key, "params": params,
@@ -829,6 +843,8 @@ class SqlStore(BaseStore):
         return task, False
 
     def _event(self, task, type_, now):
+        # Events commit in seq order, so a reader of seq > N never skips one.
+        self._lock("events")
         self._exec("INSERT INTO events (user_id, task_id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
                    (task["user_id"], task["id"], type_, dumps(task_json(task)), now))
         self._wrote_events.flag = True
@@ -865,7 +881,7 @@ class SqlStore(BaseStore):
             rows = self._exec(
                 _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
                 "AND (lease_owner IS NULL OR lease_expires_at < ?) "
-                f"ORDER BY next_poll_at LIMIT ?{self.for_update}",
+                f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
                 (*statuses, now, now, limit)).fetchall()
             tasks = []
             for row in rows:
@@ -980,10 +996,8 @@ class SqlStore(BaseStore):
             return self._apply(task, token, now, False, changes)
 
     def _slot_lock(self, provider):
-        """Serialize slot decisions for `provider` until the transaction
-        ends. SQLite's BEGIN IMMEDIATE already serializes every writer; a
-        backend whose writers run side by side (PostgreSQL) must take a
-        transaction-scoped lock here (pg_advisory_xact_lock of the name)."""
+        """Serialize slot decisions for `provider` until the transaction ends."""
+        self._lock("slot:" + provider)
 
     def renew_lease(self, task_id, *, token, expires_at):
         with self._seam(), self._write():
@@ -1298,6 +1312,40 @@ class SqliteStore(SqlStore):
         self.migrate()
 
 
+class PostgresStore(SqlStore):
+    """PostgreSQL, for teams that outgrow one machine: any number of holdfast
+    processes on any number of hosts share one database. Claims pass over
+    rows another claim holds (FOR UPDATE SKIP LOCKED); decisions that SQLite
+    serializes with BEGIN IMMEDIATE take transaction-scoped advisory locks."""
+
+    name = "postgresql"
+    multi_process = True
+    multi_host = True
+    placeholder = "%s"
+    for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url):
+        from urllib.parse import parse_qsl, unquote, urlsplit
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query))
+        db = peewee.PostgresqlDatabase(
+            unquote(parts.path.lstrip("/")) or "postgres", host=parts.hostname or None,
+            port=parts.port or None, user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None, **options)
+        super().__init__(db)
+        self.url = url
+        self.migrate()
+
+    def _lock(self, name):
+        self._exec("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(name.encode()),))
+
+    def _after_import(self):
+        for table, column in (("users", "id"), ("events", "seq"), ("ledger", "id")):
+            self._exec(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                       f"COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)")
+
+
 class JsonStore(SqlStore):
     """The store in plain JSON files, for hosts where an SQLite file cannot
     work (no WAL, no file locks) or by choice. One process only.
@@ -1321,17 +1369,17 @@ class JsonStore(SqlStore):
         self.name = label
         self.snapshot_path = os.path.join(directory, "holdfast.json")
         self.journal_path = os.path.join(directory, "holdfast.journal")
-        self._lockfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
+        self._mutexfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
         try:
-            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._mutexfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lockfile.close()
+            self._mutexfile.close()
             raise StoreUnavailable(f"another holdfast process is using the JSON store in {directory}; "
                                    "it serves one process only (use SQLite or PostgreSQL for more)",
                                    code="store_locked") from None
         db = peewee.SqliteDatabase(":memory:", thread_safe=False, check_same_thread=False)
         super().__init__(db)
-        self._lock = threading.RLock()
+        self._mutex = threading.RLock()
         self._depth = 0
         self._pending = []
         self._journal_bytes = 0
@@ -1346,12 +1394,12 @@ class JsonStore(SqlStore):
     # Every read and write holds the one lock: one connection, one process.
     @contextmanager
     def _seam(self):
-        with self._lock, super()._seam():
+        with self._mutex, super()._seam():
             yield
 
     @contextmanager
     def _write(self):
-        with self._lock:
+        with self._mutex:
             outer = self._depth == 0
             self._depth += 1
             try:
@@ -1422,7 +1470,7 @@ class JsonStore(SqlStore):
 
     def compact(self):
         """Rewrite the snapshot from memory and empty the journal."""
-        with self._lock:
+        with self._mutex:
             data = {"schema_version": self.schema_version(), "tables": self.export_rows()}
             tmp = self.snapshot_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -1437,11 +1485,11 @@ class JsonStore(SqlStore):
             self._journal_bytes = 0
 
     def close(self):
-        with self._lock:
+        with self._mutex:
             if not self._journal.closed:
                 self._journal.close()
             self.db.close()
-            self._lockfile.close()
+            self._mutexfile.close()
 
 
 def _fsync_dir(path):
@@ -1478,7 +1526,11 @@ def _json(url, data_dir):
     return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir)
 
 
-BACKENDS = {"sqlite": _sqlite, "json": _json}
+def _postgresql(url, data_dir):
+    return PostgresStore(url)
+
+
+BACKENDS = {"sqlite": _sqlite, "json": _json, "postgresql": _postgresql, "postgres": _postgresql}
 
 
 # -- result files -------------------------------------------------------------

@@ -1,4 +1,5 @@
 import os
+import secrets
 import sys
 
 import pytest
@@ -7,8 +8,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import Config, create_app  # noqa: E402
 from providers import build_providers  # noqa: E402
-from store import FileStore, JsonStore, SqliteStore  # noqa: E402
-from support import WSGIClient  # noqa: E402
+from store import FileStore, JsonStore, PostgresStore, SqliteStore  # noqa: E402
+from support import WSGIClient, require  # noqa: E402
 from worker import Worker  # noqa: E402
 
 
@@ -39,13 +40,52 @@ def _json(tmp_path):
     return JsonStore(str(tmp_path / "json"))
 
 
-STORE_FACTORIES = {"sqlite": _sqlite, "json": _json}
+def pg_url():
+    """HOLDFAST_TEST_PG, or a skip that says how to run these tests."""
+    url = os.environ.get("HOLDFAST_TEST_PG")
+    require(url, "needs PostgreSQL: set HOLDFAST_TEST_PG=postgresql://user@host:port/db")
+    return url
+
+
+class PgSchema:
+    """A schema of its own for one test, dropped afterwards, so tests share
+    one database without seeing each other."""
+
+    def __init__(self):
+        import psycopg
+        self.base = pg_url()
+        self.name = "hf_" + secrets.token_hex(6)
+        try:
+            self.admin = psycopg.connect(self.base, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            require(False, f"needs PostgreSQL at HOLDFAST_TEST_PG: {exc}")
+        self.admin.execute(f"CREATE SCHEMA {self.name}")
+        sep = "&" if "?" in self.base else "?"
+        self.url = f"{self.base}{sep}options=-csearch_path%3D{self.name}"
+
+    def drop(self):
+        self.admin.execute(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
+        self.admin.close()
+
+
+STORE_FACTORIES = {"sqlite": _sqlite, "json": _json, "postgresql": None}
+
+
+@pytest.fixture
+def pg_schema():
+    schema = PgSchema()
+    yield schema
+    schema.drop()
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store(request, tmp_path):
     """Every backend the contract suite runs against."""
-    s = STORE_FACTORIES[request.param](tmp_path)
+    if request.param == "postgresql":
+        schema = request.getfixturevalue("pg_schema")
+        s = PostgresStore(schema.url)
+    else:
+        s = STORE_FACTORIES[request.param](tmp_path)
     yield s
     s.close()
 
