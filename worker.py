@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease)
 from providers import Retry, Status
-from store import SLOT_STEP, lease_owner_id, safe_file_name
+from store import SLOT_STEP, lease_owner_id, owner_is_dead, safe_file_name
 
 log = logging.getLogger("holdfast.worker")
 
@@ -248,7 +248,8 @@ class Worker:
         except Exception as exc:
             if report.stopped is not None:
                 raise report.stopped from None
-            now = self.clock()
+            # The function took real time; `now` may be a test's fixed clock.
+            now = max(now, self.clock())
             if isinstance(exc, ProviderRejected):
                 return self._finish(held, now, "failed", error=(exc.code, exc.message))
             message = f"{type(exc).__name__}: {exc}"[:1000]
@@ -266,7 +267,7 @@ class Worker:
                                      progress=None, external_id=None, next_poll_at=now + delay, state=state)
         if report.stopped is not None:
             raise report.stopped
-        self._collect(held, provider, Status.succeeded(outputs), self.clock())
+        self._collect(held, provider, Status.succeeded(outputs), max(now, self.clock()))
 
     def _reporter(self, task):
         """report(step=, progress=) for a local function: writes through the
@@ -283,7 +284,7 @@ class Worker:
                 except (TypeError, ValueError):
                     raise InvalidInput("report(progress=) takes a number from 0 to 1") from None
             step = last["step"] if step is None else str(step)[:200]
-            now = self.clock()
+            now = max(task["updated_at"], self.clock())
             # A step change always shows; progress alone at most 5 times a second.
             if step == last["step"] and (progress == last["progress"] or time.monotonic() - last["at"] < 0.2):
                 return
@@ -403,6 +404,12 @@ class Worker:
     def sweep(self, now=None):
         """Fail the tasks past their deadline; cancel them at the provider."""
         now = self.clock() if now is None else now
+        # A process of this host that died leaves leases nobody renews: free
+        # its tasks now rather than when the leases run out.
+        dead = [owner for owner in self.store.lease_owners() if owner_is_dead(owner)]
+        if dead:
+            log.warning("releasing the tasks of dead worker(s) %s", ", ".join(dead))
+            self.store.release_leases(dead)
         ended = 0
         for task in self.store.overdue(now=now, limit=200):
             # Still queued in a streak of transient failures: the provider

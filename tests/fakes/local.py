@@ -1,0 +1,49 @@
+"""Functions for the `local` provider's tests, named in provider tables as
+`<this module>:<function>`. They keep what must outlive one call in a file
+named by params, so a retry in a new call (or a new process) sees it."""
+
+from pathlib import Path
+
+from errors import ProviderRejected
+
+from . import png_bytes
+
+
+def _count(params):
+    """How many times this job's function has been called, this call included."""
+    counter = Path(params["counter"])
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return n
+
+
+def flaky(params, report):
+    """Raises on the first `fail_times` calls, then returns one PNG."""
+    n = _count(params)
+    report(step="drawing", progress=0.5)
+    if n <= params.get("fail_times", 0):
+        raise RuntimeError(f"flaky failure number {n}")
+    report(step="saving", progress=0.9)
+    return png_bytes(8, 8, (n * 40 % 256, 80, 120))
+
+
+def files(params, report):
+    """A path, a named pair whose name tries to leave the task's folder, and
+    raw bytes."""
+    return [params["path"], ("../../escape.txt", b"hello"), b"\x89PNG\r\n\x1a\nnot really"]
+
+
+def refuse(params, report):
+    """Fails for good: no retry."""
+    raise ProviderRejected("this input can never work")
+
+
+def wrong_type(params, report):
+    return 42
+
+
+def watch_cancel(params, report):
+    """Reports until report() stops it (the task was cancelled)."""
+    for i in range(100):
+        report(step=f"step {i}", progress=i / 100)
+    return b"never reached"
