@@ -806,6 +806,7 @@ class SqlStore(BaseStore):
                 raise TooMany(f"you have {active} active tasks (limit {max_active})",
                               code="too_many_active", retry_after=5)
         if max_queued is not None:
+            self._lock(f"queue:{provider}")
             queued = self._one("SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND provider = ?",
                                (provider,))[0]
             if queued >= max_queued:
@@ -1204,8 +1205,9 @@ class SqlStore(BaseStore):
                                     ids).fetchall()) if ids else {}
         return [(t, names.get(t["user_id"]), stuck_reasons(t, now, grace_s)) for t in tasks]
 
-    # Sessions are read-modify-write under one write transaction (and a row
-    # lock where the backend has them), so concurrent appends lose nothing.
+    # Sessions are read-modify-write under one write transaction and the
+    # user's session lock, so concurrent writes lose nothing and the count
+    # of live sessions holds.
 
     _SESSION_COLS = "key, messages, data, updated_at, expires_at"
 
@@ -1235,18 +1237,11 @@ class SqlStore(BaseStore):
     def _write_session(self, user_id, key, now, ttl_s, max_sessions, change):
         """Apply `change(old session) -> (messages, data)`; return (session, dropped)."""
         check_session_key(key)
-        with self._seam():
-            for attempt in range(3):
-                try:
-                    with self._write():
-                        return self._write_session_once(user_id, key, now, ttl_s, max_sessions, change)
-                except peewee.IntegrityError:
-                    # Two first writes of one key raced where writers are not
-                    # serialized; the primary key kept one. Apply ours to it.
-                    if attempt == 2:
-                        raise StoreUnavailable("could not settle a session race") from None
+        with self._seam(), self._write():
+            self._lock(f"sessions:{user_id}")
+            return self._write_session_locked(user_id, key, now, ttl_s, max_sessions, change)
 
-    def _write_session_once(self, user_id, key, now, ttl_s, max_sessions, change):
+    def _write_session_locked(self, user_id, key, now, ttl_s, max_sessions, change):
         row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ?"
                         + self.for_update, (user_id, key))
         live = row is not None and row[4] > now
@@ -1327,15 +1322,40 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url):
         from urllib.parse import parse_qsl, unquote, urlsplit
+
+        from playhouse.pool import PooledPostgresqlDatabase
         parts = urlsplit(url)
         options = dict(parse_qsl(parts.query))
-        db = peewee.PostgresqlDatabase(
-            unquote(parts.path.lstrip("/")) or "postgres", host=parts.hostname or None,
-            port=parts.port or None, user=unquote(parts.username) if parts.username else None,
+        try:
+            pool = int(options.pop("pool", 8))
+        except ValueError:
+            raise InvalidInput("the PostgreSQL URL's pool= must be a number of connections") from None
+        # Threads (API, event streams, worker) far outnumber the connections a
+        # server should hold: each operation borrows one from a small pool.
+        db = PooledPostgresqlDatabase(
+            unquote(parts.path.lstrip("/")) or "postgres", max_connections=pool, timeout=10,
+            stale_timeout=300, host=parts.hostname or None, port=parts.port or None,
+            user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None, **options)
         super().__init__(db)
         self.url = url
         self.migrate()
+
+    @contextmanager
+    def _seam(self):
+        from playhouse.pool import MaxConnectionsExceeded
+        borrowed = self.db.is_closed()
+        if borrowed:
+            try:
+                self.db.connect()
+            except (peewee.OperationalError, MaxConnectionsExceeded) as exc:
+                raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+        try:
+            with super()._seam():
+                yield
+        finally:
+            if borrowed:
+                self.db.close()
 
     def _lock(self, name):
         self._exec("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(name.encode()),))
