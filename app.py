@@ -540,7 +540,12 @@ def serve(config):
     worker = Worker(store, providers, files, threads=config.worker_threads)
     app = create_app(store, providers, config, worker=worker, files=files)
     worker.start()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    def stop(*_):
+        app.config["holdfast.events"].close()   # open streams must not hold up the exit
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         server = waitress.create_server(app, host=config.host, port=config.port,
                                         threads=config.threads + config.sse_max_streams,

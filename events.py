@@ -38,7 +38,18 @@ class EventHub:
         self._poked = threading.Event()
         self._thread = None
         self._open = {"sse": 0, "poll": 0}
+        self.closed = False
         store.on_events(self._poked.set)
+
+    def close(self):
+        """End every stream and long poll now (the server is stopping: a
+        waiting client must not hold up its exit) and admit no more."""
+        with self._lock:
+            self.closed = True
+            for group in self._watches.values():
+                for watch in group:
+                    watch.cond.notify_all()
+        self._poked.set()
 
     # -- slots -------------------------------------------------------------------
 
@@ -51,7 +62,7 @@ class EventHub:
         """Take a slot for a stream ("sse") or a long poll ("poll"); False
         when every slot is taken."""
         with self._lock:
-            if sum(self._open.values()) >= self.max_waiters:
+            if self.closed or sum(self._open.values()) >= self.max_waiters:
                 return False
             self._open[kind] += 1
             return True
@@ -160,7 +171,7 @@ class EventHub:
             # Wait for news. A keepalive also re-reads the log: a safety net
             # for an announcement that could have been missed.
             while watch.latest <= mark:
-                if now >= deadline or disconnected():
+                if now >= deadline or disconnected() or self.closed:
                     return
                 if now - last_write >= keepalive_s:
                     last_write = now
@@ -180,7 +191,7 @@ class EventHub:
                 return rows, rows[-1][0]
             while watch.latest <= mark:
                 now = self.clock()
-                if now >= deadline or disconnected():
+                if now >= deadline or disconnected() or self.closed:
                     return [], since
                 watch.wait(mark, min(SLICE_S, deadline - now))
 
@@ -200,7 +211,7 @@ class _Watch:
         if timeout <= 0:
             return self.latest > mark
         with self.cond:
-            return self.cond.wait_for(lambda: self.latest > mark, timeout)
+            return self.cond.wait_for(lambda: self.latest > mark or self.hub.closed, timeout)
 
     def close(self):
         self.hub._unwatch(self)

@@ -1,0 +1,190 @@
+"""The bundled page in a real browser (Debian's Chromium driven by Playwright)
+against a real server: a task to its thumbnail, a reload mid-task, two tabs
+sharing one stream, and a server killed and started again under the page.
+
+Skipped when Chromium or Playwright is missing, unless
+HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
+
+import os
+import shutil
+import time
+
+import pytest
+import requests
+
+from support import ServerProcess, api, require
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:      # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+CHROMIUM = os.environ.get("HOLDFAST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+STATE = "({role: holdfast.role, transport: holdfast.transport, lastSeq: holdfast.lastSeq, " \
+        "conn: document.getElementById('conn').dataset.state})"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require(sync_playwright is not None, "playwright for Python is not installed")
+    require(os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = ServerProcess(tmp_path).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def context(browser):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    ctx.set_default_timeout(20_000)
+    yield ctx
+    ctx.close()
+
+
+def open_page(context, server, token=None):
+    """A tab on the page; with `token`, signed in through the token form."""
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.goto(server.url + "/")
+    if token:
+        page.fill("#token-input", token)
+        page.click("#token-form button[type=submit]")
+    page.wait_for_selector("#submit-form", state="visible")
+    return page
+
+
+def card(task_id, status=None):
+    return f'.task[data-id="{task_id}"]' + (f'[data-status="{status}"]' if status else "")
+
+
+def wait_thumbnail(page, task_id, timeout=20_000):
+    page.wait_for_selector(card(task_id, "succeeded") + " .files img", timeout=timeout)
+    page.wait_for_function(
+        "id => { const img = document.querySelector(`.task[data-id=\"${id}\"] .files img`);"
+        " return img && img.complete && img.naturalWidth > 0; }", arg=task_id, timeout=timeout)
+
+
+def streams(server, token):
+    return api(server, token).get(server.url + "/healthz", timeout=5).json()["streams"]
+
+
+def wait_streams(server, token, sse, timeout=10):
+    deadline = time.time() + timeout
+    while True:
+        got = streams(server, token)
+        if got["sse"] == sse or time.time() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def submit_api(server, token, prompt, duration_s=1.5):
+    res = api(server, token).post(server.url + "/api/tasks", timeout=10, json={
+        "provider": "demo", "params": {"prompt": prompt, "duration_s": duration_s}})
+    assert res.status_code == 201, res.text
+    return res.json()["task"]["id"]
+
+
+def test_a_demo_task_submitted_in_the_page_runs_live_to_its_thumbnail(context, server):
+    token = server.tokens["demo"]
+    page = open_page(context, server, token)
+    page.wait_for_function("holdfast.role === 'leader' && holdfast.transport === 'sse'")
+    page.fill("#prompt", "a red fox in the snow")
+    page.fill("#params", '{"duration_s": 2}')
+    page.dblclick("#submit-btn")      # a double click must not make two tasks
+    page.wait_for_selector(".task")
+    task_id = page.get_attribute(".task", "data-id")
+    page.wait_for_selector(card(task_id, "running"))
+    wait_thumbnail(page, task_id)
+    assert page.text_content(card(task_id) + " .files a") == "out_0.png"
+    assert page.text_content(card(task_id) + " .prompt") == "a red fox in the snow"
+    listed = api(server, token).get(server.url + "/api/tasks", timeout=5).json()["tasks"]
+    assert [t["id"] for t in listed] == [task_id]
+    state = page.evaluate(STATE)
+    assert state["transport"] == "sse" and state["conn"] == "live" and state["lastSeq"] > 0
+    assert page.errors == []
+
+
+def test_a_reload_mid_task_restores_it_and_it_carries_on(context, server):
+    token = server.tokens["demo"]
+    page = open_page(context, server, token)
+    page.fill("#prompt", "reload me")
+    page.fill("#params", '{"duration_s": 4}')
+    page.click("#submit-btn")
+    page.wait_for_selector(".task[data-status=running]")
+    task_id = page.get_attribute(".task", "data-id")
+    page.reload()
+    page.wait_for_selector(card(task_id))     # restored from the server, token from localStorage
+    assert page.get_attribute(card(task_id), "data-status") in ("queued", "running")
+    wait_thumbnail(page, task_id)
+    page.wait_for_function("holdfast.transport === 'sse'")
+    assert wait_streams(server, token, 1)["sse"] == 1, "the old page's stream must be closed"
+    assert page.errors == []
+
+
+def test_two_tabs_share_one_stream_and_both_update_and_a_closing_leader_hands_over(context, server):
+    token = server.tokens["demo"]
+    first = open_page(context, server, token)
+    second = open_page(context, server)      # signed in by the shared localStorage
+    for page in (first, second):
+        page.wait_for_function("holdfast.role === 'leader' || holdfast.role === 'follower'")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        roles = sorted(p.evaluate("holdfast.role") for p in (first, second))
+        if roles == ["follower", "leader"]:
+            break
+        time.sleep(0.1)
+    assert roles == ["follower", "leader"]
+    leader, follower = (first, second) if first.evaluate("holdfast.role") == "leader" else (second, first)
+    leader.wait_for_function("holdfast.transport === 'sse'")
+    time.sleep(0.5)
+    assert streams(server, token) == {"sse": 1, "poll": 0, "max": 200}
+    assert follower.evaluate("holdfast.transport") == "none"
+
+    task_id = submit_api(server, token, "seen by both")
+    for page in (leader, follower):
+        wait_thumbnail(page, task_id)
+    assert follower.evaluate("holdfast.lastSeq") == leader.evaluate("holdfast.lastSeq") > 0
+
+    leader.close()
+    follower.wait_for_function("holdfast.role === 'leader' && holdfast.transport === 'sse'")
+    assert wait_streams(server, token, 1)["sse"] == 1
+    after = submit_api(server, token, "after the hand-over", duration_s=0.5)
+    wait_thumbnail(follower, after)
+    assert follower.errors == []
+
+
+def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(context, server, tmp_path):
+    token = server.tokens["demo"]
+    page = open_page(context, server, token)
+    page.wait_for_function("holdfast.transport === 'sse' && holdfast.role === 'leader'")
+    page.fill("#prompt", "survives kill -9")
+    page.fill("#params", '{"duration_s": 3}')
+    page.click("#submit-btn")
+    page.wait_for_selector(".task[data-status=running]")
+    in_flight = page.get_attribute(".task", "data-id")
+
+    server.kill()
+    page.wait_for_function("document.getElementById('conn').dataset.state !== 'live'", timeout=15_000)
+    time.sleep(1)
+    restarted = ServerProcess(tmp_path, port=server.port).start()
+    try:
+        wait_thumbnail(page, in_flight, timeout=30_000)       # the task finished after the restart
+        later = submit_api(restarted, token, "after the restart", duration_s=0.5)
+        wait_thumbnail(page, later, timeout=20_000)
+        page.wait_for_function("holdfast.transport === 'sse' && "
+                               "document.getElementById('conn').dataset.state === 'live'", timeout=20_000)
+        assert wait_streams(restarted, token, 1)["sse"] == 1
+        assert page.errors == []
+    finally:
+        restarted.stop()
