@@ -85,8 +85,13 @@ class FakeKIE(FakeServer):
                  error_rate=0.0, timeout_rate=0.0, malformed_rate=0.0, slow_seconds=2.0,
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
-                 fault_paths=("/api/",)):
+                 fault_paths=("/api/",), poll_delay=0.0):
         super().__init__()
+        # Each recordInfo is held open poll_delay seconds, so two clients
+        # polling one job at the same moment overlap and are counted.
+        self.poll_delay = poll_delay
+        self.overlapping_polls = 0
+        self._polling = Counter()
         self.api_key = api_key
         self.job_seconds = job_seconds
         self.outputs = outputs
@@ -169,7 +174,7 @@ class FakeKIE(FakeServer):
             if (req.method, req.path) == ("POST", "/api/v1/jobs/createTask"):
                 return self._create(req)
             if (req.method, req.path) == ("GET", "/api/v1/jobs/recordInfo"):
-                return self._record_info(req.query.get("taskId"))
+                return self._watched_record_info(req.query.get("taskId"))
         return None
 
     def _fail(self, code, msg):
@@ -196,6 +201,19 @@ class FakeKIE(FakeServer):
             active = sum(1 for t in self._tasks.values() if t.created <= now < t.done_at)
             self.max_concurrent_seen = max(self.max_concurrent_seen, active)
         return json_response({"code": 200, "msg": "success", "data": {"taskId": task.task_id}})
+
+    def _watched_record_info(self, task_id):
+        with self._lock:
+            self._polling[task_id] += 1
+            if self._polling[task_id] > 1:
+                self.overlapping_polls += 1
+        try:
+            if self.poll_delay:
+                self._stopping.wait(self.poll_delay)
+            return self._record_info(task_id)
+        finally:
+            with self._lock:
+                self._polling[task_id] -= 1
 
     def _record_info(self, task_id):
         if not task_id:
