@@ -15,6 +15,7 @@ import requests
 
 from store import SqliteStore, open_store
 from support import ROOT, ServerProcess, api
+from tests.fakes.comfyui import FakeComfyUI
 
 
 def wait_all_terminal(session, url, ids, timeout=40):
@@ -84,8 +85,11 @@ def test_crash_suite_random_kills(tmp_path, backend):
     seed = int(os.environ.get("HOLDFAST_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     why = f"(seed {seed}; rerun with HOLDFAST_CRASH_SEED={seed})"
-    (tmp_path / "holdfast.toml").write_text('[providers.demo]\ncost = 1\nduration_s = 0.6\n'
-                                            'poll_interval_s = 0.2\n')
+    comfy = FakeComfyUI(job_seconds=0.05).start()
+    (tmp_path / "holdfast.toml").write_text(
+        '[providers.demo]\ncost = 1\nduration_s = 0.6\npoll_interval_s = 0.2\n'
+        f'[providers.comfy]\ntype = "comfyui"\nurl = "{comfy.url}"\ncost = 1\npoll_interval_s = 0.2\n'
+        'max_poll_interval_s = 0.5\ntimeout_s = 5\n')
     env = {"HOLDFAST_STORE": backend, "HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}
     start_credits = 100_000
     token = _users_add(tmp_path, {**os.environ, "HOLDFAST_DATA": str(tmp_path), **env}, "payer", start_credits)
@@ -96,9 +100,15 @@ def test_crash_suite_random_kills(tmp_path, backend):
     counter = iter(range(10**6))
 
     def post(key):
-        return session.post(server.url + "/api/tasks", timeout=5, json={
-            "provider": "demo", "dedupe_key": key,
-            "params": {"prompt": key, **({"fail": True} if rng.random() < 0.2 else {})}})
+        n = int(key[1:])
+        if n % 3 == 2:
+            body = {"provider": "comfy", "params": {"workflow": {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                            "color": n}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": key}}}}}
+        else:
+            body = {"provider": "demo", "params": {"prompt": key, **({"fail": True} if n % 5 == 4 else {})}}
+        return session.post(server.url + "/api/tasks", timeout=5, json={**body, "dedupe_key": key})
 
     try:
         for round_no in range(10):
@@ -148,6 +158,7 @@ def test_crash_suite_random_kills(tmp_path, backend):
         tasks = wait_all_terminal(session, server.url, list(acked.values()), timeout=90)
     finally:
         server.stop()
+        comfy.stop()
 
     assert len(acked) >= 30, f"{why} too few submissions to mean anything: {len(acked)}"
     opened = open_store(backend, str(tmp_path))
@@ -159,8 +170,16 @@ def test_crash_suite_random_kills(tmp_path, backend):
         for task in tasks.values():
             expect = "failed" if task["params"].get("fail") else "succeeded"
             assert task["status"] == expect, f"{why} {task}"
-            assert task["attempts"] == 1, f"{why} submitted twice: {task}"
+            if task["provider"] == "demo":
+                assert task["attempts"] == 1, f"{why} submitted twice: {task}"
             assert [t for _, t in opened.task_events(task["id"])].count("finished") == 1, why
+        # ComfyUI can tell us what it was sent: each task's job reached it
+        # exactly once, whatever the kills interrupted.
+        comfy_tasks = [t for t in tasks.values() if t["provider"] == "comfy"]
+        assert comfy_tasks, why
+        assert len(comfy.submissions) == len(set(comfy.submissions)) == len(comfy_tasks), \
+            f"{why} {len(comfy.submissions)} ComfyUI submissions for {len(comfy_tasks)} tasks"
+        assert {t["external_id"] for t in comfy_tasks} == set(comfy.submissions), why
         succeeded = sum(1 for t in tasks.values() if t["status"] == "succeeded")
         payer = opened.user_by_name("payer")
         assert payer["credit_balance"] == start_credits - succeeded, why
