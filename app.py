@@ -14,15 +14,17 @@ import re
 import signal
 import sys
 import time
+import threading
 import tomllib
 from dataclasses import dataclass, field, fields
 
 import bottle
 
 from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
-                    NotFound, TooLarge, Unauthorized)
+                    NotFound, TooLarge, TooMany, Unauthorized)
 from events import EventHub
-from store import ACTIVE, TERMINAL, TaskStatus, task_json
+from store import (ACTIVE, MAX_SESSION_MESSAGES, TERMINAL, TaskStatus, check_session_key, iso,
+                   session_json, task_json)
 
 log = logging.getLogger("holdfast.app")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +54,9 @@ class Config:
     log: str = "text"
     worker_threads: int = 4
     max_active: int = 100          # per user, unless the user row says otherwise
+    rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
+    rate_burst_s: float = 3.0      # a user's bucket holds rate_per_s * rate_burst_s submissions (>= 1)
+    max_sessions: int = 100        # live conversation sessions per user
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -174,6 +179,7 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     app = bottle.Bottle(catchall=True)
     app.install(json_errors)
     admin_hash = None
+    limiter = RateLimiter(config.rate_per_s, config.rate_burst_s)
 
     def default_error(res):
         bottle.response.content_type = "application/json"
@@ -243,7 +249,8 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
         task, deduplicated = store.submit(
             user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
             cost=provider.cost, dedupe_key=key, retry_of=retry_of,
-            max_active=user["max_active"] or config.max_active)
+            max_active=user["max_active"] or config.max_active,
+            max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
         if not deduplicated and worker is not None:
             worker.wake()
         return task, deduplicated
@@ -323,16 +330,6 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
 
     # the caller and the service
 
-    @app.get("/api/me")
-    def me():
-        user = current_user()
-        credits = None
-        if user["credit_balance"] is not None:
-            credits = {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
-        return {"user": {"name": user["name"], "admin": user["is_admin"]}, "credits": credits,
-                "limits": {"max_active": user["max_active"] or config.max_active,
-                           "rate_per_s": user["rate_per_s"], "max_body": config.max_body}}
-
     @app.get("/api/providers")
     def list_providers():
         current_user()
@@ -369,10 +366,209 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
             raise NotFound("no such file")
         return res
 
+    _account_routes(app, store, config, clock=clock, current_user=current_user,
+                    admin_user=admin_user, limiter=limiter)
     event_hub = _event_routes(app, store, config, current_user)
     app.config["holdfast.events"] = event_hub
     app.config["holdfast.store"] = store
     return app
+
+
+# -- accounts: the caller, admins, limits, conversation sessions ---------------
+
+class RateLimiter:
+    """Submissions per second per user, as token buckets: a bucket holds
+    `rate * burst_s` submissions (at least one) and refills at `rate` per
+    second. Kept in memory, per process: a restart forgives, and several
+    processes on one store each allow the rate."""
+
+    def __init__(self, default_rate, burst_s):
+        self.default_rate = default_rate
+        self.burst_s = burst_s
+        self._buckets = {}
+        self._lock = threading.Lock()
+
+    def rate(self, user):
+        return user["rate_per_s"] or self.default_rate
+
+    def capacity(self, rate):
+        return max(1.0, rate * self.burst_s)
+
+    def take(self, user, now):
+        """Take one submission from the user's bucket; TooMany (with how long
+        to wait) when it is empty."""
+        rate = self.rate(user)
+        full = self.capacity(rate)
+        with self._lock:
+            tokens, last = self._buckets.get(user["id"], (full, now))
+            tokens = min(full, tokens + max(0.0, now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[user["id"]] = (tokens, now)
+                raise TooMany(f"too many submissions: at most {rate:g} per second",
+                              code="rate_limited", retry_after=(1.0 - tokens) / rate)
+            self._buckets[user["id"]] = (tokens - 1.0, now)
+
+
+SESSION_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_MESSAGE_CHARS = 16_000
+MAX_SESSION_DATA = 16 * 1024
+
+
+def session_messages(value, *, allow_empty):
+    """A list of {"role", "content"} messages, checked; InvalidInput otherwise."""
+    if not isinstance(value, list):
+        raise InvalidInput("messages must be a list of {\"role\", \"content\"} objects")
+    if not value and not allow_empty:
+        raise InvalidInput("messages must hold at least one message")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise InvalidInput(f"message {i} must be an object with exactly \"role\" and \"content\"")
+        if message["role"] not in SESSION_ROLES:
+            raise InvalidInput(f"message {i}: role must be one of {', '.join(sorted(SESSION_ROLES))}")
+        if not isinstance(message["content"], str) or len(message["content"]) > MAX_MESSAGE_CHARS:
+            raise InvalidInput(f"message {i}: content must be a string of at most {MAX_MESSAGE_CHARS} "
+                               "characters")
+    return value
+
+
+def session_data(value):
+    if value is not None and not isinstance(value, dict):
+        raise InvalidInput("data must be an object or null")
+    if value is not None and len(json.dumps(value, separators=(",", ":")).encode()) > MAX_SESSION_DATA:
+        raise InvalidInput(f"data must be at most {MAX_SESSION_DATA} bytes as JSON")
+    return value
+
+
+def only_fields(body, allowed):
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+
+
+def query_number(name, default, low, high, kind=float):
+    raw = bottle.request.query.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a number from {low} to {high}") from None
+    if not low <= value <= high:     # NaN fails this too
+        raise InvalidInput(f"{name} must be a number from {low} to {high}")
+    return value
+
+
+def _account_routes(app, store, config, *, clock, current_user, admin_user, limiter):
+    """/api/me, /api/admin/* and /api/sessions/*."""
+
+    def credits_of(user):
+        if user["credit_balance"] is None:
+            return None
+        return {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
+
+    def user_json(user):
+        return {"name": user["name"], "admin": user["is_admin"], "credits": credits_of(user),
+                "max_active": user["max_active"], "rate_per_s": user["rate_per_s"],
+                "created_at": iso(user["created_at"])}
+
+    @app.get("/api/me")
+    def me():
+        user = current_user()
+        rate = limiter.rate(user)
+        return {"user": {"name": user["name"], "admin": user["is_admin"]}, "credits": credits_of(user),
+                "limits": {"max_active": user["max_active"] or config.max_active,
+                           "rate_per_s": rate, "burst": limiter.capacity(rate),
+                           "max_body": config.max_body, "max_sessions": config.max_sessions,
+                           "session_messages": MAX_SESSION_MESSAGES, "session_ttl_s": config.session_ttl_s,
+                           "message_chars": MAX_MESSAGE_CHARS, "session_data_bytes": MAX_SESSION_DATA},
+                "usage": {"active": store.active_count(user["id"])}}
+
+    # admin
+
+    @app.post("/api/admin/users")
+    def admin_create_user():
+        admin_user()
+        body = read_json(config.max_body)
+        only_fields(body, {"name", "credits", "admin", "max_active", "rate_per_s"})
+        if not isinstance(body.get("name"), str):
+            raise InvalidInput("name is required and must be a string")
+        if not isinstance(body.get("admin", False), bool):
+            raise InvalidInput("admin must be true or false")
+        user, token = store.create_user(body["name"], admin=body.get("admin", False),
+                                        credits=body.get("credits"), max_active=body.get("max_active"),
+                                        rate_per_s=body.get("rate_per_s"), now=clock())
+        bottle.response.status = 201
+        bottle.response.set_header("Cache-Control", "no-store")
+        return {"user": user_json(user), "token": token}
+
+    @app.post("/api/admin/users/<name>/credits")
+    def admin_grant(name):
+        admin_user()
+        body = read_json(config.max_body)
+        only_fields(body, {"amount"})
+        if "amount" not in body:
+            raise InvalidInput("amount is required: a non-zero integer (negative takes credits away)")
+        user = store.grant(store.user_by_name(name)["id"], body["amount"], now=clock())
+        return {"user": user_json(user), "granted": body["amount"]}
+
+    @app.get("/api/admin/tasks")
+    def admin_tasks():
+        admin_user()
+        unknown = set(bottle.request.query) - {"stuck", "limit", "grace_s"}
+        if unknown:
+            raise InvalidInput(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        stuck = bottle.request.query.get("stuck", "0")
+        if stuck not in ("0", "1"):
+            raise InvalidInput("stuck must be 0 or 1")
+        limit = query_number("limit", 100, 1, 500, int)
+        grace_s = query_number("grace_s", 60.0, 0, 86400)
+        now = clock()
+        rows = store.admin_tasks(now=now, stuck=stuck == "1", grace_s=grace_s, limit=limit)
+        return {"now": iso(now), "tasks": [
+            {"task": task_json(task), "user": name, "stuck": reasons, "lease_owner": task["lease_owner"],
+             "lease_expires_at": iso(task["lease_expires_at"]), "next_poll_at": iso(task["next_poll_at"])}
+            for task, name, reasons in rows]}
+
+    # conversation sessions
+
+    @app.get("/api/sessions/<key>")
+    def get_session(key):
+        user = current_user()
+        return {"session": session_json(store.get_session(user["id"], key, now=clock()))}
+
+    @app.put("/api/sessions/<key>")
+    def put_session(key):
+        user = current_user()
+        check_session_key(key)
+        body = read_json(config.max_body)
+        only_fields(body, {"messages", "data"})
+        messages = session_messages(body.get("messages", []), allow_empty=True)
+        data = session_data(body.get("data"))
+        session = store.put_session(user["id"], key, messages=messages, data=data, now=clock(),
+                                    ttl_s=config.session_ttl_s, max_sessions=config.max_sessions)
+        return {"session": session_json(session), "dropped": max(0, len(messages) - MAX_SESSION_MESSAGES)}
+
+    @app.post("/api/sessions/<key>/messages")
+    def append_messages(key):
+        user = current_user()
+        check_session_key(key)
+        body = read_json(config.max_body)
+        if "messages" in body:
+            only_fields(body, {"messages"})
+            messages = session_messages(body["messages"], allow_empty=False)
+        else:
+            messages = session_messages([body], allow_empty=False)
+        session, dropped = store.append_messages(user["id"], key, messages, now=clock(),
+                                                 ttl_s=config.session_ttl_s, max_sessions=config.max_sessions)
+        return {"session": session_json(session), "dropped": dropped}
+
+    @app.delete("/api/sessions/<key>")
+    def delete_session(key):
+        user = current_user()
+        if not store.delete_session(user["id"], key, now=clock()):
+            raise NotFound("session not found", code="session_not_found")
+        bottle.response.status = 204
+        return ""
 
 
 # -- live events ---------------------------------------------------------------
@@ -574,7 +770,16 @@ def main(argv=None):
     add.add_argument("name")
     add.add_argument("--credits", type=int, default=None, help="starting balance (default: no limit)")
     add.add_argument("--admin", action="store_true")
+    add.add_argument("--max-active", type=int, default=None,
+                     help="active tasks at once (default: the server's)")
+    add.add_argument("--rate", type=float, default=None,
+                     help="submissions per second (default: the server's)")
+    grant = sub.add_parser("credits", help="grant credits to a user (-N takes them away)")
+    grant.add_argument("name")
+    grant.add_argument("amount", help="+N or -N")
     args = parser.parse_args(argv)
+    if args.command == "credits" and not re.match(r"^[+-]?[0-9]{1,13}$", args.amount):
+        parser.error(f"amount must be an integer like +10 or -3, not {args.amount!r}")
     try:
         config = Config.load()
         if args.command is None:
@@ -582,10 +787,15 @@ def main(argv=None):
         setup_logging(config.log)
         store, _, _ = open_everything(config)
         try:
-            user, token = store.create_user(args.name, admin=args.admin, credits=args.credits)
+            if args.command == "credits":
+                user = store.grant(store.user_by_name(args.name)["id"], int(args.amount), now=time.time())
+                print(f"{user['name']}: balance {user['credit_balance']}")
+            else:
+                _, token = store.create_user(args.name, admin=args.admin, credits=args.credits,
+                                             max_active=args.max_active, rate_per_s=args.rate)
+                print(token)
         finally:
             store.close()
-        print(token)
         return 0
     except HoldfastError as exc:
         print(f"holdfast: {exc.message}", file=sys.stderr)

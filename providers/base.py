@@ -102,6 +102,7 @@ class BaseProvider:
     # are a ConfigError: a typo must not silently mean "no limit".
     defaults = {
         "concurrency": None,        # jobs at the provider at once; None: no limit
+        "max_queued": None,         # tasks waiting for it at once; past it, submissions get 429
         "cost": 0,                  # credits per task
         "poll_interval_s": 2.0,     # first poll; backs off with age ...
         "max_poll_interval_s": 30.0,  # ... up to this
@@ -127,6 +128,8 @@ class BaseProvider:
             self._integer(key, minimum=1 if key != "cost" else 0)
         if self.config["concurrency"] is not None:
             self._integer("concurrency", minimum=1)
+        if self.config["max_queued"] is not None:
+            self._integer("max_queued", minimum=1)
         if self.config["max_poll_interval_s"] < self.config["poll_interval_s"]:
             raise ConfigError(f"provider {name}: max_poll_interval_s must be at least poll_interval_s")
         self.health = {"ok": None, "checked_at": None, "error": None}
@@ -204,8 +207,8 @@ class BaseProvider:
         self.health = {"ok": ok, "checked_at": iso_now(), "error": error}
 
     def describe(self):
-        keys = ("concurrency", "cost", "poll_interval_s", "max_poll_interval_s", "max_wait_s",
-                "timeout_s", "rate_per_s", "retries", "max_file_bytes")
+        keys = ("concurrency", "max_queued", "cost", "poll_interval_s", "max_poll_interval_s",
+                "max_wait_s", "timeout_s", "rate_per_s", "retries", "max_file_bytes")
         return {"name": self.name, "type": self.type,
                 "limits": {k: self.config[k] for k in keys}, "health": dict(self.health)}
 

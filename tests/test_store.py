@@ -2,8 +2,8 @@
 
 import pytest
 
-from errors import Conflict, NotFound, PaymentRequired, StaleLease, TooMany
-from store import TRANSITIONS, TERMINAL, task_json
+from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, TooMany
+from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, task_json
 
 
 def submit(store, user_id, now, **kw):
@@ -213,3 +213,129 @@ class TestDeadlinesAndCredits:
         assert done["credits"] == "charged"
         assert store.user_by_name("payer")["credit_balance"] == 6
         assert store.reserved_credits(user["id"]) == 0
+
+
+class TestAccounts:
+    """Credits, grants, limits, admin queries and sessions: the accounts part
+    of the contract."""
+
+    def ledger_kinds(self, store, **kw):
+        return [(r["kind"], r["amount"]) for r in store.ledger(**kw)]
+
+    def test_a_starting_balance_is_a_grant_and_grants_move_the_balance(self, store):
+        user = store.create_user("payer", credits=10, max_active=4, rate_per_s=0.5)[0]
+        assert (user["credit_balance"], user["max_active"], user["rate_per_s"]) == (10, 4, 0.5)
+        assert store.grant(user["id"], 5, now=1.0)["credit_balance"] == 15
+        assert store.grant(user["id"], -15, now=2.0)["credit_balance"] == 0
+        assert self.ledger_kinds(store, user_id=user["id"]) == [("grant", 10), ("grant", 5), ("grant", -15)]
+        assert store.ledger(user_id=store.create_user("free")[0]["id"]) == []
+
+    def test_grants_never_go_below_zero_nor_to_users_without_a_limit(self, store):
+        payer = store.create_user("payer", credits=3)[0]
+        free = store.create_user("free")[0]
+        for user_id, amount, code in ((payer["id"], -4, "balance_too_low"), (free["id"], 5, "no_credit_limit")):
+            with pytest.raises(Conflict) as err:
+                store.grant(user_id, amount, now=1.0)
+            assert err.value.code == code
+        for amount in (0, 1.5, True, "2", 10**12):
+            with pytest.raises(InvalidInput):
+                store.grant(payer["id"], amount, now=1.0)
+        with pytest.raises(NotFound):
+            store.grant(10**6, 1, now=1.0)
+        assert store.user_by_name("payer")["credit_balance"] == 3
+        assert store.user_by_name("free")["credit_balance"] is None
+        assert self.ledger_kinds(store) == [("grant", 3)]
+
+    @pytest.mark.parametrize("limits", [{"credits": -1}, {"credits": 1.5}, {"max_active": 0},
+                                        {"rate_per_s": 0}, {"rate_per_s": float("nan")}, {"rate_per_s": True}])
+    def test_bad_user_limits_are_refused(self, store, limits):
+        with pytest.raises(InvalidInput):
+            store.create_user("x", **limits)
+        assert store.count_users() == 0
+
+    @pytest.mark.parametrize("end,settle,balance", [("succeeded", "charge", 6), ("partial", "charge", 6),
+                                                    ("failed", "refund", 10), ("cancelled", "refund", 10)])
+    def test_each_ending_settles_once(self, store, end, settle, balance):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4)
+        store.update(task["id"], token=None, now=2.0, status="running")
+        error = {"code": "internal", "message": "x"} if end in ("failed", "partial") else None
+        done = store.update(task["id"], token=None, now=3.0, status=end, error=error)
+        assert done["credits"] == ("charged" if settle == "charge" else "refunded")
+        assert self.ledger_kinds(store, task_id=task["id"]) == [("reserve", 4), (settle, 4)]
+        assert store.user_by_name("payer")["credit_balance"] == balance
+        assert store.reserved_credits(user["id"]) == 0
+
+    def test_a_settle_finding_its_ledger_row_written_moves_no_balance(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4)
+        # What a settle that landed without its task (a crash or race on a
+        # backend that did not serialize them) leaves behind.
+        store._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) VALUES (?, ?, 'refund', 4, 1)",
+                    (user["id"], task["id"]))
+        done = store.cancel(task["id"], user["id"], now=2.0)
+        assert done["credits"] == "refunded"
+        assert self.ledger_kinds(store, task_id=task["id"]) == [("reserve", 4), ("refund", 4)]
+        assert store.user_by_name("payer")["credit_balance"] == 6
+
+    def test_a_full_provider_queue_and_a_refusing_admit_create_and_reserve_nothing(self, store):
+        user = store.create_user("payer", credits=100)[0]
+        submit(store, user["id"], 1.0, cost=1, max_queued=1)
+        before = (store.export_rows(), store.last_seq())
+        with pytest.raises(TooMany) as err:
+            submit(store, user["id"], 2.0, cost=1, max_queued=1)
+        assert err.value.code == "queue_full" and err.value.headers["Retry-After"]
+
+        def refuse():
+            raise TooMany("slow down", code="rate_limited")
+        with pytest.raises(TooMany):
+            submit(store, user["id"], 2.0, cost=1, admit=refuse)
+        assert (store.export_rows(), store.last_seq()) == before
+        admitted = []
+        submit(store, user["id"], 3.0, cost=1, admit=lambda: admitted.append(1))
+        submit(store, user["id"], 3.0, cost=1, dedupe_key="k", admit=lambda: admitted.append(1))
+        again, dedup = submit(store, user["id"], 3.0, cost=1, dedupe_key="k", admit=refuse, max_queued=1)
+        assert dedup and admitted == [1, 1]
+
+    def test_admin_tasks_name_the_stuck_ones_of_every_user(self, store):
+        alice, bob = store.create_user("alice")[0], store.create_user("bob")[0]
+        late, _ = submit(store, alice["id"], 100.0, deadline_at=150.0)
+        orphan, _ = submit(store, bob["id"], 110.0, deadline_at=9999.0)
+        assert store.claim_task(orphan["id"], "gone:1:x", now=110.0, lease_s=30)
+        fine, _ = submit(store, bob["id"], 195.0, deadline_at=9999.0)
+        rows = store.admin_tasks(now=200.0, stuck=True, grace_s=60.0, limit=10)
+        assert [(t["id"], name, reasons) for t, name, reasons in rows] == [
+            (late["id"], "alice", ["past_deadline", "poll_overdue"]), (orphan["id"], "bob", ["lease_expired"])]
+        assert [t["id"] for t, _, _ in store.admin_tasks(now=200.0, limit=10)] == [late["id"], orphan["id"],
+                                                                                  fine["id"]]
+        assert store.active_count(bob["id"]) == 2
+
+    def test_sessions_cap_expire_and_stay_with_their_user(self, store):
+        alice, bob = store.create_user("alice")[0], store.create_user("bob")[0]
+        msgs = [{"role": "user", "content": str(i)} for i in range(45)]
+        put = store.put_session(alice["id"], "k", messages=msgs[:30], data={"a": 1}, now=10.0, ttl_s=100.0)
+        assert put["expires_at"] == 110.0 and len(put["messages"]) == 30
+        session, dropped = store.append_messages(alice["id"], "k", msgs[30:], now=20.0, ttl_s=100.0)
+        assert dropped == 5 and session["messages"] == msgs[5:] and len(session["messages"]) == MAX_SESSION_MESSAGES
+        assert store.get_session(alice["id"], "k", now=119.0) == session
+        with pytest.raises(NotFound):
+            store.get_session(bob["id"], "k", now=20.0)
+        assert store.delete_session(bob["id"], "k", now=20.0) is False
+        with pytest.raises(NotFound):
+            store.get_session(alice["id"], "k", now=120.0)
+        fresh, _ = store.append_messages(alice["id"], "k", msgs[:1], now=130.0, ttl_s=100.0)
+        assert fresh["messages"] == msgs[:1] and fresh["data"] is None
+        with pytest.raises(InvalidInput):
+            store.get_session(alice["id"], "bad key", now=130.0)
+
+    def test_max_sessions_counts_live_sessions_and_purge_drops_expired_ones(self, store):
+        user = store.create_user("alice")[0]
+        for key in ("a", "b"):
+            store.put_session(user["id"], key, messages=[], data=None, now=10.0, ttl_s=100.0, max_sessions=2)
+        with pytest.raises(Conflict) as err:
+            store.put_session(user["id"], "c", messages=[], data=None, now=10.0, ttl_s=100.0, max_sessions=2)
+        assert err.value.code == "too_many_sessions"
+        store.put_session(user["id"], "a", messages=[], data={"x": 1}, now=11.0, ttl_s=100.0, max_sessions=2)
+        assert store.purge_sessions(now=110.5) == 1                # b expired, a was written later
+        assert store.delete_session(user["id"], "a", now=110.9) is True
+        assert store.purge_sessions(now=1000.0) == 0
