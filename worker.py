@@ -125,6 +125,9 @@ class Worker:
         for task in tasks:
             with self._lock:
                 self._inflight += 1
+                # Renewed from the claim on: a task may wait in the pool's
+                # queue behind long local functions.
+                self._held[task["id"]] = task["lease_token"]
             self.pool.submit(self._run_pooled, task)
         return len(tasks)
 
@@ -134,6 +137,8 @@ class Worker:
         finally:
             with self._lock:
                 self._inflight -= 1
+                if self._held.get(task["id"]) == task["lease_token"]:
+                    del self._held[task["id"]]
 
     def renew(self, now=None):
         """Extend the leases of tasks a step is still working on (a long

@@ -449,6 +449,25 @@ class TestLocal:
         assert task["status"] == "cancelled" and task["files"] == []
         assert "step 5" not in calls
 
+    def test_the_lease_is_renewed_while_the_function_runs(self, sqlite_store, files, clock, tmp_path):
+        rig = local_rig(sqlite_store, files, clock, "gate")
+        task_id = rig.submit("fn", {"gate": str(tmp_path / "open")})
+        start = clock()
+        runner = threading.Thread(target=rig.worker.run_once, args=(start,))
+        runner.start()
+        try:
+            wait_for(lambda: rig.task(task_id)["status"] == "running")
+            clock.advance(50)
+            rig.worker.renew()
+            assert rig.task(task_id)["lease_expires_at"] == clock() + rig.worker.lease_s
+            other = Worker(sqlite_store, rig.providers, files, clock=clock, owner="test:2:w")
+            assert other.run_once(start + rig.worker.lease_s + 1) == 0, "nobody takes over a live run"
+        finally:
+            (tmp_path / "open").touch()
+            runner.join(10)
+        task = rig.task(task_id)
+        assert task["status"] == "succeeded" and task["attempts"] == 1
+
     def test_a_run_whose_worker_died_is_run_again(self, sqlite_store, files, clock, tmp_path):
         rig = local_rig(sqlite_store, files, clock, "flaky")
         task_id = rig.submit("fn", {"counter": str(tmp_path / "n")})

@@ -2,6 +2,7 @@
 `<this module>:<function>`. They keep what must outlive one call in a file
 named by params, so a retry in a new call (or a new process) sees it."""
 
+import time
 from pathlib import Path
 
 from errors import ProviderRejected
@@ -47,3 +48,13 @@ def watch_cancel(params, report):
     for i in range(100):
         report(step=f"step {i}", progress=i / 100)
     return b"never reached"
+
+
+def gate(params, report):
+    """Runs until the file params["gate"] exists (at most 5 s), then returns a PNG."""
+    path, end = Path(params["gate"]), time.monotonic() + 5
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError("the gate never opened")
+        time.sleep(0.01)
+    return png_bytes(4, 4, (1, 2, 3))
