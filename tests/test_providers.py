@@ -8,17 +8,20 @@ real time pass between looks.
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from app import create_app
+from app import Config, create_app
 from errors import ConfigError, InvalidInput
 from providers import Output, RateLimiter, build_providers, parse_retry_after
 from store import TERMINAL
-from support import WSGIClient
+from support import ROOT, WSGIClient, free_port
 from worker import Worker
 
 try:
@@ -557,6 +560,49 @@ def test_bad_provider_config_is_a_clear_config_error(table, env, words):
     with pytest.raises(ConfigError) as info:
         build_providers(table, env=env)
     assert words in info.value.message
+
+
+def test_providers_come_from_holdfast_toml(tmp_path):
+    path = tmp_path / "holdfast.toml"
+    path.write_text('''
+[providers.comfy]
+type = "comfyui"
+url = "http://127.0.0.1:8188"
+concurrency = 2
+cost = 1
+poll_interval_s = 2
+max_wait_s = 7200
+timeout_s = 10
+
+[providers.kie]
+type = "kie"
+url = "https://api.kie.ai"
+api_key_env = "KIE_TEST_KEY"
+rate_per_s = 2
+
+[providers.thumbs]
+type = "local"
+function = "json:dumps"
+retries = 3
+''')
+    config = Config.load(env={"HOLDFAST_CONFIG": str(path)})
+    providers = build_providers(config.providers, env=KEY_ENV)
+    assert {n: p.type for n, p in providers.items()} == {"comfy": "comfyui", "kie": "kie", "thumbs": "local",
+                                                          "demo": "demo"}
+    assert providers["comfy"].concurrency == 2 and providers["kie"].rate_per_s == 2
+    assert providers["thumbs"].retry.max_attempts == 3
+
+
+def test_python_app_py_refuses_a_bad_provider_table_with_its_message(tmp_path):
+    (tmp_path / "holdfast.toml").write_text('[providers.kie]\ntype = "kie"\napi_key_env = "HF_UNSET_KEY"\n')
+    env = {k: v for k, v in os.environ.items() if k != "HF_UNSET_KEY"}
+    env.update(HOLDFAST_CONFIG=str(tmp_path / "holdfast.toml"), HOLDFAST_DATA=str(tmp_path / "data"),
+               HOLDFAST_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "provider kie: the environment variable HF_UNSET_KEY (api_key_env) is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_the_api_key_comes_from_the_environment_and_never_shows(comfy, sqlite_store, config):
