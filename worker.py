@@ -8,9 +8,9 @@ function takes `now`; tests pass a clock instead of sleeping.
 
 A task's life with a provider:
 
-    queued --take_slot--> queued/submitting --submit--> running --poll...--> collect --> succeeded
-       ^  (no slot: wait)        |  (id stored first)       |  (unknown: lost)
-       +-------------------------+---------------------------+
+    queued --take_slot--> queued, "submitting" --submit--> running --poll...--> download --> succeeded
+      |  no slot: wait     (id stored first)                   |
+      +<------ the provider lost the job: again, up to `retries` -------+
 
 `attempts` counts submissions, stored with the id before submit (or, local,
 function starts). A submit that failed transiently, or whose job the provider
