@@ -64,6 +64,25 @@ def world(tmp_path, clock):
         w.store.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opener(request, tmp_path):
+    """A function opening a new store object over one shared database each
+    time it is called: what a second process, or a restart, would see."""
+    if request.param == "postgresql":
+        from store import PostgresStore
+        url = request.getfixturevalue("pg_schema").url
+        opened = []
+
+        def open_pg():
+            opened.append(PostgresStore(url))
+            return opened[-1]
+        yield open_pg
+        for s in opened:
+            s.close()
+    else:
+        yield lambda: SqliteStore(str(tmp_path / "holdfast.db"))
+
+
 def settle_rows(store, task_id):
     return [r for r in store.ledger(task_id=task_id) if r["kind"] in ("charge", "refund")]
 
@@ -137,10 +156,9 @@ class TestLedger:
         assert me["credits"] == {"balance": start - COST * succeeded, "reserved": 0}
         assert_ledger_balances(w.store, user)
 
-    def test_a_refund_raced_by_cancel_expire_and_worker_from_three_threads_applies_once(self, tmp_path):
-        path = str(tmp_path / "holdfast.db")
-        # Two store objects over one file: two sets of connections, as two processes would have.
-        a, b = SqliteStore(path), SqliteStore(path)
+    def test_a_refund_raced_by_cancel_expire_and_worker_from_three_threads_applies_once(self, opener):
+        # Two store objects over one database: two sets of connections, as two processes would have.
+        a, b = opener(), opener()
         try:
             start, cost = 10_000, 7
             user = a.create_user("payer", credits=start)[0]
@@ -193,9 +211,8 @@ class TestLedger:
             a.close()
             b.close()
 
-    def test_a_settle_raced_and_repeated_on_fresh_store_objects_applies_once(self, tmp_path):
-        path = str(tmp_path / "holdfast.db")
-        store = SqliteStore(path)
+    def test_a_settle_raced_and_repeated_on_fresh_store_objects_applies_once(self, opener):
+        store = opener()
         user = store.create_user("payer", credits=50)[0]
         ids = []
         for i in range(10):
@@ -203,11 +220,14 @@ class TestLedger:
             ids.append(task["id"])
         # A crash between ending a task and settling it (as an older version,
         # or a backend without transactions, could leave it): ended, still reserved.
-        store._exec("UPDATE tasks SET status = 'failed' WHERE user_id = ?", (user["id"],))
+        with store._seam(), store._write():
+            store._exec("UPDATE tasks SET status = 'failed' WHERE user_id = ?", (user["id"],))
         store.close()
-        assert SqliteStore(path).user_by_name("payer")["credit_balance"] == 0
+        probe = opener()
+        assert probe.user_by_name("payer")["credit_balance"] == 0
+        probe.close()
         for round_no in range(3):                 # the first races, then repeats after "restarts"
-            stores = [SqliteStore(path) for _ in range(2)]
+            stores = [opener() for _ in range(2)]
             barrier = threading.Barrier(2)
             errors = []
 
@@ -227,7 +247,7 @@ class TestLedger:
             assert errors == []
             for s in stores:
                 s.close()
-        store = SqliteStore(path)
+        store = opener()
         try:
             for task_id in ids:
                 assert [r["kind"] for r in settle_rows(store, task_id)] == ["refund"]

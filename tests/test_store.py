@@ -271,8 +271,9 @@ class TestAccounts:
         task, _ = submit(store, user["id"], 1.0, cost=4)
         # What a settle that landed without its task (a crash or race on a
         # backend that did not serialize them) leaves behind.
-        store._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) VALUES (?, ?, 'refund', 4, 1)",
-                    (user["id"], task["id"]))
+        with store._seam(), store._write():
+            store._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                        "VALUES (?, ?, 'refund', 4, 1)", (user["id"], task["id"]))
         done = store.cancel(task["id"], user["id"], now=2.0)
         assert done["credits"] == "refunded"
         assert self.ledger_kinds(store, task_id=task["id"]) == [("reserve", 4), ("refund", 4)]
