@@ -628,7 +628,19 @@ class SqlStore(BaseStore):
     def migrate(self):
         with self._seam():
             self.db.connect(reuse_if_open=True)
-            self._migrate()
+            current = self.schema_version() if self.db.table_exists("schema_version") else 0
+            if current and any(version > current for version, _ in MIGRATIONS):
+                self._backup_before_migrating(current)
+            try:
+                self._migrate()
+            except Exception as exc:
+                # Each migration runs in the one transaction that records it,
+                # so a failure leaves the old schema and data as they were.
+                raise StoreUnavailable(f"migrating the schema from version {current} failed "
+                                       f"({exc}); the database is unchanged", code="migration_failed") from exc
+
+    def _backup_before_migrating(self, current):
+        """Backends that can copy themselves do so here."""
 
     def _migrate(self, upto=None):
         """Apply the pending migrations (up to `upto`); return how many."""
@@ -1305,6 +1317,23 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got {mode})",
                                    code="no_wal")
         self.migrate()
+
+    def _backup_before_migrating(self, current):
+        """A consistent copy of the file (SQLite's backup API) in backups/
+        beside it, taken before any migration touches the schema."""
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.path)), "backups")
+        os.makedirs(folder, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = os.path.join(folder, f"holdfast-v{current}-{stamp}-{secrets.token_hex(3)}.db")
+        import sqlite3
+        copy = sqlite3.connect(target)
+        try:
+            self.db.connection().backup(copy)
+        finally:
+            copy.close()
+        log.warning("schema version %d is older than this holdfast; backed the database up to %s "
+                    "before migrating", current, target)
+        self.last_backup = target
 
 
 class PostgresStore(SqlStore):

@@ -1,0 +1,95 @@
+"""Schema migrations: versioned, backed up first, all or nothing."""
+
+import os
+import sqlite3
+
+import pytest
+
+import store as store_module
+from errors import StoreUnavailable
+from store import SqliteStore
+
+
+def _add_column(db):
+    db.execute_sql("ALTER TABLE tasks ADD COLUMN note TEXT")
+
+
+def _add_column_then_fail(db):
+    db.execute_sql("ALTER TABLE tasks ADD COLUMN half_done TEXT")
+    db.execute_sql("CREATE TABLE extra (id INTEGER PRIMARY KEY)")
+    raise RuntimeError("this migration fails on purpose")
+
+
+def _columns(path, table):
+    con = sqlite3.connect(path)
+    try:
+        return [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def populated(tmp_path):
+    path = str(tmp_path / "holdfast.db")
+    s = SqliteStore(path)
+    user = s.create_user("alice")[0]
+    for i in range(3):
+        s.submit(user["id"], "demo", {"i": i}, now=float(i), deadline_at=1e10)
+    rows = s.export_rows()
+    s.close()
+    return path, rows
+
+
+def test_a_new_database_starts_at_the_latest_version(tmp_path):
+    s = SqliteStore(str(tmp_path / "new.db"))
+    try:
+        assert s.schema_version() == max(v for v, _ in store_module.MIGRATIONS)
+    finally:
+        s.close()
+    assert not (tmp_path / "backups").exists(), "nothing to back up on a new file"
+
+
+def test_a_migration_backs_up_first_and_applies(populated, monkeypatch):
+    path, rows = populated
+    latest = max(v for v, _ in store_module.MIGRATIONS)
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
+    s = SqliteStore(path)
+    try:
+        assert s.schema_version() == latest + 1
+        assert "note" in _columns(path, "tasks")
+        backup = s.last_backup
+    finally:
+        s.close()
+    assert os.path.dirname(backup) == os.path.join(os.path.dirname(path), "backups")
+    assert "note" not in _columns(backup, "tasks")
+    old = SqliteStore(backup)
+    try:
+        assert old.export_rows()["tasks"] == rows["tasks"]
+    finally:
+        old.close()
+
+
+def test_a_failed_migration_leaves_the_old_schema_and_data(populated, monkeypatch):
+    path, rows = populated
+    latest = max(v for v, _ in store_module.MIGRATIONS)
+    before = _columns(path, "tasks")
+    monkeypatch.setattr(store_module, "MIGRATIONS",
+                        store_module.MIGRATIONS + [(latest + 1, _add_column_then_fail)])
+    with pytest.raises(StoreUnavailable, match="database is unchanged") as info:
+        SqliteStore(path)
+    assert info.value.code == "migration_failed"
+    assert _columns(path, "tasks") == before
+    con = sqlite3.connect(path)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "extra" not in tables
+        assert con.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == latest
+    finally:
+        con.close()
+    assert len(os.listdir(os.path.join(os.path.dirname(path), "backups"))) == 1
+    monkeypatch.undo()
+    s = SqliteStore(path)
+    try:
+        assert s.export_rows()["tasks"] == rows["tasks"]
+    finally:
+        s.close()
