@@ -573,7 +573,7 @@ def _account_routes(app, store, config, *, clock, current_user, admin_user, limi
 
 # -- live events ---------------------------------------------------------------
 
-SSE_RETRY_MS = 2000      # how soon an EventSource reconnects after a stream ends
+SSE_RETRY_MS = 1000      # how soon an EventSource reconnects after a stream ends
 STREAMS_FULL_RETRY_S = 15
 _SEQ = re.compile(r"^[0-9]{1,18}$")
 _WAIT = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3})?$")

@@ -37,8 +37,9 @@ def browser():
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = ServerProcess(tmp_path).start()
+def server(tmp_path, request):
+    """A real server; parametrize it indirectly with a dict to set its environment."""
+    s = ServerProcess(tmp_path, env=getattr(request, "param", None)).start()
     yield s
     s.stop()
 
@@ -95,23 +96,30 @@ def submit_api(server, token, prompt, duration_s=1.5):
     return res.json()["task"]["id"]
 
 
+PROMPT = 'a red fox <img src=x onerror="window.pwned=1"><b>in the snow</b>'
+
+
+# Streams of one second: the task's updates cross several reconnections.
+@pytest.mark.parametrize("server", [{"HOLDFAST_SSE_MAX_S": "1"}], ids=["1s-streams"], indirect=True)
 def test_a_demo_task_submitted_in_the_page_runs_live_to_its_thumbnail(context, server):
     token = server.tokens["demo"]
     page = open_page(context, server, token)
     page.wait_for_function("holdfast.role === 'leader' && holdfast.transport === 'sse'")
-    page.fill("#prompt", "a red fox in the snow")
-    page.fill("#params", '{"duration_s": 2}')
+    page.fill("#prompt", PROMPT)
+    page.fill("#params", '{"duration_s": 3}')
     page.dblclick("#submit-btn")      # a double click must not make two tasks
     page.wait_for_selector(".task")
     task_id = page.get_attribute(".task", "data-id")
     page.wait_for_selector(card(task_id, "running"))
     wait_thumbnail(page, task_id)
     assert page.text_content(card(task_id) + " .files a") == "out_0.png"
-    assert page.text_content(card(task_id) + " .prompt") == "a red fox in the snow"
+    # User data is text, never HTML.
+    assert page.text_content(card(task_id) + " .prompt") == PROMPT
+    assert page.evaluate("window.pwned") is None and page.query_selector(card(task_id) + " .prompt b") is None
     listed = api(server, token).get(server.url + "/api/tasks", timeout=5).json()["tasks"]
     assert [t["id"] for t in listed] == [task_id]
-    state = page.evaluate(STATE)
-    assert state["transport"] == "sse" and state["conn"] == "live" and state["lastSeq"] > 0
+    page.wait_for_function("holdfast.transport === 'sse' && document.getElementById('conn').dataset.state === 'live'")
+    assert page.evaluate("holdfast.lastSeq") >= 5     # created, several updates, finished
     assert page.errors == []
 
 
@@ -188,3 +196,21 @@ def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(con
         assert page.errors == []
     finally:
         restarted.stop()
+
+
+# One slot, taken by another client: the page's stream gets 503 and it polls.
+@pytest.mark.parametrize("server", [{"HOLDFAST_SSE_MAX_STREAMS": "1"}], ids=["cap-1"], indirect=True)
+def test_past_the_stream_cap_the_page_falls_back_to_polling_and_still_updates(context, server):
+    token = server.tokens["demo"]
+    hog = requests.get(f"{server.url}/api/events?token={token}", stream=True, timeout=10)
+    try:
+        assert hog.status_code == 200 and wait_streams(server, token, 1)["sse"] == 1
+        page = open_page(context, server, token)
+        page.wait_for_function("holdfast.transport === 'poll' && "
+                               "document.getElementById('conn').dataset.state === 'polling'")
+        task_id = submit_api(server, token, "polled", duration_s=1)
+        page.wait_for_selector(card(task_id))
+        wait_thumbnail(page, task_id)
+        assert page.errors == []
+    finally:
+        hog.close()
