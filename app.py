@@ -423,7 +423,7 @@ def session_messages(value, *, allow_empty):
     for i, message in enumerate(value):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise InvalidInput(f"message {i} must be an object with exactly \"role\" and \"content\"")
-        if message["role"] not in SESSION_ROLES:
+        if not isinstance(message["role"], str) or message["role"] not in SESSION_ROLES:
             raise InvalidInput(f"message {i}: role must be one of {', '.join(sorted(SESSION_ROLES))}")
         if not isinstance(message["content"], str) or len(message["content"]) > MAX_MESSAGE_CHARS:
             raise InvalidInput(f"message {i}: content must be a string of at most {MAX_MESSAGE_CHARS} "

@@ -186,6 +186,8 @@ BAD = [
     ("PUT", "/api/sessions/ok", b'{"messages": [{"role": "user"}]}', 400, "invalid_input"),
     ("PUT", "/api/sessions/ok", b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "invalid_input"),
     ("PUT", "/api/sessions/ok", b'{"messages": [{"role": "user", "content": 5}]}', 400, "invalid_input"),
+    ("PUT", "/api/sessions/ok", b'{"messages": [{"role": ["user"], "content": "x"}]}', 400, "invalid_input"),
+    ("POST", "/api/sessions/ok/messages", b'{"role": {"a": 1}, "content": "x"}', 400, "invalid_input"),
     ("PUT", "/api/sessions/ok", b'{"messages": [{"role": "user", "content": "x", "at": 1}]}', 400,
      "invalid_input"),
     ("PUT", "/api/sessions/ok", b'{"messages": [{"role": "user", "content": "' + BIG.encode() + b'"}]}', 400,
