@@ -248,6 +248,47 @@ class TestStream:
         assert [e["task_id"] for e in polled["events"]] == [mine["id"]]
 
 
+class TestEveryBackend:
+    """The two store methods the hub relies on, on every backend."""
+
+    def test_on_events_is_told_after_each_commit_that_wrote_events(self, store):
+        heard = []
+        store.on_events(lambda: heard.append(store.last_seq()))
+        user, _ = store.create_user("ev")
+        assert heard == []          # no event written
+        task, _ = store.submit(user["id"], "demo", {}, now=1.0, deadline_at=100.0)
+        assert heard == [store.last_seq()] and heard[0] > 0
+        store.submit(user["id"], "demo", {}, now=1.0, deadline_at=100.0, dedupe_key="k")
+        store.submit(user["id"], "demo", {}, now=1.0, deadline_at=100.0, dedupe_key="k")  # deduplicated
+        assert len(heard) == 2
+        store.cancel(task["id"], user["id"], now=2.0)
+        assert len(heard) == 3
+
+    def test_latest_events_names_each_user_with_news_and_its_last_seq(self, store):
+        a, _ = store.create_user("a")
+        b, _ = store.create_user("b")
+        start = store.last_seq()
+        assert store.latest_events(start) == {}
+        store.submit(a["id"], "demo", {}, now=1.0, deadline_at=100.0)
+        store.submit(b["id"], "demo", {}, now=1.0, deadline_at=100.0)
+        store.submit(a["id"], "demo", {}, now=1.0, deadline_at=100.0)
+        assert store.latest_events(start) == {a["id"]: store.last_seq(a["id"]), b["id"]: store.last_seq(b["id"])}
+        assert store.latest_events(store.last_seq(b["id"])) == {a["id"]: store.last_seq(a["id"])}
+
+    def test_a_waiting_stream_wakes_on_commit(self, store, providers, tmp_path):
+        app = create_app(store, providers, Config(data=str(tmp_path), sse_max_s=5))
+        app.config["holdfast.events"].check_s = 60
+        _, token = store.create_user("waiter")
+        stream = Stream(app, "/api/events", token)
+        stream.read_until(ready)
+        t0 = time.monotonic()
+        task = submit(WSGIClient(app), token)
+        assert task_events(stream.read_until(lambda i: task_events(i), timeout=3))[0]["task_id"] == task["id"]
+        assert time.monotonic() - t0 < 1.0
+        stream.gone = True
+        stream.finish()
+
+
 class TestAuthAndInput:
     def test_token_by_header_or_query_and_401_without(self, make_app, users):
         app, client, _ = make_app(sse_max_s=0.2)
