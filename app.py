@@ -47,6 +47,7 @@ class Config:
     max_body: int = 1024 * 1024
     sse_max_s: float = 60.0
     sse_max_streams: int = 200     # open event streams and long polls, on top of `threads`
+    sse_max_per_user: int = 20     # of those, how many one user may hold
     sse_keepalive_s: float = 10.0
     session_ttl_s: float = 7200.0
     keep_files_h: float = 72.0
@@ -54,6 +55,7 @@ class Config:
     log: str = "text"
     worker_threads: int = 4
     max_active: int = 100          # per user, unless the user row says otherwise
+    lease_s: float = 60.0          # how long a worker holds a task before others may take it
     rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
     rate_burst_s: float = 3.0      # a user's bucket holds rate_per_s * rate_burst_s submissions (>= 1)
     max_sessions: int = 100        # live conversation sessions per user
@@ -584,7 +586,7 @@ def _event_routes(app, store, config, current_user):
     """GET /api/events (Server-Sent Events) and GET /api/events/poll (long
     polling), both over the event log; events.py says how they wait. Returns
     the EventHub, whose counts() is the open-stream gauge."""
-    hub = EventHub(store, max_waiters=config.sse_max_streams)
+    hub = EventHub(store, max_waiters=config.sse_max_streams, max_per_user=config.sse_max_per_user)
 
     def cursor_arg(value, what):
         if value is None or value == "":
@@ -606,12 +608,12 @@ def _event_routes(app, store, config, current_user):
             since = cursor_arg(last_id.strip(), "Last-Event-ID")
         else:
             since = cursor_arg(bottle.request.query.get("since"), "since")
-        if not hub.admit("sse"):
+        if not hub.admit("sse", user["id"]):
             return streams_full()
         try:
             watch, since = hub.start(user["id"], since)
         except BaseException:
-            hub.leave("sse")
+            hub.leave("sse", user["id"])
             raise
         gone = disconnected()
 
@@ -624,7 +626,7 @@ def _event_routes(app, store, config, current_user):
                 log.warning("event stream of user %s ended early: %s", user["id"], exc.message)
             finally:
                 watch.close()
-                hub.leave("sse")
+                hub.leave("sse", user["id"])
 
         res = bottle.response
         res.content_type = "text/event-stream"
@@ -652,7 +654,7 @@ def _event_routes(app, store, config, current_user):
                                code="invalid_wait")
         wait = float(wait)
         # Past the cap a long poll answers at once rather than hold a thread.
-        if wait > 0 and hub.admit("poll"):
+        if wait > 0 and hub.admit("poll", user["id"]):
             try:
                 watch, since = hub.start(user["id"], since)
                 try:
@@ -661,7 +663,7 @@ def _event_routes(app, store, config, current_user):
                 finally:
                     watch.close()
             finally:
-                hub.leave("poll")
+                hub.leave("poll", user["id"])
         else:
             since = hub.resolve(user["id"], since)
             rows = store.events_since(user["id"], since)
@@ -712,8 +714,11 @@ def first_run_users(store, config):
     """On a new data directory: an admin and a demo user, tokens printed once."""
     if store.count_users():
         return
-    _, admin_token = store.create_user("admin", admin=True, token=config.admin_token)
-    _, demo_token = store.create_user("demo")
+    try:
+        _, admin_token = store.create_user("admin", admin=True, token=config.admin_token)
+        _, demo_token = store.create_user("demo")
+    except Conflict:
+        return      # another process sharing the store made them a moment ago
     print("New data directory: created two users. Their tokens are shown only now:")
     if not config.admin_token:
         print(f"  admin  {admin_token}")
@@ -733,9 +738,10 @@ def serve(config):
     if report["changed"]:
         log.info("recovery: %s", report["summary"])
     first_run_users(store, config)
-    worker = Worker(store, providers, files, threads=config.worker_threads)
+    worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s)
     app = create_app(store, providers, config, worker=worker, files=files)
     worker.start()
+
     def stop(*_):
         app.config["holdfast.events"].close()   # open streams must not hold up the exit
         sys.exit(0)
