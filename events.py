@@ -27,9 +27,10 @@ SLICE_S = 1.0          # how often a waiter checks whether its client left
 
 
 class EventHub:
-    def __init__(self, store, *, max_waiters, check_s=0.5, clock=time.monotonic):
+    def __init__(self, store, *, max_waiters, max_per_user=None, check_s=0.5, clock=time.monotonic):
         self.store = store
         self.max_waiters = max_waiters
+        self.max_per_user = max_per_user or max_waiters
         self.check_s = check_s
         self.clock = clock
         self._lock = threading.Lock()
@@ -38,6 +39,7 @@ class EventHub:
         self._poked = threading.Event()
         self._thread = None
         self._open = {"sse": 0, "poll": 0}
+        self._by_user = {}          # user_id -> slots held
         self.closed = False
         store.on_events(self._poked.set)
 
@@ -58,18 +60,24 @@ class EventHub:
         with self._lock:
             return {**self._open, "max": self.max_waiters}
 
-    def admit(self, kind):
+    def admit(self, kind, user_id):
         """Take a slot for a stream ("sse") or a long poll ("poll"); False
-        when every slot is taken."""
+        when every slot is taken, or the user holds `max_per_user` (one user
+        must not starve the others)."""
         with self._lock:
-            if self.closed or sum(self._open.values()) >= self.max_waiters:
+            held = self._by_user.get(user_id, 0)
+            if self.closed or sum(self._open.values()) >= self.max_waiters or held >= self.max_per_user:
                 return False
             self._open[kind] += 1
+            self._by_user[user_id] = held + 1
             return True
 
-    def leave(self, kind):
+    def leave(self, kind, user_id):
         with self._lock:
             self._open[kind] -= 1
+            held = self._by_user.pop(user_id) - 1
+            if held:
+                self._by_user[user_id] = held
 
     # -- watching ----------------------------------------------------------------
 

@@ -134,7 +134,8 @@ def main():
 
     rounds = []
     with tempfile.TemporaryDirectory(prefix="holdfast-bench-") as data:
-        server = ServerProcess(data, env={"HOLDFAST_SSE_MAX_STREAMS": str(max(200, args.streams)),
+        cap = str(max(200, args.streams))
+        server = ServerProcess(data, env={"HOLDFAST_SSE_MAX_STREAMS": cap, "HOLDFAST_SSE_MAX_PER_USER": cap,
                                           "HOLDFAST_SSE_MAX_S": "600"}).start()
         try:
             token = server.tokens["demo"]

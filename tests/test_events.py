@@ -398,6 +398,21 @@ class TestCap:
             s.finish(timeout=3)
         assert hub.counts() == {"sse": 0, "poll": 0, "max": 2}
 
+    def test_one_user_cannot_take_every_slot(self, make_app, users):
+        app, client, hub = make_app(sse_max_streams=3, sse_max_per_user=1, sse_max_s=10)
+        mine = Stream(app, "/api/events", users["alice"])
+        mine.read_until(ready)
+        assert client.get("/api/events", token=users["alice"]).status == 503
+        t0 = time.monotonic()
+        assert client.get("/api/events/poll?wait=5", token=users["alice"]).status == 200
+        assert time.monotonic() - t0 < 1
+        theirs = Stream(app, "/api/events", users["bob"])
+        theirs.read_until(ready)
+        assert hub.counts() == {"sse": 2, "poll": 0, "max": 3}
+        for s in (mine, theirs):
+            s.gone = True
+            s.finish(timeout=3)
+
     def test_the_hub_thread_stops_when_no_one_watches(self, make_app, users):
         app, _, hub = make_app(sse_max_s=0.2)
         Stream(app, "/api/events", users["alice"]).finish()
@@ -481,7 +496,8 @@ def read_until(sock, needle, timeout):
 
 def test_with_200_streams_open_the_api_still_answers_and_every_stream_gets_the_news(tmp_path):
     n = 200
-    with ServerProcess(tmp_path, env={"HOLDFAST_SSE_MAX_S": "60"}) as server:
+    # All 200 of one user (the worst case for fan-out): lift the per-user cap.
+    with ServerProcess(tmp_path, env={"HOLDFAST_SSE_MAX_S": "60", "HOLDFAST_SSE_MAX_PER_USER": "200"}) as server:
         token = server.tokens["demo"]
         session = api(server, token)
         task_id = session.post(server.url + "/api/tasks", timeout=10, json={
