@@ -63,6 +63,12 @@ DEDUPE_IGNORED = ("failed", "cancelled")
 SLOT_STEP = "submitting"
 
 
+def _check_updatable(changes):
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+
+
 def check_transition(current, new):
     if new not in TRANSITIONS[current]:
         raise Conflict(f"illegal transition {current} -> {new}", code="illegal_transition")
@@ -907,15 +913,17 @@ class SqlStore(BaseStore):
                 tasks.append(task)
         return tasks
 
+    def _task_for_update(self, task_id):
+        """The task, its row locked until the transaction ends; NotFound."""
+        row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+        if row is None:
+            raise NotFound("task not found", code="task_not_found")
+        return self._task(row)
+
     def update(self, task_id, *, token, now, release=False, **changes):
-        unknown = set(changes) - _UPDATABLE
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
+        _check_updatable(changes)
         with self._seam(), self._write():
-            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
-            if row is None:
-                raise NotFound("task not found", code="task_not_found")
-            return self._apply(self._task(row), token, now, release, changes)
+            return self._apply(self._task_for_update(task_id), token, now, release, changes)
 
     def _apply(self, task, token, now, release, changes):
         if token is not None and task["lease_token"] != token:
@@ -987,14 +995,9 @@ class SqlStore(BaseStore):
     # -- provider slots and long steps (the worker's) --------------------------
 
     def take_slot(self, task_id, *, token, now, limit, **changes):
-        unknown = set(changes) - _UPDATABLE
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
+        _check_updatable(changes)
         with self._seam(), self._write():
-            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
-            if row is None:
-                raise NotFound("task not found", code="task_not_found")
-            task = self._task(row)
+            task = self._task_for_update(task_id)
             if token is not None and task["lease_token"] != token:
                 raise StaleLease(f"lease {token} on {task_id} is stale (now {task['lease_token']})")
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
@@ -1027,10 +1030,7 @@ class SqlStore(BaseStore):
 
     def expire(self, task_id, *, now, error):
         with self._seam(), self._write():
-            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
-            if row is None:
-                raise NotFound("task not found", code="task_not_found")
-            task = self._task(row)
+            task = self._task_for_update(task_id)
             if task["status"] in TERMINAL or task["deadline_at"] >= now:
                 raise Conflict("task is not overdue", code="not_overdue")
             return self._apply(task, None, now, True, {"status": "failed", "error": error,
@@ -1099,10 +1099,7 @@ class SqlStore(BaseStore):
 
     def settle_stray(self, task_id, *, now):
         with self._seam(), self._write():
-            row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
-            if row is None:
-                raise NotFound("task not found", code="task_not_found")
-            task = self._task(row)
+            task = self._task_for_update(task_id)
             if task["credits"] != "reserved" or task["status"] not in TERMINAL:
                 return None
             self._settle(task, task["status"], now)
