@@ -27,6 +27,12 @@ SLICE_S = 1.0          # how often a waiter checks whether its client left
 
 
 class EventHub:
+    """Slots for waiting clients, and news of the event log for them.
+
+    `max_waiters` slots are shared by streams and long polls, `max_per_user`
+    of them at most for one user; `check_s` is how often the log is read
+    for events written by other processes."""
+
     def __init__(self, store, *, max_waiters, max_per_user=None, check_s=0.5, clock=time.monotonic):
         self.store = store
         self.max_waiters = max_waiters
@@ -118,9 +124,9 @@ class EventHub:
                 cursor = self._cursor
             try:
                 latest = self.store.latest_events(cursor)
-            except Exception:
-                log.exception("cannot read the event log; trying again")
-                time.sleep(self.check_s)
+            except Exception as exc:   # the store is down: streams keep their slots and wait
+                log.warning("cannot read the event log (%s); trying again", exc)
+                time.sleep(max(self.check_s, 1.0))
                 continue
             if not latest:
                 continue
