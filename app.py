@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, fields
 
 import bottle
 
+import metrics
 from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
-                    NotFound, TooLarge, TooMany, Unauthorized)
+                    NotFound, PaymentRequired, TooLarge, TooMany, Unauthorized)
 from events import EventHub
 from store import (ACTIVE, MAX_SESSION_MESSAGES, TERMINAL, TaskStatus, check_session_key, iso,
                    session_json, task_json)
@@ -248,12 +249,19 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
 
     def _submit(user, provider, params, key, retry_of=None):
         now = clock()
-        task, deduplicated = store.submit(
-            user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
-            cost=provider.cost, dedupe_key=key, retry_of=retry_of,
-            max_active=user["max_active"] or config.max_active,
-            max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
-        if not deduplicated and worker is not None:
+        try:
+            task, deduplicated = store.submit(
+                user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
+                cost=provider.cost, dedupe_key=key, retry_of=retry_of,
+                max_active=user["max_active"] or config.max_active,
+                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
+        except (PaymentRequired, TooMany) as exc:
+            metrics.SUBMIT_REFUSALS.inc(exc.code)
+            raise
+        metrics.SUBMITS.inc(provider.name)
+        if deduplicated:
+            metrics.DEDUPE_HITS.inc(provider.name)
+        elif worker is not None:
             worker.wake()
         return task, deduplicated
 
@@ -355,6 +363,14 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
         bottle.response.status = 200 if result["ok"] else 503
         return result
 
+    @app.get("/metrics")
+    def prometheus():
+        # No auth, like /healthz: aggregate counts only, nothing of any user's.
+        text = metrics.REGISTRY.render([lambda: service_metrics(store, event_hub, worker)])
+        bottle.response.content_type = metrics.CONTENT_TYPE
+        bottle.response.set_header("Cache-Control", "no-store")
+        return text
+
     # the page
 
     @app.get("/")
@@ -374,6 +390,33 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     app.config["holdfast.events"] = event_hub
     app.config["holdfast.store"] = store
     return app
+
+
+def service_metrics(store, hub, worker):
+    """GET /metrics' figures read at scrape time: tasks by provider and
+    status (one GROUP BY), open event streams, and whether the store and the
+    scheduler answer."""
+    try:
+        counts = store.task_counts()
+        up = 1
+    except HoldfastError:
+        counts, up = {}, 0
+    streams = hub.counts()
+    families = [
+        ("holdfast_tasks", "gauge", "Tasks in the store, by provider and status.",
+         [({"provider": p, "status": s}, n) for (p, s), n in sorted(counts.items())]),
+        ("holdfast_store_up", "gauge", "1 when the store answered this scrape.", [({}, up)]),
+        ("holdfast_event_streams", "gauge", "Open event streams (sse) and long polls (poll).",
+         [({"kind": k}, streams[k]) for k in ("sse", "poll")]),
+        ("holdfast_event_streams_max", "gauge", "The cap that streams and long polls share.",
+         [({}, streams["max"])]),
+        ("holdfast_start_time_seconds", "gauge", "When this process started (Unix time).",
+         [({}, metrics.START_TIME)]),
+    ]
+    if worker is not None:
+        families.append(("holdfast_scheduler_up", "gauge", "1 when the worker's scheduler runs.",
+                         [({}, int(worker.alive()))]))
+    return families
 
 
 # -- accounts: the caller, admins, limits, conversation sessions ---------------

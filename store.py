@@ -26,6 +26,7 @@ import peewee
 from peewee import (AutoField, BooleanField, CharField, CompositeKey,
                     DoubleField, IntegerField, Model, TextField)
 
+import metrics
 from errors import (Conflict, InvalidInput, NotFound, PaymentRequired,
                     StaleLease, StoreUnavailable, TooMany)
 
@@ -520,6 +521,11 @@ class BaseStore:
         """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
         raise NotImplementedError
 
+    def task_counts(self):
+        """{(provider, status): how many tasks}, every user's, in one
+        GROUP BY (for GET /metrics)."""
+        raise NotImplementedError
+
     # -- accounts: credits, admin queries, conversation sessions --------------
     #
     # The ledger has one row per credit movement: `reserve` (submit), then one
@@ -940,6 +946,7 @@ class SqlStore(BaseStore):
         if new == "running" and task["started_at"] is None:
             task["started_at"] = now
         if new in TERMINAL:
+            metrics.FINISHED.inc(task["provider"], new)
             task["finished_at"] = now
             task["next_poll_at"] = None
             release = True
@@ -971,6 +978,7 @@ class SqlStore(BaseStore):
                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                          (task["user_id"], task["id"], kind, task["cost"], now))
         if cur.rowcount == 1:
+            (metrics.CHARGES if kind == "charge" else metrics.REFUNDS).inc(task["provider"])
             if kind == "refund":
                 self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
                            (task["cost"], task["user_id"]))
@@ -1143,6 +1151,11 @@ class SqlStore(BaseStore):
             "oldest_active_s": round(now - oldest, 3) if oldest is not None else 0,
             "by_status": by_status,
         }
+
+    def task_counts(self):
+        with self._seam():
+            return {(provider, status): n for provider, status, n in self._exec(
+                "SELECT provider, status, COUNT(*) FROM tasks GROUP BY provider, status").fetchall()}
 
     # -- accounts: credits, admin queries, conversation sessions --------------
 

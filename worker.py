@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
+import metrics
 from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease)
 from providers import Retry, Status
@@ -122,6 +123,7 @@ class Worker:
         if room <= 0:
             return 0
         tasks = self.store.claim(self.owner, now=now, limit=min(room, self.batch), lease_s=self.lease_s)
+        metrics.claimed(tasks, now)
         for task in tasks:
             with self._lock:
                 self._inflight += 1
@@ -170,6 +172,7 @@ class Worker:
         now = self.clock() if now is None else now
         self.last_tick = now
         tasks = self.store.claim(self.owner, now=now, limit=self.batch, lease_s=self.lease_s)
+        metrics.claimed(tasks, now)
         for task in tasks:
             self.process(task, now)
         return len(tasks)
@@ -200,7 +203,7 @@ class Worker:
             # An earlier attempt stored its id and may have reached the
             # provider before a crash: ask before submitting again.
             try:
-                status = provider.poll(task, now)
+                status = self._ask(task, provider, now)
             except ProviderUnavailable as exc:
                 return self._later(task, now, str(exc), retry_after=exc.retry_after)
             if status.state != "unknown":
@@ -219,7 +222,8 @@ class Worker:
         if held is None:
             return self._wait_for_slot(task, provider, now)
         try:
-            external_id = provider.submit(held, now)
+            with metrics.provider_call(provider.name, "submit"):
+                external_id = provider.submit(held, now)
         except ProviderRejected as exc:
             return self._finish(held, now, "failed", error=(exc.code, exc.message))
         except ProviderUnavailable as exc:
@@ -306,10 +310,21 @@ class Worker:
 
     def _poll(self, task, provider, now):
         try:
-            status = provider.poll(task, now)
+            status = self._ask(task, provider, now)
         except ProviderUnavailable as exc:
             return self._later(task, now, str(exc), retry_after=exc.retry_after)
         self._apply(task, provider, status, now)
+
+    def _ask(self, task, provider, now):
+        """provider.poll(), timed and counted."""
+        try:
+            with metrics.provider_call(provider.name, "poll"):
+                status = provider.poll(task, now)
+        except Exception:
+            metrics.POLLS.inc(provider.name, "error")
+            raise
+        metrics.POLLS.inc(provider.name, status.state)
+        return status
 
     def _apply(self, task, provider, status, now):
         token = task["lease_token"]
@@ -354,14 +369,19 @@ class Worker:
                 saved.append(self.files.save(task["id"], name, provider.fetch(task, output),
                                              max_bytes=provider.max_file_bytes,
                                              content_type=output.content_type))
+                metrics.DOWNLOADS.inc(provider.name, "saved")
+                metrics.DOWNLOAD_BYTES.inc(provider.name, amount=saved[-1]["size"])
             except ResultExpired as exc:
+                metrics.DOWNLOADS.inc(provider.name, "expired")
                 log.warning("task %s: %s", task["id"], exc)
                 lost += 1
                 expired = True
             except (InvalidInput, ProviderRejected) as exc:
+                metrics.DOWNLOADS.inc(provider.name, "invalid")
                 log.warning("task %s: %s", task["id"], exc)
                 lost += 1
             except ProviderUnavailable as exc:
+                metrics.DOWNLOADS.inc(provider.name, "retry")
                 return self._later(task, now, f"download: {exc}", retry_after=exc.retry_after)
         if saved and lost:
             self._finish(task, now, "partial", files=saved,
@@ -444,7 +464,8 @@ class Worker:
 
     def _cancel(self, provider, task):
         try:
-            provider.cancel(task)
+            with metrics.provider_call(provider.name, "cancel"):
+                provider.cancel(task)
         except Exception as exc:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
 
