@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 import bottle
 
 import metrics
+import openapi
 from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
                     NotFound, PaymentRequired, TooLarge, TooMany, Unauthorized)
 from events import EventHub
@@ -370,6 +371,10 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
         bottle.response.content_type = metrics.CONTENT_TYPE
         bottle.response.set_header("Cache-Control", "no-store")
         return text
+
+    @app.get("/openapi.json")
+    def openapi_json():
+        return openapi.spec()
 
     # the page
 

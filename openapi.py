@@ -1,0 +1,349 @@
+"""GET /openapi.json: holdfast's HTTP API described as OpenAPI 3.1.
+
+Written by hand, next to app.py's routes; tests/test_openapi.py fails when a
+route is missing here (or described here but gone), and fuzzes a real server
+against this description with schemathesis.
+"""
+
+VERSION = "1.0.0"
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _error(description):
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _json(schema, description="OK"):
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required, properties, extra=False):
+    return {"type": "object", "required": list(required), "properties": properties,
+            "additionalProperties": extra}
+
+
+ERRORS = {
+    "400": _error("bad input: the body, a parameter or a field (nothing changed)"),
+    "401": _error("missing or unknown token"),
+    "402": _error("not enough credits for this task (insufficient_credits)"),
+    "403": _error("an admin token is required"),
+    "404": _error("not found (another user's resource looks the same as a missing one)"),
+    "405": _error("method not allowed"),
+    "409": _error("conflict with the resource's state"),
+    "413": _error("request body over HOLDFAST_MAX_BODY"),
+    "429": {**_error("rate limit, active-task limit or full queue; see Retry-After"),
+            "headers": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}},
+    "503": _error("the store or the event streams cannot serve now"),
+}
+
+
+def _errors(*codes):
+    return {code: {"$ref": f"#/components/responses/E{code}"} for code in codes}
+
+
+TASK_ID = {"name": "task_id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^t_[0-9A-Z]{26}$"},
+           "description": "`t_` and a 26-character ULID"}
+SESSION_KEY = {"name": "key", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"},
+               "description": "1-128 letters, digits and `_ . : @ -`, starting with a letter or digit"}
+_STATUS = "(queued|running|succeeded|partial|failed|cancelled)"
+_SSE_EVENT = {"type": "object", "description": "one Server-Sent Event: `data` is an Event as JSON text "
+              "(the first, `ready`, carries the starting cursor)",
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"},
+                             "id": {"type": "string"}, "retry": {"type": "integer"}}}
+TOKEN_QUERY = {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "the bearer token, for clients that cannot set headers (EventSource, <img>)"}
+BODY_TOO = ("400", "401", "413")
+
+SCHEMAS = {
+    "Error": _obj(["error"], {"error": _obj(["code", "message"], {
+        "code": {"type": "string", "examples": ["invalid_input", "task_not_found"]},
+        "message": {"type": "string"}})}),
+    "TaskFile": _obj(["name", "size", "sha256", "content_type", "url"], {
+        "name": {"type": "string"}, "size": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "string"}, "content_type": {"type": "string"},
+        "url": {"type": "string"}}),
+    "Task": _obj(
+        ["id", "provider", "status", "step", "progress", "dedupe_key", "params", "external_id",
+         "attempts", "files", "error", "cost", "credits", "retry_of", "created_at", "updated_at",
+         "started_at", "finished_at", "deadline_at", "version"], {
+            "id": {"type": "string"}, "provider": {"type": "string"},
+            "status": {"enum": ["queued", "running", "succeeded", "partial", "failed", "cancelled"]},
+            "step": {"type": ["string", "null"]},
+            "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+            "dedupe_key": {"type": ["string", "null"]}, "params": {"type": "object"},
+            "external_id": {"type": ["string", "null"]}, "attempts": {"type": "integer"},
+            "files": {"type": "array", "items": _ref("TaskFile")},
+            "error": {"oneOf": [{"type": "null"}, _obj(["code", "message"], {
+                "code": {"enum": ["provider_rejected", "provider_unavailable", "timeout", "result_expired",
+                                  "provider_lost", "invalid_result", "internal"]},
+                "message": {"type": "string"}})]},
+            "cost": {"type": "integer"},
+            "credits": {"enum": ["none", "reserved", "charged", "refunded"]},
+            "retry_of": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "started_at": _NULLABLE_TIME, "finished_at": _NULLABLE_TIME,
+            "deadline_at": {"type": "string", "format": "date-time"},
+            "version": {"type": "integer", "minimum": 1}}),
+    "SubmitRequest": _obj(["provider"], {
+        "provider": {"type": "string", "examples": ["demo"]},
+        "params": {"type": "object", "examples": [{"prompt": "a red fox"}]},
+        "dedupe_key": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}}),
+    "TaskAnswer": _obj(["task", "deduplicated"], {"task": _ref("Task"), "deduplicated": {"type": "boolean"}}),
+    "OneTask": _obj(["task"], {"task": _ref("Task")}),
+    "TaskPage": _obj(["tasks", "next"], {"tasks": {"type": "array", "items": _ref("Task")},
+                                         "next": {"type": ["string", "null"]}}),
+    "Credits": {"oneOf": [{"type": "null"}, _obj(["balance", "reserved"], {
+        "balance": {"type": "integer"}, "reserved": {"type": "integer"}})]},
+    "Me": _obj(["user", "credits", "limits", "usage"], {
+        "user": _obj(["name", "admin"], {"name": {"type": "string"}, "admin": {"type": "boolean"}}),
+        "credits": _ref("Credits"),
+        "limits": {"type": "object", "additionalProperties": {"type": "number"}},
+        "usage": _obj(["active"], {"active": {"type": "integer"}})}),
+    "Provider": _obj(["name", "type", "limits", "health"], {
+        "name": {"type": "string"}, "type": {"type": "string"},
+        "limits": {"type": "object"},
+        "health": _obj(["ok", "checked_at", "error"], {
+            "ok": {"type": ["boolean", "null"]}, "checked_at": {"type": ["string", "null"]},
+            "error": {"type": ["string", "null"]}})}),
+    "Health": _obj(["ok", "store", "scheduler", "queue_depth", "oldest_active_s"], {
+        "ok": {"type": "boolean"}, "store": {"type": "string"},
+        "scheduler": {"enum": ["running", "stopped", "off"]},
+        "queue_depth": {"type": ["integer", "null"]}, "oldest_active_s": {"type": ["number", "null"]},
+        "streams": _obj(["sse", "poll", "max"], {"sse": {"type": "integer"}, "poll": {"type": "integer"},
+                                                 "max": {"type": "integer"}})}),
+    "Message": _obj(["role", "content"], {
+        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        "content": {"type": "string", "maxLength": 16000}}),
+    "Session": _obj(["key", "messages", "data", "updated_at", "expires_at"], {
+        "key": {"type": "string"}, "messages": {"type": "array", "items": _ref("Message"), "maxItems": 40},
+        "data": {"type": ["object", "null"]},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "expires_at": {"type": "string", "format": "date-time"}}),
+    "SessionAnswer": _obj(["session", "dropped"], {"session": _ref("Session"),
+                                                   "dropped": {"type": "integer", "minimum": 0}}),
+    "User": _obj(["name", "admin", "credits", "max_active", "rate_per_s", "created_at"], {
+        "name": {"type": "string"}, "admin": {"type": "boolean"}, "credits": _ref("Credits"),
+        "max_active": {"type": ["integer", "null"]}, "rate_per_s": {"type": ["number", "null"]},
+        "created_at": _NULLABLE_TIME}),
+    "Event": _obj(["seq", "task_id", "type", "task"], {
+        "seq": {"type": "integer"}, "task_id": {"type": "string"},
+        "type": {"enum": ["created", "updated", "finished"]}, "task": _ref("Task")}),
+}
+
+_BEARER = [{"bearer": []}]
+_BEARER_OR_QUERY = [{"bearer": []}, {"query_token": []}]
+
+
+def _op(summary, responses, *, security=_BEARER, params=(), body=None, tags=("tasks",), errors=()):
+    op = {"summary": summary, "tags": list(tags), "responses": {**responses, **_errors(*errors)}}
+    if security is not None:
+        op["security"] = security
+        op["responses"].update(_errors("401"))
+    else:
+        op["security"] = []
+    if params:
+        op["parameters"] = list(params)
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+PATHS = {
+    "/api/tasks": {
+        "post": _op(
+            "Submit a task, or find the caller's live task with the same dedupe key",
+            {"201": _json(_ref("TaskAnswer"), "created"),
+             "200": _json(_ref("TaskAnswer"), "deduplicated: the existing task")},
+            params=[{"name": "Idempotency-Key", "in": "header", "required": False,
+                     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
+                     "description": "the same as dedupe_key"}],
+            body=_ref("SubmitRequest"), errors=(*BODY_TOO, "402", "429")),
+        "get": _op(
+            "The caller's tasks, newest first",
+            {"200": _json(_ref("TaskPage"))},
+            params=[{"name": "status", "in": "query",
+                     "schema": {"type": "string",
+                                "pattern": f"^(active|terminal|{_STATUS}(,{_STATUS}){{0,5}})?$"},
+                     "description": "comma-separated statuses, or active or terminal"},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                "maximum": 200, "default": 50}},
+                    {"name": "before", "in": "query", "schema": {"type": "string",
+                                                                 "pattern": "^(t_[0-9A-Z]{26})?$"},
+                     "description": "`next` of the previous page"}],
+            errors=("400",)),
+    },
+    "/api/tasks/{task_id}": {
+        "get": _op("One task", {"200": _json(_ref("OneTask"))}, params=[TASK_ID], errors=("404",)),
+    },
+    "/api/tasks/{task_id}/cancel": {
+        "post": _op("Cancel an active task (credits refunded)", {"200": _json(_ref("OneTask"))},
+                    params=[TASK_ID], errors=("404", "409")),
+    },
+    "/api/tasks/{task_id}/retry": {
+        "post": _op("A new task with the same provider and params as a failed or cancelled one",
+                    {"201": _json(_ref("TaskAnswer"), "created"),
+                     "200": _json(_ref("TaskAnswer"), "deduplicated")},
+                    params=[TASK_ID], errors=("400", "402", "404", "409", "429")),
+    },
+    "/api/tasks/{task_id}/files/{name}": {
+        "get": _op("A stored result file, with its content type",
+                   {"200": {"description": "the file", "content": {"*/*": {
+                       "schema": {"type": "string", "format": "binary"}}}}},
+                   security=_BEARER_OR_QUERY,
+                   params=[TASK_ID, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                           TOKEN_QUERY],
+                   errors=("404",)),
+    },
+    "/api/events": {
+        "get": _op(
+            "Server-Sent Events for the caller's tasks; each stream ends after HOLDFAST_SSE_MAX_S",
+            {"200": {"description": "an event stream: `id:` is the event seq, `data:` an Event",
+                     "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+             "503": {"description": "too many streams are open: use /api/events/poll or retry later",
+                     "headers": {"Retry-After": {"schema": {"type": "string"}}},
+                     "content": {"application/json": {"schema": _ERROR},
+                                 "text/event-stream": {"schema": _SSE_EVENT}}}},
+            security=_BEARER_OR_QUERY, tags=("events",),
+            params=[{"name": "since", "in": "query", "schema": {"type": "string", "pattern": "^([0-9]{1,18})?$"}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}, TOKEN_QUERY],
+            errors=("400",)),
+    },
+    "/api/events/poll": {
+        "get": _op(
+            "The same events as JSON, long-polling up to `wait` seconds",
+            {"200": _json(_obj(["events", "next"], {"events": {"type": "array", "items": _ref("Event")},
+                                                    "next": {"type": "integer"}}))},
+            tags=("events",),
+            params=[{"name": "since", "in": "query", "schema": {"type": "string", "pattern": "^([0-9]{1,18})?$"}},
+                    {"name": "wait", "in": "query",
+                     "schema": {"type": "string",
+                                "pattern": "^((1?[0-9]|2[0-4])(\\.[0-9]{1,3})?|25(\\.0{1,3})?)?$"},
+                     "description": "seconds, at most 25"}],
+            errors=("400",)),
+    },
+    "/api/me": {
+        "get": _op("The caller, their credits and limits", {"200": _json(_ref("Me"))}, tags=("accounts",)),
+    },
+    "/api/providers": {
+        "get": _op("Configured providers, their limits and health",
+                   {"200": _json(_obj(["providers"], {"providers": {"type": "array",
+                                                                    "items": _ref("Provider")}}))},
+                   tags=("service",)),
+    },
+    "/api/sessions/{key}": {
+        "get": _op("A live conversation session", {"200": _json(_obj(["session"], {"session": _ref("Session")}))},
+                   params=[SESSION_KEY], tags=("sessions",), errors=("400", "404")),
+        "put": _op("Replace (or create) a session; keeps the newest 40 messages",
+                   {"200": _json(_ref("SessionAnswer"))}, params=[SESSION_KEY], tags=("sessions",),
+                   body=_obj([], {"messages": {"type": "array", "items": _ref("Message")},
+                                  "data": {"type": ["object", "null"]}}),
+                   errors=(*BODY_TOO, "409")),
+        "delete": _op("Delete a session", {"204": {"description": "deleted"}}, params=[SESSION_KEY],
+                      tags=("sessions",), errors=("400", "404")),
+    },
+    "/api/sessions/{key}/messages": {
+        "post": _op("Append one message, or {\"messages\": [...]}, to a session (created if missing)",
+                    {"200": _json(_ref("SessionAnswer"))}, params=[SESSION_KEY], tags=("sessions",),
+                    body={"oneOf": [_ref("Message"),
+                                    _obj(["messages"], {"messages": {"type": "array", "items": _ref("Message"),
+                                                                     "minItems": 1}})]},
+                    errors=(*BODY_TOO, "409")),
+    },
+    "/api/admin/users": {
+        "post": _op("Create a user; the token is shown only here",
+                    {"201": _json(_obj(["user", "token"], {"user": _ref("User"), "token": {"type": "string"}}),
+                                  "created")},
+                    tags=("admin",),
+                    body=_obj(["name"], {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                                         "credits": {"type": ["integer", "null"], "minimum": 0,
+                                                     "maximum": 10 ** 9},
+                                         "admin": {"type": "boolean"},
+                                         "max_active": {"type": ["integer", "null"], "minimum": 1,
+                                                        "maximum": 100_000},
+                                         "rate_per_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                                        "maximum": 10_000}}),
+                    errors=(*BODY_TOO, "403", "409")),
+    },
+    "/api/admin/users/{name}/credits": {
+        "post": _op("Grant credits (negative takes them away, never below zero)",
+                    {"200": _json(_obj(["user", "granted"], {"user": _ref("User"), "granted": {"type": "integer"}}))},
+                    tags=("admin",),
+                    params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    body=_obj(["amount"], {"amount": {"type": "integer", "minimum": -10 ** 9,
+                                                      "maximum": 10 ** 9, "not": {"const": 0}}}),
+                    errors=(*BODY_TOO, "403", "404", "409")),
+    },
+    "/api/admin/tasks": {
+        "get": _op("Active tasks of every user; with stuck=1 only those that look stuck",
+                   {"200": _json(_obj(["now", "tasks"], {"now": {"type": "string"}, "tasks": {
+                       "type": "array", "items": _obj(
+                           ["task", "user", "stuck", "lease_owner", "lease_expires_at", "next_poll_at"], {
+                               "task": _ref("Task"), "user": {"type": ["string", "null"]},
+                               "stuck": {"type": "array", "items": {
+                                   "enum": ["past_deadline", "lease_expired", "poll_overdue"]}},
+                               "lease_owner": {"type": ["string", "null"]},
+                               "lease_expires_at": _NULLABLE_TIME, "next_poll_at": _NULLABLE_TIME})}}))},
+                   tags=("admin",),
+                   params=[{"name": "stuck", "in": "query", "schema": {"enum": ["0", "1"]}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 500}},
+                           {"name": "grace_s", "in": "query", "schema": {"type": "number", "minimum": 0,
+                                                                         "maximum": 86400}}],
+                   errors=("400", "403")),
+    },
+    "/healthz": {
+        "get": _op("Store, scheduler, queue depth and oldest active task; 503 when not ok",
+                   {"200": _json(_ref("Health")), "503": _json(_ref("Health"), "not ok")},
+                   security=None, tags=("service",)),
+    },
+    "/metrics": {
+        "get": _op("Counters and gauges in Prometheus' text format",
+                   {"200": {"description": "Prometheus text format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                   security=None, tags=("service",)),
+    },
+    "/openapi.json": {
+        "get": _op("This description", {"200": _json({"type": "object"})}, security=None, tags=("service",)),
+    },
+    "/": {
+        "get": _op("The web page", {"200": {"description": "HTML",
+                                            "content": {"text/html": {"schema": {"type": "string"}}}}},
+                   security=None, tags=("page",)),
+    },
+    "/static/{path}": {
+        "get": _op("The page's scripts and styles",
+                   {"200": {"description": "a static file", "content": {"*/*": {"schema": {"type": "string"}}}}},
+                   security=None, tags=("page",),
+                   params=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+                   errors=("404",)),
+    },
+}
+
+
+def spec():
+    """The OpenAPI document (a new dict each call)."""
+    import copy
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "holdfast", "version": VERSION,
+                 "description": "Durable AI-generation jobs. Every error is "
+                                "`{\"error\": {\"code\", \"message\"}}` with a 4xx status."},
+        "paths": copy.deepcopy(PATHS),
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "responses": {f"E{code}": response for code, response in copy.deepcopy(ERRORS).items()},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "query_token": {"type": "apiKey", "in": "query", "name": "token"},
+            },
+        },
+    }
