@@ -332,6 +332,11 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
             raise NotFound("file not found", code="file_not_found")
         path = files.path(task["id"], name)
         if not os.path.exists(path):
+            expired = store.files_expired_at(task["id"])
+            if expired is not None:
+                raise NotFound(f"this file expired: result files are kept {config.keep_files_h:g} hours "
+                               f"after the task ends (HOLDFAST_KEEP_FILES_H); deleted at {iso(expired)}",
+                               code="file_expired")
             raise NotFound("file not found", code="file_not_found")
         res = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                  mimetype=meta["content_type"])
@@ -786,7 +791,8 @@ def serve(config):
     if report["changed"]:
         log.info("recovery: %s", report["summary"])
     first_run_users(store, config)
-    worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s)
+    worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
+                    keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d)
     app = create_app(store, providers, config, worker=worker, files=files)
     worker.start()
 

@@ -207,6 +207,10 @@ REFUNDS = REGISTRY.counter(
     "holdfast_refunds_total", "Reservations refunded (a task failed, timed out or was cancelled).",
     ("provider",))
 
+RETENTION = REGISTRY.counter(
+    "holdfast_retention_deleted_total",
+    "What the retention job deleted: files (tasks whose files went), tasks, events, sessions.", ("what",))
+
 
 @contextmanager
 def provider_call(provider, call):

@@ -195,7 +195,8 @@ PATHS = {
                     params=[TASK_ID], errors=("400", "402", "404", "409", "429")),
     },
     "/api/tasks/{task_id}/files/{name}": {
-        "get": _op("A stored result file, with its content type",
+        "get": _op("A stored result file, with its content type; 404 `file_expired` once retention "
+                   "deleted it (HOLDFAST_KEEP_FILES_H after the task ended)",
                    {"200": {"description": "the file", "content": {"*/*": {
                        "schema": {"type": "string", "format": "binary"}}}}},
                    security=_BEARER_OR_QUERY,

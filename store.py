@@ -181,8 +181,36 @@ class SchemaVersion(_Base):
         table_name = "schema_version"
 
 
+class TaskHistory(_Base):
+    """What retention keeps of finished tasks for success-rate numbers: per
+    provider, UTC day of finishing and outcome, how many and how long they
+    took (finished_at - created_at). Written as each task ends."""
+
+    provider = CharField()
+    day = CharField()          # YYYY-MM-DD
+    outcome = CharField()      # the terminal status
+    tasks = IntegerField(default=0)
+    total_s = DoubleField(default=0.0)
+    max_s = DoubleField(default=0.0)
+
+    class Meta:
+        table_name = "task_history"
+        primary_key = CompositeKey("provider", "day", "outcome")
+
+
+class FileExpiry(_Base):
+    """Tasks whose result files retention deleted (the task keeps its list)."""
+
+    task_id = CharField(primary_key=True)
+    expired_at = DoubleField()
+
+    class Meta:
+        table_name = "file_expiry"
+
+
+# Version 1's tables; later migrations add theirs.
 MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
-DATA_MODELS = [User, Task, Event, Ledger, Session]
+DATA_MODELS = [User, Task, Event, Ledger, Session, TaskHistory, FileExpiry]
 
 
 def _migration_1(db):
@@ -197,7 +225,27 @@ def _migration_1(db):
         "CREATE UNIQUE INDEX ledger_settle ON ledger (task_id) WHERE kind IN ('charge', 'refund')")
 
 
-MIGRATIONS = [(1, _migration_1)]
+def _migration_2(db):
+    """Retention: the compact history (filled from the tasks already
+    finished), expired-file marks, and an index to find old finished tasks."""
+    with db.bind_ctx([TaskHistory, FileExpiry]):
+        db.create_tables([TaskHistory, FileExpiry])
+        history = {}
+        for provider, status, created, finished in db.execute_sql(
+                "SELECT provider, status, created_at, finished_at FROM tasks "
+                "WHERE status IN ('succeeded', 'partial', 'failed', 'cancelled') AND finished_at IS NOT NULL"):
+            row = history.setdefault((provider, history_day(finished), status), [0, 0.0, 0.0])
+            took = max(0.0, finished - created)
+            row[0] += 1
+            row[1] += took
+            row[2] = max(row[2], took)
+        for (provider, day, outcome), (n, total, longest) in sorted(history.items()):
+            TaskHistory.insert(provider=provider, day=day, outcome=outcome, tasks=n, total_s=total,
+                               max_s=longest).execute()
+    db.execute_sql("CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL")
+
+
+MIGRATIONS = [(1, _migration_1), (2, _migration_2)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 _TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
@@ -226,6 +274,11 @@ def new_task_id(now=None):
 
 def hash_token(token):
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def history_day(ts):
+    """The UTC day a task finished on, as task_history keys it."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def iso(ts):
@@ -583,6 +636,49 @@ class BaseStore:
 
     def purge_sessions(self, *, now):
         """Delete every expired session; return how many."""
+        raise NotImplementedError
+
+    # -- retention ---------------------------------------------------------------
+    #
+    # The worker's cleanup job: result files go after HOLDFAST_KEEP_FILES_H
+    # (the task keeps its metadata and a FileExpiry mark), finished tasks and
+    # their events after HOLDFAST_KEEP_TASKS_D (ledger rows stay), every event
+    # after a day. task_history keeps the numbers.
+
+    def tasks_with_old_files(self, *, before, limit):
+        """Ids of finished tasks that ended before `before`, list files, and
+        whose files are not yet marked expired; oldest first."""
+        raise NotImplementedError
+
+    def mark_files_expired(self, task_ids, *, now):
+        """Record that these tasks' files were deleted (no version bump, no
+        event: nothing in the task JSON changes). Returns how many were new."""
+        raise NotImplementedError
+
+    def files_expired_at(self, task_id):
+        """When retention deleted the task's files, or None."""
+        raise NotImplementedError
+
+    def finished_before(self, *, before, limit):
+        """Ids of finished tasks that ended before `before`, oldest first."""
+        raise NotImplementedError
+
+    def delete_finished(self, task_ids, *, before):
+        """Delete these tasks (those still finished before `before`), their
+        events and expiry marks, in one transaction; the ledger keeps its
+        rows. The newest event of all is never deleted, so event seqs are
+        never reused. Returns (tasks deleted, events deleted)."""
+        raise NotImplementedError
+
+    def purge_events(self, *, before):
+        """Delete events created before `before` (but never the newest);
+        return how many."""
+        raise NotImplementedError
+
+    def history(self, *, since_day=None, provider=None):
+        """task_history rows (dicts: provider, day, outcome, tasks, total_s,
+        max_s), by day, provider and outcome; `since_day` (YYYY-MM-DD) and
+        `provider` filter."""
         raise NotImplementedError
 
 
@@ -948,6 +1044,7 @@ class SqlStore(BaseStore):
         if new in TERMINAL:
             metrics.FINISHED.inc(task["provider"], new)
             task["finished_at"] = now
+            self._record_history(task, new, now)
             task["next_poll_at"] = None
             release = True
             if task["credits"] == "reserved":
@@ -966,6 +1063,15 @@ class SqlStore(BaseStore):
             raise StaleLease(f"task {task['id']} changed under us")
         self._event(task, "finished" if new in TERMINAL else "updated", now)
         return task
+
+    def _record_history(self, task, status, now):
+        took = max(0.0, now - task["created_at"])
+        self._exec("INSERT INTO task_history (provider, day, outcome, tasks, total_s, max_s) "
+                   "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (provider, day, outcome) DO UPDATE SET "
+                   "tasks = task_history.tasks + 1, total_s = task_history.total_s + excluded.total_s, "
+                   "max_s = CASE WHEN excluded.max_s > task_history.max_s THEN excluded.max_s "
+                   "ELSE task_history.max_s END",
+                   (task["provider"], history_day(now), status, took, took))
 
     def _settle(self, task, status, now):
         """Charge on success, refund otherwise: once, by the ledger's indexes.
@@ -1301,6 +1407,73 @@ class SqlStore(BaseStore):
     def purge_sessions(self, *, now):
         with self._seam(), self._write():
             return self._exec("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+
+    # -- retention ---------------------------------------------------------------
+
+    _FINISHED = "status IN ('succeeded', 'partial', 'failed', 'cancelled') AND finished_at < ?"
+
+    def tasks_with_old_files(self, *, before, limit):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                f"SELECT id FROM tasks WHERE {self._FINISHED} AND files <> '[]' "
+                "AND NOT EXISTS (SELECT 1 FROM file_expiry WHERE file_expiry.task_id = tasks.id) "
+                "ORDER BY finished_at LIMIT ?", (before, limit)).fetchall()]
+
+    def mark_files_expired(self, task_ids, *, now):
+        marked = 0
+        with self._seam(), self._write():
+            for task_id in task_ids:
+                marked += self._exec("INSERT INTO file_expiry (task_id, expired_at) VALUES (?, ?) "
+                                     "ON CONFLICT DO NOTHING", (task_id, now)).rowcount
+        return marked
+
+    def files_expired_at(self, task_id):
+        with self._seam():
+            row = self._one("SELECT expired_at FROM file_expiry WHERE task_id = ?", (task_id,))
+        return row[0] if row else None
+
+    def finished_before(self, *, before, limit):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                f"SELECT id FROM tasks WHERE {self._FINISHED} ORDER BY finished_at LIMIT ?",
+                (before, limit)).fetchall()]
+
+    def delete_finished(self, task_ids, *, before):
+        if not task_ids:
+            return 0, 0
+        marks = ", ".join("?" * len(task_ids))
+        with self._seam(), self._write():
+            ids = [r[0] for r in self._exec(f"SELECT id FROM tasks WHERE id IN ({marks}) AND {self._FINISHED}",
+                                            (*task_ids, before)).fetchall()]
+            if not ids:
+                return 0, 0
+            marks = ", ".join("?" * len(ids))
+            events = self._exec(f"DELETE FROM events WHERE task_id IN ({marks}) "
+                                "AND seq < (SELECT MAX(seq) FROM events)", ids).rowcount
+            self._exec(f"DELETE FROM file_expiry WHERE task_id IN ({marks})", ids)
+            tasks = self._exec(f"DELETE FROM tasks WHERE id IN ({marks})", ids).rowcount
+        return tasks, events
+
+    def purge_events(self, *, before):
+        with self._seam(), self._write():
+            return self._exec("DELETE FROM events WHERE created_at < ? "
+                              "AND seq < (SELECT MAX(seq) FROM events)", (before,)).rowcount
+
+    def history(self, *, since_day=None, provider=None):
+        sql = "SELECT provider, day, outcome, tasks, total_s, max_s FROM task_history"
+        where, params = [], []
+        if since_day is not None:
+            where.append("day >= ?")
+            params.append(since_day)
+        if provider is not None:
+            where.append("provider = ?")
+            params.append(provider)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._seam():
+            rows = self._exec(sql + " ORDER BY day, provider, outcome", params).fetchall()
+        keys = ("provider", "day", "outcome", "tasks", "total_s", "max_s")
+        return [dict(zip(keys, r)) for r in rows]
 
 
 class SqliteStore(SqlStore):

@@ -40,6 +40,8 @@ log = logging.getLogger("holdfast.worker")
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
 WAITING_FOR_SLOT = "waiting for a slot"
+EVENTS_KEEP_S = 86400.0    # the event log is for live views and reconnects, not history
+CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
 
 
 class _Stopped(Conflict):
@@ -50,7 +52,8 @@ class _Stopped(Conflict):
 
 class Worker:
     def __init__(self, store, providers, files, *, owner=None, lease_s=60.0, batch=50,
-                 threads=4, tick_s=0.5, sweep_s=5.0, clock=time.time):
+                 threads=4, tick_s=0.5, sweep_s=5.0, clock=time.time, keep_files_h=72.0,
+                 keep_tasks_d=30.0, keep_events_s=EVENTS_KEEP_S, cleanup_s=300.0):
         self.store = store
         self.providers = providers
         self.files = files
@@ -61,6 +64,10 @@ class Worker:
         self.tick_s = tick_s
         self.sweep_s = sweep_s
         self.clock = clock
+        self.keep_files_s = keep_files_h * 3600.0
+        self.keep_tasks_s = keep_tasks_d * 86400.0
+        self.keep_events_s = keep_events_s
+        self.cleanup_s = cleanup_s
         self.scheduler = None
         self.pool = None
         self._inflight = 0
@@ -78,6 +85,7 @@ class Worker:
         self.scheduler.add_job(self._safe(self.dispatch), "interval", seconds=self.tick_s,
                                id="dispatch")
         self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+        self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
         self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="renew")
         self.scheduler.start()
@@ -451,6 +459,45 @@ class Worker:
             log.info("task %s: failed (%s)", task["id"], code)
             self.cancel_at_provider(ended_task)
         return ended
+
+    # -- retention ---------------------------------------------------------------
+
+    def cleanup(self, now=None):
+        """Retention: delete result files after keep_files_h (the task keeps
+        its metadata), finished tasks and their events after keep_tasks_d
+        (the ledger and task_history keep their rows), events after a day,
+        expired conversation sessions. Files go before the rows that name
+        them, so a crash between the two leaves nothing a later run cannot
+        finish. Returns what was deleted."""
+        now = self.clock() if now is None else now
+        done = {"files": 0, "tasks": 0, "events": 0, "sessions": 0}
+        while self.files is not None:
+            ids = self.store.tasks_with_old_files(before=now - self.keep_files_s, limit=CLEANUP_BATCH)
+            for task_id in ids:
+                self.files.remove_task(task_id)
+            done["files"] += self.store.mark_files_expired(ids, now=now)
+            if len(ids) < CLEANUP_BATCH:
+                break
+        while True:
+            before = now - self.keep_tasks_s
+            ids = self.store.finished_before(before=before, limit=CLEANUP_BATCH)
+            if self.files is not None:
+                for task_id in ids:
+                    self.files.remove_task(task_id)
+            tasks, events = self.store.delete_finished(ids, before=before)
+            done["tasks"] += tasks
+            done["events"] += events
+            if len(ids) < CLEANUP_BATCH or not tasks:
+                break
+        done["events"] += self.store.purge_events(before=now - self.keep_events_s)
+        done["sessions"] += self.store.purge_sessions(now=now)
+        for what, n in done.items():
+            if n:
+                metrics.RETENTION.inc(what, amount=n)
+        if any(done.values()):
+            log.info("retention: deleted %(files)d task(s)' files, %(tasks)d finished task(s), "
+                     "%(events)d event(s), %(sessions)d expired session(s)", done)
+        return done
 
     def cancel_at_provider(self, task):
         """Best effort, never in a request's or a transaction's way."""
