@@ -5,6 +5,7 @@ hand. It is safe while the server runs: it takes the same leases the worker
 takes, and releases only leases that ran out or whose process is gone.
 
     python recover.py [--dry-run] [--json]
+    python recover.py --audit [--fix] [--json]   # do the store and the files agree?
     python recover.py --export FILE      # every row of every table, as JSON
     python recover.py --import FILE      # into an empty store
 """
@@ -91,6 +92,80 @@ def summary(report):
     return "; ".join(parts) + f" ({verb} what was found)"
 
 
+def audit(store, files, *, now, fix=False):
+    """Check that the store and the file store agree: finished tasks whose
+    files are missing (or of the wrong size), finished tasks still holding
+    reserved credits, ledger settlements that contradict their task's
+    status, and file folders of tasks that do not exist. With `fix`, repair
+    what is safe: settle the stray reservations (charge or refund, once, as
+    the task's status says) and delete the orphan folders; the rest is
+    reported for a human. Returns a report (a dict); `unfixed` counts what
+    is still wrong."""
+    report = {"audit": True, "fix": fix}
+
+    missing = []
+    if files is not None:
+        after = None
+        while True:
+            page = store.files_listed(after=after, limit=1000)
+            for task_id, listed, expired in page:
+                if expired:
+                    continue       # retention deleted them on purpose
+                lost, wrong = [], []
+                for meta in listed:
+                    try:
+                        size = os.path.getsize(files.path(task_id, meta["name"]))
+                    except (OSError, HoldfastError):
+                        lost.append(meta["name"])
+                        continue
+                    if size != meta.get("size"):
+                        wrong.append(meta["name"])
+                if lost or wrong:
+                    missing.append({"task_id": task_id, "missing": lost, "wrong_size": wrong})
+            if len(page) < 1000:
+                break
+            after = page[-1][0]
+    report["tasks_missing_files"] = missing
+
+    stray = [t["id"] for t in store.stray_reservations()]
+    report["stray_reservations"] = stray
+    settled = {}
+    if fix:
+        settled = {task_id: store.settle_stray(task_id, now=now) for task_id in stray}
+    report["reservations_settled"] = settled
+
+    report["settlement_mismatches"] = store.settlement_mismatches()
+
+    orphans = []
+    if files is not None:
+        folders = files.task_ids()
+        orphans = sorted(set(folders) - store.existing_task_ids(folders))
+    report["orphan_files"] = orphans
+    deleted = []
+    if fix:
+        for task_id in orphans:
+            files.remove_task(task_id)
+            deleted.append(task_id)
+    report["orphans_deleted"] = deleted
+
+    report["found"] = len(missing) + len(stray) + len(report["settlement_mismatches"]) + len(orphans)
+    report["unfixed"] = report["found"] - len([v for v in settled.values() if v]) - len(deleted)
+    report["summary"] = audit_summary(report)
+    return report
+
+
+def audit_summary(report):
+    settled = " (settled)" if report["reservations_settled"] else ""
+    deleted = " (deleted)" if report["orphans_deleted"] else ""
+    parts = [f"{len(report['tasks_missing_files'])} finished task(s) missing files",
+             f"{len(report['stray_reservations'])} stray reservation(s){settled}",
+             f"{len(report['settlement_mismatches'])} settlement(s) contradicting their task",
+             f"{len(report['orphan_files'])} folder(s) of files without a task{deleted}"]
+    verdict = "consistent" if not report["found"] else (
+        "all fixed" if not report["unfixed"] else f"{report['unfixed']} problem(s) left for a human")
+    return "audit: " + "; ".join(parts) + f" -> {verdict}"
+
+
 def export_data(store, path):
     data = {"format": EXPORT_FORMAT, "schema_version": store.schema_version(), "tables": store.export_rows()}
     tmp = path + ".tmp"
@@ -122,10 +197,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python recover.py", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="report only; change nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--fix", action="store_true",
+                        help="with --audit: settle stray reservations and delete orphan files")
     move = parser.add_mutually_exclusive_group()
     move.add_argument("--export", metavar="FILE", help="write every row of every table to FILE")
     move.add_argument("--import", dest="import_", metavar="FILE", help="load FILE into an empty store")
+    move.add_argument("--audit", action="store_true",
+                      help="check that tasks, credits and files agree (exit 1 while problems remain)")
     args = parser.parse_args(argv)
+    if args.fix and not args.audit:
+        parser.error("--fix goes with --audit")
+    if args.audit and args.dry_run:
+        parser.error("--audit changes nothing unless --fix is given; drop --dry-run")
     try:
         config = Config.load()
         setup_logging(config.log)
@@ -138,6 +221,8 @@ def main(argv=None):
             elif args.import_:
                 report = {"imported": import_data(store, args.import_), "file": args.import_}
                 report["summary"] = f"imported {report['imported']} from {args.import_}"
+            elif args.audit:
+                report = audit(store, files, now=time.time(), fix=args.fix)
             else:
                 report = recover(store, providers, now=time.time(), files=files, dry_run=args.dry_run)
         finally:
@@ -146,7 +231,7 @@ def main(argv=None):
         print(f"recover: {exc.message}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else report["summary"])
-    return 0
+    return 1 if report.get("unfixed") else 0
 
 
 if __name__ == "__main__":

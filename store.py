@@ -681,6 +681,24 @@ class BaseStore:
         `provider` filter."""
         raise NotImplementedError
 
+    # -- the consistency audit (recover.py --audit) ------------------------------
+
+    def files_listed(self, *, after=None, limit=1000):
+        """[(task_id, files, expired)] of succeeded and partial tasks that list
+        result files, in id order after task id `after` (page by the last
+        id); `expired` is True once retention deleted the files."""
+        raise NotImplementedError
+
+    def settlement_mismatches(self):
+        """Ledger settlements that contradict their task's status: charges
+        on failed or cancelled tasks, refunds on succeeded or partial ones.
+        [dicts: task_id, user_id, status, kind, amount], by task id."""
+        raise NotImplementedError
+
+    def existing_task_ids(self, task_ids):
+        """The subset of `task_ids` that are tasks in the store."""
+        raise NotImplementedError
+
 
 # -- SQL backends ----------------------------------------------------------
 
@@ -1475,6 +1493,37 @@ class SqlStore(BaseStore):
         keys = ("provider", "day", "outcome", "tasks", "total_s", "max_s")
         return [dict(zip(keys, r)) for r in rows]
 
+    # -- the consistency audit ---------------------------------------------------
+
+    def files_listed(self, *, after=None, limit=1000):
+        with self._seam():
+            rows = self._exec(
+                "SELECT id, files, (SELECT 1 FROM file_expiry WHERE file_expiry.task_id = tasks.id) FROM tasks "
+                "WHERE status IN ('succeeded', 'partial') AND files <> '[]' AND id > ? ORDER BY id LIMIT ?",
+                (after or "", limit)).fetchall()
+        return [(r[0], json.loads(r[1]), r[2] is not None) for r in rows]
+
+    def settlement_mismatches(self):
+        with self._seam():
+            rows = self._exec(
+                "SELECT ledger.task_id, ledger.user_id, tasks.status, ledger.kind, ledger.amount FROM ledger "
+                "JOIN tasks ON tasks.id = ledger.task_id "
+                "WHERE (ledger.kind = 'charge' AND tasks.status IN ('failed', 'cancelled')) "
+                "OR (ledger.kind = 'refund' AND tasks.status IN ('succeeded', 'partial')) "
+                "ORDER BY ledger.task_id").fetchall()
+        keys = ("task_id", "user_id", "status", "kind", "amount")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def existing_task_ids(self, task_ids):
+        found = set()
+        task_ids = list(task_ids)
+        with self._seam():
+            for i in range(0, len(task_ids), 500):
+                chunk = task_ids[i:i + 500]
+                found.update(r[0] for r in self._exec(
+                    f"SELECT id FROM tasks WHERE id IN ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
 
 class SqliteStore(SqlStore):
     """The default: one file in WAL mode, short BEGIN IMMEDIATE writes, one
@@ -1823,6 +1872,12 @@ class FileStore:
         ext = os.path.splitext(name)[1].lower()
         return {"name": name, "size": size, "sha256": digest.hexdigest(),
                 "content_type": content_type or CONTENT_TYPES.get(ext, "application/octet-stream")}
+
+    def task_ids(self):
+        """The task ids that have a folder here, sorted; other entries are
+        not holdfast's and are left alone."""
+        return sorted(n for n in os.listdir(self.root)
+                      if re.match(r"^t_[0-9A-Z]{26}$", n) and os.path.isdir(os.path.join(self.root, n)))
 
     def partial_files(self):
         """Temporary files left by downloads a crash interrupted."""
