@@ -747,6 +747,7 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record):
         out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
                "message": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})   # e.g. a task state change's task_id, user_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -31,6 +31,8 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired,
                     StaleLease, StoreUnavailable, TooMany)
 
 log = logging.getLogger("holdfast.store")
+# One line per task state change (creation included), written after commit.
+task_log = logging.getLogger("holdfast.tasks")
 
 
 class TaskStatus(str, Enum):
@@ -68,6 +70,22 @@ def _check_updatable(changes):
     unknown = set(changes) - _UPDATABLE
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
+
+
+def _log_change(task_id, user_id, provider, old, new, error, credits, external_id, attempts):
+    fields = {"event": "task_created" if old is None else "task_status", "task_id": task_id,
+              "user_id": user_id, "provider": provider, "from": old, "to": new}
+    text = f"task {task_id} user {user_id} {provider}: " + (f"{old} -> {new}" if old else f"created ({new})")
+    if new == "running" and external_id:
+        fields.update(external_id=external_id, attempts=attempts)
+        text += f"; {external_id} (attempt {attempts})"
+    if error:
+        fields.update(error_code=error.get("code"), error=error.get("message"))
+        text += f"; {error.get('code')}: {error.get('message')}"
+    if new in TERMINAL and credits != "none":
+        fields["credits"] = credits
+        text += f"; credits {credits}"
+    task_log.info(text, extra={"fields": fields})
 
 
 def check_transition(current, new):
@@ -713,16 +731,26 @@ class SqlStore(BaseStore):
         self.db = db
         self._sql_cache = {}
         self._wrote_events = threading.local()
+        self._changes = threading.local()
 
     # one seam for driver errors; every write transaction runs inside it, so
-    # leaving the outermost one is after the commit: tell the listeners then.
+    # leaving the outermost one is after the commit: tell the listeners then,
+    # and log the state changes that committed (none of a rolled-back one).
     @contextmanager
     def _seam(self):
+        committed = False
         try:
             yield
+            committed = True
         except peewee.OperationalError as exc:
             raise StoreUnavailable(f"store error: {exc}") from exc
         finally:
+            changes = getattr(self._changes, "pending", None)
+            if changes and not self.db.transaction_depth():
+                self._changes.pending = []
+                if committed:
+                    for change in changes:
+                        _log_change(*change)
             if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
                 self._wrote_events.flag = False
                 for callback in self._event_listeners:
@@ -979,6 +1007,7 @@ class SqlStore(BaseStore):
         self._exec(f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES "
                    f"({', '.join('?' * len(TASK_COLUMNS))})", row)
         self._event(task, "created", now)
+        self._note_change(task, None)
         return task, False
 
     def _event(self, task, type_, now):
@@ -1080,7 +1109,18 @@ class SqlStore(BaseStore):
         if cur.rowcount != 1:
             raise StaleLease(f"task {task['id']} changed under us")
         self._event(task, "finished" if new in TERMINAL else "updated", now)
+        if new != old:
+            self._note_change(task, old)
         return task
+
+    def _note_change(self, task, old):
+        """Queue the task's log line until its transaction commits."""
+        if task_log.isEnabledFor(logging.INFO):
+            pending = getattr(self._changes, "pending", None)
+            if pending is None:
+                pending = self._changes.pending = []
+            pending.append((task["id"], task["user_id"], task["provider"], old, task["status"],
+                            task["error"], task["credits"], task["external_id"], task["attempts"]))
 
     def _record_history(self, task, status, now):
         took = max(0.0, now - task["created_at"])

@@ -239,7 +239,6 @@ class Worker:
         self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
                           status="running", external_id=external_id, step="submitted", progress=0.0, polls=0,
                           next_poll_at=now + provider.poll_interval_s, **_recovered(held))
-        log.info("task %s: submitted to %s as %s", held["id"], provider.name, external_id)
 
     def _wait_for_slot(self, task, provider, now):
         """Every slot is taken: look again when a running task may have ended."""
@@ -410,8 +409,8 @@ class Worker:
         if files is not None:
             changes["files"] = files
             changes["progress"] = 1.0
+        # The store logs the change (holdfast.tasks), once it is committed.
         self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
-        log.info("task %s: %s%s", task["id"], status, f" ({error[0]}: {error[1]})" if error else "")
 
     def _later(self, task, now, reason, retry_after=None):
         """A transient failure: look again later; the deadline bounds it."""
@@ -456,7 +455,6 @@ class Worker:
             except Conflict:
                 continue
             ended += 1
-            log.info("task %s: failed (%s)", task["id"], code)
             self.cancel_at_provider(ended_task)
         return ended
 
