@@ -1927,8 +1927,19 @@ class FileStore:
         return sorted(found)
 
     def remove_task(self, task_id):
+        """Delete the task's files and folder. Another process removing them
+        at the same moment (retention, an audit's --fix) is not an error."""
         folder = os.path.join(self.root, task_id)
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            try:
                 os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+        try:
             os.rmdir(folder)
+        except FileNotFoundError:
+            pass

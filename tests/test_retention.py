@@ -224,3 +224,15 @@ def test_migrating_an_old_database_fills_the_history_from_its_finished_tasks(tmp
         assert s.history() == expected and sum(r["tasks"] for r in expected) == 4
     finally:
         s.close()
+
+
+def test_files_another_process_removed_meanwhile_are_not_an_error(files, monkeypatch):
+    from store import new_task_id
+    task_id = new_task_id()
+    files.save(task_id, "a.png", [b"x"], max_bytes=10)
+    listdir = os.listdir
+    # As if another cleanup deleted gone.png between our listing and our unlink.
+    monkeypatch.setattr(os, "listdir", lambda path: listdir(path) + ["gone.png"])
+    files.remove_task(task_id)
+    files.remove_task(task_id)
+    assert not os.path.exists(os.path.join(files.root, task_id))
