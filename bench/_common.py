@@ -1,0 +1,212 @@
+"""What the bench scripts share: timing in interleaved rounds, percentiles, a
+small table printer, temporary directories, and servers in subprocesses that
+are stopped by their PID whatever happens.
+
+This machine is noisy (2 cores, other work running), so a figure is a median
+over rounds, and a ratio compares two things timed in the same round, one
+right after the other: drift hits both sides alike.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+for _path in (ROOT, BENCH):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+PYTHON = sys.executable
+
+# A long benchmark must not drown its table in per-task log lines.
+logging.basicConfig(level=logging.ERROR)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (run_all's time limit, or anyone's kill) and SIGINT become an
+# exception, so `finally` blocks stop the servers and remove the temporary
+# files. SIGINT is set explicitly: a shell starts background jobs with it
+# ignored, and Python then never installs its own handler.
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of `values`."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, max(0, int(round(p / 100 * (len(values) - 1)))))]
+
+
+def rounds(cases, n, count, after=None):
+    """Run each case `count` times, interleaved (A B C A B C ...), `n`
+    operations a time. `cases` is {name: fn(n)}; a case may return the number
+    of operations it really did. `after(name)`, untimed, runs after each.
+    Returns {name: [ops/s per round]}."""
+    out = {name: [] for name in cases}
+    for _ in range(count):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            done = fn(n)
+            elapsed = time.perf_counter() - t0
+            out[name].append((done if isinstance(done, int) else n) / elapsed)
+            if after is not None:
+                after(name)
+    return out
+
+
+def median_ratio(a, b):
+    """Median of per-round ratios a[i] / b[i]: each pair ran back to back."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+class BeginTimer:
+    """Times the store's BEGINs (an instance patch, this process only)."""
+
+    def __init__(self, db):
+        self.waits = []
+        self._lock = threading.Lock()
+        original = db.begin
+
+        def begin(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.waits.append(time.perf_counter() - t0)
+        db.begin = begin
+
+    def take(self):
+        with self._lock:
+            waits, self.waits = self.waits, []
+        return waits
+
+
+def fmt_rate(value):
+    return f"{value:,.0f}"
+
+
+def fmt_ms(seconds):
+    return f"{seconds * 1000:.2f}"
+
+
+def table(headers, rows, title=None):
+    """Print a plain, aligned table: first column left, the others right."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    if title:
+        print(title)
+    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print()
+
+
+@contextlib.contextmanager
+def temp_dir(prefix):
+    """A temporary directory, removed afterwards even when a run fails."""
+    path = tempfile.mkdtemp(prefix=f"holdfast-bench-{prefix}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A command in a subprocess that serves HTTP on 127.0.0.1:`port`, ready
+    once it prints a line matching `ready`. Stopped by its PID only: SIGTERM,
+    then SIGKILL after a few seconds."""
+
+    def __init__(self, argv, *, port, env=None, cwd=None, ready=r"serving on", log_path=None):
+        self.argv = argv
+        self.port = port
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd or ROOT
+        self.ready = re.compile(ready)
+        self.log_path = log_path or os.devnull
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=30):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=self._log)
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode(errors="replace")
+            if not line:
+                self.stop()
+                raise RuntimeError(f"server exited before it was ready: {seen}; log: {self.log_path}")
+            seen.append(line.rstrip())
+            if self.ready.search(line):
+                break
+        else:
+            self.stop()
+            raise RuntimeError(f"server not ready after {timeout}s: {seen}")
+        # Its later prints go nowhere, so a full pipe can never block it.
+        self.proc.stdout.close()
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"port {self.port} never opened")
+
+    def rss_mb(self):
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc is not None and proc.stdout and not proc.stdout.closed:
+            proc.stdout.close()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
