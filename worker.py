@@ -71,6 +71,7 @@ class Worker:
         self.scheduler = None
         self.pool = None
         self._inflight = 0
+        self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
         self._lock = threading.Lock()
         self.last_tick = None
@@ -131,6 +132,9 @@ class Worker:
         if room <= 0:
             return 0
         tasks = self.store.claim(self.owner, now=now, limit=min(room, self.batch), lease_s=self.lease_s)
+        # A full claim means more may be due: the pool asks for the next
+        # batch as it drains, not half a second later at the next tick.
+        self._backlog = len(tasks) == min(room, self.batch)
         metrics.claimed(tasks, now)
         for task in tasks:
             with self._lock:
@@ -149,6 +153,9 @@ class Worker:
                 self._inflight -= 1
                 if self._held.get(task["id"]) == task["lease_token"]:
                     del self._held[task["id"]]
+                refill = self._backlog and self._inflight <= self.threads
+            if refill:
+                self.wake()
 
     def renew(self, now=None):
         """Extend the leases of tasks a step is still working on (a long
