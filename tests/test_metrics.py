@@ -282,3 +282,10 @@ class TestRegistry:
             reg.counter("y_total", "again")
         with pytest.raises(ValueError):
             reg.counter("bad-name", "x")
+
+
+def test_counting_tasks_by_status_and_provider_reads_only_an_index(sqlite_store):
+    """The scrape's GROUP BY must not scan the tasks table (1M rows: ~450 ms)."""
+    plan = sqlite_store._exec("EXPLAIN QUERY PLAN SELECT status, provider, COUNT(*) FROM tasks "
+                              "GROUP BY status, provider").fetchall()
+    assert any("COVERING INDEX tasks_status_provider" in str(row) for row in plan), plan
