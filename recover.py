@@ -125,6 +125,9 @@ def audit(store, files, *, now, fix=False):
             if len(page) < 1000:
                 break
             after = page[-1][0]
+        # Retention may have deleted some of them while we looked: not a problem.
+        present = store.existing_task_ids([m["task_id"] for m in missing])
+        missing = [m for m in missing if m["task_id"] in present and store.files_expired_at(m["task_id"]) is None]
     report["tasks_missing_files"] = missing
 
     stray = [t["id"] for t in store.stray_reservations()]

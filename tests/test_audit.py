@@ -161,3 +161,28 @@ class TestAuditQueries:
         ghost = new_task_id(T0)
         assert store.existing_task_ids([charged, ghost, refunded]) == {charged, refunded}
         assert store.existing_task_ids([]) == set()
+
+
+def test_files_retention_deletes_during_the_audit_are_not_reported(tmp_path, monkeypatch):
+    from recover import audit as run_audit
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    files = FileStore(str(tmp_path / "files"))
+    try:
+        uid = store.create_user("alice")[0]["id"]
+        expiring, gone, lost = (finished(store, files, uid) for _ in range(3))
+        os.unlink(files.path(lost, "out_0.png"))
+        listed = store.files_listed
+
+        def retention_runs_meanwhile(**kw):
+            page = listed(**kw)
+            for task_id in (expiring, gone):
+                files.remove_task(task_id)
+            store.mark_files_expired([expiring], now=T0)
+            store.delete_finished([gone], before=T0 + 10)
+            return page
+
+        monkeypatch.setattr(store, "files_listed", retention_runs_meanwhile)
+        report = run_audit(store, files, now=T0 + 20)
+        assert [m["task_id"] for m in report["tasks_missing_files"]] == [lost]
+    finally:
+        store.close()
