@@ -1107,8 +1107,8 @@
       submitting = false;
       ui.submitBtn.disabled = false;
     }
-    idemKey = uuid();
-    idemKeyTried = false;
+    // The key stays until the form is edited (onFormInput): a second click
+    // on the same form, even after this answer, gets the same task back.
     const task = taskOf(data);
     upsert(s, task, true);
     highlight(task);

@@ -110,6 +110,10 @@ def test_a_demo_task_submitted_in_the_page_runs_live_to_its_thumbnail(context, s
     page.dblclick("#submit-btn")      # a double click must not make two tasks
     page.wait_for_selector(".task")
     task_id = page.get_attribute(".task", "data-id")
+    # Nor a second click after the first answer came back: the form is unchanged.
+    page.wait_for_function("document.getElementById('submit-btn').disabled === false")
+    page.click("#submit-btn")
+    page.wait_for_function("document.getElementById('form-note').textContent.startsWith('Already submitted')")
     page.wait_for_selector(card(task_id, "running"))
     wait_thumbnail(page, task_id)
     assert page.text_content(card(task_id) + " .files a") == "out_0.png"
