@@ -96,6 +96,17 @@ class WSGIClient:
         return self.request("POST", path, json_body=json_body, **kw)
 
 
+def run_until_done(worker, clock, client, token, task_id, limit=40):
+    """Move a worker by a test clock until the task ends; its last JSON."""
+    for _ in range(limit):
+        worker.run_once(clock())
+        task = client.get(f"/api/tasks/{task_id}", token=token).json()["task"]
+        if task["status"] in ("succeeded", "partial", "failed", "cancelled"):
+            return task
+        clock.advance(0.5)
+    raise AssertionError(f"task did not finish: {task}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,20 +6,12 @@ import json
 
 import pytest
 
+from support import run_until_done
+
 
 def submit(client, token, params=None, **body):
     return client.post("/api/tasks", {"provider": "demo", "params": params or {"prompt": "a red fox"}, **body},
                        token=token)
-
-
-def run_until_done(worker, clock, client, token, task_id, limit=40):
-    for _ in range(limit):
-        worker.run_once(clock())
-        task = client.get(f"/api/tasks/{task_id}", token=token).json()["task"]
-        if task["status"] in ("succeeded", "partial", "failed", "cancelled"):
-            return task
-        clock.advance(0.5)
-    raise AssertionError(f"task did not finish: {task}")
 
 
 def counts(store):

@@ -9,6 +9,7 @@ import pytest
 
 import metrics
 from store import SqliteStore, history_day
+from support import run_until_done
 from worker import Worker
 
 HOUR = 3600.0
@@ -21,23 +22,13 @@ def submit(client, token, **params):
     return res.json()["task"]["id"]
 
 
-def finish(worker, clock, client, token, task_id):
-    for _ in range(40):
-        worker.run_once(clock())
-        task = client.get(f"/api/tasks/{task_id}", token=token).json()["task"]
-        if task["status"] in ("succeeded", "partial", "failed", "cancelled"):
-            return task
-        clock.advance(0.5)
-    raise AssertionError(f"task did not finish: {task}")
-
-
 class TestCleanupJob:
     def test_files_go_after_keep_files_h_and_the_task_keeps_its_metadata(self, client, users, worker,
                                                                         clock, files, sqlite_store):
         alice = users["alice"]
-        old = finish(worker, clock, client, alice, submit(client, alice))
+        old = run_until_done(worker, clock, client, alice, submit(client, alice))
         clock.advance(71 * HOUR)
-        young = finish(worker, clock, client, alice, submit(client, alice))
+        young = run_until_done(worker, clock, client, alice, submit(client, alice))
         old_path = files.path(old["id"], old["files"][0]["name"])
         assert os.path.exists(old_path)
 
@@ -65,7 +56,7 @@ class TestCleanupJob:
             self, client, users, worker, clock, files, sqlite_store, providers):
         user, token = sqlite_store.create_user("carol", credits=10)
         providers["demo"].config["cost"] = 2
-        done = finish(worker, clock, client, token, submit(client, token))
+        done = run_until_done(worker, clock, client, token, submit(client, token))
         cancelled = submit(client, token)
         assert client.post(f"/api/tasks/{cancelled}/cancel", token=token).status == 200
         active = submit(client, token, duration_s=600)   # still running a month on: it stays
