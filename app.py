@@ -182,7 +182,6 @@ def optional_key(value, what):
 def create_app(store, providers, config, *, worker=None, files=None, clock=time.time):
     app = bottle.Bottle(catchall=True)
     app.install(json_errors)
-    admin_hash = None
     limiter = RateLimiter(config.rate_per_s, config.rate_burst_s)
 
     def default_error(res):
@@ -398,7 +397,6 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
                     admin_user=admin_user, limiter=limiter)
     event_hub = _event_routes(app, store, config, current_user)
     app.config["holdfast.events"] = event_hub
-    app.config["holdfast.store"] = store
     return app
 
 

@@ -66,6 +66,15 @@ DEDUPE_IGNORED = ("failed", "cancelled")
 SLOT_STEP = "submitting"
 
 
+def _where(sql, **conditions):
+    """`sql` with `WHERE` for each condition (a `column op ?` -> value pair)
+    whose value is not None, and its parameters."""
+    clauses = [(c, v) for c, v in conditions.items() if v is not None]
+    if clauses:
+        sql += " WHERE " + " AND ".join(c for c, _ in clauses)
+    return sql, [v for _, v in clauses]
+
+
 def _check_updatable(changes):
     unknown = set(changes) - _UPDATABLE
     if unknown:
@@ -1363,16 +1372,8 @@ class SqlStore(BaseStore):
         return user
 
     def ledger(self, *, user_id=None, task_id=None):
-        sql = "SELECT id, user_id, task_id, kind, amount, created_at FROM ledger"
-        where, params = [], []
-        if user_id is not None:
-            where.append("user_id = ?")
-            params.append(user_id)
-        if task_id is not None:
-            where.append("task_id = ?")
-            params.append(task_id)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql, params = _where("SELECT id, user_id, task_id, kind, amount, created_at FROM ledger",
+                             **{"user_id = ?": user_id, "task_id = ?": task_id})
         with self._seam():
             rows = self._exec(sql + " ORDER BY id", params).fetchall()
         keys = ("id", "user_id", "task_id", "kind", "amount", "created_at")
@@ -1525,16 +1526,8 @@ class SqlStore(BaseStore):
                               "AND seq < (SELECT MAX(seq) FROM events)", (before,)).rowcount
 
     def history(self, *, since_day=None, provider=None):
-        sql = "SELECT provider, day, outcome, tasks, total_s, max_s FROM task_history"
-        where, params = [], []
-        if since_day is not None:
-            where.append("day >= ?")
-            params.append(since_day)
-        if provider is not None:
-            where.append("provider = ?")
-            params.append(provider)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql, params = _where("SELECT provider, day, outcome, tasks, total_s, max_s FROM task_history",
+                             **{"day >= ?": since_day, "provider = ?": provider})
         with self._seam():
             rows = self._exec(sql + " ORDER BY day, provider, outcome", params).fetchall()
         keys = ("provider", "day", "outcome", "tasks", "total_s", "max_s")
@@ -1768,15 +1761,14 @@ class JsonStore(SqlStore):
         self._journal_bytes += len(line)
 
     def _compact_threshold(self):
-        try:
-            return max(self.min_compact_bytes, os.path.getsize(self.snapshot_path))
-        except OSError:
-            return self.min_compact_bytes
+        return max(self.min_compact_bytes, self._snapshot_bytes)
 
     def _load(self):
         self.db.connect()
         snapshot = None
+        self._snapshot_bytes = 0
         if os.path.exists(self.snapshot_path):
+            self._snapshot_bytes = os.path.getsize(self.snapshot_path)
             with open(self.snapshot_path, encoding="utf-8") as fh:
                 snapshot = json.load(fh)
         self._migrate(upto=snapshot["schema_version"] if snapshot else None)
@@ -1814,6 +1806,7 @@ class JsonStore(SqlStore):
                 json.dump(data, fh, separators=(",", ":"))
                 fh.flush()
                 os.fsync(fh.fileno())
+            self._snapshot_bytes = os.path.getsize(tmp)
             os.replace(tmp, self.snapshot_path)
             _fsync_dir(os.path.dirname(self.snapshot_path))
             self._journal.truncate(0)
