@@ -1,8 +1,8 @@
 """A fake ComfyUI server that answers like the real one.
 
-Every shape here comes from answers recorded from a real ComfyUI 0.3.64 in
-../shared/fixtures/comfyui/ (loaded at import time): validation errors, queue
-items, history entries, the `{}` for ids it does not know.
+Every shape here comes from answers recorded from a real ComfyUI 0.3.64,
+kept in tests/fixtures/comfyui/ (loaded at import time): validation errors,
+queue items, history entries, the `{}` for ids it does not know.
 """
 
 import copy
@@ -22,7 +22,7 @@ from . import FakeServer, Response, json_response, png_bytes
 
 
 def _fixtures_dir():
-    default = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+    default = Path(__file__).resolve().parents[1] / "fixtures"
     root = Path(os.environ.get("HOLDFAST_FIXTURES") or default)
     # HOLDFAST_FIXTURES may name the fixtures root or its comfyui/ directory.
     path = root / "comfyui" if (root / "comfyui").is_dir() else root
