@@ -127,22 +127,35 @@ class Worker:
         """Claim due tasks and hand them to the pool (the scheduler's tick)."""
         now = self.clock() if now is None else now
         self.last_tick = now
+        # stop() may run in another thread at any point of this tick: hold
+        # on to the pool it may take away, and claim nothing once it is gone.
+        pool = self.pool
         with self._lock:
             room = self.threads * 2 - self._inflight
-        if room <= 0:
+        if room <= 0 or pool is None:
             return 0
         tasks = self.store.claim(self.owner, now=now, limit=min(room, self.batch), lease_s=self.lease_s)
         # A full claim means more may be due: the pool asks for the next
         # batch as it drains, not half a second later at the next tick.
         self._backlog = len(tasks) == min(room, self.batch)
         metrics.claimed(tasks, now)
-        for task in tasks:
+        for n, task in enumerate(tasks):
             with self._lock:
                 self._inflight += 1
                 # Renewed from the claim on: a task may wait in the pool's
                 # queue behind long local functions.
                 self._held[task["id"]] = task["lease_token"]
-            self.pool.submit(self._run_pooled, task)
+            try:
+                pool.submit(self._run_pooled, task)
+            except RuntimeError:
+                # The pool shut down under this tick: the process is stopping.
+                # The rest keep their leases, which recovery releases at the
+                # next start on this host, or which expire for another.
+                with self._lock:
+                    self._inflight -= 1
+                    self._held.pop(task["id"], None)
+                log.info("worker stopping: %d claimed task(s) left to their leases", len(tasks) - n)
+                return n
         return len(tasks)
 
     def _run_pooled(self, task):

@@ -27,3 +27,50 @@ def test_the_pool_asks_for_the_next_batch_as_it_drains(sqlite_store, files):
     finally:
         worker.stop()
     assert submitted == len(ids), f"only {submitted} of {len(ids)} submitted without a tick"
+
+
+class _StopsDuringClaim:
+    """The store, except that the worker is stopped (as SIGTERM does in
+    app.serve) right after a claim returns: stop() races a tick."""
+
+    def __init__(self, store):
+        self.store = store
+        self.worker = None
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claim(self, *args, **kwargs):
+        tasks = self.store.claim(*args, **kwargs)
+        self.worker.stop(wait=False)
+        return tasks
+
+
+def _queued(store, n):
+    user = store.create_user("alice")[0]
+    now = time.time()
+    return [store.submit(user["id"], "demo", {"prompt": str(i)}, now=now, deadline_at=now + 3600)[0]["id"]
+            for i in range(n)]
+
+
+def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):
+    ids = _queued(sqlite_store, 3)
+    store = _StopsDuringClaim(sqlite_store)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files,
+                    tick_s=3600, sweep_s=3600)
+    store.worker = worker
+    worker.start()
+    assert worker.dispatch() == 0
+    assert worker._inflight == 0 and worker._held == {}
+    # The claimed tasks stay with their leases, for recovery or another worker.
+    assert all(sqlite_store.get_task(i)["status"] == "queued" for i in ids)
+
+
+def test_a_stopped_worker_claims_nothing(sqlite_store, files):
+    ids = _queued(sqlite_store, 2)
+    worker = Worker(sqlite_store, build_providers({"demo": {}}), files, tick_s=3600, sweep_s=3600)
+    worker.start()
+    worker.stop()
+    assert worker.dispatch() == 0
+    assert sqlite_store.claim("someone-else", now=time.time(), limit=10, lease_s=60)
+    assert {t["id"] for t in sqlite_store.claim("x", now=time.time() + 120, limit=10, lease_s=60)} == set(ids)
