@@ -46,6 +46,9 @@ class TaskStatus(str, Enum):
 
 ACTIVE = frozenset({"queued", "running"})
 TERMINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
+# Only active tasks hold leases (finishing releases them), so lease queries
+# say so and read the status index rather than every finished row.
+_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 # A task can go back from running to queued: the provider lost it and it will
 # be submitted again. Results are only collected from a running task (a job
 # found at the provider after a crash becomes running first). Terminal
@@ -1238,7 +1241,7 @@ class SqlStore(BaseStore):
     def lease_owners(self):
         with self._seam():
             return [r[0] for r in self._exec(
-                "SELECT DISTINCT lease_owner FROM tasks WHERE lease_owner IS NOT NULL").fetchall()]
+                f"SELECT DISTINCT lease_owner FROM tasks WHERE {_LEASED}").fetchall()]
 
     def release_leases(self, owners):
         released = 0
@@ -1246,19 +1249,19 @@ class SqlStore(BaseStore):
             for owner in owners:
                 with self._write():
                     released += self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
-                                           "WHERE lease_owner = ?", (owner,)).rowcount
+                                           f"WHERE {_LEASED} AND lease_owner = ?", (owner,)).rowcount
         return released
 
     def expired_leases(self, *, now):
         with self._seam():
             return [tuple(r) for r in self._exec(
-                "SELECT id, lease_owner FROM tasks WHERE lease_owner IS NOT NULL AND lease_expires_at < ? "
+                f"SELECT id, lease_owner FROM tasks WHERE {_LEASED} AND lease_expires_at < ? "
                 "ORDER BY id", (now,)).fetchall()]
 
     def release_expired_leases(self, *, now):
         with self._seam(), self._write():
             return self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
-                              "WHERE lease_owner IS NOT NULL AND lease_expires_at < ?", (now,)).rowcount
+                              f"WHERE {_LEASED} AND lease_expires_at < ?", (now,)).rowcount
 
     def claim_task(self, task_id, owner, *, now, lease_s):
         with self._seam(), self._write():

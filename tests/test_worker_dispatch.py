@@ -74,3 +74,24 @@ def test_a_stopped_worker_claims_nothing(sqlite_store, files):
     assert worker.dispatch() == 0
     assert sqlite_store.claim("someone-else", now=time.time(), limit=10, lease_s=60)
     assert {t["id"] for t in sqlite_store.claim("x", now=time.time() + 120, limit=10, lease_s=60)} == set(ids)
+
+
+
+def test_the_sweepers_lease_queries_read_only_active_rows(sqlite_store):
+    """lease_owners() and the expired-lease queries run every few seconds:
+    they search the status index instead of scanning a million finished rows."""
+    statements = []
+    conn = sqlite_store.db.connection()
+    conn.set_trace_callback(statements.append)
+    try:
+        sqlite_store.lease_owners()
+        sqlite_store.expired_leases(now=1.0)
+        sqlite_store.release_leases(["gone:1"])
+        sqlite_store.release_expired_leases(now=1.0)
+    finally:
+        conn.set_trace_callback(None)
+    queries = [s for s in statements if "lease_owner" in s and not s.startswith("EXPLAIN")]
+    assert len(queries) == 4, statements
+    for sql in queries:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX" in plan and "SCAN tasks" not in plan, (sql, plan)
