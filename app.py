@@ -162,11 +162,41 @@ def read_json(max_body):
         raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    _check_strings(body)
     return body
 
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+# json.loads lets both through (as \u escapes; surrogates as raw bytes too).
+# An unpaired surrogate is not Unicode: no UTF-8 encoder (SQLite's,
+# psycopg's) takes it. NUL is, but PostgreSQL's text refuses it wherever a
+# string is stored as itself; one rule for every field and backend is
+# simpler than knowing which ones are escaped on the way.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(body):
+    """InvalidInput for any string, key or value at any depth, holding a NUL
+    or an unpaired surrogate."""
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            found = _UNSTORABLE.search(value)
+            if found is None:
+                continue
+            if found.group() == "\x00":
+                raise InvalidInput("strings in the request body must not contain NUL (\\u0000)")
+            raise InvalidInput(f"a string in the request body holds an unpaired surrogate "
+                               f"(\\u{ord(found.group()):04x}), which is not valid Unicode", code="invalid_json")
 
 
 def optional_key(value, what):

@@ -123,6 +123,19 @@ class TestBadInput:
         ("unknown field", b'{"provider": "demo", "prio": 1}', 400, "invalid_input"),
         ("deep nesting", b'{"provider": "demo", "params": {"a": ' + b"[" * 100000 + b"]" * 100000 + b"}}",
          413, "too_large"),
+        # Strings no store can keep: an unpaired surrogate (as an escape or as
+        # raw bytes), a NUL; in values and keys, at any depth.
+        ("lone surrogate", b'{"provider": "demo", "params": {"prompt": "a\\ud800b"}}', 400, "invalid_json"),
+        ("lone low surrogate", b'{"provider": "demo", "params": {"prompt": "\\udc00"}}', 400, "invalid_json"),
+        ("surrogate as raw bytes", b'{"provider": "demo", "params": {"prompt": "\xed\xa0\x80"}}', 400,
+         "invalid_json"),
+        ("surrogate in a key", b'{"provider": "demo", "params": {"\\ud800": 1}}', 400, "invalid_json"),
+        ("surrogate deep in a list", b'{"provider": "demo", "params": {"a": [1, {"b": ["x", "\\udfff"]}]}}', 400,
+         "invalid_json"),
+        ("NUL", b'{"provider": "demo", "params": {"prompt": "a\\u0000b"}}', 400, "invalid_input"),
+        ("NUL in a key", b'{"provider": "demo", "params": {"a\\u0000": 1}}', 400, "invalid_input"),
+        ("NUL deep in a list", b'{"provider": "demo", "params": {"a": [[{"b": "\\u0000"}]]}}', 400,
+         "invalid_input"),
     ]
 
     @pytest.mark.parametrize("name,body,status,code", BAD, ids=[b[0] for b in BAD])
@@ -136,6 +149,34 @@ class TestBadInput:
         assert err["code"] == code and err["message"]
         assert "Traceback" not in res.body.decode()
         assert counts(sqlite_store) == before
+
+    def test_a_paired_surrogate_is_an_ordinary_character(self, client, users):
+        res = client.request("POST", "/api/tasks", data=b'{"provider": "demo", "params": {"prompt": "\\ud83e\\udd8a"}}',
+                             token=users["alice"])
+        assert res.status == 201 and res.json()["task"]["params"] == {"prompt": "\U0001f98a"}
+
+    @pytest.mark.parametrize("method,path,body,code,says", [
+        ("PUT", "/api/sessions/chat", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+         "invalid_json", "surrogate"),
+        ("PUT", "/api/sessions/chat", b'{"messages": [], "data": {"\\udbff": 1}}', "invalid_json", "surrogate"),
+        ("POST", "/api/sessions/chat/messages", b'{"role": "user", "content": "\\udc00"}', "invalid_json",
+         "surrogate"),
+        ("PUT", "/api/sessions/chat", b'{"messages": [{"role": "user", "content": "a\\u0000"}]}', "invalid_input",
+         "NUL"),
+        ("POST", "/api/sessions/chat/messages", b'{"messages": [{"role": "user", "content": "\\u0000"}]}',
+         "invalid_input", "NUL"),
+        ("PUT", "/api/sessions/chat", b'{"data": {"k": ["\\u0000"]}}', "invalid_input", "NUL"),
+    ])
+    def test_unstorable_strings_in_sessions_are_400_and_change_nothing(self, client, users, sqlite_store,
+                                                                       method, path, body, code, says):
+        client.request("PUT", "/api/sessions/chat", json_body={"messages": [{"role": "user", "content": "kept"}]},
+                       token=users["alice"])
+        before = sqlite_store.export_rows()["sessions"]
+        res = client.request(method, path, data=body, token=users["alice"])
+        assert res.status == 400, res
+        err = res.json()["error"]
+        assert err["code"] == code and says in err["message"]
+        assert sqlite_store.export_rows()["sessions"] == before
 
     def test_deeply_nested_json_under_the_size_limit_is_a_400(self, client, users, sqlite_store):
         before = counts(sqlite_store)
