@@ -758,8 +758,16 @@ class SqlStore(BaseStore):
         try:
             yield
             committed = True
-        except peewee.OperationalError as exc:
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            # InterfaceError: a pooled connection that died under us.
             raise StoreUnavailable(f"store error: {exc}") from exc
+        except peewee.DataError as exc:
+            # A value the database refuses, e.g. a NUL in PostgreSQL text.
+            raise InvalidInput(f"the store cannot keep this value: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            # An unpaired surrogate: the driver cannot encode it to UTF-8.
+            raise InvalidInput("a string holds an unpaired surrogate "
+                               f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode") from exc
         finally:
             changes = getattr(self._changes, "pending", None)
             if changes and not self.db.transaction_depth():

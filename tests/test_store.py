@@ -1,9 +1,10 @@
 """The store contract: every backend passes these through the `store` fixture."""
 
+import peewee
 import pytest
 
-from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, TooMany
-from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, task_json
+from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, StoreUnavailable, TooMany
+from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, PostgresStore, task_json
 
 
 def submit(store, user_id, now, **kw):
@@ -89,6 +90,50 @@ class TestSubmit:
             submit(store, user["id"], 1.0, cost=2)
         assert store.user_by_name("payer")["credit_balance"] == 1
         assert len(store.list_tasks(user["id"])[0]) == 1
+
+
+class TestDriverErrors:
+    """A value the database refuses, or a connection that died, is one of
+    holdfast's errors (a 4xx or a 503), never a driver's (a 500)."""
+
+    def test_an_unpaired_surrogate_is_invalid_input_and_writes_nothing(self, store, alice):
+        before = (store.export_rows(), store.last_seq())
+        with pytest.raises(InvalidInput) as err:
+            submit(store, alice["id"], 1.0, params={"prompt": "a\ud800b"})
+        assert "surrogate" in err.value.message
+        with pytest.raises(InvalidInput):
+            store.put_session(alice["id"], "k", messages=[{"role": "user", "content": "\udc00"}], data=None,
+                              now=1.0, ttl_s=60.0)
+        assert (store.export_rows(), store.last_seq()) == before
+
+    @pytest.mark.parametrize("raised,expected", [(peewee.InterfaceError("connection already closed"), StoreUnavailable),
+                                                 (peewee.DataError("value out of range"), InvalidInput)])
+    def test_the_seam_translates_driver_errors(self, store, raised, expected):
+        with pytest.raises(expected):
+            with store._seam():
+                raise raised
+
+
+class TestPostgresValues:
+    """PostgreSQL's text refuses NUL; what reaches it as itself (not inside
+    escaped JSON) must come back as InvalidInput, not peewee.DataError."""
+
+    @pytest.fixture
+    def pg(self, pg_schema):
+        s = PostgresStore(pg_schema.url)
+        yield s
+        s.close()
+
+    def test_a_nul_in_a_stored_string_is_invalid_input(self, pg):
+        user = pg.create_user("alice")[0]
+        before = (pg.export_rows(), pg.last_seq())
+        with pytest.raises(InvalidInput) as err:
+            submit(pg, user["id"], 1.0, dedupe_key="a\x00b")
+        assert "NUL" in err.value.message
+        with pytest.raises(InvalidInput):
+            pg.user_by_name("al\x00ice")
+        assert (pg.export_rows(), pg.last_seq()) == before
+        assert pg.count_users() == 1      # the pool's connection still works
 
 
 class TestReads:
