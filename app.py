@@ -199,6 +199,40 @@ def _check_strings(body):
                                f"(\\u{ord(found.group()):04x}), which is not valid Unicode", code="invalid_json")
 
 
+# What waitress refuses before the app sees the request, by status.
+_WAITRESS_CODES = {400: "bad_request", 413: "too_large", 431: "headers_too_large", 501: "not_implemented"}
+
+
+def json_error_channel(max_body):
+    """A waitress channel class whose own error answers (a body past
+    max_request_body_size, a malformed request) are holdfast's JSON errors,
+    not waitress's text/plain page."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            code = _WAITRESS_CODES.get(error.code, "internal")
+            if error.code == 413:
+                message = f"request body is larger than {max_body} bytes"
+            elif error.code < 500:
+                message = f"{error.reason}: {error.body}"
+            else:
+                message = "internal error"
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
+
+
 def optional_key(value, what):
     if value is None:
         return None
@@ -832,9 +866,13 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server = waitress.create_server(app, host=config.host, port=config.port,
+        sockets = {}
+        server = waitress.create_server(app, map=sockets, host=config.host, port=config.port,
                                         threads=config.threads + config.sse_max_streams,
                                         connection_limit=max(100, config.threads * 16) + config.sse_max_streams,
+                                        # waitress buffers a body (to a file past 512 KiB) before
+                                        # the app runs; past this it answers 413 itself. The margin
+                                        # is for chunked framing: read_json holds the exact limit.
                                         max_request_body_size=config.max_body * 2 + 65536,
                                         channel_timeout=60, ident="holdfast",
                                         # Event streams and long polls hold a thread each: they get
@@ -842,6 +880,10 @@ def serve(config):
                                         # The lookahead keeps reading their sockets, so a client
                                         # that leaves frees its thread at once.
                                         channel_request_lookahead=1)
+        channel = json_error_channel(config.max_body)
+        for listener in list(sockets.values()):
+            if isinstance(listener, waitress.server.BaseWSGIServer):
+                listener.channel_class = channel
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()

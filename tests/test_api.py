@@ -3,10 +3,12 @@ worker moved by a test clock."""
 
 import hashlib
 import json
+import socket
 
 import pytest
+import requests
 
-from support import run_until_done
+from support import ServerProcess, api, run_until_done
 
 
 def submit(client, token, params=None, **body):
@@ -245,3 +247,45 @@ class TestListAndMe:
         assert me["user"]["name"] == "alice" and me["credits"] is None and me["limits"]["max_active"] > 0
         providers = client.get("/api/providers", token=users["alice"]).json()["providers"]
         assert [p["name"] for p in providers] == ["demo"]
+
+
+def peak_rss(pid):
+    """The process's peak resident memory in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+class TestARealServer:
+    MAX_BODY = 64 * 1024
+
+    def test_every_oversized_body_gets_the_json_413_and_the_server_goes_on(self, tmp_path):
+        """waitress refuses a body past its own limit before the app runs:
+        that answer must be holdfast's JSON too, and the body is never held."""
+        with ServerProcess(tmp_path, env={"HOLDFAST_MAX_BODY": str(self.MAX_BODY)}) as server:
+            session = api(server, server.tokens["demo"])
+            url = server.url + "/api/tasks"
+            peak = peak_rss(server.proc.pid)
+            for size in (self.MAX_BODY + 1, 4 * self.MAX_BODY, 32 << 20):
+                body = json.dumps({"provider": "demo", "params": {"prompt": "x" * size}}).encode()
+                for chunked in (False, True):
+                    # A generator makes requests send it chunked, without a Content-Length.
+                    data = (body[i:i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+                    res = session.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=60)
+                    where = (size, "chunked" if chunked else "content-length", res.text[:200])
+                    assert res.status_code == 413, where
+                    assert res.headers["content-type"].startswith("application/json"), where
+                    assert res.json()["error"] == {"code": "too_large",
+                                                   "message": f"request body is larger than {self.MAX_BODY} bytes"}
+            assert peak_rss(server.proc.pid) - peak < 16 << 20, "a refused body must not be held in memory"
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            head, _, text = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply
+            assert json.loads(text)["error"]["code"] == "bad_request"
+            assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+            ok = session.post(url, json={"provider": "demo", "params": {"prompt": "fox"}}, timeout=10)
+            assert ok.status_code == 201, ok.text
+            assert [t["id"] for t in session.get(url, timeout=10).json()["tasks"]] == [ok.json()["task"]["id"]]
