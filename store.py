@@ -1006,11 +1006,14 @@ class SqlStore(BaseStore):
         if cost > 0:
             balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
             if balance is not None:
-                if balance < cost:
+                # The check is in the UPDATE itself: a grant taking credits
+                # away does not take this user's lock, and may commit between
+                # the read above and this write.
+                if self._exec("UPDATE users SET credit_balance = credit_balance - ? "
+                              "WHERE id = ? AND credit_balance >= ?", (cost, user_id, cost)).rowcount != 1:
+                    balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
                     raise PaymentRequired(
                         f"this task costs {cost} credits and your balance is {balance}")
-                self._exec("UPDATE users SET credit_balance = credit_balance - ? WHERE id = ?",
-                           (cost, user_id))
                 self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
                            "VALUES (?, ?, 'reserve', ?, ?)", (user_id, task_id, cost, now))
                 credits = "reserved"

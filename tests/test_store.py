@@ -1,9 +1,14 @@
 """The store contract: every backend passes these through the `store` fixture."""
 
+import collections
+import threading
+import time
+
 import peewee
 import pytest
 
-from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, StoreUnavailable, TooMany
+from errors import (Conflict, HoldfastError, InvalidInput, NotFound, PaymentRequired, StaleLease,
+                    StoreUnavailable, TooMany)
 from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, PostgresStore, task_json
 
 
@@ -114,9 +119,9 @@ class TestDriverErrors:
                 raise raised
 
 
-class TestPostgresValues:
-    """PostgreSQL's text refuses NUL; what reaches it as itself (not inside
-    escaped JSON) must come back as InvalidInput, not peewee.DataError."""
+class TestPostgres:
+    """What only PostgreSQL does: text that refuses NUL, and writers that
+    run side by side."""
 
     @pytest.fixture
     def pg(self, pg_schema):
@@ -134,6 +139,54 @@ class TestPostgresValues:
             pg.user_by_name("al\x00ice")
         assert (pg.export_rows(), pg.last_seq()) == before
         assert pg.count_users() == 1      # the pool's connection still works
+
+    def test_a_grant_committing_between_a_submits_read_and_its_reserve_leaves_no_negative_balance(
+            self, pg, pg_schema):
+        import psycopg
+        cost = 5
+        user = pg.create_user("payer", credits=cost)[0]
+        watcher = pg_schema.admin
+
+        def blocked_by(pids):
+            """The pid of a backend waiting on a lock one of `pids` holds."""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                row = watcher.execute("SELECT pid FROM pg_stat_activity WHERE pid <> ALL(%s::int[]) "
+                                      "AND pg_blocking_pids(pid) && %s::int[]", (pids, pids)).fetchone()
+                if row:
+                    return row[0]
+                time.sleep(0.01)
+            raise AssertionError(f"nobody waited on {pids}")
+
+        results, threads = {}, []
+
+        def run(name, fn):
+            try:
+                fn()
+                results[name] = "ok"
+            except HoldfastError as exc:
+                results[name] = exc.code
+
+        # A third connection holds the user's row, so both writers queue on
+        # it in a known order: the grant first, then the submit, which has
+        # already read the balance (a plain read waits for nobody).
+        holder = psycopg.connect(pg_schema.url)
+        try:
+            holder.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user["id"],))
+            held = [holder.info.backend_pid]
+            for name, fn in (("grant", lambda: pg.grant(user["id"], -cost, now=2.0)),
+                             ("submit", lambda: submit(pg, user["id"], 3.0, cost=cost))):
+                threads.append(threading.Thread(target=run, args=(name, fn)))
+                threads[-1].start()
+                held.append(blocked_by(held))
+            holder.rollback()
+            for t in threads:
+                t.join(30)
+        finally:
+            holder.close()
+        assert results == {"grant": "ok", "submit": "insufficient_credits"}
+        assert pg.user_by_name("payer")["credit_balance"] == 0
+        assert pg.list_tasks(user["id"])[0] == [] and pg.reserved_credits(user["id"]) == 0
 
 
 class TestReads:
@@ -258,6 +311,72 @@ class TestDeadlinesAndCredits:
         assert done["credits"] == "charged"
         assert store.user_by_name("payer")["credit_balance"] == 6
         assert store.reserved_credits(user["id"]) == 0
+
+
+class TestCreditRaces:
+    """Reserving credits under real threads: the balance is checked in the
+    write that lowers it, so racers can never take it below zero."""
+
+    def race(self, n, fn):
+        barrier = threading.Barrier(n)
+        results, errors = [], []
+
+        def one(i):
+            barrier.wait()
+            try:
+                fn(i)
+                results.append("ok")
+            except HoldfastError as exc:
+                results.append(exc.code)
+            except Exception as exc:      # reported below: the test fails
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        return results
+
+    def test_20_submits_against_a_balance_for_5_create_exactly_5(self, store):
+        cost = 3
+        user = store.create_user("payer", credits=5 * cost)[0]
+        seen, done = [], threading.Event()
+
+        def watch():
+            while True:
+                seen.append(store.user_by_name("payer")["credit_balance"])
+                if done.is_set():
+                    return
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            results = self.race(20, lambda i: submit(store, user["id"], 1.0 + i, cost=cost))
+        finally:
+            done.set()
+            watcher.join(30)
+        assert collections.Counter(results) == {"ok": 5, "insufficient_credits": 15}
+        assert store.reserved_credits(user["id"]) == 5 * cost
+        assert len(store.list_tasks(user["id"])[0]) == 5
+        assert [r["kind"] for r in store.ledger(user_id=user["id"])] == ["grant"] + ["reserve"] * 5
+        assert store.user_by_name("payer")["credit_balance"] == 0 and min(seen) >= 0
+
+    def test_a_grant_taking_credits_away_racing_a_submit_never_ends_negative(self, store):
+        cost = 4
+        user = store.create_user("payer", credits=0)[0]
+        racers = (lambda: submit(store, user["id"], 1.0, cost=cost),
+                  lambda: store.grant(user["id"], -cost, now=1.0))
+        for round_no in range(30):
+            store.grant(user["id"], cost, now=float(round_no))
+            results = self.race(2, lambda i: racers[i]())
+            assert sorted(results) in (["balance_too_low", "ok"], ["insufficient_credits", "ok"]), results
+            assert store.user_by_name("payer")["credit_balance"] == 0
+        rows = store.ledger(user_id=user["id"])
+        grants = sum(r["amount"] for r in rows if r["kind"] == "grant")
+        reserves = sum(r["amount"] for r in rows if r["kind"] == "reserve")
+        assert grants - reserves == 0 and reserves == cost * len(store.list_tasks(user["id"], limit=100)[0])
 
 
 class TestAccounts:
