@@ -1302,7 +1302,11 @@ class SqlStore(BaseStore):
             if task["credits"] != "reserved" or task["status"] not in TERMINAL:
                 return None
             self._settle(task, task["status"], now)
-            self._exec("UPDATE tasks SET credits = ? WHERE id = ?", (task["credits"], task_id))
+            task["version"] += 1
+            task["updated_at"] = now
+            self._exec("UPDATE tasks SET credits = ?, version = ?, updated_at = ? WHERE id = ?",
+                       (task["credits"], task["version"], now, task_id))
+            self._event(task, "updated", now)
             return task["credits"]
 
     # events

@@ -1,6 +1,7 @@
 """The store contract: every backend passes these through the `store` fixture."""
 
 import collections
+import json
 import threading
 import time
 
@@ -302,6 +303,25 @@ class TestDeadlinesAndCredits:
         with pytest.raises(Conflict):
             store.expire(task["id"], now=7.0, error={"code": "timeout", "message": "late"})
         assert store.user_by_name("payer")["credit_balance"] == 10
+
+    def test_settling_a_stray_reservation_bumps_version_and_writes_its_event(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4)
+        # Ended without settling, as a crash in an older version could leave it.
+        with store._seam(), store._write():
+            store._exec("UPDATE tasks SET status = 'failed' WHERE id = ?", (task["id"],))
+        stray = store.get_task(task["id"])
+        assert [t["id"] for t in store.stray_reservations()] == [task["id"]]
+        assert store.settle_stray(task["id"], now=5.0) == "refunded"
+        settled = store.get_task(task["id"])
+        assert settled["credits"] == "refunded" and settled["updated_at"] == 5.0
+        assert settled["version"] == stray["version"] + 1
+        assert [t for _, t in store.task_events(task["id"])] == ["created", "updated"]
+        seq, text = store.events_since(user["id"], 0)[-1]
+        assert json.loads(text)["task"] == task_json(settled)
+        assert store.user_by_name("payer")["credit_balance"] == 10
+        assert store.settle_stray(task["id"], now=6.0) is None
+        assert store.get_task(task["id"]) == settled and store.last_seq() == seq
 
     def test_success_charges_and_keeps_the_reservation(self, store):
         user = store.create_user("payer", credits=10)[0]
