@@ -1,7 +1,9 @@
 """The store contract: every backend passes these through the `store` fixture."""
 
 import collections
+import hashlib
 import json
+import os
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 
 from errors import (Conflict, HoldfastError, InvalidInput, NotFound, PaymentRequired, StaleLease,
                     StoreUnavailable, TooMany)
-from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, PostgresStore, task_json
+from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, JsonStore, PostgresStore, SqliteStore, task_json
 
 
 def submit(store, user_id, now, **kw):
@@ -28,6 +30,25 @@ def row(store, task_id):
     return store.get_task(task_id)
 
 
+def stored_bytes(store):
+    """Everything the store has written where it keeps its data: the
+    database file and its WAL, the JSON snapshot and journal, or (on a
+    server) every row of every table."""
+    paths = []
+    if isinstance(store, JsonStore):
+        paths = [store.snapshot_path, store.journal_path]
+    elif isinstance(store, SqliteStore):
+        paths = [store.path, store.path + "-wal"]
+    if not paths:
+        return repr(store.export_rows()).encode()
+    out = b""
+    for path in paths:
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                out += fh.read()
+    return out
+
+
 class TestUsers:
     def test_token_is_stored_hashed_and_finds_its_user(self, store):
         user, token = store.create_user("carol", credits=5)
@@ -35,6 +56,12 @@ class TestUsers:
         assert store.user_by_token(token + "x") is None
         assert user["credit_balance"] == 5
         assert token not in repr(store.user_by_name("carol"))
+        with store._seam():
+            stored = store._one("SELECT token_hash FROM users WHERE name = ?", ("carol",))[0]
+        assert stored == hashlib.sha256(token.encode()).hexdigest()
+        written = stored_bytes(store)
+        assert stored.encode() in written, "looked where the store keeps its rows"
+        assert token.encode() not in written
 
     def test_duplicate_name_is_a_conflict(self, store):
         store.create_user("dave")
