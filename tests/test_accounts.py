@@ -592,3 +592,26 @@ def test_cli_adds_users_and_grants_credits(tmp_path):
         assert [r["amount"] for r in store.ledger(user_id=carol["id"])] == [5, 10, -3]
     finally:
         store.close()
+
+
+def test_cli_adds_an_admin_whose_token_opens_the_admin_api(tmp_path, clock):
+    boss = run_cli(tmp_path, "users", "add", "boss", "--admin")
+    plain = run_cli(tmp_path, "users", "add", "plain")
+    assert boss.returncode == 0 and plain.returncode == 0, (boss.stderr, plain.stderr)
+    boss_token, plain_token = boss.stdout.split()[-1], plain.stdout.split()[-1]
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    try:
+        app = create_app(store, build_providers({"demo": DEMO}), Config(data=str(tmp_path)), clock=clock)
+        client = WSGIClient(app)
+        for method, path, body in ADMIN_ROUTES:
+            path = path.replace("alice", "plain")
+            res = client.request(method, path, json_body=body, token=plain_token)
+            assert res.status == 403 and res.json()["error"]["code"] == "forbidden", (path, res)
+        assert client.get("/api/admin/tasks", token=boss_token).status == 200
+        made = client.post("/api/admin/users", {"name": "carol", "credits": 5}, token=boss_token)
+        assert made.status == 201, made
+        assert client.post("/api/admin/users/carol/credits", {"amount": 2}, token=boss_token).status == 200
+        assert store.user_by_name("carol")["credit_balance"] == 7
+        assert store.user_by_token(boss_token)["is_admin"] and not store.user_by_token(plain_token)["is_admin"]
+    finally:
+        store.close()
