@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import peewee
 import pytest
 
 from app import Config, create_app
@@ -356,6 +357,29 @@ class TestRefusals:
             assert w.submit(token).status == 402
         w.store.grant(user["id"], COST, now=0)
         assert w.submit(token).status == 201
+
+    def test_a_submission_the_store_runs_twice_takes_one_rate_token(self, world):
+        w = world(rate_per_s=1.0, rate_burst_s=1.0)       # a bucket of one
+        user, token = w.user("payer", credits=100)
+        real, attempts = w.store._submit, []
+
+        def lose_the_first_race(*args):
+            attempts.append(args[8])
+            result = real(*args)               # reserves, admits, inserts...
+            if len(attempts) == 1:
+                # ...then the dedupe index refuses the row, as when another
+                # PostgreSQL transaction took the key first; submit rolls
+                # back and runs its transaction again.
+                raise peewee.IntegrityError('duplicate key value violates unique constraint "tasks_dedupe"')
+            return result
+
+        w.store._submit = lose_the_first_race
+        res = w.submit(token, dedupe_key="k")
+        assert res.status == 201, res
+        assert attempts == ["k", "k"]
+        assert [t["id"] for t in w.store.list_tasks(user["id"])[0]] == [res.json()["task"]["id"]]
+        assert [r["kind"] for r in w.store.ledger(user_id=user["id"])] == ["grant", "reserve"]
+        assert w.submit(token, dedupe_key="k2").status == 429       # the one token went to "k"
 
     def test_429_when_the_providers_queue_is_full_for_everyone(self, world, clock):
         w = world(demo={"max_queued": 2})
