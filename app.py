@@ -162,11 +162,75 @@ def read_json(max_body):
         raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    _check_strings(body)
     return body
 
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+# json.loads lets both through (as \u escapes; surrogates as raw bytes too).
+# An unpaired surrogate is not Unicode: no UTF-8 encoder (SQLite's,
+# psycopg's) takes it. NUL is, but PostgreSQL's text refuses it wherever a
+# string is stored as itself; one rule for every field and backend is
+# simpler than knowing which ones are escaped on the way.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(body):
+    """InvalidInput for any string, key or value at any depth, holding a NUL
+    or an unpaired surrogate."""
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            found = _UNSTORABLE.search(value)
+            if found is None:
+                continue
+            if found.group() == "\x00":
+                raise InvalidInput("strings in the request body must not contain NUL (\\u0000)")
+            raise InvalidInput(f"a string in the request body holds an unpaired surrogate "
+                               f"(\\u{ord(found.group()):04x}), which is not valid Unicode", code="invalid_json")
+
+
+# What waitress refuses before the app sees the request, by status.
+_WAITRESS_CODES = {400: "bad_request", 413: "too_large", 431: "headers_too_large", 501: "not_implemented"}
+
+
+def json_error_channel(max_body):
+    """A waitress channel class whose own error answers (a body past
+    max_request_body_size, a malformed request) are holdfast's JSON errors,
+    not waitress's text/plain page."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            code = _WAITRESS_CODES.get(error.code, "internal")
+            if error.code == 413:
+                message = f"request body is larger than {max_body} bytes"
+            elif error.code < 500:
+                message = f"{error.reason}: {error.body}"
+            else:
+                message = "internal error"
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
 
 
 def optional_key(value, what):
@@ -249,12 +313,21 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
 
     def _submit(user, provider, params, key, retry_of=None):
         now = clock()
+        admitted = []
+
+        def admit():
+            # The store runs its transaction again after losing a dedupe
+            # race (PostgreSQL): one request takes one token however often.
+            if not admitted:
+                limiter.take(user, now)
+                admitted.append(True)
+
         try:
             task, deduplicated = store.submit(
                 user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
                 cost=provider.cost, dedupe_key=key, retry_of=retry_of,
                 max_active=user["max_active"] or config.max_active,
-                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
+                max_queued=provider.max_queued, admit=admit)
         except (PaymentRequired, TooMany) as exc:
             metrics.SUBMIT_REFUSALS.inc(exc.code)
             raise
@@ -802,9 +875,13 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server = waitress.create_server(app, host=config.host, port=config.port,
+        sockets = {}
+        server = waitress.create_server(app, map=sockets, host=config.host, port=config.port,
                                         threads=config.threads + config.sse_max_streams,
                                         connection_limit=max(100, config.threads * 16) + config.sse_max_streams,
+                                        # waitress buffers a body (to a file past 512 KiB) before
+                                        # the app runs; past this it answers 413 itself. The margin
+                                        # is for chunked framing: read_json holds the exact limit.
                                         max_request_body_size=config.max_body * 2 + 65536,
                                         channel_timeout=60, ident="holdfast",
                                         # Event streams and long polls hold a thread each: they get
@@ -812,6 +889,10 @@ def serve(config):
                                         # The lookahead keeps reading their sockets, so a client
                                         # that leaves frees its thread at once.
                                         channel_request_lookahead=1)
+        channel = json_error_channel(config.max_body)
+        for listener in list(sockets.values()):
+            if isinstance(listener, waitress.server.BaseWSGIServer):
+                listener.channel_class = channel
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()

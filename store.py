@@ -761,8 +761,16 @@ class SqlStore(BaseStore):
         try:
             yield
             committed = True
-        except peewee.OperationalError as exc:
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            # InterfaceError: a pooled connection that died under us.
             raise StoreUnavailable(f"store error: {exc}") from exc
+        except peewee.DataError as exc:
+            # A value the database refuses, e.g. a NUL in PostgreSQL text.
+            raise InvalidInput(f"the store cannot keep this value: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            # An unpaired surrogate: the driver cannot encode it to UTF-8.
+            raise InvalidInput("a string holds an unpaired surrogate "
+                               f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode") from exc
         finally:
             changes = getattr(self._changes, "pending", None)
             if changes and not self.db.transaction_depth():
@@ -1001,11 +1009,14 @@ class SqlStore(BaseStore):
         if cost > 0:
             balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
             if balance is not None:
-                if balance < cost:
+                # The check is in the UPDATE itself: a grant taking credits
+                # away does not take this user's lock, and may commit between
+                # the read above and this write.
+                if self._exec("UPDATE users SET credit_balance = credit_balance - ? "
+                              "WHERE id = ? AND credit_balance >= ?", (cost, user_id, cost)).rowcount != 1:
+                    balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
                     raise PaymentRequired(
                         f"this task costs {cost} credits and your balance is {balance}")
-                self._exec("UPDATE users SET credit_balance = credit_balance - ? WHERE id = ?",
-                           (cost, user_id))
                 self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
                            "VALUES (?, ?, 'reserve', ?, ?)", (user_id, task_id, cost, now))
                 credits = "reserved"
@@ -1294,7 +1305,11 @@ class SqlStore(BaseStore):
             if task["credits"] != "reserved" or task["status"] not in TERMINAL:
                 return None
             self._settle(task, task["status"], now)
-            self._exec("UPDATE tasks SET credits = ? WHERE id = ?", (task["credits"], task_id))
+            task["version"] += 1
+            task["updated_at"] = now
+            self._exec("UPDATE tasks SET credits = ?, version = ?, updated_at = ? WHERE id = ?",
+                       (task["credits"], task["version"], now, task_id))
+            self._event(task, "updated", now)
             return task["credits"]
 
     # events

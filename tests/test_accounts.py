@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import peewee
 import pytest
 
 from app import Config, create_app
@@ -357,6 +358,29 @@ class TestRefusals:
         w.store.grant(user["id"], COST, now=0)
         assert w.submit(token).status == 201
 
+    def test_a_submission_the_store_runs_twice_takes_one_rate_token(self, world):
+        w = world(rate_per_s=1.0, rate_burst_s=1.0)       # a bucket of one
+        user, token = w.user("payer", credits=100)
+        real, attempts = w.store._submit, []
+
+        def lose_the_first_race(*args):
+            attempts.append(args[8])
+            result = real(*args)               # reserves, admits, inserts...
+            if len(attempts) == 1:
+                # ...then the dedupe index refuses the row, as when another
+                # PostgreSQL transaction took the key first; submit rolls
+                # back and runs its transaction again.
+                raise peewee.IntegrityError('duplicate key value violates unique constraint "tasks_dedupe"')
+            return result
+
+        w.store._submit = lose_the_first_race
+        res = w.submit(token, dedupe_key="k")
+        assert res.status == 201, res
+        assert attempts == ["k", "k"]
+        assert [t["id"] for t in w.store.list_tasks(user["id"])[0]] == [res.json()["task"]["id"]]
+        assert [r["kind"] for r in w.store.ledger(user_id=user["id"])] == ["grant", "reserve"]
+        assert w.submit(token, dedupe_key="k2").status == 429       # the one token went to "k"
+
     def test_429_when_the_providers_queue_is_full_for_everyone(self, world, clock):
         w = world(demo={"max_queued": 2})
         _, alice = w.user("alice", credits=100)
@@ -481,6 +505,10 @@ class TestAdmin:
         ("/api/admin/users", b'{"name": "x", "rate_per_s": NaN}', 400, "invalid_json"),
         ("/api/admin/users", b'{"name": "x", "token": "mine-mine-mine-mine"}', 400, "invalid_input"),
         ("/api/admin/users", b'{"name": "alice"}', 409, "user_exists"),
+        ("/api/admin/users", b'{"name": "x\\ud800"}', 400, "invalid_json"),
+        ("/api/admin/users", b'{"name": "x", "\\udc00": 1}', 400, "invalid_json"),
+        ("/api/admin/users", b'{"name": "x\\u0000"}', 400, "invalid_input"),
+        ("/api/admin/users/alice/credits", b'{"amount": 5, "\\ud800": 1}', 400, "invalid_json"),
         ("/api/admin/users/alice/credits", b"{}", 400, "invalid_input"),
         ("/api/admin/users/alice/credits", b'{"amount": 0}', 400, "invalid_input"),
         ("/api/admin/users/alice/credits", b'{"amount": "5"}', 400, "invalid_input"),
@@ -586,5 +614,28 @@ def test_cli_adds_users_and_grants_credits(tmp_path):
         carol = store.user_by_token(token)
         assert carol["name"] == "carol" and carol["credit_balance"] == 12 and carol["max_active"] == 2
         assert [r["amount"] for r in store.ledger(user_id=carol["id"])] == [5, 10, -3]
+    finally:
+        store.close()
+
+
+def test_cli_adds_an_admin_whose_token_opens_the_admin_api(tmp_path, clock):
+    boss = run_cli(tmp_path, "users", "add", "boss", "--admin")
+    plain = run_cli(tmp_path, "users", "add", "plain")
+    assert boss.returncode == 0 and plain.returncode == 0, (boss.stderr, plain.stderr)
+    boss_token, plain_token = boss.stdout.split()[-1], plain.stdout.split()[-1]
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    try:
+        app = create_app(store, build_providers({"demo": DEMO}), Config(data=str(tmp_path)), clock=clock)
+        client = WSGIClient(app)
+        for method, path, body in ADMIN_ROUTES:
+            path = path.replace("alice", "plain")
+            res = client.request(method, path, json_body=body, token=plain_token)
+            assert res.status == 403 and res.json()["error"]["code"] == "forbidden", (path, res)
+        assert client.get("/api/admin/tasks", token=boss_token).status == 200
+        made = client.post("/api/admin/users", {"name": "carol", "credits": 5}, token=boss_token)
+        assert made.status == 201, made
+        assert client.post("/api/admin/users/carol/credits", {"amount": 2}, token=boss_token).status == 200
+        assert store.user_by_name("carol")["credit_balance"] == 7
+        assert store.user_by_token(boss_token)["is_admin"] and not store.user_by_token(plain_token)["is_admin"]
     finally:
         store.close()

@@ -3,10 +3,12 @@ worker moved by a test clock."""
 
 import hashlib
 import json
+import socket
 
 import pytest
+import requests
 
-from support import run_until_done
+from support import ServerProcess, api, run_until_done
 
 
 def submit(client, token, params=None, **body):
@@ -123,6 +125,19 @@ class TestBadInput:
         ("unknown field", b'{"provider": "demo", "prio": 1}', 400, "invalid_input"),
         ("deep nesting", b'{"provider": "demo", "params": {"a": ' + b"[" * 100000 + b"]" * 100000 + b"}}",
          413, "too_large"),
+        # Strings no store can keep: an unpaired surrogate (as an escape or as
+        # raw bytes), a NUL; in values and keys, at any depth.
+        ("lone surrogate", b'{"provider": "demo", "params": {"prompt": "a\\ud800b"}}', 400, "invalid_json"),
+        ("lone low surrogate", b'{"provider": "demo", "params": {"prompt": "\\udc00"}}', 400, "invalid_json"),
+        ("surrogate as raw bytes", b'{"provider": "demo", "params": {"prompt": "\xed\xa0\x80"}}', 400,
+         "invalid_json"),
+        ("surrogate in a key", b'{"provider": "demo", "params": {"\\ud800": 1}}', 400, "invalid_json"),
+        ("surrogate deep in a list", b'{"provider": "demo", "params": {"a": [1, {"b": ["x", "\\udfff"]}]}}', 400,
+         "invalid_json"),
+        ("NUL", b'{"provider": "demo", "params": {"prompt": "a\\u0000b"}}', 400, "invalid_input"),
+        ("NUL in a key", b'{"provider": "demo", "params": {"a\\u0000": 1}}', 400, "invalid_input"),
+        ("NUL deep in a list", b'{"provider": "demo", "params": {"a": [[{"b": "\\u0000"}]]}}', 400,
+         "invalid_input"),
     ]
 
     @pytest.mark.parametrize("name,body,status,code", BAD, ids=[b[0] for b in BAD])
@@ -136,6 +151,34 @@ class TestBadInput:
         assert err["code"] == code and err["message"]
         assert "Traceback" not in res.body.decode()
         assert counts(sqlite_store) == before
+
+    def test_a_paired_surrogate_is_an_ordinary_character(self, client, users):
+        res = client.request("POST", "/api/tasks", data=b'{"provider": "demo", "params": {"prompt": "\\ud83e\\udd8a"}}',
+                             token=users["alice"])
+        assert res.status == 201 and res.json()["task"]["params"] == {"prompt": "\U0001f98a"}
+
+    @pytest.mark.parametrize("method,path,body,code,says", [
+        ("PUT", "/api/sessions/chat", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+         "invalid_json", "surrogate"),
+        ("PUT", "/api/sessions/chat", b'{"messages": [], "data": {"\\udbff": 1}}', "invalid_json", "surrogate"),
+        ("POST", "/api/sessions/chat/messages", b'{"role": "user", "content": "\\udc00"}', "invalid_json",
+         "surrogate"),
+        ("PUT", "/api/sessions/chat", b'{"messages": [{"role": "user", "content": "a\\u0000"}]}', "invalid_input",
+         "NUL"),
+        ("POST", "/api/sessions/chat/messages", b'{"messages": [{"role": "user", "content": "\\u0000"}]}',
+         "invalid_input", "NUL"),
+        ("PUT", "/api/sessions/chat", b'{"data": {"k": ["\\u0000"]}}', "invalid_input", "NUL"),
+    ])
+    def test_unstorable_strings_in_sessions_are_400_and_change_nothing(self, client, users, sqlite_store,
+                                                                       method, path, body, code, says):
+        client.request("PUT", "/api/sessions/chat", json_body={"messages": [{"role": "user", "content": "kept"}]},
+                       token=users["alice"])
+        before = sqlite_store.export_rows()["sessions"]
+        res = client.request(method, path, data=body, token=users["alice"])
+        assert res.status == 400, res
+        err = res.json()["error"]
+        assert err["code"] == code and says in err["message"]
+        assert sqlite_store.export_rows()["sessions"] == before
 
     def test_deeply_nested_json_under_the_size_limit_is_a_400(self, client, users, sqlite_store):
         before = counts(sqlite_store)
@@ -204,3 +247,45 @@ class TestListAndMe:
         assert me["user"]["name"] == "alice" and me["credits"] is None and me["limits"]["max_active"] > 0
         providers = client.get("/api/providers", token=users["alice"]).json()["providers"]
         assert [p["name"] for p in providers] == ["demo"]
+
+
+def peak_rss(pid):
+    """The process's peak resident memory in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+class TestARealServer:
+    MAX_BODY = 64 * 1024
+
+    def test_every_oversized_body_gets_the_json_413_and_the_server_goes_on(self, tmp_path):
+        """waitress refuses a body past its own limit before the app runs:
+        that answer must be holdfast's JSON too, and the body is never held."""
+        with ServerProcess(tmp_path, env={"HOLDFAST_MAX_BODY": str(self.MAX_BODY)}) as server:
+            session = api(server, server.tokens["demo"])
+            url = server.url + "/api/tasks"
+            peak = peak_rss(server.proc.pid)
+            for size in (self.MAX_BODY + 1, 4 * self.MAX_BODY, 32 << 20):
+                body = json.dumps({"provider": "demo", "params": {"prompt": "x" * size}}).encode()
+                for chunked in (False, True):
+                    # A generator makes requests send it chunked, without a Content-Length.
+                    data = (body[i:i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+                    res = session.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=60)
+                    where = (size, "chunked" if chunked else "content-length", res.text[:200])
+                    assert res.status_code == 413, where
+                    assert res.headers["content-type"].startswith("application/json"), where
+                    assert res.json()["error"] == {"code": "too_large",
+                                                   "message": f"request body is larger than {self.MAX_BODY} bytes"}
+            assert peak_rss(server.proc.pid) - peak < 16 << 20, "a refused body must not be held in memory"
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            head, _, text = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply
+            assert json.loads(text)["error"]["code"] == "bad_request"
+            assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+            ok = session.post(url, json={"provider": "demo", "params": {"prompt": "fox"}}, timeout=10)
+            assert ok.status_code == 201, ok.text
+            assert [t["id"] for t in session.get(url, timeout=10).json()["tasks"]] == [ok.json()["task"]["id"]]

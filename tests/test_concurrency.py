@@ -31,53 +31,60 @@ def test_50_threads_with_one_dedupe_key_make_one_task(sqlite_store):
     assert len(sqlite_store.list_tasks(user["id"])[0]) == 1
 
 
-def _process_submitter(path, user_id, start_at, rounds, queue):
-    """Runs in a separate process: its own connection, its own interpreter."""
+def _process_submitter(path, user_id, barrier, rounds, queue):
+    """Runs in a separate process: its own connection, its own interpreter.
+    Each round waits for all four, then races a key none has used."""
     store = SqliteStore(path)
-    created, errors = [], []
-    while time.time() < start_at:
-        time.sleep(0.001)
+    answers, errors = [], []
     for i in range(rounds):
-        now = time.time()
         try:
+            barrier.wait(60)
+            now = time.time()
             task, dedup = store.submit(user_id, "demo", {"i": i}, now=now, deadline_at=now + 60,
-                                       dedupe_key="shared-key")
-            if not dedup:
-                created.append(task["id"])
+                                       dedupe_key=f"shared-{i}")
+            answers.append((f"shared-{i}", task["id"], dedup))
             store.submit(user_id, "demo", {"i": i}, now=now, deadline_at=now + 60)
         except Exception as exc:   # reported to the parent, which fails the test
             errors.append(repr(exc))
     store.close()
-    queue.put((created, errors))
+    queue.put((answers, errors))
 
 
-def test_4_processes_with_one_dedupe_key_make_one_task_and_never_lock(tmp_path):
+def test_4_processes_racing_a_fresh_dedupe_key_each_round_make_one_task_per_key_and_never_lock(tmp_path):
     path = str(tmp_path / "shared.db")
     store = SqliteStore(path)
     user = store.create_user("alice")[0]
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    start_at = time.time() + 2.0
-    procs = [ctx.Process(target=_process_submitter, args=(path, user["id"], start_at, 100, queue))
+    barrier = ctx.Barrier(4)
+    rounds = 100
+    procs = [ctx.Process(target=_process_submitter, args=(path, user["id"], barrier, rounds, queue))
              for _ in range(4)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=60) for _ in procs]
+    results = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    created = [t for c, _ in results for t in c]
     errors = [e for _, e in results for e in e]
     assert errors == [], "no 'database is locked' or any other error"
-    assert len(created) == 1
+    by_key = collections.defaultdict(list)
+    for answers, _ in results:
+        for key, task_id, dedup in answers:
+            by_key[key].append((task_id, dedup))
+    assert len(by_key) == rounds
+    for key, got in by_key.items():
+        assert len(got) == 4 and len({task_id for task_id, _ in got}) == 1, (key, got)
+        assert sorted(dedup for _, dedup in got) == [False, True, True, True], (key, got)
     tasks, cursor = [], None
     while True:
         page, cursor = store.list_tasks(user["id"], limit=200, before=cursor)
         tasks += page
         if cursor is None:
             break
-    assert len(tasks) == 401      # 4 x 100 unkeyed, one keyed
-    keyed = [t for t in tasks if t["dedupe_key"] == "shared-key"]
-    assert len(keyed) == 1 and keyed[0]["id"] == created[0]
+    assert len(tasks) == 4 * rounds + rounds      # 4 x 100 unkeyed, one per key
+    keyed = collections.Counter(t["dedupe_key"] for t in tasks if t["dedupe_key"] is not None)
+    assert keyed == {key: 1 for key in by_key}
+    assert {t["id"] for t in tasks if t["dedupe_key"]} == {got[0][0] for got in by_key.values()}
     store.close()
 
 

@@ -1,9 +1,18 @@
 """The store contract: every backend passes these through the `store` fixture."""
 
+import collections
+import hashlib
+import json
+import os
+import threading
+import time
+
+import peewee
 import pytest
 
-from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, TooMany
-from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, task_json
+from errors import (Conflict, HoldfastError, InvalidInput, NotFound, PaymentRequired, StaleLease,
+                    StoreUnavailable, TooMany)
+from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, JsonStore, PostgresStore, SqliteStore, task_json
 
 
 def submit(store, user_id, now, **kw):
@@ -21,6 +30,25 @@ def row(store, task_id):
     return store.get_task(task_id)
 
 
+def stored_bytes(store):
+    """Everything the store has written where it keeps its data: the
+    database file and its WAL, the JSON snapshot and journal, or (on a
+    server) every row of every table."""
+    paths = []
+    if isinstance(store, JsonStore):
+        paths = [store.snapshot_path, store.journal_path]
+    elif isinstance(store, SqliteStore):
+        paths = [store.path, store.path + "-wal"]
+    if not paths:
+        return repr(store.export_rows()).encode()
+    out = b""
+    for path in paths:
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                out += fh.read()
+    return out
+
+
 class TestUsers:
     def test_token_is_stored_hashed_and_finds_its_user(self, store):
         user, token = store.create_user("carol", credits=5)
@@ -28,6 +56,12 @@ class TestUsers:
         assert store.user_by_token(token + "x") is None
         assert user["credit_balance"] == 5
         assert token not in repr(store.user_by_name("carol"))
+        with store._seam():
+            stored = store._one("SELECT token_hash FROM users WHERE name = ?", ("carol",))[0]
+        assert stored == hashlib.sha256(token.encode()).hexdigest()
+        written = stored_bytes(store)
+        assert stored.encode() in written, "looked where the store keeps its rows"
+        assert token.encode() not in written
 
     def test_duplicate_name_is_a_conflict(self, store):
         store.create_user("dave")
@@ -89,6 +123,98 @@ class TestSubmit:
             submit(store, user["id"], 1.0, cost=2)
         assert store.user_by_name("payer")["credit_balance"] == 1
         assert len(store.list_tasks(user["id"])[0]) == 1
+
+
+class TestDriverErrors:
+    """A value the database refuses, or a connection that died, is one of
+    holdfast's errors (a 4xx or a 503), never a driver's (a 500)."""
+
+    def test_an_unpaired_surrogate_is_invalid_input_and_writes_nothing(self, store, alice):
+        before = (store.export_rows(), store.last_seq())
+        with pytest.raises(InvalidInput) as err:
+            submit(store, alice["id"], 1.0, params={"prompt": "a\ud800b"})
+        assert "surrogate" in err.value.message
+        with pytest.raises(InvalidInput):
+            store.put_session(alice["id"], "k", messages=[{"role": "user", "content": "\udc00"}], data=None,
+                              now=1.0, ttl_s=60.0)
+        assert (store.export_rows(), store.last_seq()) == before
+
+    @pytest.mark.parametrize("raised,expected", [(peewee.InterfaceError("connection already closed"), StoreUnavailable),
+                                                 (peewee.DataError("value out of range"), InvalidInput)])
+    def test_the_seam_translates_driver_errors(self, store, raised, expected):
+        with pytest.raises(expected):
+            with store._seam():
+                raise raised
+
+
+class TestPostgres:
+    """What only PostgreSQL does: text that refuses NUL, and writers that
+    run side by side."""
+
+    @pytest.fixture
+    def pg(self, pg_schema):
+        s = PostgresStore(pg_schema.url)
+        yield s
+        s.close()
+
+    def test_a_nul_in_a_stored_string_is_invalid_input(self, pg):
+        user = pg.create_user("alice")[0]
+        before = (pg.export_rows(), pg.last_seq())
+        with pytest.raises(InvalidInput) as err:
+            submit(pg, user["id"], 1.0, dedupe_key="a\x00b")
+        assert "NUL" in err.value.message
+        with pytest.raises(InvalidInput):
+            pg.user_by_name("al\x00ice")
+        assert (pg.export_rows(), pg.last_seq()) == before
+        assert pg.count_users() == 1      # the pool's connection still works
+
+    def test_a_grant_committing_between_a_submits_read_and_its_reserve_leaves_no_negative_balance(
+            self, pg, pg_schema):
+        import psycopg
+        cost = 5
+        user = pg.create_user("payer", credits=cost)[0]
+        watcher = pg_schema.admin
+
+        def blocked_by(pids):
+            """The pid of a backend waiting on a lock one of `pids` holds."""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                row = watcher.execute("SELECT pid FROM pg_stat_activity WHERE pid <> ALL(%s::int[]) "
+                                      "AND pg_blocking_pids(pid) && %s::int[]", (pids, pids)).fetchone()
+                if row:
+                    return row[0]
+                time.sleep(0.01)
+            raise AssertionError(f"nobody waited on {pids}")
+
+        results, threads = {}, []
+
+        def run(name, fn):
+            try:
+                fn()
+                results[name] = "ok"
+            except HoldfastError as exc:
+                results[name] = exc.code
+
+        # A third connection holds the user's row, so both writers queue on
+        # it in a known order: the grant first, then the submit, which has
+        # already read the balance (a plain read waits for nobody).
+        holder = psycopg.connect(pg_schema.url)
+        try:
+            holder.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user["id"],))
+            held = [holder.info.backend_pid]
+            for name, fn in (("grant", lambda: pg.grant(user["id"], -cost, now=2.0)),
+                             ("submit", lambda: submit(pg, user["id"], 3.0, cost=cost))):
+                threads.append(threading.Thread(target=run, args=(name, fn)))
+                threads[-1].start()
+                held.append(blocked_by(held))
+            holder.rollback()
+            for t in threads:
+                t.join(30)
+        finally:
+            holder.close()
+        assert results == {"grant": "ok", "submit": "insufficient_credits"}
+        assert pg.user_by_name("payer")["credit_balance"] == 0
+        assert pg.list_tasks(user["id"])[0] == [] and pg.reserved_credits(user["id"]) == 0
 
 
 class TestReads:
@@ -205,6 +331,25 @@ class TestDeadlinesAndCredits:
             store.expire(task["id"], now=7.0, error={"code": "timeout", "message": "late"})
         assert store.user_by_name("payer")["credit_balance"] == 10
 
+    def test_settling_a_stray_reservation_bumps_version_and_writes_its_event(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        task, _ = submit(store, user["id"], 1.0, cost=4)
+        # Ended without settling, as a crash in an older version could leave it.
+        with store._seam(), store._write():
+            store._exec("UPDATE tasks SET status = 'failed' WHERE id = ?", (task["id"],))
+        stray = store.get_task(task["id"])
+        assert [t["id"] for t in store.stray_reservations()] == [task["id"]]
+        assert store.settle_stray(task["id"], now=5.0) == "refunded"
+        settled = store.get_task(task["id"])
+        assert settled["credits"] == "refunded" and settled["updated_at"] == 5.0
+        assert settled["version"] == stray["version"] + 1
+        assert [t for _, t in store.task_events(task["id"])] == ["created", "updated"]
+        seq, text = store.events_since(user["id"], 0)[-1]
+        assert json.loads(text)["task"] == task_json(settled)
+        assert store.user_by_name("payer")["credit_balance"] == 10
+        assert store.settle_stray(task["id"], now=6.0) is None
+        assert store.get_task(task["id"]) == settled and store.last_seq() == seq
+
     def test_success_charges_and_keeps_the_reservation(self, store):
         user = store.create_user("payer", credits=10)[0]
         task, _ = submit(store, user["id"], 1.0, cost=4)
@@ -213,6 +358,72 @@ class TestDeadlinesAndCredits:
         assert done["credits"] == "charged"
         assert store.user_by_name("payer")["credit_balance"] == 6
         assert store.reserved_credits(user["id"]) == 0
+
+
+class TestCreditRaces:
+    """Reserving credits under real threads: the balance is checked in the
+    write that lowers it, so racers can never take it below zero."""
+
+    def race(self, n, fn):
+        barrier = threading.Barrier(n)
+        results, errors = [], []
+
+        def one(i):
+            barrier.wait()
+            try:
+                fn(i)
+                results.append("ok")
+            except HoldfastError as exc:
+                results.append(exc.code)
+            except Exception as exc:      # reported below: the test fails
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        return results
+
+    def test_20_submits_against_a_balance_for_5_create_exactly_5(self, store):
+        cost = 3
+        user = store.create_user("payer", credits=5 * cost)[0]
+        seen, done = [], threading.Event()
+
+        def watch():
+            while True:
+                seen.append(store.user_by_name("payer")["credit_balance"])
+                if done.is_set():
+                    return
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            results = self.race(20, lambda i: submit(store, user["id"], 1.0 + i, cost=cost))
+        finally:
+            done.set()
+            watcher.join(30)
+        assert collections.Counter(results) == {"ok": 5, "insufficient_credits": 15}
+        assert store.reserved_credits(user["id"]) == 5 * cost
+        assert len(store.list_tasks(user["id"])[0]) == 5
+        assert [r["kind"] for r in store.ledger(user_id=user["id"])] == ["grant"] + ["reserve"] * 5
+        assert store.user_by_name("payer")["credit_balance"] == 0 and min(seen) >= 0
+
+    def test_a_grant_taking_credits_away_racing_a_submit_never_ends_negative(self, store):
+        cost = 4
+        user = store.create_user("payer", credits=0)[0]
+        racers = (lambda: submit(store, user["id"], 1.0, cost=cost),
+                  lambda: store.grant(user["id"], -cost, now=1.0))
+        for round_no in range(30):
+            store.grant(user["id"], cost, now=float(round_no))
+            results = self.race(2, lambda i: racers[i]())
+            assert sorted(results) in (["balance_too_low", "ok"], ["insufficient_credits", "ok"]), results
+            assert store.user_by_name("payer")["credit_balance"] == 0
+        rows = store.ledger(user_id=user["id"])
+        grants = sum(r["amount"] for r in rows if r["kind"] == "grant")
+        reserves = sum(r["amount"] for r in rows if r["kind"] == "reserve")
+        assert grants - reserves == 0 and reserves == cost * len(store.list_tasks(user["id"], limit=100)[0])
 
 
 class TestAccounts:
