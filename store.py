@@ -1687,11 +1687,18 @@ class JsonStore(SqlStore):
     the contract. A torn last journal line (a crash mid-write) was never
     committed and is dropped. The snapshot is rewritten (atomic replace) once
     the journal outgrows it, so a write costs the same at 10k tasks as at 100.
+
+    Each snapshot carries a generation number, and the journal's first line
+    names the generation it follows. A crash after a new snapshot replaced
+    the old one but before the journal was emptied leaves a journal of an
+    older generation: the snapshot already holds it, so it is discarded, not
+    applied a second time.
     """
 
     name = "json"
     multi_process = False
     min_compact_bytes = 1 << 20
+    _journal_bytes = 0
 
     def __init__(self, directory, *, label="json"):
         import fcntl
@@ -1714,10 +1721,15 @@ class JsonStore(SqlStore):
         self._pending = []
         self._journal_bytes = 0
         self._replaying = True
-        self._load()
+        try:
+            self._load()
+        except BaseException:
+            self._mutexfile.close()     # a store that did not open holds no lock
+            raise
         self._replaying = False
         self._journal = open(self.journal_path, "ab")
-        self._journal_bytes = os.path.getsize(self.journal_path)
+        if self._journal_fix:
+            self._cut_journal()
         if self._migrated_on_load or self._journal_bytes > self._compact_threshold():
             self.compact()
 
@@ -1751,7 +1763,11 @@ class JsonStore(SqlStore):
 
     def _append(self, statements):
         line = (json.dumps(statements, separators=(",", ":")) + "\n").encode()
+        if self._journal_bytes == 0:
+            line = self._journal_header() + line
         try:
+            if self._journal_fix:
+                self._cut_journal()
             self._journal.write(line)
             self._journal.flush()
             os.fsync(self._journal.fileno())
@@ -1759,6 +1775,20 @@ class JsonStore(SqlStore):
             # The transaction rolls back in memory: disk and memory stay equal.
             raise StoreUnavailable(f"cannot write the JSON journal: {exc}") from exc
         self._journal_bytes += len(line)
+
+    def _journal_header(self):
+        return (json.dumps({"generation": self._generation}) + "\n").encode()
+
+    def _cut_journal(self):
+        """Cut the journal file back to its last committed line (to nothing
+        when the snapshot holds it all)."""
+        if self._journal_bytes == 0:
+            # Emptying the journal is safe only once the snapshot that holds
+            # it has reached the disk.
+            _fsync_dir(os.path.dirname(self.snapshot_path))
+        self._journal.truncate(self._journal_bytes)
+        os.fsync(self._journal.fileno())
+        self._journal_fix = False
 
     def _compact_threshold(self):
         return max(self.min_compact_bytes, self._snapshot_bytes)
@@ -1771,48 +1801,83 @@ class JsonStore(SqlStore):
             self._snapshot_bytes = os.path.getsize(self.snapshot_path)
             with open(self.snapshot_path, encoding="utf-8") as fh:
                 snapshot = json.load(fh)
+        # A snapshot written before generations were numbered is generation 0.
+        self._generation = snapshot.get("generation", 0) if snapshot else 0
         self._migrate(upto=snapshot["schema_version"] if snapshot else None)
         if snapshot:
             self._insert_rows(snapshot["tables"])
-        good = 0
+        size = 0
         if os.path.exists(self.journal_path):
             with open(self.journal_path, "rb") as fh:
-                for line in fh:
-                    if not line.endswith(b"\n"):
-                        break
-                    try:
-                        statements = json.loads(line)
-                    except ValueError:
-                        break
-                    with self.db.atomic():
-                        for sql, params in statements:
-                            super()._exec(sql, params)
-                    good += len(line)
-            if good != os.path.getsize(self.journal_path):
-                log.warning("JSON journal: dropping a torn last entry (a crash mid-write)")
-                with open(self.journal_path, "r+b") as fh:
-                    fh.truncate(good)
+                size = os.fstat(fh.fileno()).st_size
+                self._journal_bytes = self._replay(fh)
+        # Until the file is cut back to what was replayed, no line may follow it.
+        self._journal_fix = self._journal_bytes != size
         if self._migrate():
             self._migrated_on_load = True
+
+    def _replay(self, fh):
+        """Apply the journal's committed lines; return how many of its bytes
+        to keep (0: none of it belongs after this snapshot)."""
+        good = 0
+        for number, line in enumerate(fh):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if number == 0:
+                # A journal without a header line was written before
+                # generations were numbered: it follows generation 0.
+                generation = entry.get("generation") if isinstance(entry, dict) else 0
+                if generation != self._generation:
+                    return self._stale_journal(generation)
+                if isinstance(entry, dict):
+                    good += len(line)
+                    continue
+            with self.db.atomic():
+                for sql, params in entry:
+                    super()._exec(sql, params)
+            good += len(line)
+        if good != os.fstat(fh.fileno()).st_size:
+            log.warning("JSON journal: dropping a torn last entry (a crash mid-write)")
+        return good
+
+    def _stale_journal(self, generation):
+        if not isinstance(generation, int) or generation > self._generation:
+            raise StoreUnavailable(
+                f"the JSON journal {self.journal_path} follows snapshot generation {generation}, "
+                f"but {self.snapshot_path} is generation {self._generation}: the snapshot is not "
+                "the one this journal was written after (restored from a backup?); refusing to "
+                "open rather than lose or misapply writes", code="journal_mismatch")
+        log.warning("JSON journal: generation %d is already in the snapshot (generation %d), "
+                    "a compaction was cut short; discarding it", generation, self._generation)
+        return 0
 
     _migrated_on_load = False
 
     def compact(self):
-        """Rewrite the snapshot from memory and empty the journal."""
+        """Rewrite the snapshot from memory, as the next generation, and
+        empty the journal."""
         with self._mutex:
-            data = {"schema_version": self.schema_version(), "tables": self.export_rows()}
+            generation = self._generation + 1
+            data = {"schema_version": self.schema_version(), "generation": generation,
+                    "tables": self.export_rows()}
             tmp = self.snapshot_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, separators=(",", ":"))
                 fh.flush()
                 os.fsync(fh.fileno())
-            self._snapshot_bytes = os.path.getsize(tmp)
+            size = os.path.getsize(tmp)
             os.replace(tmp, self.snapshot_path)
-            _fsync_dir(os.path.dirname(self.snapshot_path))
-            self._journal.truncate(0)
-            self._journal.seek(0)
-            os.fsync(self._journal.fileno())
+            # From here the journal on disk is of an older generation: no
+            # line may be added to it, whatever happens next.
+            self._generation = generation
+            self._snapshot_bytes = size
             self._journal_bytes = 0
+            self._journal_fix = True
+            self._cut_journal()
 
     def close(self):
         with self._mutex:

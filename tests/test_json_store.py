@@ -2,6 +2,7 @@
 its process, torn journal lines, one process at a time, bounded journal, and
 the automatic fallback."""
 
+import json
 import os
 import signal
 import subprocess
@@ -139,3 +140,107 @@ def test_sqlite_without_wal_falls_back_loudly_to_json(tmp_path, monkeypatch, cap
 def test_an_unknown_store_name_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="unknown store"):
         open_store("mongodb://x", str(tmp_path))
+
+
+# The child compacts and is killed between the two steps: the new snapshot is
+# on disk, the journal it already holds is not yet emptied.
+COMPACT_THEN_DIE = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import store
+    real = store._fsync_dir
+
+    def die_after_the_snapshot(path):
+        real(path)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    s = store.JsonStore({path!r})
+    store._fsync_dir = die_after_the_snapshot
+    s.compact()
+""")
+
+
+@pytest.mark.parametrize("journal", ["grants only", "users, grants and tasks"])
+def test_a_crash_between_snapshot_and_journal_reset_applies_nothing_twice(tmp_path, journal):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    alice = s.create_user("alice", credits=10)[0]
+    if journal == "grants only":
+        s.compact()          # alice is in the snapshot; only the grants are in the journal
+    s.grant(alice["id"], 5, now=1.0)
+    s.grant(alice["id"], 7, now=2.0)
+    if journal != "grants only":
+        s.create_user("bob", credits=3)
+        task, _ = s.submit(alice["id"], "demo", {"p": 1}, now=3.0, deadline_at=99.0, cost=4)
+        s.cancel(task["id"], alice["id"], now=4.0)
+        s.submit(alice["id"], "demo", {"p": 2}, now=5.0, deadline_at=99.0, cost=2)
+    before = s.export_rows()
+    s.close()
+    journal_path = os.path.join(path, "holdfast.journal")
+    journal_bytes = open(journal_path, "rb").read()
+    assert journal_bytes
+
+    proc = subprocess.run([sys.executable, "-c", COMPACT_THEN_DIE.format(root=ROOT, path=path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert open(journal_path, "rb").read() == journal_bytes, "killed before the journal was emptied"
+
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == before
+        assert s.user_by_name("alice")["credit_balance"] == before["users"][0]["credit_balance"]
+        assert [r["amount"] for r in s.ledger(user_id=alice["id"]) if r["kind"] == "grant"] == [10, 5, 7]
+        s.grant(alice["id"], 1, now=6.0)       # the store writes on as usual
+        after = s.export_rows()
+    finally:
+        s.close()
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == after
+    finally:
+        s.close()
+
+
+def test_files_written_before_generations_were_numbered_still_load(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    alice = s.create_user("alice", credits=10)[0]
+    s.compact()
+    s.grant(alice["id"], 5, now=1.0)
+    before = s.export_rows()
+    s.close()
+    snapshot_path, journal_path = os.path.join(path, "holdfast.json"), os.path.join(path, "holdfast.journal")
+    with open(snapshot_path) as fh:
+        data = json.load(fh)
+    del data["generation"]
+    with open(snapshot_path, "w") as fh:
+        json.dump(data, fh)
+    with open(journal_path, "rb") as fh:
+        header, *lines = fh.readlines()
+    assert json.loads(header) == {"generation": 1}
+    with open(journal_path, "wb") as fh:
+        fh.writelines(lines)
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == before
+    finally:
+        s.close()
+
+
+def test_a_journal_newer_than_its_snapshot_is_refused(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    alice = s.create_user("alice", credits=10)[0]
+    s.compact()
+    old_snapshot = open(os.path.join(path, "holdfast.json"), "rb").read()
+    s.grant(alice["id"], 5, now=1.0)
+    s.compact()
+    s.grant(alice["id"], 7, now=2.0)
+    s.close()
+    with open(os.path.join(path, "holdfast.json"), "wb") as fh:
+        fh.write(old_snapshot)        # as a restore of an old backup would
+    journal = open(os.path.join(path, "holdfast.journal"), "rb").read()
+    with pytest.raises(StoreUnavailable, match="refusing to open") as info:
+        JsonStore(path)
+    assert info.value.code == "journal_mismatch"
+    assert open(os.path.join(path, "holdfast.journal"), "rb").read() == journal
