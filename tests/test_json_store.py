@@ -22,6 +22,7 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from store import JsonStore
     s = JsonStore({path!r})
+    s.min_compact_bytes = {min_compact_bytes}
     user = s.user_by_name("alice")
     i = 0
     while True:
@@ -32,13 +33,21 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def snapshot_generation(path):
+    with open(os.path.join(path, "holdfast.json")) as fh:
+        return json.load(fh)["generation"]
+
+
 def test_every_acknowledged_write_survives_kill_9(tmp_path):
     path = str(tmp_path / "js")
     s = JsonStore(path)
     s.min_compact_bytes = 1
     s.create_user("alice")
     s.close()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, path=path)],
+    started_at = snapshot_generation(path)
+    # The writer compacts whenever its journal outgrows the snapshot, so the
+    # kill can land in a compaction as well as in an append.
+    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, path=path, min_compact_bytes=1)],
                             stdout=subprocess.PIPE, text=True)
     acked = []
     for line in proc.stdout:
@@ -48,6 +57,8 @@ def test_every_acknowledged_write_survives_kill_9(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     proc.stdout.close()
+    compactions = snapshot_generation(path) - started_at
+    assert compactions >= 3, "the writer compacted several times before the kill"
     s = JsonStore(path)
     try:
         user = s.user_by_name("alice")
