@@ -1698,12 +1698,18 @@ class JsonStore(SqlStore):
     name = "json"
     multi_process = False
     min_compact_bytes = 1 << 20
+    # After a failed compaction, wait this long before the next try, doubling
+    # up to the second number: each try rewrites the whole snapshot.
+    compact_retry_s = (5.0, 300.0)
     _journal_bytes = 0
 
-    def __init__(self, directory, *, label="json"):
+    def __init__(self, directory, *, label="json", clock=time.monotonic):
         import fcntl
         os.makedirs(directory, exist_ok=True)
         self.name = label
+        self._clock = clock
+        self._compact_delay = 0.0
+        self._compact_after = None
         self.snapshot_path = os.path.join(directory, "holdfast.json")
         self.journal_path = os.path.join(directory, "holdfast.journal")
         self._mutexfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
@@ -1723,15 +1729,20 @@ class JsonStore(SqlStore):
         self._replaying = True
         try:
             self._load()
+            self._replaying = False
+            with self._file_errors("cannot open the JSON journal"):
+                self._journal = open(self.journal_path, "ab")
+                if self._journal_fix:
+                    self._cut_journal()
+            # Journal lines written from now on use the migrated schema: the
+            # snapshot must have it first.
+            if self._migrated_on_load:
+                self.compact()
         except BaseException:
-            self._mutexfile.close()     # a store that did not open holds no lock
+            self.close()     # a store that did not open holds no lock
             raise
-        self._replaying = False
-        self._journal = open(self.journal_path, "ab")
-        if self._journal_fix:
-            self._cut_journal()
-        if self._migrated_on_load or self._journal_bytes > self._compact_threshold():
-            self.compact()
+        if self._journal_bytes > self._compact_threshold():
+            self._compact_when_due()
 
     # Every read and write holds the one lock: one connection, one process.
     @contextmanager
@@ -1754,7 +1765,7 @@ class JsonStore(SqlStore):
                 if outer:
                     self._pending = []
             if outer and self._journal_bytes > self._compact_threshold():
-                self.compact()
+                self._compact_when_due()
 
     def _exec(self, sql, params=()):
         if self._depth and not self._replaying and not sql.lstrip().upper().startswith("SELECT"):
@@ -1792,6 +1803,24 @@ class JsonStore(SqlStore):
 
     def _compact_threshold(self):
         return max(self.min_compact_bytes, self._snapshot_bytes)
+
+    def _compact_when_due(self):
+        """Compact after a committed write. A failure does not undo the
+        write (it is safe in the journal) and is not news on every write:
+        one line in the log, the next try after a growing delay."""
+        now = self._clock()
+        if self._compact_after is not None and now < self._compact_after:
+            return
+        try:
+            self.compact()
+        except StoreUnavailable as exc:
+            first, longest = self.compact_retry_s
+            self._compact_delay = min(longest, self._compact_delay * 2) if self._compact_delay else first
+            self._compact_after = now + self._compact_delay
+            log.warning("%s; the journal keeps every write, trying again in %.0f s",
+                        exc.message, self._compact_delay)
+        else:
+            self._compact_delay, self._compact_after = 0.0, None
 
     def _load(self):
         self.db.connect()
@@ -1859,8 +1888,9 @@ class JsonStore(SqlStore):
 
     def compact(self):
         """Rewrite the snapshot from memory, as the next generation, and
-        empty the journal."""
-        with self._mutex:
+        empty the journal. StoreUnavailable when the files cannot be
+        written; the store stays usable."""
+        with self._mutex, self._file_errors("cannot compact the JSON store"):
             generation = self._generation + 1
             data = {"schema_version": self.schema_version(), "generation": generation,
                     "tables": self.export_rows()}
@@ -1879,9 +1909,17 @@ class JsonStore(SqlStore):
             self._journal_fix = True
             self._cut_journal()
 
+    @staticmethod
+    @contextmanager
+    def _file_errors(what):
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(f"{what}: {exc}") from exc
+
     def close(self):
         with self._mutex:
-            if not self._journal.closed:
+            if getattr(self, "_journal", None) and not self._journal.closed:
                 self._journal.close()
             self.db.close()
             self._mutexfile.close()

@@ -3,6 +3,7 @@ its process, torn journal lines, one process at a time, bounded journal, and
 the automatic fallback."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -255,3 +256,61 @@ def test_a_journal_newer_than_its_snapshot_is_refused(tmp_path):
         JsonStore(path)
     assert info.value.code == "journal_mismatch"
     assert open(os.path.join(path, "holdfast.journal"), "rb").read() == journal
+
+
+def test_a_failed_compaction_keeps_the_committed_write_and_retries_later(tmp_path, caplog, clock):
+    path = str(tmp_path / "js")
+    s = JsonStore(path, clock=clock)
+    s.min_compact_bytes = 1
+    user = s.create_user("alice", credits=100)[0]
+    generation = snapshot_generation(path)
+    # The next snapshot cannot be written (a real OSError, as a full disk gives).
+    blocker = os.path.join(path, "holdfast.json.tmp")
+    os.mkdir(blocker)
+    caplog.set_level(logging.WARNING, logger="holdfast.store")
+
+    def tries():
+        return [r.getMessage() for r in caplog.records if "cannot compact" in r.getMessage()]
+
+    def submit(i):
+        return s.submit(user["id"], "demo", {"i": i}, now=float(i), deadline_at=1e10, cost=1)[0]["id"]
+
+    try:
+        ids = [submit(0)]                 # committed, so reported as committed
+        assert len(tries()) == 1 and "\n" not in tries()[0]
+        ids += [submit(i) for i in range(1, 20)]
+        assert len(tries()) == 1, "not tried again on every write"
+        first, _ = JsonStore.compact_retry_s
+        clock.advance(first + 0.1)
+        ids.append(submit(20))
+        assert len(tries()) == 2
+        clock.advance(first + 0.1)        # the delay doubled
+        ids.append(submit(21))
+        assert len(tries()) == 2
+        clock.advance(first)
+        ids.append(submit(22))
+        assert len(tries()) == 3
+        assert snapshot_generation(path) == generation
+        os.rmdir(blocker)
+        clock.advance(4 * first + 0.1)
+        ids.append(submit(23))
+        assert len(tries()) == 3
+        assert snapshot_generation(path) == generation + 1
+        assert os.path.getsize(os.path.join(path, "holdfast.journal")) == 0
+        # Success resets the delay: the next failure waits the first one again.
+        os.mkdir(blocker)
+        i = 24
+        while len(tries()) == 3 and i < 500:
+            ids.append(submit(i))
+            i += 1
+        assert tries()[-1].endswith(f"trying again in {first:.0f} s")
+        before = s.export_rows()
+    finally:
+        s.close()
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == before
+        assert {t["id"] for t in before["tasks"]} == set(ids)
+        assert s.user_by_name("alice")["credit_balance"] == 100 - len(ids)
+    finally:
+        s.close()
