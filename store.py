@@ -1731,7 +1731,9 @@ class JsonStore(SqlStore):
             self._load()
             self._replaying = False
             with self._file_errors("cannot open the JSON journal"):
-                self._journal = open(self.journal_path, "ab")
+                # Unbuffered: after a failed write no bytes wait in a buffer
+                # to be flushed behind the next line.
+                self._journal = open(self.journal_path, "ab", buffering=0)
                 if self._journal_fix:
                     self._cut_journal()
             # Journal lines written from now on use the migrated schema: the
@@ -1779,11 +1781,20 @@ class JsonStore(SqlStore):
         try:
             if self._journal_fix:
                 self._cut_journal()
-            self._journal.write(line)
-            self._journal.flush()
+            rest = memoryview(line)
+            while rest:
+                rest = rest[self._journal.write(rest):]
             os.fsync(self._journal.fileno())
         except OSError as exc:
-            # The transaction rolls back in memory: disk and memory stay equal.
+            # The transaction rolls back in memory; the part of its line that
+            # reached the file goes too, or the next line would be glued to
+            # it and a reload would stop there, losing every later write.
+            # If cutting fails as well, the next append cuts first.
+            self._journal_fix = True
+            try:
+                self._cut_journal()
+            except OSError:
+                pass
             raise StoreUnavailable(f"cannot write the JSON journal: {exc}") from exc
         self._journal_bytes += len(line)
 

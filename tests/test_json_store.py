@@ -314,3 +314,48 @@ def test_a_failed_compaction_keeps_the_committed_write_and_retries_later(tmp_pat
         assert s.user_by_name("alice")["credit_balance"] == 100 - len(ids)
     finally:
         s.close()
+
+
+# The disk fills in the middle of a journal line (RLIMIT_FSIZE: a real short
+# write, then EFBIG), then has room again.
+DISK_FULL_MID_LINE = textwrap.dedent("""
+    import json, os, resource, signal, sys
+    sys.path.insert(0, {root!r})
+    from errors import StoreUnavailable
+    from store import JsonStore
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    s = JsonStore({path!r})
+    user = s.user_by_name("alice")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(s.journal_path) + 100, hard))
+    try:
+        s.submit(user["id"], "demo", {{"prompt": "x" * 2000}}, now=2.0, deadline_at=1e10, cost=3)
+        print(json.dumps({{"refused": None}}))
+    except StoreUnavailable as exc:
+        print(json.dumps({{"refused": exc.message}}))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    s.submit(user["id"], "demo", {{"prompt": "after"}}, now=3.0, deadline_at=1e10, cost=1)
+    print(json.dumps(s.export_rows()))
+    s.close()
+""")
+
+
+def test_a_journal_line_cut_short_by_a_full_disk_is_removed(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    user = s.create_user("alice", credits=10)[0]
+    s.submit(user["id"], "demo", {"prompt": "before"}, now=1.0, deadline_at=1e10, cost=1)
+    s.close()
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_MID_LINE.format(root=ROOT, path=path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    refusal, memory = (json.loads(line) for line in proc.stdout.splitlines())
+    assert "cannot write the JSON journal" in refusal["refused"]
+    # The refused task is gone from memory, the later one is there.
+    assert [t["params"] for t in memory["tasks"]] == ['{"prompt":"before"}', '{"prompt":"after"}']
+    assert memory["users"][0]["credit_balance"] == 8
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == memory
+    finally:
+        s.close()
