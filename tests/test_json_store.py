@@ -359,3 +359,80 @@ def test_a_journal_line_cut_short_by_a_full_disk_is_removed(tmp_path):
         assert s.export_rows() == memory
     finally:
         s.close()
+
+
+def every_kind_of_write(s, now, prefix=""):
+    """One of each write the server makes: accounts, the task life cycle,
+    leases and slots, sessions, retention. Each call checks it did something,
+    so a change in the store cannot quietly make this test test less."""
+    alice = s.create_user(prefix + "alice", credits=50, max_active=5, rate_per_s=2.0, now=now)[0]
+    bob = s.create_user(prefix + "bob", admin=True, now=now)[0]
+    s.grant(alice["id"], 10, now=now + 1)
+    s.grant(alice["id"], -3, now=now + 2)
+    done, _ = s.submit(alice["id"], "demo", {"p": "done"}, now=now + 3, deadline_at=now + 1e5, cost=4,
+                       dedupe_key="k1")
+    assert s.submit(alice["id"], "demo", {"p": "done"}, now=now + 3, deadline_at=now + 1e5, cost=4,
+                    dedupe_key="k1")[1], "deduplicated"
+    failed, _ = s.submit(alice["id"], "demo", {"p": "failed"}, now=now + 4, deadline_at=now + 1e5, cost=2)
+    cancelled, _ = s.submit(alice["id"], "demo", {"p": "cancelled"}, now=now + 5, deadline_at=now + 1e5, cost=1)
+    late, _ = s.submit(bob["id"], "demo", {"p": "late"}, now=now + 6, deadline_at=now + 7)
+    leased, _ = s.submit(bob["id"], "demo", {"p": "leased"}, now=now + 6, deadline_at=now + 1e5)
+    claimed = {t["id"]: t for t in s.claim("host:1:a", now=now + 10, limit=10, lease_s=30)}
+    assert {done["id"], failed["id"], cancelled["id"], late["id"], leased["id"]} <= set(claimed)
+    token = claimed[done["id"]]["lease_token"]
+    assert s.take_slot(done["id"], token=token, now=now + 11, limit=2, step="submitting", external_id="x-1")
+    s.renew_lease(done["id"], token=token, expires_at=now + 100)
+    s.update(done["id"], token=token, now=now + 12, status="running", attempts=1, progress=0.5)
+    s.reschedule(done["id"], token=token, next_poll_at=now + 13, polls=1, state={"cursor": 3})
+    token = s.claim_task(done["id"], "host:1:a", now=now + 14, lease_s=30)["lease_token"]
+    s.update(done["id"], token=token, now=now + 15, status="succeeded", release=True,
+             files=[{"name": "out_0.png", "size": 3, "sha256": "ab", "content_type": "image/png"}])
+    token = claimed[failed["id"]]["lease_token"]
+    s.update(failed["id"], token=token, now=now + 16, status="failed",
+             error={"code": "provider_rejected", "message": "no"})
+    s.cancel(cancelled["id"], alice["id"], now=now + 17)
+    s.expire(late["id"], now=now + 18, error={"code": "timeout", "message": "past its deadline"})
+    assert s.release_leases(["host:1:a"]) >= 1
+    s.claim_task(leased["id"], "host:2:b", now=now + 19, lease_s=1)
+    assert s.release_expired_leases(now=now + 30) == 1
+    # A finished task still holding its reservation (as an old version could
+    # leave it), settled by recovery.
+    stray, _ = s.submit(alice["id"], "demo", {"p": "stray"}, now=now + 20, deadline_at=now + 1e5, cost=5)
+    with s._seam(), s._write():
+        s._exec("UPDATE tasks SET status = 'failed', finished_at = ? WHERE id = ?", (now + 21, stray["id"]))
+    assert s.settle_stray(stray["id"], now=now + 22) == "refunded"
+
+    s.put_session(alice["id"], "chat", messages=[{"role": "user", "content": "hi"}], data={"a": 1},
+                  now=now + 23, ttl_s=100)
+    s.append_messages(alice["id"], "chat", [{"role": "assistant", "content": "hello"}], now=now + 24, ttl_s=100)
+    s.put_session(alice["id"], "gone", messages=[], data=None, now=now + 25, ttl_s=100)
+    assert s.delete_session(alice["id"], "gone", now=now + 26)
+    s.put_session(bob["id"], "brief", messages=[], data=None, now=now + 27, ttl_s=1)
+    assert s.purge_sessions(now=now + 40) >= 1
+
+    assert s.tasks_with_old_files(before=now + 50, limit=10) == [done["id"]]
+    assert s.mark_files_expired([done["id"]], now=now + 51) == 1
+    assert late["id"] in s.finished_before(before=now + 19, limit=100)
+    assert s.delete_finished([late["id"]], before=now + 19)[0] == 1
+    assert s.purge_events(before=now + 16) >= 1
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["journal only", "snapshot and journal"])
+def test_every_kind_of_write_is_on_disk(tmp_path, compacted):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    try:
+        every_kind_of_write(s, 1_000.0)
+        if compacted:
+            s.compact()
+            every_kind_of_write(s, 2_000.0, prefix="more_")
+        before = s.export_rows()
+    finally:
+        s.close()
+    assert all(before[t] for t in ("users", "tasks", "events", "ledger", "sessions", "task_history",
+                                   "file_expiry"))
+    s = JsonStore(path)
+    try:
+        assert s.export_rows() == before
+    finally:
+        s.close()
