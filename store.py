@@ -812,6 +812,18 @@ class SqlStore(BaseStore):
     def _backup_before_migrating(self, current):
         """Backends that can copy themselves do so here."""
 
+    def _require_current_schema(self):
+        """For a store opened only to look (read_only): migrating would
+        change it, so an older schema is an error instead."""
+        latest = max(version for version, _ in MIGRATIONS)
+        with self._seam():
+            self.db.connect(reuse_if_open=True)
+            current = (self.schema_version() or 0) if self.db.table_exists("schema_version") else 0
+        if current < latest:
+            self.close()
+            raise StoreUnavailable(f"schema version {current}, this code needs {latest}",
+                                   code="schema_outdated")
+
     def _migrate(self, upto=None):
         """Apply the pending migrations (up to `upto`); return how many."""
         applied = 0
@@ -1572,15 +1584,23 @@ class SqliteStore(SqlStore):
     name = "sqlite"
     multi_process = True
 
-    def __init__(self, path):
-        if path != ":memory:":
+    def __init__(self, path, *, read_only=False):
+        """`read_only`: to look and change nothing (recover.py --dry-run):
+        no file or folder made, no switch to WAL, no backup or migration
+        (an older schema is StoreUnavailable schema_outdated), and SQLite
+        refuses every write."""
+        pragmas = {"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
+                   "cache_size": -8000}
+        if read_only:
+            if path == ":memory:" or not os.path.exists(path):
+                raise StoreUnavailable(f"no holdfast store at {path} (the server makes one at its first start)",
+                                       code="no_store")
+            pragmas = {"query_only": 1, "busy_timeout": 5000, "cache_size": -8000}
+        elif path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._writer = threading.RLock()
-        db = peewee.SqliteDatabase(
-            path, timeout=5, lock_type="IMMEDIATE",
-            pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
-                     "cache_size": -8000})
+        db = peewee.SqliteDatabase(path, timeout=5, lock_type="IMMEDIATE", pragmas=pragmas)
         super().__init__(db)
         with self._seam():
             db.connect(reuse_if_open=True)
@@ -1589,7 +1609,10 @@ class SqliteStore(SqlStore):
             db.close()
             raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got {mode})",
                                    code="no_wal")
-        self.migrate()
+        if read_only:
+            self._require_current_schema()
+        else:
+            self.migrate()
 
     @contextmanager
     def _write(self):
@@ -1630,7 +1653,7 @@ class PostgresStore(SqlStore):
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url):
+    def __init__(self, url, *, read_only=False):
         from urllib.parse import parse_qsl, unquote, urlsplit
 
         from playhouse.pool import PooledPostgresqlDatabase
@@ -1649,7 +1672,10 @@ class PostgresStore(SqlStore):
             password=unquote(parts.password) if parts.password else None, **options)
         super().__init__(db)
         self.url = url
-        self.migrate()
+        if read_only:
+            self._require_current_schema()
+        else:
+            self.migrate()
 
     @contextmanager
     def _seam(self):
@@ -1703,18 +1729,32 @@ class JsonStore(SqlStore):
     compact_retry_s = (5.0, 300.0)
     _journal_bytes = 0
 
-    def __init__(self, directory, *, label="json", clock=time.monotonic):
+    def __init__(self, directory, *, label="json", clock=time.monotonic, read_only=False):
+        """`read_only`: to look and change nothing (recover.py --dry-run): a
+        torn journal tail is ignored but left in the file, nothing is
+        compacted or created, and writes are StoreUnavailable."""
         import fcntl
-        os.makedirs(directory, exist_ok=True)
         self.name = label
+        self.read_only = read_only
         self._clock = clock
         self._compact_delay = 0.0
         self._compact_after = None
         self.snapshot_path = os.path.join(directory, "holdfast.json")
         self.journal_path = os.path.join(directory, "holdfast.journal")
-        self._mutexfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
+        lock_path = os.path.join(directory, "holdfast.json.lock")
+        if read_only:
+            if not (os.path.exists(self.snapshot_path) or os.path.exists(self.journal_path)):
+                raise StoreUnavailable(f"no holdfast store in {directory} (the server makes one at its "
+                                       "first start)", code="no_store")
+            # Still the one process at a time: a writer's half-done
+            # compaction is not for reading.
+            self._mutexfile = open(lock_path, "rb") if os.path.exists(lock_path) else None
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self._mutexfile = open(lock_path, "a")
         try:
-            fcntl.flock(self._mutexfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._mutexfile:
+                fcntl.flock(self._mutexfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._mutexfile.close()
             raise StoreUnavailable(f"another holdfast process is using the JSON store in {directory}; "
@@ -1730,6 +1770,8 @@ class JsonStore(SqlStore):
         try:
             self._load()
             self._replaying = False
+            if read_only:
+                return
             with self._file_errors("cannot open the JSON journal"):
                 # Unbuffered: after a failed write no bytes wait in a buffer
                 # to be flushed behind the next line.
@@ -1754,6 +1796,8 @@ class JsonStore(SqlStore):
 
     @contextmanager
     def _write(self):
+        if self.read_only and not self._replaying:
+            raise StoreUnavailable("the JSON store was opened read-only", code="read_only")
         with self._mutex:
             outer = self._depth == 0
             self._depth += 1
@@ -1933,7 +1977,8 @@ class JsonStore(SqlStore):
             if getattr(self, "_journal", None) and not self._journal.closed:
                 self._journal.close()
             self.db.close()
-            self._mutexfile.close()
+            if self._mutexfile:
+                self._mutexfile.close()
 
 
 def _fsync_dir(path):
@@ -1944,34 +1989,36 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def open_store(url, data_dir):
-    """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a URL."""
+def open_store(url, data_dir, *, read_only=False):
+    """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a
+    URL. `read_only`: opened to look, changing nothing on disk (see each
+    backend's constructor)."""
     url = url or "sqlite"
     scheme = url.split("://", 1)[0] if "://" in url else url
     factory = BACKENDS.get(scheme)
     if factory is None:
         raise InvalidInput(f"unknown store {url!r}; use one of {sorted(BACKENDS)}")
-    return factory(url, data_dir)
+    return factory(url, data_dir, read_only=read_only)
 
 
-def _sqlite(url, data_dir):
+def _sqlite(url, data_dir, *, read_only=False):
     path = url.split("://", 1)[1] if "://" in url else os.path.join(data_dir, "holdfast.db")
     try:
-        return SqliteStore(path)
+        return SqliteStore(path, read_only=read_only)
     except StoreUnavailable as exc:
         if exc.code != "no_wal":
             raise
         log.warning("!!! %s. Falling back to the JSON-file store in %s: one process only, "
                     "and the SQLite file's data is not read. !!!", exc.message, data_dir)
-        return JsonStore(data_dir, label="json (fallback)")
+        return JsonStore(data_dir, label="json (fallback)", read_only=read_only)
 
 
-def _json(url, data_dir):
-    return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir)
+def _json(url, data_dir, *, read_only=False):
+    return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir, read_only=read_only)
 
 
-def _postgresql(url, data_dir):
-    return PostgresStore(url)
+def _postgresql(url, data_dir, *, read_only=False):
+    return PostgresStore(url, read_only=read_only)
 
 
 BACKENDS = {"sqlite": _sqlite, "json": _json, "postgresql": _postgresql, "postgres": _postgresql}
@@ -1998,9 +2045,10 @@ class FileStore:
     """Result files under data/files/<task id>/<name>, written atomically
     (temporary file, fsync, rename) with their size and sha256."""
 
-    def __init__(self, root):
+    def __init__(self, root, *, create=True):
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
 
     def path(self, task_id, name):
         if not re.match(r"^t_[0-9A-Z]{26}$", task_id) or not _FILE_NAME.match(name):
@@ -2039,7 +2087,11 @@ class FileStore:
     def task_ids(self):
         """The task ids that have a folder here, sorted; other entries are
         not holdfast's and are left alone."""
-        return sorted(n for n in os.listdir(self.root)
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []      # opened with create=False before any file was saved
+        return sorted(n for n in names
                       if re.match(r"^t_[0-9A-Z]{26}$", n) and os.path.isdir(os.path.join(self.root, n)))
 
     def partial_files(self):

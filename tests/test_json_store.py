@@ -134,7 +134,7 @@ def test_the_journal_is_compacted_and_stays_bounded(tmp_path):
 
 
 def test_sqlite_without_wal_falls_back_loudly_to_json(tmp_path, monkeypatch, caplog, providers, config):
-    def no_wal(path):
+    def no_wal(path, **_):
         raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got delete)", code="no_wal")
 
     monkeypatch.setitem(store_module.BACKENDS, "sqlite", store_module.BACKENDS["sqlite"])
@@ -436,3 +436,24 @@ def test_every_kind_of_write_is_on_disk(tmp_path, compacted):
         assert s.export_rows() == before
     finally:
         s.close()
+
+
+def test_read_only_reads_past_a_torn_tail_and_writes_nothing(tmp_path):
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    s.create_user("alice")
+    before = s.export_rows()
+    s.close()
+    journal = os.path.join(path, "holdfast.journal")
+    with open(journal, "ab") as fh:
+        fh.write(b'[["INSERT INTO tasks (id) VALUES (?)", ["t_half')
+    on_disk = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+    s = JsonStore(path, read_only=True)
+    try:
+        assert s.export_rows() == before
+        with pytest.raises(StoreUnavailable) as info:
+            s.create_user("bob")
+        assert info.value.code == "read_only"
+    finally:
+        s.close()
+    assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == on_disk
