@@ -1925,7 +1925,8 @@ class JsonStore(SqlStore):
                     super()._exec(sql, params)
             good += len(line)
         if good != os.fstat(fh.fileno()).st_size:
-            log.warning("JSON journal: dropping a torn last entry (a crash mid-write)")
+            log.warning("JSON journal: %s a torn last entry (a crash mid-write)",
+                        "ignoring" if self.read_only else "dropping")
         return good
 
     def _stale_journal(self, generation):
@@ -1936,7 +1937,8 @@ class JsonStore(SqlStore):
                 "the one this journal was written after (restored from a backup?); refusing to "
                 "open rather than lose or misapply writes", code="journal_mismatch")
         log.warning("JSON journal: generation %d is already in the snapshot (generation %d), "
-                    "a compaction was cut short; discarding it", generation, self._generation)
+                    "a compaction was cut short; %s it", generation, self._generation,
+                    "ignoring" if self.read_only else "discarding")
         return 0
 
     _migrated_on_load = False
