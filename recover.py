@@ -8,6 +8,9 @@ takes, and releases only leases that ran out or whose process is gone.
     python recover.py --audit [--fix] [--json]   # do the store and the files agree?
     python recover.py --export FILE      # every row of every table, as JSON
     python recover.py --import FILE      # into an empty store
+
+--dry-run and --audit without --fix open the store read-only: they migrate,
+back up, truncate and create nothing (an older schema is an error instead).
 """
 
 import argparse
@@ -195,6 +198,16 @@ def import_data(store, path):
     return {table: len(rows) for table, rows in data["tables"].items()}
 
 
+def open_to_look(config):
+    """What app.open_everything opens, for a run that changes nothing
+    (--dry-run, --audit without --fix): the store read-only (no migration,
+    no backup, a torn JSON journal tail left in place), no folder made."""
+    from providers import build_providers
+    from store import FileStore, open_store
+    store = open_store(config.store, config.data, read_only=True)
+    return store, build_providers(config.providers), FileStore(os.path.join(config.data, "files"), create=False)
+
+
 def main(argv=None):
     from app import Config, open_everything, setup_logging
     parser = argparse.ArgumentParser(prog="python recover.py", description=__doc__.splitlines()[0])
@@ -216,7 +229,8 @@ def main(argv=None):
         config = Config.load()
         setup_logging(config.log)
         logging.getLogger().setLevel(logging.WARNING)
-        store, providers, files = open_everything(config)
+        looking = args.dry_run or (args.audit and not args.fix)
+        store, providers, files = open_to_look(config) if looking else open_everything(config)
         try:
             if args.export:
                 report = {"exported": export_data(store, args.export), "file": args.export}
@@ -231,7 +245,11 @@ def main(argv=None):
         finally:
             store.close()
     except HoldfastError as exc:
-        print(f"recover: {exc.message}", file=sys.stderr)
+        hint = ""
+        if exc.code == "schema_outdated":
+            hint = (": run recover.py --audit --fix" if args.audit else ": run recover.py without --dry-run") \
+                + ", or start the server, to migrate"
+        print(f"recover: {exc.message}{hint}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else report["summary"])
     return 1 if report.get("unfixed") else 0

@@ -823,6 +823,18 @@ class SqlStore(BaseStore):
     def _backup_before_migrating(self, current):
         """Backends that can copy themselves do so here."""
 
+    def _require_current_schema(self):
+        """For a store opened only to look (read_only): migrating would
+        change it, so an older schema is an error instead."""
+        latest = max(version for version, _ in MIGRATIONS)
+        with self._seam():
+            self.db.connect(reuse_if_open=True)
+            current = (self.schema_version() or 0) if self.db.table_exists("schema_version") else 0
+        if current < latest:
+            self.close()
+            raise StoreUnavailable(f"schema version {current}, this code needs {latest}",
+                                   code="schema_outdated")
+
     def _migrate(self, upto=None):
         """Apply the pending migrations (up to `upto`); return how many."""
         applied = 0
@@ -1590,15 +1602,23 @@ class SqliteStore(SqlStore):
     name = "sqlite"
     multi_process = True
 
-    def __init__(self, path):
-        if path != ":memory:":
+    def __init__(self, path, *, read_only=False):
+        """`read_only`: to look and change nothing (recover.py --dry-run):
+        no file or folder made, no switch to WAL, no backup or migration
+        (an older schema is StoreUnavailable schema_outdated), and SQLite
+        refuses every write."""
+        pragmas = {"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
+                   "cache_size": -8000}
+        if read_only:
+            if path == ":memory:" or not os.path.exists(path):
+                raise StoreUnavailable(f"no holdfast store at {path} (the server makes one at its first start)",
+                                       code="no_store")
+            pragmas = {"query_only": 1, "busy_timeout": 5000, "cache_size": -8000}
+        elif path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._writer = threading.RLock()
-        db = peewee.SqliteDatabase(
-            path, timeout=5, lock_type="IMMEDIATE",
-            pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 5000,
-                     "cache_size": -8000})
+        db = peewee.SqliteDatabase(path, timeout=5, lock_type="IMMEDIATE", pragmas=pragmas)
         super().__init__(db)
         with self._seam():
             db.connect(reuse_if_open=True)
@@ -1607,7 +1627,10 @@ class SqliteStore(SqlStore):
             db.close()
             raise StoreUnavailable(f"SQLite file {path} cannot use WAL mode (got {mode})",
                                    code="no_wal")
-        self.migrate()
+        if read_only:
+            self._require_current_schema()
+        else:
+            self.migrate()
 
     @contextmanager
     def _write(self):
@@ -1648,7 +1671,7 @@ class PostgresStore(SqlStore):
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url):
+    def __init__(self, url, *, read_only=False):
         from urllib.parse import parse_qsl, unquote, urlsplit
 
         from playhouse.pool import PooledPostgresqlDatabase
@@ -1667,7 +1690,10 @@ class PostgresStore(SqlStore):
             password=unquote(parts.password) if parts.password else None, **options)
         super().__init__(db)
         self.url = url
-        self.migrate()
+        if read_only:
+            self._require_current_schema()
+        else:
+            self.migrate()
 
     @contextmanager
     def _seam(self):
@@ -1705,21 +1731,48 @@ class JsonStore(SqlStore):
     the contract. A torn last journal line (a crash mid-write) was never
     committed and is dropped. The snapshot is rewritten (atomic replace) once
     the journal outgrows it, so a write costs the same at 10k tasks as at 100.
+
+    Each snapshot carries a generation number, and the journal's first line
+    names the generation it follows. A crash after a new snapshot replaced
+    the old one but before the journal was emptied leaves a journal of an
+    older generation: the snapshot already holds it, so it is discarded, not
+    applied a second time.
     """
 
     name = "json"
     multi_process = False
     min_compact_bytes = 1 << 20
+    # After a failed compaction, wait this long before the next try, doubling
+    # up to the second number: each try rewrites the whole snapshot.
+    compact_retry_s = (5.0, 300.0)
+    _journal_bytes = 0
 
-    def __init__(self, directory, *, label="json"):
+    def __init__(self, directory, *, label="json", clock=time.monotonic, read_only=False):
+        """`read_only`: to look and change nothing (recover.py --dry-run): a
+        torn journal tail is ignored but left in the file, nothing is
+        compacted or created, and writes are StoreUnavailable."""
         import fcntl
-        os.makedirs(directory, exist_ok=True)
         self.name = label
+        self.read_only = read_only
+        self._clock = clock
+        self._compact_delay = 0.0
+        self._compact_after = None
         self.snapshot_path = os.path.join(directory, "holdfast.json")
         self.journal_path = os.path.join(directory, "holdfast.journal")
-        self._mutexfile = open(os.path.join(directory, "holdfast.json.lock"), "a")
+        lock_path = os.path.join(directory, "holdfast.json.lock")
+        if read_only:
+            if not (os.path.exists(self.snapshot_path) or os.path.exists(self.journal_path)):
+                raise StoreUnavailable(f"no holdfast store in {directory} (the server makes one at its "
+                                       "first start)", code="no_store")
+            # Still the one process at a time: a writer's half-done
+            # compaction is not for reading.
+            self._mutexfile = open(lock_path, "rb") if os.path.exists(lock_path) else None
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self._mutexfile = open(lock_path, "a")
         try:
-            fcntl.flock(self._mutexfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._mutexfile:
+                fcntl.flock(self._mutexfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._mutexfile.close()
             raise StoreUnavailable(f"another holdfast process is using the JSON store in {directory}; "
@@ -1732,12 +1785,26 @@ class JsonStore(SqlStore):
         self._pending = []
         self._journal_bytes = 0
         self._replaying = True
-        self._load()
-        self._replaying = False
-        self._journal = open(self.journal_path, "ab")
-        self._journal_bytes = os.path.getsize(self.journal_path)
-        if self._migrated_on_load or self._journal_bytes > self._compact_threshold():
-            self.compact()
+        try:
+            self._load()
+            self._replaying = False
+            if read_only:
+                return
+            with self._file_errors("cannot open the JSON journal"):
+                # Unbuffered: after a failed write no bytes wait in a buffer
+                # to be flushed behind the next line.
+                self._journal = open(self.journal_path, "ab", buffering=0)
+                if self._journal_fix:
+                    self._cut_journal()
+            # Journal lines written from now on use the migrated schema: the
+            # snapshot must have it first.
+            if self._migrated_on_load:
+                self.compact()
+        except BaseException:
+            self.close()     # a store that did not open holds no lock
+            raise
+        if self._journal_bytes > self._compact_threshold():
+            self._compact_when_due()
 
     # Every read and write holds the one lock: one connection, one process.
     @contextmanager
@@ -1747,6 +1814,8 @@ class JsonStore(SqlStore):
 
     @contextmanager
     def _write(self):
+        if self.read_only and not self._replaying:
+            raise StoreUnavailable("the JSON store was opened read-only", code="read_only")
         with self._mutex:
             outer = self._depth == 0
             self._depth += 1
@@ -1760,7 +1829,7 @@ class JsonStore(SqlStore):
                 if outer:
                     self._pending = []
             if outer and self._journal_bytes > self._compact_threshold():
-                self.compact()
+                self._compact_when_due()
 
     def _exec(self, sql, params=()):
         if self._depth and not self._replaying and not sql.lstrip().upper().startswith("SELECT"):
@@ -1769,17 +1838,62 @@ class JsonStore(SqlStore):
 
     def _append(self, statements):
         line = (json.dumps(statements, separators=(",", ":")) + "\n").encode()
+        if self._journal_bytes == 0:
+            line = self._journal_header() + line
         try:
-            self._journal.write(line)
-            self._journal.flush()
+            if self._journal_fix:
+                self._cut_journal()
+            rest = memoryview(line)
+            while rest:
+                rest = rest[self._journal.write(rest):]
             os.fsync(self._journal.fileno())
         except OSError as exc:
-            # The transaction rolls back in memory: disk and memory stay equal.
+            # The transaction rolls back in memory; the part of its line that
+            # reached the file goes too, or the next line would be glued to
+            # it and a reload would stop there, losing every later write.
+            # If cutting fails as well, the next append cuts first.
+            self._journal_fix = True
+            try:
+                self._cut_journal()
+            except OSError:
+                pass
             raise StoreUnavailable(f"cannot write the JSON journal: {exc}") from exc
         self._journal_bytes += len(line)
 
+    def _journal_header(self):
+        return (json.dumps({"generation": self._generation}) + "\n").encode()
+
+    def _cut_journal(self):
+        """Cut the journal file back to its last committed line (to nothing
+        when the snapshot holds it all)."""
+        if self._journal_bytes == 0:
+            # Emptying the journal is safe only once the snapshot that holds
+            # it has reached the disk.
+            _fsync_dir(os.path.dirname(self.snapshot_path))
+        self._journal.truncate(self._journal_bytes)
+        os.fsync(self._journal.fileno())
+        self._journal_fix = False
+
     def _compact_threshold(self):
         return max(self.min_compact_bytes, self._snapshot_bytes)
+
+    def _compact_when_due(self):
+        """Compact after a committed write. A failure does not undo the
+        write (it is safe in the journal) and is not news on every write:
+        one line in the log, the next try after a growing delay."""
+        now = self._clock()
+        if self._compact_after is not None and now < self._compact_after:
+            return
+        try:
+            self.compact()
+        except StoreUnavailable as exc:
+            first, longest = self.compact_retry_s
+            self._compact_delay = min(longest, self._compact_delay * 2) if self._compact_delay else first
+            self._compact_after = now + self._compact_delay
+            log.warning("%s; the journal keeps every write, trying again in %.0f s",
+                        exc.message, self._compact_delay)
+        else:
+            self._compact_delay, self._compact_after = 0.0, None
 
     def _load(self):
         self.db.connect()
@@ -1789,55 +1903,102 @@ class JsonStore(SqlStore):
             self._snapshot_bytes = os.path.getsize(self.snapshot_path)
             with open(self.snapshot_path, encoding="utf-8") as fh:
                 snapshot = json.load(fh)
+        # A snapshot written before generations were numbered is generation 0.
+        self._generation = snapshot.get("generation", 0) if snapshot else 0
         self._migrate(upto=snapshot["schema_version"] if snapshot else None)
         if snapshot:
             self._insert_rows(snapshot["tables"])
-        good = 0
+        size = 0
         if os.path.exists(self.journal_path):
             with open(self.journal_path, "rb") as fh:
-                for line in fh:
-                    if not line.endswith(b"\n"):
-                        break
-                    try:
-                        statements = json.loads(line)
-                    except ValueError:
-                        break
-                    with self.db.atomic():
-                        for sql, params in statements:
-                            super()._exec(sql, params)
-                    good += len(line)
-            if good != os.path.getsize(self.journal_path):
-                log.warning("JSON journal: dropping a torn last entry (a crash mid-write)")
-                with open(self.journal_path, "r+b") as fh:
-                    fh.truncate(good)
+                size = os.fstat(fh.fileno()).st_size
+                self._journal_bytes = self._replay(fh)
+        # Until the file is cut back to what was replayed, no line may follow it.
+        self._journal_fix = self._journal_bytes != size
         if self._migrate():
             self._migrated_on_load = True
+
+    def _replay(self, fh):
+        """Apply the journal's committed lines; return how many of its bytes
+        to keep (0: none of it belongs after this snapshot)."""
+        good = 0
+        for number, line in enumerate(fh):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if number == 0:
+                # A journal without a header line was written before
+                # generations were numbered: it follows generation 0.
+                generation = entry.get("generation") if isinstance(entry, dict) else 0
+                if generation != self._generation:
+                    return self._stale_journal(generation)
+                if isinstance(entry, dict):
+                    good += len(line)
+                    continue
+            with self.db.atomic():
+                for sql, params in entry:
+                    super()._exec(sql, params)
+            good += len(line)
+        if good != os.fstat(fh.fileno()).st_size:
+            log.warning("JSON journal: %s a torn last entry (a crash mid-write)",
+                        "ignoring" if self.read_only else "dropping")
+        return good
+
+    def _stale_journal(self, generation):
+        if not isinstance(generation, int) or generation > self._generation:
+            raise StoreUnavailable(
+                f"the JSON journal {self.journal_path} follows snapshot generation {generation}, "
+                f"but {self.snapshot_path} is generation {self._generation}: the snapshot is not "
+                "the one this journal was written after (restored from a backup?); refusing to "
+                "open rather than lose or misapply writes", code="journal_mismatch")
+        log.warning("JSON journal: generation %d is already in the snapshot (generation %d), "
+                    "a compaction was cut short; %s it", generation, self._generation,
+                    "ignoring" if self.read_only else "discarding")
+        return 0
 
     _migrated_on_load = False
 
     def compact(self):
-        """Rewrite the snapshot from memory and empty the journal."""
-        with self._mutex:
-            data = {"schema_version": self.schema_version(), "tables": self.export_rows()}
+        """Rewrite the snapshot from memory, as the next generation, and
+        empty the journal. StoreUnavailable when the files cannot be
+        written; the store stays usable."""
+        with self._mutex, self._file_errors("cannot compact the JSON store"):
+            generation = self._generation + 1
+            data = {"schema_version": self.schema_version(), "generation": generation,
+                    "tables": self.export_rows()}
             tmp = self.snapshot_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, separators=(",", ":"))
                 fh.flush()
                 os.fsync(fh.fileno())
-            self._snapshot_bytes = os.path.getsize(tmp)
+            size = os.path.getsize(tmp)
             os.replace(tmp, self.snapshot_path)
-            _fsync_dir(os.path.dirname(self.snapshot_path))
-            self._journal.truncate(0)
-            self._journal.seek(0)
-            os.fsync(self._journal.fileno())
+            # From here the journal on disk is of an older generation: no
+            # line may be added to it, whatever happens next.
+            self._generation = generation
+            self._snapshot_bytes = size
             self._journal_bytes = 0
+            self._journal_fix = True
+            self._cut_journal()
+
+    @staticmethod
+    @contextmanager
+    def _file_errors(what):
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(f"{what}: {exc}") from exc
 
     def close(self):
         with self._mutex:
-            if not self._journal.closed:
+            if getattr(self, "_journal", None) and not self._journal.closed:
                 self._journal.close()
             self.db.close()
-            self._mutexfile.close()
+            if self._mutexfile:
+                self._mutexfile.close()
 
 
 def _fsync_dir(path):
@@ -1848,34 +2009,36 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def open_store(url, data_dir):
-    """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a URL."""
+def open_store(url, data_dir, *, read_only=False):
+    """The store named by HOLDFAST_STORE: `sqlite` (default), `json`, or a
+    URL. `read_only`: opened to look, changing nothing on disk (see each
+    backend's constructor)."""
     url = url or "sqlite"
     scheme = url.split("://", 1)[0] if "://" in url else url
     factory = BACKENDS.get(scheme)
     if factory is None:
         raise InvalidInput(f"unknown store {url!r}; use one of {sorted(BACKENDS)}")
-    return factory(url, data_dir)
+    return factory(url, data_dir, read_only=read_only)
 
 
-def _sqlite(url, data_dir):
+def _sqlite(url, data_dir, *, read_only=False):
     path = url.split("://", 1)[1] if "://" in url else os.path.join(data_dir, "holdfast.db")
     try:
-        return SqliteStore(path)
+        return SqliteStore(path, read_only=read_only)
     except StoreUnavailable as exc:
         if exc.code != "no_wal":
             raise
         log.warning("!!! %s. Falling back to the JSON-file store in %s: one process only, "
                     "and the SQLite file's data is not read. !!!", exc.message, data_dir)
-        return JsonStore(data_dir, label="json (fallback)")
+        return JsonStore(data_dir, label="json (fallback)", read_only=read_only)
 
 
-def _json(url, data_dir):
-    return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir)
+def _json(url, data_dir, *, read_only=False):
+    return JsonStore(url.split("://", 1)[1] if "://" in url else data_dir, read_only=read_only)
 
 
-def _postgresql(url, data_dir):
-    return PostgresStore(url)
+def _postgresql(url, data_dir, *, read_only=False):
+    return PostgresStore(url, read_only=read_only)
 
 
 BACKENDS = {"sqlite": _sqlite, "json": _json, "postgresql": _postgresql, "postgres": _postgresql}
@@ -1902,9 +2065,10 @@ class FileStore:
     """Result files under data/files/<task id>/<name>, written atomically
     (temporary file, fsync, rename) with their size and sha256."""
 
-    def __init__(self, root):
+    def __init__(self, root, *, create=True):
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
 
     def path(self, task_id, name):
         if not re.match(r"^t_[0-9A-Z]{26}$", task_id) or not _FILE_NAME.match(name):
@@ -1943,7 +2107,11 @@ class FileStore:
     def task_ids(self):
         """The task ids that have a folder here, sorted; other entries are
         not holdfast's and are left alone."""
-        return sorted(n for n in os.listdir(self.root)
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []      # opened with create=False before any file was saved
+        return sorted(n for n in names
                       if re.match(r"^t_[0-9A-Z]{26}$", n) and os.path.isdir(os.path.join(self.root, n)))
 
     def partial_files(self):

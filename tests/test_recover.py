@@ -1,8 +1,10 @@
 """recover.py: it finds what a crash left behind, --dry-run changes nothing,
 and export/import move every row between stores."""
 
+import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +35,19 @@ def snapshot(data_dir):
     return rows, files
 
 
+def fingerprint(data_dir):
+    """Every folder and file under the data directory (backups/ too), files
+    with the sha256 of their bytes: what "changes nothing" means on disk."""
+    out = {}
+    for folder, dirs, names in os.walk(data_dir):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), data_dir)] = "folder"
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                out[os.path.relpath(os.path.join(folder, name), data_dir)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
 @pytest.fixture
 def crashed(tmp_path):
     """A data directory as a crash leaves it: a lease that ran out, a task
@@ -60,6 +75,7 @@ def crashed(tmp_path):
 
 def test_dry_run_reports_everything_and_changes_nothing(crashed):
     before = snapshot(crashed["dir"])
+    on_disk = fingerprint(crashed["dir"])
     proc = run_recover(crashed["dir"], "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -68,6 +84,7 @@ def test_dry_run_reports_everything_and_changes_nothing(crashed):
     assert report["past_deadline"] == [crashed["late"]]
     assert report["partial_files"] == [str(crashed["part"])]
     assert report["submissions_in_doubt"] == [crashed["doubt"]]
+    assert fingerprint(crashed["dir"]) == on_disk
     assert snapshot(crashed["dir"]) == before
     assert crashed["part"].exists()
 
@@ -149,3 +166,72 @@ def test_import_refuses_a_store_that_is_not_empty_and_a_foreign_file(crashed, tm
     proc = run_recover(empty, "--import", str(bogus))
     assert proc.returncode == 2 and "not a holdfast export" in proc.stderr
     assert snapshot(crashed["dir"]) == before
+
+
+def make_schema_older(path):
+    """Turn a current database into what the previous holdfast left: its
+    last migration undone."""
+    from store import MIGRATIONS
+    latest = max(v for v, _ in MIGRATIONS)
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("DROP INDEX tasks_status_provider")    # what migration 3 adds
+        con.execute("DELETE FROM schema_version WHERE version = ?", (latest,))
+    con.close()
+    return latest
+
+
+@pytest.mark.parametrize("args", [["--dry-run"], ["--audit"]])
+def test_looking_at_an_older_schema_is_refused_not_migrated(crashed, args):
+    latest = make_schema_older(str(crashed["dir"] / "holdfast.db"))
+    on_disk = fingerprint(crashed["dir"])
+    proc = run_recover(crashed["dir"], *args)
+    assert proc.returncode == 2
+    assert f"schema version {latest - 1}, this code needs {latest}" in proc.stderr
+    assert "or start the server, to migrate" in proc.stderr
+    assert fingerprint(crashed["dir"]) == on_disk
+    assert not (crashed["dir"] / "backups").exists()
+    # Without --dry-run it migrates, after a backup.
+    assert run_recover(crashed["dir"]).returncode == 0
+    assert len(os.listdir(crashed["dir"] / "backups")) == 1
+
+
+def test_looking_at_a_missing_store_creates_nothing(tmp_path):
+    proc = run_recover(tmp_path, "--dry-run")
+    assert proc.returncode == 2 and "no holdfast store" in proc.stderr
+    assert fingerprint(tmp_path) == {}
+
+
+@pytest.fixture
+def json_crashed(tmp_path):
+    """A JSON store as a crash leaves it: a task past its deadline, a torn
+    last journal line, and a half-written download."""
+    from store import JsonStore
+    store = JsonStore(str(tmp_path))
+    user = store.create_user("alice", credits=10)[0]
+    now = time.time()
+    late, _ = store.submit(user["id"], "demo", {"prompt": "b"}, now=now - 100, deadline_at=now - 10, cost=3)
+    store.close()
+    with open(tmp_path / "holdfast.journal", "ab") as fh:
+        fh.write(b'[["UPDATE tasks SET status = ?", ["fail')           # a crash mid-write
+    part = tmp_path / "files" / late["id"] / "out_0.png.1234abcd.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\x89PNG half")
+    return {"dir": tmp_path, "late": late["id"], "part": part}
+
+
+@pytest.mark.parametrize("args", [["--dry-run", "--json"], ["--audit", "--json"]])
+def test_looking_at_a_json_store_leaves_its_torn_tail_alone(json_crashed, args):
+    on_disk = fingerprint(json_crashed["dir"])
+    proc = run_recover(json_crashed["dir"], *args, store="json")
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    if "--dry-run" in args:
+        assert report["past_deadline"] == [json_crashed["late"]]
+        assert report["partial_files"] == [str(json_crashed["part"])]
+    else:
+        assert report["found"] == 0
+    assert fingerprint(json_crashed["dir"]) == on_disk
+    # Opened to write, the store drops the tail as before.
+    assert run_recover(json_crashed["dir"], store="json").returncode == 0
+    assert fingerprint(json_crashed["dir"]) != on_disk
