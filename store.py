@@ -27,7 +27,7 @@ from peewee import (AutoField, BooleanField, CharField, CompositeKey,
                     DoubleField, IntegerField, Model, TextField)
 
 import metrics
-from errors import (Conflict, InvalidInput, NotFound, PaymentRequired,
+from errors import (ConfigError, Conflict, InvalidInput, NotFound, PaymentRequired,
                     StaleLease, StoreUnavailable, TooMany)
 
 log = logging.getLogger("holdfast.store")
@@ -2038,6 +2038,12 @@ def _json(url, data_dir, *, read_only=False):
 
 
 def _postgresql(url, data_dir, *, read_only=False):
+    # The driver is installed only by those who use this backend.
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError('HOLDFAST_STORE names PostgreSQL, which needs psycopg 3: '
+                          'pip install "psycopg[binary]>=3.1,<4"') from None
     return PostgresStore(url, read_only=read_only)
 
 

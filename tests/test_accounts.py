@@ -639,3 +639,18 @@ def test_cli_adds_an_admin_whose_token_opens_the_admin_api(tmp_path, clock):
         assert store.user_by_token(boss_token)["is_admin"] and not store.user_by_token(plain_token)["is_admin"]
     finally:
         store.close()
+
+
+def test_a_postgresql_store_without_its_driver_says_what_to_install(tmp_path):
+    """psycopg is installed only by those who use PostgreSQL: without it,
+    a clear message and exit 2, not a driver traceback."""
+    blocker = tmp_path / "blocker"
+    (blocker / "psycopg").mkdir(parents=True)
+    (blocker / "psycopg" / "__init__.py").write_text('raise ImportError("psycopg is not installed here")\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLDFAST_")}
+    env.update(HOLDFAST_DATA=str(tmp_path), PYTHONPATH=str(blocker),
+               HOLDFAST_STORE="postgresql://nobody@127.0.0.1:1/none")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "users", "add", "carol"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert 'pip install "psycopg[binary]' in res.stderr and "Traceback" not in res.stderr, res.stderr
