@@ -772,12 +772,12 @@ class SqlStore(BaseStore):
             raise InvalidInput("a string holds an unpaired surrogate "
                                f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode") from exc
         finally:
-            changes = getattr(self._changes, "pending", None)
-            if changes and not self.db.transaction_depth():
+            actions = getattr(self._changes, "pending", None)
+            if actions and not self.db.transaction_depth():
                 self._changes.pending = []
                 if committed:
-                    for change in changes:
-                        _log_change(*change)
+                    for fn, args in actions:
+                        fn(*args)
             if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
                 self._wrote_events.flag = False
                 for callback in self._event_listeners:
@@ -1131,7 +1131,7 @@ class SqlStore(BaseStore):
         if new == "running" and task["started_at"] is None:
             task["started_at"] = now
         if new in TERMINAL:
-            metrics.FINISHED.inc(task["provider"], new)
+            self._after_commit(metrics.FINISHED.inc, task["provider"], new)
             task["finished_at"] = now
             self._record_history(task, new, now)
             task["next_poll_at"] = None
@@ -1155,14 +1155,21 @@ class SqlStore(BaseStore):
             self._note_change(task, old)
         return task
 
+    def _after_commit(self, fn, *args):
+        """Run fn(*args) once the outermost transaction commits; never if it
+        rolls back. For what must not tell of a change that did not happen:
+        log lines, counters."""
+        pending = getattr(self._changes, "pending", None)
+        if pending is None:
+            pending = self._changes.pending = []
+        pending.append((fn, args))
+
     def _note_change(self, task, old):
         """Queue the task's log line until its transaction commits."""
         if task_log.isEnabledFor(logging.INFO):
-            pending = getattr(self._changes, "pending", None)
-            if pending is None:
-                pending = self._changes.pending = []
-            pending.append((task["id"], task["user_id"], task["provider"], old, task["status"],
-                            task["error"], task["credits"], task["external_id"], task["attempts"]))
+            self._after_commit(_log_change, task["id"], task["user_id"], task["provider"], old,
+                               task["status"], task["error"], task["credits"], task["external_id"],
+                               task["attempts"])
 
     def _record_history(self, task, status, now):
         took = max(0.0, now - task["created_at"])
@@ -1184,7 +1191,7 @@ class SqlStore(BaseStore):
                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                          (task["user_id"], task["id"], kind, task["cost"], now))
         if cur.rowcount == 1:
-            (metrics.CHARGES if kind == "charge" else metrics.REFUNDS).inc(task["provider"])
+            self._after_commit((metrics.CHARGES if kind == "charge" else metrics.REFUNDS).inc, task["provider"])
             if kind == "refund":
                 self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
                            (task["cost"], task["user_id"]))

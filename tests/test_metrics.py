@@ -289,3 +289,28 @@ def test_counting_tasks_by_status_and_provider_reads_only_an_index(sqlite_store)
     plan = sqlite_store._exec("EXPLAIN QUERY PLAN SELECT status, provider, COUNT(*) FROM tasks "
                               "GROUP BY status, provider").fetchall()
     assert any("COVERING INDEX tasks_status_provider" in str(row) for row in plan), plan
+
+
+def test_a_change_that_rolls_back_is_not_counted(sqlite_store, monkeypatch):
+    """Counters move when the change commits: a cancel whose transaction
+    fails after the task ended and the refund went in counts neither."""
+    from errors import StoreUnavailable
+    user = sqlite_store.create_user("carol", credits=5)[0]
+    task, _ = sqlite_store.submit(user["id"], "demo", {}, now=1.0, deadline_at=100.0, cost=1)
+    finished, refunds = metrics.FINISHED.value("demo", "cancelled"), metrics.REFUNDS.value("demo")
+    real_note = sqlite_store._note_change
+
+    def note_then_fail(task, old):
+        real_note(task, old)
+        raise StoreUnavailable("disk full")
+
+    monkeypatch.setattr(sqlite_store, "_note_change", note_then_fail)
+    with pytest.raises(StoreUnavailable):
+        sqlite_store.cancel(task["id"], user["id"], now=2.0)
+    assert sqlite_store.get_task(task["id"])["status"] == "queued"
+    assert metrics.FINISHED.value("demo", "cancelled") == finished
+    assert metrics.REFUNDS.value("demo") == refunds
+    monkeypatch.undo()
+    sqlite_store.cancel(task["id"], user["id"], now=3.0)
+    assert metrics.FINISHED.value("demo", "cancelled") == finished + 1
+    assert metrics.REFUNDS.value("demo") == refunds + 1
