@@ -149,3 +149,44 @@ def test_import_refuses_a_store_that_is_not_empty_and_a_foreign_file(crashed, tm
     proc = run_recover(empty, "--import", str(bogus))
     assert proc.returncode == 2 and "not a holdfast export" in proc.stderr
     assert snapshot(crashed["dir"]) == before
+
+
+def test_recover_keeps_the_part_files_of_tasks_a_live_worker_holds(tmp_path):
+    """recover runs beside the server: a download in progress (its task
+    under a live lease) keeps its temporary file; one whose task nobody
+    holds, or whose lease ran out, was cut short and goes."""
+    from providers import build_providers
+    from recover import recover
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    files = FileStore(str(tmp_path / "files"))
+    try:
+        user = store.create_user("alice")[0]
+        now = time.time()
+
+        def task_with_part(owner=None, leased_at=None):
+            task, _ = store.submit(user["id"], "demo", {"prompt": "p"}, now=now - 300, deadline_at=now + 3600)
+            if owner:
+                assert store.claim_task(task["id"], owner, now=leased_at, lease_s=60) is not None
+            part = tmp_path / "files" / task["id"] / "out_0.png.0badc0de.part"
+            part.parent.mkdir(parents=True)
+            part.write_bytes(b"\x89PNG half")
+            return part
+
+        live = task_with_part("otherhost:1:live", leased_at=now - 10)
+        expired = task_with_part("otherhost:2:gone", leased_at=now - 120)
+        unleased = task_with_part()
+        orphan = tmp_path / "files" / "stray.bin.part"
+        orphan.write_bytes(b"?")
+        providers = build_providers({})
+
+        report = recover(store, providers, now=now, files=files, dry_run=True)
+        assert report["partial_files"] == sorted(map(str, (expired, unleased, orphan)))
+        assert report["partial_files_in_use"] == [str(live)]
+        assert all(p.exists() for p in (live, expired, unleased, orphan))
+
+        report = recover(store, providers, now=now, files=files)
+        assert report["partial_files_in_use"] == [str(live)]
+        assert live.exists(), "a download in progress lost its file"
+        assert not any(p.exists() for p in (expired, unleased, orphan))
+    finally:
+        store.close()
