@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from errors import HoldfastError
+from errors import HoldfastError, NotFound
 from store import lease_owner_id, owner_is_dead
 
 log = logging.getLogger("holdfast.recover")
@@ -69,18 +69,37 @@ def recover(store, providers, *, now, files=None, dry_run=False):
         report["reservations_settled"] = {t["id"]: store.settle_stray(t["id"], now=now) for t in stray}
 
     # Downloads a crash cut short: the temporary file goes; the task, still
-    # running, downloads again at its next poll.
-    partial = files.partial_files() if files is not None else []
+    # running, downloads again at its next poll. A task that a live worker
+    # holds may be downloading this moment (recover runs beside the
+    # server): its files stay.
+    partial, in_use = [], []
+    for path in files.partial_files() if files is not None else ():
+        (in_use if _held(store, os.path.basename(os.path.dirname(path)), now, dead) else partial).append(path)
     report["partial_files"] = partial
+    report["partial_files_in_use"] = in_use
     if not dry_run:
         for path in partial:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass        # its download finished (renamed it) after we looked
 
     report["changed"] = not dry_run and bool(
         report["leases_released"] or report["submissions_reconciled"] or report["failed_past_deadline"]
         or report["reservations_settled"] or partial)
     report["summary"] = summary(report)
     return report
+
+
+def _held(store, task_id, now, dead):
+    """True while a live worker holds the task: a lease not run out, of an
+    owner that is not a dead local process."""
+    try:
+        task = store.get_task(task_id)
+    except NotFound:
+        return False
+    return (task["lease_owner"] is not None and task["lease_owner"] not in dead
+            and (task["lease_expires_at"] or 0) >= now)
 
 
 def summary(report):

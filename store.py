@@ -857,9 +857,14 @@ class SqlStore(BaseStore):
 
     def export_rows(self):
         """{table: [row dicts]} of every table but the schema's own, in
-        primary-key order; the same form on every backend."""
+        primary-key order; the same form on every backend. One read
+        transaction, so one snapshot: a write committed meanwhile is in every
+        table or in none."""
         out = {}
-        with self._seam():
+        # PostgreSQL's default isolation takes a snapshot per statement;
+        # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
+        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
+        with self._seam(), self.db.atomic(begin):
             for model in DATA_MODELS:
                 cols = [f.column_name for f in model._meta.sorted_fields]
                 order = ", ".join(f.column_name for f in model._meta.get_primary_keys())

@@ -256,9 +256,19 @@ class Worker:
             return self._finish(held, now, "failed", error=(exc.code, exc.message))
         except ProviderUnavailable as exc:
             return self._later(held, now, str(exc), retry_after=exc.retry_after)
-        self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
-                          status="running", external_id=external_id, step="submitted", progress=0.0, polls=0,
-                          next_poll_at=now + provider.poll_interval_s, **_recovered(held))
+        try:
+            self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
+                              status="running", external_id=external_id, step="submitted", progress=0.0,
+                              polls=0, next_poll_at=now + provider.poll_interval_s, **_recovered(held))
+        except Conflict:
+            # Cancelled or expired while submit was in flight: that cancel
+            # reached the provider before the job did (or, with no id yet,
+            # not at all), so the job just started runs for nobody. Stop it.
+            if self.store.get_task(held["id"])["status"] in ("cancelled", "failed"):
+                log.info("task %s ended while %s took it; cancelling job %s there", held["id"],
+                         provider.name, external_id)
+                self._cancel(provider, dict(held, external_id=external_id))
+            raise
 
     def _wait_for_slot(self, task, provider, now):
         """Every slot is taken: look again when a running task may have ended."""

@@ -5,6 +5,7 @@ import collections
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -71,6 +72,35 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
         store.close()
 
 
+def copy_store(data_dir, into):
+    """The store's files as a kill left them, copied: opening a store may
+    replay, truncate or compact, and that is the restarted server's to do."""
+    into.mkdir()
+    for name in os.listdir(data_dir):
+        if name.startswith("holdfast.db") or name in ("holdfast.json", "holdfast.journal"):
+            shutil.copy2(data_dir / name, into / name)
+    return into
+
+
+def check_books(store, payer_name, start_credits, why):
+    """What must hold at every moment, tasks finished or not: no dedupe key
+    made two tasks; one reserve per task and at most one charge or refund,
+    as its `credits` says; balance + reserved == start - charged."""
+    rows = store.export_rows()
+    keys = collections.Counter(t["dedupe_key"] for t in rows["tasks"])
+    assert set(keys.values()) <= {1}, f"{why} a key made two tasks: {keys.most_common(3)}"
+    payer = store.user_by_name(payer_name)
+    tasks = {t["id"]: t for t in rows["tasks"]}
+    kinds = collections.Counter((r["task_id"], r["kind"]) for r in rows["ledger"] if r["task_id"])
+    assert {task_id for task_id, _ in kinds} == set(tasks), f"{why} ledger rows and tasks do not match"
+    for task_id, task in tasks.items():
+        mine = {k: n for (t, k), n in kinds.items() if t == task_id}
+        expect = {"reserved": {}, "charged": {"charge": 1}, "refunded": {"refund": 1}}[task["credits"]]
+        assert mine == {"reserve": 1, **expect}, f"{why} {task_id} ({task['status']}, {task['credits']}): {mine}"
+    charged = sum(r["amount"] for r in rows["ledger"] if r["kind"] == "charge" and r["user_id"] == payer["id"])
+    assert payer["credit_balance"] + store.reserved_credits(payer["id"]) == start_credits - charged, why
+
+
 def _users_add(data_dir, env, name, credits):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "users", "add", name,
                           "--credits", str(credits)], env=env, cwd=str(data_dir),
@@ -81,7 +111,9 @@ def _users_add(data_dir, env, name, credits):
 @pytest.mark.parametrize("backend", ["sqlite", "json"])
 def test_crash_suite_random_kills(tmp_path, backend):
     """Ten rounds: submissions stream in while the server is killed at a
-    random moment; after every restart, every acknowledged task exists."""
+    random moment; after every kill the books balance (credits, dedupe, on a
+    copy of the store as the kill left it), and after every restart every
+    acknowledged task exists."""
     seed = int(os.environ.get("HOLDFAST_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     why = f"(seed {seed}; rerun with HOLDFAST_CRASH_SEED={seed})"
@@ -142,6 +174,11 @@ def test_crash_suite_random_kills(tmp_path, backend):
             stop.set()
             thread.join(30)
             assert errors == [], f"{why} {errors}"
+            copied = open_store(backend, str(copy_store(tmp_path, tmp_path / f"after-kill-{round_no}")))
+            try:
+                check_books(copied, "payer", start_credits, f"{why} after kill {round_no}:")
+            finally:
+                copied.close()
             server = ServerProcess(tmp_path, env=env, port=server.port).start()
             # A client that got no answer tries again with the same key.
             while unanswered:
@@ -163,6 +200,7 @@ def test_crash_suite_random_kills(tmp_path, backend):
     assert len(acked) >= 30, f"{why} too few submissions to mean anything: {len(acked)}"
     opened = open_store(backend, str(tmp_path))
     try:
+        check_books(opened, "payer", start_credits, why)
         rows = opened.export_rows()
         keys = collections.Counter(t["dedupe_key"] for t in rows["tasks"])
         assert set(keys.values()) == {1}, f"{why} a key made two tasks: {keys.most_common(3)}"

@@ -127,6 +127,9 @@ def test_export_from_sqlite_imports_into_postgresql(tmp_path, pg_schema):
                                 dedupe_key=f"k{i}")
         if i % 2:
             sqlite.cancel(task["id"], user["id"], now=200.0 + i)
+    sqlite.put_session(user["id"], "chat", messages=[{"role": "user", "content": "hi"}], data={"n": 1},
+                       now=300.0, ttl_s=1e9)
+    sqlite.mark_files_expired([task["id"]], now=300.0)
     sqlite.close()
     dump = tmp_path / "dump.json"
     env = {**os.environ, "HOLDFAST_DATA": str(tmp_path)}
@@ -139,7 +142,9 @@ def test_export_from_sqlite_imports_into_postgresql(tmp_path, pg_schema):
     pg = PostgresStore(pg_schema.url)
     try:
         original = json.loads(dump.read_text())["tables"]
+        assert [table for table, rows in original.items() if not rows] == [], "every table is moved"
         assert pg.export_rows() == original
+        assert pg.get_session(user["id"], "chat", now=400.0)["data"] == {"n": 1}
         assert pg.user_by_token(token)["name"] == "alice"
         # Sequences moved past the imported ids: new rows do not collide.
         task, _ = pg.submit(pg.user_by_name("alice")["id"], "demo", {}, now=300.0, deadline_at=1e10, cost=2)

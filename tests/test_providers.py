@@ -247,6 +247,50 @@ class TestComfyUI:
         assert [t for _, t in sqlite_store.task_events(task_id)].count("finished") == 1
 
 
+    @pytest.mark.parametrize("how", ["cancel", "deadline"])
+    def test_a_task_that_ends_while_its_submit_is_in_flight_has_the_job_stopped(
+            self, sqlite_store, files, clock, comfy, config, how):
+        """The user cancels (or the sweeper expires the task) while POST
+        /prompt is on its way: that cancel's delete reaches ComfyUI before
+        the job does and finds nothing. The worker, finding the task ended
+        when it records the submit, must stop the job it just started."""
+        rig = comfy_rig(sqlite_store, files, clock, comfy, max_wait_s=120, cost=1)
+        app = create_app(sqlite_store, rig.providers, config, worker=rig.worker, files=files, clock=clock)
+        client = WSGIClient(app, sqlite_store.create_user("carol", credits=5)[1])
+        comfy.hold()    # a job that starts runs until someone stops it
+        arrived, go = threading.Event(), threading.Event()
+
+        def hold_submit(prompt_id):
+            arrived.set()
+            go.wait(10)
+
+        comfy.before_queue = hold_submit
+        task_id = client.post("/api/tasks", {"provider": "comfy", "params": {"workflow": workflow()}}
+                              ).json()["task"]["id"]
+        runner = threading.Thread(target=rig.worker.run_once, args=(clock(),))
+        runner.start()
+        try:
+            assert arrived.wait(10), "the submit never reached ComfyUI"
+            if how == "cancel":
+                assert client.post(f"/api/tasks/{task_id}/cancel").status == 200
+            else:
+                clock.now = rig.task(task_id)["deadline_at"] + 1
+                assert rig.worker.sweep(clock()) == 1
+        finally:
+            go.set()
+            runner.join(10)
+        task = rig.task(task_id)
+        pid = task["external_id"]
+        assert comfy.submissions == [pid]
+        # The first delete came too early; the second is the worker's, after the job.
+        assert comfy.deletes == [pid, pid]
+        assert comfy.wait_idle(5), "the job is left running at ComfyUI"
+        assert task["status"] == ("cancelled" if how == "cancel" else "failed")
+        assert task["credits"] == "refunded"
+        clock.advance(600)
+        rig.worker.run_once(clock())
+        assert comfy.submissions == [pid] and rig.task(task_id)["version"] == task["version"]
+
 # -- KIE ---------------------------------------------------------------------
 
 class TestKIE:
@@ -327,6 +371,40 @@ class TestKIE:
         task = rig.task(task_id)
         assert task["status"] == "failed" and task["error"]["code"] == "provider_unavailable"
 
+
+    def test_a_task_cancelled_while_createtask_is_in_flight_has_that_job_cancelled(
+            self, sqlite_store, files, clock, config, monkeypatch):
+        """KIE gives the job its id only in createTask's answer: a cancel
+        during the call has no id to send. The worker, finding the task
+        cancelled when it records the id, asks the adapter to cancel the
+        job KIE just created."""
+        with FakeKIE(job_seconds=30) as kie:
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie)})
+            cancelled = []
+            monkeypatch.setattr(rig.providers["kie"], "cancel", lambda task: cancelled.append(task["external_id"]))
+            app = create_app(sqlite_store, rig.providers, config, worker=rig.worker, files=files, clock=clock)
+            client = WSGIClient(app, sqlite_store.create_user("carol")[1])
+            arrived, go = threading.Event(), threading.Event()
+
+            def hold_create():
+                arrived.set()
+                go.wait(10)
+
+            kie.before_create = hold_create
+            task_id = client.post("/api/tasks", {"provider": "kie", "params": {"model": "m", "input": {}}}
+                                  ).json()["task"]["id"]
+            runner = threading.Thread(target=rig.worker.run_once, args=(clock(),))
+            runner.start()
+            try:
+                assert arrived.wait(10), "createTask never reached KIE"
+                assert client.post(f"/api/tasks/{task_id}/cancel").status == 200
+                assert cancelled == [], "no id yet: nothing to cancel"
+            finally:
+                go.set()
+                runner.join(10)
+            assert len(kie.created) == 1
+            assert cancelled == kie.created
+            assert rig.task(task_id)["status"] == "cancelled"
 
 # -- concurrency -------------------------------------------------------------
 

@@ -235,3 +235,128 @@ def test_looking_at_a_json_store_leaves_its_torn_tail_alone(json_crashed, args):
     # Opened to write, the store drops the tail as before.
     assert run_recover(json_crashed["dir"], store="json").returncode == 0
     assert fingerprint(json_crashed["dir"]) != on_disk
+
+
+def test_recover_keeps_the_part_files_of_tasks_a_live_worker_holds(tmp_path):
+    """recover runs beside the server: a download in progress (its task
+    under a live lease) keeps its temporary file; one whose task nobody
+    holds, or whose lease ran out, was cut short and goes."""
+    from providers import build_providers
+    from recover import recover
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    files = FileStore(str(tmp_path / "files"))
+    try:
+        user = store.create_user("alice")[0]
+        now = time.time()
+
+        def task_with_part(owner=None, leased_at=None):
+            task, _ = store.submit(user["id"], "demo", {"prompt": "p"}, now=now - 300, deadline_at=now + 3600)
+            if owner:
+                assert store.claim_task(task["id"], owner, now=leased_at, lease_s=60) is not None
+            part = tmp_path / "files" / task["id"] / "out_0.png.0badc0de.part"
+            part.parent.mkdir(parents=True)
+            part.write_bytes(b"\x89PNG half")
+            return part
+
+        live = task_with_part("otherhost:1:live", leased_at=now - 10)
+        expired = task_with_part("otherhost:2:gone", leased_at=now - 120)
+        unleased = task_with_part()
+        orphan = tmp_path / "files" / "stray.bin.part"
+        orphan.write_bytes(b"?")
+        providers = build_providers({})
+
+        report = recover(store, providers, now=now, files=files, dry_run=True)
+        assert report["partial_files"] == sorted(map(str, (expired, unleased, orphan)))
+        assert report["partial_files_in_use"] == [str(live)]
+        assert all(p.exists() for p in (live, expired, unleased, orphan))
+
+        report = recover(store, providers, now=now, files=files)
+        assert report["partial_files_in_use"] == [str(live)]
+        assert live.exists(), "a download in progress lost its file"
+        assert not any(p.exists() for p in (expired, unleased, orphan))
+    finally:
+        store.close()
+
+
+def test_every_table_the_migrations_create_is_exported(store):
+    """A table missing from DATA_MODELS would be missing from both sides of
+    an export/import test: compare with what the migrations made."""
+    import store as store_module
+    with store._seam():
+        if isinstance(store, store_module.PostgresStore):   # each test has a schema of its own
+            tables = set(store.db.get_tables(schema=store._one("SELECT current_schema()")[0]))
+        else:
+            tables = set(store.db.get_tables())
+    exported = {m._meta.table_name for m in store_module.DATA_MODELS}
+    assert tables - {"schema_version"} == exported
+    assert set(store.export_rows()) == exported
+
+
+def test_export_with_sessions_and_expired_files_round_trips_through_json(crashed, tmp_path):
+    assert run_recover(crashed["dir"]).returncode == 0       # the late task ends: history, a refund
+    store = SqliteStore(str(crashed["dir"] / "holdfast.db"))
+    try:
+        alice = store.user_by_name("alice")["id"]
+        store.put_session(alice, "chat", messages=[{"role": "user", "content": "hi"}], data={"n": 1},
+                          now=time.time(), ttl_s=3600)
+        store.mark_files_expired([crashed["late"]], now=time.time())
+    finally:
+        store.close()
+    first = tmp_path / "first.json"
+    assert run_recover(crashed["dir"], "--export", str(first)).returncode == 0
+    target = tmp_path / "json-target"
+    target.mkdir()
+    proc = run_recover(target, "--import", str(first), store="json")
+    assert proc.returncode == 0, proc.stderr
+    second = tmp_path / "second.json"
+    assert run_recover(target, "--export", str(second), store="json").returncode == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a == b
+    empty = [table for table, rows in a["tables"].items() if not rows]
+    assert empty == [], f"nothing in {empty} is moved by this test"
+    store = JsonStore(str(target))
+    try:
+        alice = store.user_by_name("alice")["id"]
+        assert store.get_session(alice, "chat", now=time.time())["data"] == {"n": 1}
+        assert store.files_expired_at(crashed["late"]) is not None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_export_reads_one_snapshot_while_a_writer_commits(tmp_path, request, backend):
+    """A submission committed between the export's reads of users and of
+    tasks: in a snapshot it is in no table; read table by table, the export
+    would hold its task and reserve but the balance from before it."""
+    import threading
+
+    from store import PostgresStore
+    if backend == "postgresql":
+        store = PostgresStore(request.getfixturevalue("pg_schema").url)
+    else:
+        store = SqliteStore(str(tmp_path / "holdfast.db"))
+    try:
+        user = store.create_user("alice", credits=10)[0]
+        writer = threading.Thread(target=store.submit, args=(user["id"], "demo", {}),
+                                  kwargs={"now": 1.0, "deadline_at": 99.0, "cost": 4})
+        real_exec = store._exec
+
+        def exec_between_tables(sql, params=()):
+            if (threading.current_thread() is threading.main_thread() and " FROM tasks ORDER BY" in sql
+                    and writer.ident is None):
+                writer.start()
+                writer.join(10)
+            return real_exec(sql, params)
+
+        store._exec = exec_between_tables
+        rows = store.export_rows()
+        del store._exec
+        assert writer.ident is not None and not writer.is_alive()
+        assert len(store.export_rows()["tasks"]) == 1, "the writer committed"
+        [exported] = rows["users"]
+        ledger = sum(r["amount"] if r["kind"] in ("grant", "refund") else -r["amount"]
+                     for r in rows["ledger"] if r["kind"] != "charge")
+        assert exported["credit_balance"] == ledger == 10
+        assert rows["tasks"] == [] and rows["events"] == []
+    finally:
+        store.close()

@@ -1,9 +1,13 @@
-"""The started worker keeps its pool fed: a backlog is claimed batch after
-batch as the pool drains, not one batch per scheduler tick."""
+"""How the worker schedules: the started worker keeps its pool fed (a
+backlog is claimed batch after batch as the pool drains, not one batch per
+scheduler tick), polls back off with a task's age, and a provider's bug
+costs one task a retry, never the worker."""
 
 import time
 
-from providers import build_providers
+import pytest
+
+from providers import DemoProvider, build_providers
 from worker import Worker
 
 
@@ -76,7 +80,6 @@ def test_a_stopped_worker_claims_nothing(sqlite_store, files):
     assert {t["id"] for t in sqlite_store.claim("x", now=time.time() + 120, limit=10, lease_s=60)} == set(ids)
 
 
-
 def test_the_sweepers_lease_queries_read_only_active_rows(sqlite_store):
     """lease_owners() and the expired-lease queries run every few seconds:
     they search the status index instead of scanning a million finished rows."""
@@ -95,3 +98,112 @@ def test_the_sweepers_lease_queries_read_only_active_rows(sqlite_store):
     for sql in queries:
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "USING INDEX" in plan and "SCAN tasks" not in plan, (sql, plan)
+
+
+def test_polls_back_off_with_age_from_poll_interval_to_max_poll_interval(sqlite_store, files, clock):
+    """The schedule: the first poll poll_interval_s (2 s) after the submit;
+    then, at each poll, the next one min(max_poll_interval_s, max(poll_interval_s,
+    age / 10)) later, age counted from the submit: every 2 s while the job is
+    under 20 s old, then 10% of its age (2.2 s at 22 s, 10 s at 100 s), at
+    most every 30 s once it is 300 s old."""
+    providers = build_providers({"demo": {"poll_interval_s": 2, "max_poll_interval_s": 30,
+                                          "max_wait_s": 7200}})
+    worker = Worker(sqlite_store, providers, files, clock=clock, owner="test:1:w")
+    user = sqlite_store.create_user("alice")[0]
+    start = clock()
+    task_id = sqlite_store.submit(user["id"], "demo", {"prompt": "slow", "duration_s": 600}, now=start,
+                                  deadline_at=start + 7200)[0]["id"]
+    worker.run_once(start)
+    task = sqlite_store.get_task(task_id)
+    assert task["status"] == "running" and task["started_at"] == start
+    assert task["next_poll_at"] == start + 2
+    looks = []          # (age at the poll, delay to the next one)
+    while True:
+        clock.now = task["next_poll_at"]
+        worker.run_once(clock())
+        task = sqlite_store.get_task(task_id)
+        if task["status"] != "running":
+            break
+        looks.append((clock.now - start, task["next_poll_at"] - clock.now))
+    assert task["status"] == "succeeded"
+    for age, delay in looks:
+        assert delay == pytest.approx(min(30.0, max(2.0, age / 10))), (age, delay)
+    delays = [d for _, d in looks]
+    assert delays == sorted(delays), "the delay never shrinks as the task ages"
+    assert [d for a, d in looks if a <= 20] == [pytest.approx(2.0)] * 10
+    assert delays[10] == pytest.approx(2.2)            # at 22 s
+    assert max(delays) == pytest.approx(30.0) and delays[-1] == pytest.approx(30.0)
+    # About 10 + 28 + 10 polls for a 10-minute job, where a fixed 2 s would be 300.
+    assert 40 <= len(looks) <= 55, len(looks)
+
+
+class _BuggyDemo(DemoProvider):
+    """An adapter with a bug: poll raises for a prompt of "boom"."""
+
+    def poll(self, task, now):
+        if task["params"].get("prompt") == "boom":
+            raise RuntimeError("adapter bug")
+        return super().poll(task, now)
+
+
+def _buggy_rig(store, files, clock, **worker_kw):
+    providers = {"demo": _BuggyDemo("demo", {"poll_interval_s": 0.5})}
+    worker = Worker(store, providers, files, clock=clock, owner="test:1:w", **worker_kw)
+    user = store.create_user("alice")[0]
+
+    def submit(prompt):
+        now = clock()
+        return store.submit(user["id"], "demo", {"prompt": prompt, "duration_s": 0}, now=now,
+                            deadline_at=now + 3600)[0]["id"]
+    return worker, submit
+
+
+def test_a_provider_raising_in_poll_is_retried_with_its_error_and_the_next_task_still_runs(
+        sqlite_store, files, clock):
+    worker, submit = _buggy_rig(sqlite_store, files, clock)
+    boom = submit("boom")
+    worker.run_once(clock())
+    clock.advance(0.1)
+    fine = submit("fine")
+    worker.run_once(clock())
+    assert {sqlite_store.get_task(i)["status"] for i in (boom, fine)} == {"running"}
+    # One tick, both due, the buggy one first (its next look is earlier).
+    clock.advance(0.5)
+    assert sqlite_store.get_task(boom)["next_poll_at"] < sqlite_store.get_task(fine)["next_poll_at"] <= clock()
+    assert worker.run_once(clock()) == 2
+    task = sqlite_store.get_task(boom)
+    assert task["status"] == "running" and task["error"] is None
+    assert task["state"]["failures"] == 1 and task["state"]["last_error"] == "internal: adapter bug"
+    assert task["next_poll_at"] == clock() + 1 and task["lease_owner"] is None
+    assert sqlite_store.get_task(fine)["status"] == "succeeded"
+    # And at its next look it is tried again, the streak counted.
+    clock.now = task["next_poll_at"]
+    assert worker.run_once(clock()) == 1
+    assert sqlite_store.get_task(boom)["state"]["failures"] == 2
+
+
+def test_the_started_worker_survives_a_provider_raising_in_poll(sqlite_store, files, clock):
+    worker, submit = _buggy_rig(sqlite_store, files, clock, tick_s=0.05, sweep_s=3600)
+    boom, fine = submit("boom"), submit("fine")
+
+    def wait_for(what, predicate):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{what}: {[sqlite_store.get_task(i) for i in (boom, fine)]}")
+
+    worker.start()
+    try:
+        wait_for("both submitted", lambda: all(sqlite_store.get_task(i)["status"] == "running"
+                                               for i in (boom, fine)))
+        clock.advance(1)
+        wait_for("the buggy poll noted", lambda: (sqlite_store.get_task(boom)["state"] or {}).get("failures") == 1)
+        wait_for("the other task done", lambda: sqlite_store.get_task(fine)["status"] == "succeeded")
+        clock.advance(5)
+        wait_for("a later tick", lambda: sqlite_store.get_task(boom)["state"]["failures"] == 2)
+        assert worker.alive()
+    finally:
+        worker.stop()
+    assert sqlite_store.get_task(boom)["state"]["last_error"] == "internal: adapter bug"

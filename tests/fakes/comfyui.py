@@ -197,10 +197,13 @@ class FakeComfyUI(FakeServer):
 
     Test knobs: `job_seconds`, `fail_next` (the next N jobs to finish fail
     with an execution_error), `hold()`/`release()` (a held job starts but does
-    not finish), `restart()`, `wait_idle()`.
+    not finish), `restart()`, `wait_idle()`, `before_queue` (a callable run
+    as a valid POST /prompt arrives, before its job is queued: a test holds
+    a submit in flight there).
     Records: `submissions` (accepted prompt_ids in order, duplicates kept),
     `runs` (Counter: prompt_id -> times execution started, cached runs
-    included), `requests` (Counter by path), `restarts`, `files`.
+    included), `requests` (Counter by path), `deletes` (prompt_ids named by
+    POST /queue {"delete"}, in order), `restarts`, `files`.
 
     `stop()` then `start()` is an outage: same port, state kept, the running
     job resumes. `restart()` is a ComfyUI restart: queue, history and cache
@@ -211,7 +214,9 @@ class FakeComfyUI(FakeServer):
         super().__init__()
         self.job_seconds = job_seconds
         self.fail_next = 0
+        self.before_queue = None
         self.submissions = []
+        self.deletes = []
         self.runs = Counter()
         self.requests = Counter()
         self.restarts = 0
@@ -349,6 +354,8 @@ class FakeComfyUI(FakeServer):
         extra = dict(data.get("extra_data") or {})
         if "client_id" in data:
             extra["client_id"] = data["client_id"]
+        if self.before_queue is not None:
+            self.before_queue(prompt_id)
         with self._cv:
             number = self._number
             self._number += 1
@@ -366,6 +373,7 @@ class FakeComfyUI(FakeServer):
                 self._pending.clear()
             # Like ComfyUI, delete touches only pending jobs, never the running one.
             doomed = set(map(str, data.get("delete") or []))
+            self.deletes += sorted(doomed)
             self._pending = [job for job in self._pending if job.prompt_id not in doomed]
             self._cv.notify_all()
         return Response(200)

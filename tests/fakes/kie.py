@@ -76,6 +76,9 @@ class FakeKIE(FakeServer):
     `expired_status` (404); `expire()` kills them now; output indices in
     `dead_outputs` always answer 404 (partial results).
 
+    `before_create` (a callable) runs as a valid createTask arrives, before
+    the task exists: a test holds a submit in flight there.
+
     Records: `created` (taskIds in order), `max_concurrent_seen` (most tasks
     not yet finished at once), `requests` (Counter by path), `faults`
     (Counter: "500", "429", "timeout", "malformed").
@@ -105,6 +108,7 @@ class FakeKIE(FakeServer):
         self.fail_input = fail_input
         self.http_errors = http_errors
         self.fault_paths = tuple(fault_paths)
+        self.before_create = None
         self.created = []
         self.max_concurrent_seen = 0
         self.requests = Counter()
@@ -190,6 +194,8 @@ class FakeKIE(FakeServer):
         if not isinstance(body.get("input"), dict):
             return self._fail(422, "input is required")
         param = {"model": body["model"], "callBackUrl": body.get("callBackUrl", ""), "input": body["input"]}
+        if self.before_create is not None:
+            self.before_create()
         with self._lock:
             now = time.time()
             task = _Task(task_id=uuid.uuid4().hex, model=body["model"], input=body["input"],
