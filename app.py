@@ -6,7 +6,6 @@ the real ones.
 """
 
 import argparse
-import hmac
 import json
 import logging
 import os

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import openapi
-from support import ServerProcess, WSGIClient, require
+from support import ServerProcess, require
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 

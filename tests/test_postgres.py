@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import requests
 
 from store import PostgresStore, SqliteStore
 from support import ROOT, ServerProcess, api
