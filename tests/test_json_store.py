@@ -159,15 +159,15 @@ def test_an_unknown_store_name_is_a_clear_error(tmp_path):
 COMPACT_THEN_DIE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import store
-    real = store._fsync_dir
+    import store.jsonfile
+    real = store.jsonfile._fsync_dir
 
     def die_after_the_snapshot(path):
         real(path)
         os.kill(os.getpid(), signal.SIGKILL)
 
     s = store.JsonStore({path!r})
-    store._fsync_dir = die_after_the_snapshot
+    store.jsonfile._fsync_dir = die_after_the_snapshot
     s.compact()
 """)
 

@@ -52,7 +52,8 @@ def test_a_new_database_starts_at_the_latest_version(tmp_path):
 def test_a_migration_backs_up_first_and_applies(populated, monkeypatch):
     path, rows = populated
     latest = max(v for v, _ in store_module.MIGRATIONS)
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
+    # Patched in store.sql, where SqlStore reads the list.
+    monkeypatch.setattr(store_module.sql, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
     s = SqliteStore(path)
     try:
         assert s.schema_version() == latest + 1
@@ -73,7 +74,7 @@ def test_a_failed_migration_leaves_the_old_schema_and_data(populated, monkeypatc
     path, rows = populated
     latest = max(v for v, _ in store_module.MIGRATIONS)
     before = _columns(path, "tasks")
-    monkeypatch.setattr(store_module, "MIGRATIONS",
+    monkeypatch.setattr(store_module.sql, "MIGRATIONS",
                         store_module.MIGRATIONS + [(latest + 1, _add_column_then_fail)])
     with pytest.raises(StoreUnavailable, match="database is unchanged") as info:
         SqliteStore(path)

@@ -1,0 +1,313 @@
+"""The Store interface: what every backend does, documented once.
+
+BaseStore states each method's arguments, return value and errors, and what a
+backend can do (`multi_process`, `multi_host`) as class attributes. The
+contract suite in tests/test_store.py holds every backend to it.
+"""
+
+
+class BaseStore:
+    """What every backend does. Tasks are plain dicts with TASK_COLUMNS as keys
+    (params, files, error and state already decoded); `task_json` makes the
+    public form.
+
+    Every method that changes a task bumps its `version` and writes its event
+    row in the same transaction. Errors are holdfast's own (errors.py).
+    """
+
+    name = "base"
+    multi_process = False   # several processes may share the store
+    multi_host = False      # several hosts may share the store
+
+    def close(self):
+        """Release connections and files."""
+
+    def health(self):
+        """Raise StoreUnavailable when the store cannot answer."""
+        raise NotImplementedError
+
+    # users
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
+                    max_active=None, rate_per_s=None):
+        """Create a user; return (user dict, token). The token (a new random
+        one unless given) is shown only here: the store keeps its hash.
+        `credits` (None: no credit limit) starts the balance with a `grant`
+        ledger row; `max_active` and `rate_per_s` (None: the server's
+        defaults) are the user's own limits. Conflict if the name is taken,
+        InvalidInput for a bad name or limit."""
+        raise NotImplementedError
+
+    def user_by_token(self, token):
+        """The user dict whose token this is, or None."""
+        raise NotImplementedError
+
+    def user_by_name(self, name):
+        """The user dict with this name; NotFound otherwise."""
+        raise NotImplementedError
+
+    def count_users(self):
+        raise NotImplementedError
+
+    def reserved_credits(self, user_id):
+        """Credits held by the user's tasks that have not ended."""
+        raise NotImplementedError
+
+    # tasks
+    def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
+        """Create a queued task, or find the user's live task with this
+        dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
+        user with a balance (PaymentRequired when too low), refuses a user at
+        `max_active` active tasks (TooMany, code too_many_active) and a
+        provider with `max_queued` queued tasks (TooMany, code queue_full), all
+        in one transaction: a refusal creates and reserves nothing. A
+        deduplicated answer is never refused. `admit()` (quick, in memory; the
+        caller's rate limit) runs last, only when a task is about to be
+        created: what it raises refuses the task the same way."""
+        raise NotImplementedError
+
+    def get_task(self, task_id, user_id=None):
+        """The task; NotFound when missing or owned by another user."""
+        raise NotImplementedError
+
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
+        """(tasks newest first, cursor for the next page or None)."""
+        raise NotImplementedError
+
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+        """Lease up to `limit` due tasks (next_poll_at <= now, no live lease)
+        to `owner`. Each claim increments the task's lease_token; the returned
+        tasks carry the new token, which every later write must present."""
+        raise NotImplementedError
+
+    def update(self, task_id, *, token, now, release=False, **changes):
+        """Apply `changes` to a task held with lease `token` (None: no lease
+        check, for users and admins). Checks the transition table; settles
+        credits when the task ends; `release` drops the lease. StaleLease when
+        the token is old, Conflict for an illegal transition, NotFound."""
+        raise NotImplementedError
+
+    def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
+        """Set when to look at a held task next and drop the lease. Nothing a
+        user sees changes, so no version bump and no event. StaleLease."""
+        raise NotImplementedError
+
+    # -- provider slots and long steps (the worker's) --------------------------
+
+    def take_slot(self, task_id, *, token, now, limit, **changes):
+        """Apply `changes` (as update(), lease kept) to a task held with
+        lease `token` only if its provider has room: fewer than `limit` of
+        the provider's other tasks hold a slot (None: no limit), or this task
+        holds one already. A task holds a slot while it is running, or queued
+        with step SLOT_STEP. The count and the change happen in one write
+        transaction, serialized per provider, so the limit holds across
+        threads and processes. Returns the changed task, or None (nothing
+        changed) when every slot is taken. StaleLease, Conflict, NotFound."""
+        raise NotImplementedError
+
+    def renew_lease(self, task_id, *, token, expires_at):
+        """Move the expiry of a lease still held with `token` to
+        `expires_at` (a long download, a local function). No version bump,
+        no event. StaleLease when the task is no longer held with it."""
+        raise NotImplementedError
+
+    def cancel(self, task_id, user_id, *, now):
+        """Cancel a user's active task (credits refunded). Conflict if terminal."""
+        raise NotImplementedError
+
+    def overdue(self, *, now, limit):
+        """Active tasks whose deadline_at has passed."""
+        raise NotImplementedError
+
+    def expire(self, task_id, *, now, error):
+        """Fail an active task past its deadline, whoever holds it (refunded).
+        Conflict if it ended meanwhile."""
+        raise NotImplementedError
+
+    def lease_owners(self):
+        """The owners holding leases now."""
+        raise NotImplementedError
+
+    def release_leases(self, owners):
+        """Drop every lease these owners hold; return how many."""
+        raise NotImplementedError
+
+    # recovery
+
+    def expired_leases(self, *, now):
+        """[(task_id, owner)] of leases that ran out before `now`."""
+        raise NotImplementedError
+
+    def release_expired_leases(self, *, now):
+        """Drop the leases that ran out before `now`; return how many."""
+        raise NotImplementedError
+
+    def claim_task(self, task_id, owner, *, now, lease_s):
+        """Lease one active task whatever its schedule, or None when someone
+        else holds a live lease on it."""
+        raise NotImplementedError
+
+    def in_doubt(self, *, limit=1000):
+        """Queued tasks that stored a provider id: their submit may have
+        reached the provider before a crash."""
+        raise NotImplementedError
+
+    def stray_reservations(self):
+        """Finished tasks whose credits are still `reserved`."""
+        raise NotImplementedError
+
+    def settle_stray(self, task_id, *, now):
+        """Charge or refund a finished task still holding its reservation.
+        Returns the new credits state, or None when it was already settled."""
+        raise NotImplementedError
+
+    # events
+    def events_since(self, user_id, since, limit=100):
+        """[(seq, event JSON text)] for the user's events after `since`."""
+        raise NotImplementedError
+
+    def last_seq(self, user_id=None):
+        raise NotImplementedError
+
+    def latest_events(self, since):
+        """{user_id: highest seq} over every user's events after `since`:
+        whose streams have news, in one query for all of them."""
+        raise NotImplementedError
+
+    _event_listeners = ()
+
+    def on_events(self, callback):
+        """Call `callback()` in the writing thread after each commit that
+        added events (quick, must not raise). Only this process's writes are
+        heard: readers also poll latest_events() for other processes'."""
+        self._event_listeners = (*self._event_listeners, callback)
+
+    # operations
+    def stats(self, now):
+        """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
+        raise NotImplementedError
+
+    def task_counts(self):
+        """{(provider, status): how many tasks}, every user's, in one
+        GROUP BY (for GET /metrics)."""
+        raise NotImplementedError
+
+    # -- accounts: credits, admin queries, conversation sessions --------------
+    #
+    # The ledger has one row per credit movement: `reserve` (submit), then one
+    # `charge` (succeeded/partial) or `refund` (failed/cancelled) per task,
+    # both unique per task; `grant` rows (task_id '') are an admin's or the
+    # initial balance. So balance = grants - reserves + refunds, always.
+
+    def grant(self, user_id, amount, *, now):
+        """Add `amount` credits (negative: take them away) to a user who has a
+        credit limit, with a `grant` ledger row, in one transaction. Returns
+        the user. NotFound (user_not_found); Conflict no_credit_limit for a
+        user without a balance, balance_too_low when it would go below zero,
+        balance_too_high past MAX_CREDITS; InvalidInput for a bad amount."""
+        raise NotImplementedError
+
+    def ledger(self, *, user_id=None, task_id=None):
+        """Ledger rows, oldest first, as dicts with id, user_id, task_id,
+        kind, amount, created_at; filtered by user and/or task."""
+        raise NotImplementedError
+
+    def active_count(self, user_id):
+        """How many queued or running tasks the user has."""
+        raise NotImplementedError
+
+    def admin_tasks(self, *, now, stuck=False, grace_s=60.0, limit=100):
+        """Active tasks of every user, oldest first, as [(task, user name,
+        reasons)]. `reasons` lists what looks wrong (see `stuck_reasons`):
+        past_deadline, lease_expired, poll_overdue. With `stuck`, only tasks
+        with at least one reason."""
+        raise NotImplementedError
+
+    def get_session(self, user_id, key, *, now):
+        """The user's live session `key` as a dict with key, messages, data,
+        updated_at, expires_at. NotFound (session_not_found) when missing,
+        expired, or only another user's; InvalidInput for a bad key."""
+        raise NotImplementedError
+
+    def put_session(self, user_id, key, *, messages, data, now, ttl_s, max_sessions=None):
+        """Replace the session (creating it): the newest MAX_SESSION_MESSAGES
+        of `messages`, `data` (a JSON value or None); it expires `ttl_s` after
+        `now`. Conflict (too_many_sessions) when creating it would give the
+        user more than `max_sessions` live sessions. Returns the session."""
+        raise NotImplementedError
+
+    def append_messages(self, user_id, key, messages, *, now, ttl_s, max_sessions=None):
+        """Append to the session (an expired one starts empty, a missing one
+        is created), keep the newest MAX_SESSION_MESSAGES, expire `ttl_s`
+        after `now`; atomic against concurrent appends. Returns (session,
+        how many old messages were dropped). Conflict as put_session."""
+        raise NotImplementedError
+
+    def delete_session(self, user_id, key, *, now):
+        """Delete the session; True if a live one was there."""
+        raise NotImplementedError
+
+    def purge_sessions(self, *, now):
+        """Delete every expired session; return how many."""
+        raise NotImplementedError
+
+    # -- retention ---------------------------------------------------------------
+    #
+    # The worker's cleanup job: result files go after HOLDFAST_KEEP_FILES_H
+    # (the task keeps its metadata and a FileExpiry mark), finished tasks and
+    # their events after HOLDFAST_KEEP_TASKS_D (ledger rows stay), every event
+    # after a day. task_history keeps the numbers.
+
+    def tasks_with_old_files(self, *, before, limit):
+        """Ids of finished tasks that ended before `before`, list files, and
+        whose files are not yet marked expired; oldest first."""
+        raise NotImplementedError
+
+    def mark_files_expired(self, task_ids, *, now):
+        """Record that these tasks' files were deleted (no version bump, no
+        event: nothing in the task JSON changes). Returns how many were new."""
+        raise NotImplementedError
+
+    def files_expired_at(self, task_id):
+        """When retention deleted the task's files, or None."""
+        raise NotImplementedError
+
+    def finished_before(self, *, before, limit):
+        """Ids of finished tasks that ended before `before`, oldest first."""
+        raise NotImplementedError
+
+    def delete_finished(self, task_ids, *, before):
+        """Delete these tasks (those still finished before `before`), their
+        events and expiry marks, in one transaction; the ledger keeps its
+        rows. The newest event of all is never deleted, so event seqs are
+        never reused. Returns (tasks deleted, events deleted)."""
+        raise NotImplementedError
+
+    def purge_events(self, *, before):
+        """Delete events created before `before` (but never the newest);
+        return how many."""
+        raise NotImplementedError
+
+    def history(self, *, since_day=None, provider=None):
+        """task_history rows (dicts: provider, day, outcome, tasks, total_s,
+        max_s), by day, provider and outcome; `since_day` (YYYY-MM-DD) and
+        `provider` filter."""
+        raise NotImplementedError
+
+    # -- the consistency audit (recover.py --audit) ------------------------------
+
+    def files_listed(self, *, after=None, limit=1000):
+        """[(task_id, files, expired)] of succeeded and partial tasks that list
+        result files, in id order after task id `after` (page by the last
+        id); `expired` is True once retention deleted the files."""
+        raise NotImplementedError
+
+    def settlement_mismatches(self):
+        """Ledger settlements that contradict their task's status: charges
+        on failed or cancelled tasks, refunds on succeeded or partial ones.
+        [dicts: task_id, user_id, status, kind, amount], by task id."""
+        raise NotImplementedError
+
+    def existing_task_ids(self, task_ids):
+        """The subset of `task_ids` that are tasks in the store."""
+        raise NotImplementedError

@@ -1,0 +1,378 @@
+"""The data holdfast keeps and the rules on it.
+
+Task statuses and their transition table; the peewee models below, which are
+the one description of the schema, and the migrations that build it; and the
+small pure functions that every backend, the API and the worker share: task
+ids, times, the public JSON of tasks, events and sessions, account limits, and
+lease owner ids. Nothing here opens a database.
+
+Times are stored as float seconds since the epoch (UTC) and shown as ISO 8601.
+"""
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
+from enum import Enum
+
+from peewee import (AutoField, BooleanField, CharField, CompositeKey,
+                    DoubleField, IntegerField, Model, TextField)
+
+from errors import Conflict, InvalidInput
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({"queued", "running"})
+TERMINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
+# A task can go back from running to queued: the provider lost it and it will
+# be submitted again. Results are only collected from a running task (a job
+# found at the provider after a crash becomes running first). Terminal
+# statuses lead nowhere.
+TRANSITIONS = {
+    "queued": frozenset({"queued", "running", "failed", "cancelled"}),
+    "running": frozenset({"running", "queued", "succeeded", "partial", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "partial": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout",
+                         "result_expired", "provider_lost", "invalid_result", "internal"})
+DEDUPE_IGNORED = ("failed", "cancelled")
+# A queued task whose step is this holds one of its provider's slots: its
+# submit is under way, or in doubt after a crash (see take_slot).
+SLOT_STEP = "submitting"
+
+
+def check_transition(current, new):
+    if new not in TRANSITIONS[current]:
+        raise Conflict(f"illegal transition {current} -> {new}", code="illegal_transition")
+
+
+# -- schema ----------------------------------------------------------------
+
+class _Base(Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class User(_Base):
+    id = AutoField()
+    name = CharField(unique=True)
+    token_hash = CharField(unique=True)
+    is_admin = BooleanField(default=False)
+    credit_balance = IntegerField(null=True)   # None: no credit limit
+    max_active = IntegerField(null=True)       # None: the server default
+    rate_per_s = DoubleField(null=True)
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "users"
+
+
+class Task(_Base):
+    id = CharField(primary_key=True)
+    user_id = IntegerField()
+    provider = CharField()
+    status = CharField()
+    step = CharField(null=True)
+    progress = DoubleField(null=True)
+    dedupe_key = CharField(null=True)
+    params = TextField()
+    external_id = CharField(null=True)
+    attempts = IntegerField(default=0)
+    files = TextField(default="[]")
+    error = TextField(null=True)
+    cost = IntegerField(default=0)
+    credits = CharField(default="none")
+    retry_of = CharField(null=True)
+    created_at = DoubleField()
+    updated_at = DoubleField()
+    started_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True)
+    deadline_at = DoubleField()
+    version = IntegerField(default=1)
+    # Polls are data: when to look at the task next, and who is looking.
+    next_poll_at = DoubleField(null=True)
+    polls = IntegerField(default=0)
+    lease_owner = CharField(null=True)
+    lease_expires_at = DoubleField(null=True)
+    lease_token = IntegerField(default=0)
+    state = TextField(null=True)   # the provider adapter's private JSON
+
+    class Meta:
+        table_name = "tasks"
+        indexes = (
+            (("status", "next_poll_at"), False),
+            (("user_id", "status"), False),
+            (("user_id", "id"), False),
+        )
+
+
+class Event(_Base):
+    seq = AutoField()
+    user_id = IntegerField()
+    task_id = CharField()
+    type = CharField()
+    data = TextField()
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "events"
+        indexes = ((("user_id", "seq"), False),)
+
+
+class Ledger(_Base):
+    id = AutoField()
+    user_id = IntegerField()
+    task_id = CharField()
+    kind = CharField()     # reserve, charge, refund, grant
+    amount = IntegerField()
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "ledger"
+
+
+class Session(_Base):
+    user_id = IntegerField()
+    key = CharField()
+    messages = TextField(default="[]")
+    data = TextField(null=True)
+    updated_at = DoubleField()
+    expires_at = DoubleField()
+
+    class Meta:
+        table_name = "sessions"
+        primary_key = CompositeKey("user_id", "key")
+
+
+class SchemaVersion(_Base):
+    version = IntegerField(primary_key=True)
+    applied_at = DoubleField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+class TaskHistory(_Base):
+    """What retention keeps of finished tasks for success-rate numbers: per
+    provider, UTC day of finishing and outcome, how many and how long they
+    took (finished_at - created_at). Written as each task ends."""
+
+    provider = CharField()
+    day = CharField()          # YYYY-MM-DD
+    outcome = CharField()      # the terminal status
+    tasks = IntegerField(default=0)
+    total_s = DoubleField(default=0.0)
+    max_s = DoubleField(default=0.0)
+
+    class Meta:
+        table_name = "task_history"
+        primary_key = CompositeKey("provider", "day", "outcome")
+
+
+class FileExpiry(_Base):
+    """Tasks whose result files retention deleted (the task keeps its list)."""
+
+    task_id = CharField(primary_key=True)
+    expired_at = DoubleField()
+
+    class Meta:
+        table_name = "file_expiry"
+
+
+# Version 1's tables; later migrations add theirs.
+MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
+DATA_MODELS = [User, Task, Event, Ledger, Session, TaskHistory, FileExpiry]
+
+
+def _migration_1(db):
+    with db.bind_ctx(MODELS):
+        db.create_tables(MODELS)
+    # Dedupe and settle-once are constraints, not checks in Python alone.
+    db.execute_sql(
+        "CREATE UNIQUE INDEX tasks_dedupe ON tasks (user_id, dedupe_key) "
+        "WHERE dedupe_key IS NOT NULL AND status NOT IN ('failed', 'cancelled')")
+    db.execute_sql("CREATE UNIQUE INDEX ledger_once ON ledger (task_id, kind) WHERE kind <> 'grant'")
+    db.execute_sql(
+        "CREATE UNIQUE INDEX ledger_settle ON ledger (task_id) WHERE kind IN ('charge', 'refund')")
+
+
+def _migration_2(db):
+    """Retention: the compact history (filled from the tasks already
+    finished), expired-file marks, and an index to find old finished tasks."""
+    with db.bind_ctx([TaskHistory, FileExpiry]):
+        db.create_tables([TaskHistory, FileExpiry])
+        history = {}
+        for provider, status, created, finished in db.execute_sql(
+                "SELECT provider, status, created_at, finished_at FROM tasks "
+                "WHERE status IN ('succeeded', 'partial', 'failed', 'cancelled') AND finished_at IS NOT NULL"):
+            row = history.setdefault((provider, history_day(finished), status), [0, 0.0, 0.0])
+            took = max(0.0, finished - created)
+            row[0] += 1
+            row[1] += took
+            row[2] = max(row[2], took)
+        for (provider, day, outcome), (n, total, longest) in sorted(history.items()):
+            TaskHistory.insert(provider=provider, day=day, outcome=outcome, tasks=n, total_s=total,
+                               max_s=longest).execute()
+    db.execute_sql("CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL")
+
+
+def _migration_3(db):
+    """GET /metrics counts tasks by status and provider at every scrape: a
+    covering index makes that GROUP BY read the index, not the table (at 1M
+    rows on SQLite, about 47 ms instead of 450)."""
+    db.execute_sql("CREATE INDEX tasks_status_provider ON tasks (status, provider)")
+
+
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3)]
+
+TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
+
+
+# -- small helpers ---------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id(now=None):
+    """`t_` + a ULID: sortable by creation time, unguessable."""
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "t_" + "".join(reversed(chars))
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def history_day(ts):
+    """The UTC day a task finished on, as task_history keys it."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def iso(ts):
+    if ts is None:
+        return None
+    dt = datetime.fromtimestamp(ts, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def dumps(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def task_json(task):
+    """The public JSON of a task, as every endpoint returns it."""
+    tid = task["id"]
+    return {
+        "id": tid, "provider": task["provider"], "status": task["status"],
+        "step": task["step"], "progress": task["progress"],
+        "dedupe_key": task["dedupe_key"], "params": task["params"],
+        "external_id": task["external_id"], "attempts": task["attempts"],
+        "files": [dict(f, url=f"/api/tasks/{tid}/files/{f['name']}") for f in task["files"]],
+        "error": task["error"], "cost": task["cost"], "credits": task["credits"],
+        "retry_of": task["retry_of"],
+        "created_at": iso(task["created_at"]), "updated_at": iso(task["updated_at"]),
+        "started_at": iso(task["started_at"]), "finished_at": iso(task["finished_at"]),
+        "deadline_at": iso(task["deadline_at"]), "version": task["version"],
+    }
+
+
+def event_json(seq, task_id, type_, data):
+    """An event as clients see it; `data` is the stored task JSON text."""
+    return '{"seq":%d,"task_id":%s,"type":"%s","task":%s}' % (seq, json.dumps(task_id), type_, data)
+
+
+# -- accounts: limits and public forms ------------------------------------------
+
+MAX_CREDITS = 10 ** 9            # a balance or a grant; inside a 32-bit INTEGER on every backend
+MAX_USER_ACTIVE = 100_000
+MAX_USER_RATE = 10_000.0
+MAX_SESSION_MESSAGES = 40
+_SESSION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_user_limits(credits=None, max_active=None, rate_per_s=None):
+    """InvalidInput unless each given limit is in range (None: not set)."""
+    if credits is not None and (not _is_int(credits) or not 0 <= credits <= MAX_CREDITS):
+        raise InvalidInput(f"credits must be an integer from 0 to {MAX_CREDITS}")
+    if max_active is not None and (not _is_int(max_active) or not 1 <= max_active <= MAX_USER_ACTIVE):
+        raise InvalidInput(f"max_active must be an integer from 1 to {MAX_USER_ACTIVE}")
+    if rate_per_s is not None and (isinstance(rate_per_s, bool) or not isinstance(rate_per_s, (int, float))
+                                   or not 0 < rate_per_s <= MAX_USER_RATE):
+        raise InvalidInput(f"rate_per_s must be a number above 0 and at most {MAX_USER_RATE:g}")
+
+
+def check_session_key(key):
+    if not isinstance(key, str) or not _SESSION_KEY.match(key):
+        raise InvalidInput("a session key is 1-128 characters: letters, digits and _ . : @ -, "
+                           "starting with a letter or digit", code="invalid_session_key")
+    return key
+
+
+def session_json(session):
+    """The public JSON of a conversation session."""
+    return {"key": session["key"], "messages": session["messages"], "data": session["data"],
+            "updated_at": iso(session["updated_at"]), "expires_at": iso(session["expires_at"])}
+
+
+def stuck_reasons(task, now, grace_s):
+    """What looks wrong with an active task: past its deadline (the sweeper
+    should have ended it), a lease that ran out (its worker vanished), or a
+    poll due more than `grace_s` ago that no worker took."""
+    reasons = []
+    if task["deadline_at"] < now:
+        reasons.append("past_deadline")
+    if task["lease_owner"] is not None and (task["lease_expires_at"] or 0) < now:
+        reasons.append("lease_expired")
+    due = task["next_poll_at"]
+    if task["lease_owner"] is None and due is not None and due < now - grace_s:
+        reasons.append("poll_overdue")
+    return reasons
+
+
+def lease_owner_id():
+    """host:pid:nonce, so recovery can tell a dead local owner from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def owner_is_dead(owner):
+    """True only when the owner ran on this host and its process is gone."""
+    try:
+        host, pid, _ = owner.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,947 @@
+"""SqlStore: the one implementation of the Store interface that every
+backend runs, on a database peewee speaks to.
+
+Queries run as plain SQL through the peewee database object: the query
+builder costs more than the work on the hot paths (submit, claim, get by id),
+and plain SQL keeps every backend honest about what it does inside a
+transaction. A backend overrides only what its database does differently:
+placeholders, row locks, how a write transaction begins, named locks.
+
+SqlStore stays one class in one module although it is past the size a module
+should have: it is one concept (the SQL behind each interface method), and its
+parts share the seam, the transaction and the event and log bookkeeping.
+"""
+
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+
+import peewee
+from peewee import BooleanField
+
+import metrics
+from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, StoreUnavailable,
+                    TooMany)
+
+from .base import BaseStore
+from .schema import (DATA_MODELS, ERROR_CODES, MAX_CREDITS, MAX_SESSION_MESSAGES, MIGRATIONS,
+                     SLOT_STEP, TASK_COLUMNS, TERMINAL, _is_int, check_session_key, check_transition,
+                     check_user_limits, dumps, event_json, hash_token, history_day, new_task_id,
+                     stuck_reasons, task_json)
+
+log = logging.getLogger("holdfast.store")
+# One line per task state change (creation included), written after commit.
+task_log = logging.getLogger("holdfast.tasks")
+
+# Only active tasks hold leases (finishing releases them), so lease queries
+# say so and read the status index rather than every finished row.
+_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
+_TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+_JSON_COLUMNS = ("params", "files", "error", "state")
+_UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts", "files",
+                        "error", "next_poll_at", "polls", "started_at", "state",
+                        "lease_expires_at"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _where(sql, **conditions):
+    """`sql` with `WHERE` for each condition (a `column op ?` -> value pair)
+    whose value is not None, and its parameters."""
+    clauses = [(c, v) for c, v in conditions.items() if v is not None]
+    if clauses:
+        sql += " WHERE " + " AND ".join(c for c, _ in clauses)
+    return sql, [v for _, v in clauses]
+
+
+def _check_updatable(changes):
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+
+
+def _log_change(task_id, user_id, provider, old, new, error, credits, external_id, attempts):
+    fields = {"event": "task_created" if old is None else "task_status", "task_id": task_id,
+              "user_id": user_id, "provider": provider, "from": old, "to": new}
+    text = f"task {task_id} user {user_id} {provider}: " + (f"{old} -> {new}" if old else f"created ({new})")
+    if new == "running" and external_id:
+        fields.update(external_id=external_id, attempts=attempts)
+        text += f"; {external_id} (attempt {attempts})"
+    if error:
+        fields.update(error_code=error.get("code"), error=error.get("message"))
+        text += f"; {error.get('code')}: {error.get('message')}"
+    if new in TERMINAL and credits != "none":
+        fields["credits"] = credits
+        text += f"; credits {credits}"
+    task_log.info(text, extra={"fields": fields})
+
+
+class SqlStore(BaseStore):
+    """The shared implementation for databases peewee speaks to."""
+
+    placeholder = "?"
+    for_update = ""       # row locks, where writers run side by side
+    skip_locked = ""      # claims that pass over rows another claim holds
+
+    def __init__(self, db):
+        self.db = db
+        self._sql_cache = {}
+        self._wrote_events = threading.local()
+        self._changes = threading.local()
+
+    # one seam for driver errors; every write transaction runs inside it, so
+    # leaving the outermost one is after the commit: tell the listeners then,
+    # and log the state changes that committed (none of a rolled-back one).
+    @contextmanager
+    def _seam(self):
+        committed = False
+        try:
+            yield
+            committed = True
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            # InterfaceError: a pooled connection that died under us.
+            raise StoreUnavailable(f"store error: {exc}") from exc
+        except peewee.DataError as exc:
+            # A value the database refuses, e.g. a NUL in PostgreSQL text.
+            raise InvalidInput(f"the store cannot keep this value: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            # An unpaired surrogate: the driver cannot encode it to UTF-8.
+            raise InvalidInput("a string holds an unpaired surrogate "
+                               f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode") from exc
+        finally:
+            actions = getattr(self._changes, "pending", None)
+            if actions and not self.db.transaction_depth():
+                self._changes.pending = []
+                if committed:
+                    for fn, args in actions:
+                        fn(*args)
+            if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
+                self._wrote_events.flag = False
+                for callback in self._event_listeners:
+                    callback()
+
+    def _sql(self, sql):
+        if self.placeholder == "?":
+            return sql
+        out = self._sql_cache.get(sql)
+        if out is None:
+            out = self._sql_cache[sql] = sql.replace("?", self.placeholder)
+        return out
+
+    def _exec(self, sql, params=()):
+        return self.db.execute_sql(self._sql(sql), params)
+
+    def _one(self, sql, params=()):
+        return self._exec(sql, params).fetchone()
+
+    def _write(self):
+        """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
+        return self.db.atomic()
+
+    def _lock(self, name):
+        """Serialize the transactions that take `name` until they end.
+        SQLite's BEGIN IMMEDIATE already serializes every writer; backends
+        whose writers run side by side override this."""
+
+    def migrate(self):
+        with self._seam():
+            self.db.connect(reuse_if_open=True)
+            current = self.schema_version() if self.db.table_exists("schema_version") else 0
+            if current and any(version > current for version, _ in MIGRATIONS):
+                self._backup_before_migrating(current)
+            try:
+                self._migrate()
+            except Exception as exc:
+                # Each migration runs in the one transaction that records it,
+                # so a failure leaves the old schema and data as they were.
+                raise StoreUnavailable(f"migrating the schema from version {current} failed "
+                                       f"({exc}); the database is unchanged", code="migration_failed") from exc
+
+    def _backup_before_migrating(self, current):
+        """Backends that can copy themselves do so here."""
+
+    def _require_current_schema(self):
+        """For a store opened only to look (read_only): migrating would
+        change it, so an older schema is an error instead."""
+        latest = max(version for version, _ in MIGRATIONS)
+        with self._seam():
+            self.db.connect(reuse_if_open=True)
+            current = (self.schema_version() or 0) if self.db.table_exists("schema_version") else 0
+        if current < latest:
+            self.close()
+            raise StoreUnavailable(f"schema version {current}, this code needs {latest}",
+                                   code="schema_outdated")
+
+    def _migrate(self, upto=None):
+        """Apply the pending migrations (up to `upto`); return how many."""
+        applied = 0
+        with self._write():
+            self._lock("migrate")
+            if not self.db.table_exists("schema_version"):
+                current = 0
+            else:
+                current = self._one("SELECT MAX(version) FROM schema_version")[0] or 0
+            for version, step in MIGRATIONS:
+                if version > current and (upto is None or version <= upto):
+                    log.info("migrating schema to version %d", version)
+                    step(self.db)
+                    self._exec("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                               (version, time.time()))
+                    applied += 1
+        return applied
+
+    # moving everything between stores
+
+    def export_rows(self):
+        """{table: [row dicts]} of every table but the schema's own, in
+        primary-key order; the same form on every backend. One read
+        transaction, so one snapshot: a write committed meanwhile is in every
+        table or in none."""
+        out = {}
+        # PostgreSQL's default isolation takes a snapshot per statement;
+        # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
+        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
+        with self._seam(), self.db.atomic(begin):
+            for model in DATA_MODELS:
+                cols = [f.column_name for f in model._meta.sorted_fields]
+                order = ", ".join(f.column_name for f in model._meta.get_primary_keys())
+                rows = self._exec(f"SELECT {', '.join(cols)} FROM {model._meta.table_name} "
+                                  f"ORDER BY {order}").fetchall()
+                bools = {f.column_name for f in model._meta.sorted_fields if isinstance(f, BooleanField)}
+                out[model._meta.table_name] = [
+                    {c: (bool(v) if c in bools and v is not None else v) for c, v in zip(cols, r)}
+                    for r in rows]
+        return out
+
+    def import_rows(self, tables):
+        """Load `export_rows()` output into this store, which must be empty."""
+        with self._seam():
+            if self._one("SELECT COUNT(*) FROM users")[0] or self._one("SELECT COUNT(*) FROM tasks")[0]:
+                raise Conflict("the target store is not empty", code="store_not_empty")
+            with self._write():
+                self._insert_rows(tables)
+
+    def _insert_rows(self, tables):
+        known = {m._meta.table_name: m for m in DATA_MODELS}
+        unknown = set(tables) - set(known)
+        if unknown:
+            raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
+        for model in DATA_MODELS:
+            cols = [f.column_name for f in model._meta.sorted_fields]
+            sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
+                   f"VALUES ({', '.join('?' * len(cols))})")
+            for row in tables.get(model._meta.table_name, []):
+                self._exec(sql, [row.get(c) for c in cols])
+        self._after_import()
+
+    def _after_import(self):
+        """Backends with sequences move them past the imported ids."""
+
+    def schema_version(self):
+        with self._seam():
+            return self._one("SELECT MAX(version) FROM schema_version")[0]
+
+    def close(self):
+        self.db.close()
+
+    def health(self):
+        with self._seam():
+            self._one("SELECT 1")
+
+    @staticmethod
+    def _task(row):
+        task = dict(zip(TASK_COLUMNS, row))
+        for col in _JSON_COLUMNS:
+            value = task[col]
+            task[col] = json.loads(value) if value is not None else None
+        if task["files"] is None:
+            task["files"] = []
+        return task
+
+    # users
+
+    def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
+                    max_active=None, rate_per_s=None):
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidInput("user name must be 1-64 letters, digits, '_', '.' or '-'")
+        check_user_limits(credits, max_active, rate_per_s)
+        if token is not None and len(token) < 16:
+            raise InvalidInput("a chosen token must be at least 16 characters")
+        token = token or "hf_" + secrets.token_urlsafe(32)
+        now = time.time() if now is None else now
+        with self._seam():
+            try:
+                with self._write():
+                    self._exec(
+                        "INSERT INTO users (name, token_hash, is_admin, credit_balance, max_active, "
+                        "rate_per_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (name, hash_token(token), bool(admin), credits, max_active,
+                         None if rate_per_s is None else float(rate_per_s), now))
+                    if credits:
+                        user_id = self._one("SELECT id FROM users WHERE name = ?", (name,))[0]
+                        self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                                   "VALUES (?, '', 'grant', ?, ?)", (user_id, credits, now))
+            except peewee.IntegrityError as exc:
+                raise Conflict(f"user {name!r} exists", code="user_exists") from exc
+        return self.user_by_name(name), token
+
+    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at"
+
+    def _user(self, row):
+        if row is None:
+            return None
+        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at")
+        user = dict(zip(keys, row))
+        user["is_admin"] = bool(user["is_admin"])
+        return user
+
+    def user_by_token(self, token):
+        with self._seam():
+            return self._user(self._one(
+                f"SELECT {self._USER_COLS} FROM users WHERE token_hash = ?", (hash_token(token),)))
+
+    def user_by_name(self, name):
+        with self._seam():
+            user = self._user(self._one(f"SELECT {self._USER_COLS} FROM users WHERE name = ?", (name,)))
+        if user is None:
+            raise NotFound("user not found", code="user_not_found")
+        return user
+
+    def count_users(self):
+        with self._seam():
+            return self._one("SELECT COUNT(*) FROM users")[0]
+
+    def reserved_credits(self, user_id):
+        with self._seam():
+            return self._one("SELECT COALESCE(SUM(cost), 0) FROM tasks WHERE user_id = ? "
+                             "AND credits = 'reserved'", (user_id,))[0]
+
+    # tasks
+
+    def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
+        task_id = new_task_id(now)
+        params_text = dumps(params)
+        with self._seam():
+            for _ in range(3):
+                try:
+                    with self._write():
+                        return self._submit(task_id, user_id, provider, params, params_text, now,
+                                            deadline_at, cost, dedupe_key, retry_of, max_active,
+                                            max_queued, admit)
+                except peewee.IntegrityError:
+                    # Another transaction took the dedupe key between our
+                    # check and our insert (possible only where the backend
+                    # does not serialize writers): the index kept one. Read it.
+                    if dedupe_key is None:
+                        raise
+            raise StoreUnavailable("could not settle a dedupe race")
+
+    def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
+                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None):
+        self._lock(f"user:{user_id}")
+        if dedupe_key is not None:
+            row = self._one(
+                _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
+                "AND status NOT IN ('failed', 'cancelled')", (user_id, dedupe_key))
+            if row is not None:
+                return self._task(row), True
+        if max_active is not None:
+            active = self._one("SELECT COUNT(*) FROM tasks WHERE user_id = ? "
+                               "AND status IN ('queued', 'running')", (user_id,))[0]
+            if active >= max_active:
+                raise TooMany(f"you have {active} active tasks (limit {max_active})",
+                              code="too_many_active", retry_after=5)
+        if max_queued is not None:
+            self._lock(f"queue:{provider}")
+            queued = self._one("SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND provider = ?",
+                               (provider,))[0]
+            if queued >= max_queued:
+                raise TooMany(f"provider {provider} has {queued} tasks waiting (limit {max_queued})",
+                              code="queue_full", retry_after=5)
+        credits = "none"
+        if cost > 0:
+            balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
+            if balance is not None:
+                # The check is in the UPDATE itself: a grant taking credits
+                # away does not take this user's lock, and may commit between
+                # the read above and this write.
+                if self._exec("UPDATE users SET credit_balance = credit_balance - ? "
+                              "WHERE id = ? AND credit_balance >= ?", (cost, user_id, cost)).rowcount != 1:
+                    balance = self._one("SELECT credit_balance FROM users WHERE id = ?", (user_id,))[0]
+                    raise PaymentRequired(
+                        f"this task costs {cost} credits and your balance is {balance}")
+                self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                           "VALUES (?, ?, 'reserve', ?, ?)", (user_id, task_id, cost, now))
+                credits = "reserved"
+        if admit is not None:
+            admit()
+        task = {
+            "id": task_id, "user_id": user_id, "provider": provider, "status": "queued",
+            "step": None, "progress": None, "dedupe_key": dedupe_key, "params": params,
+            "external_id": None, "attempts": 0, "files": [], "error": None, "cost": cost,
+            "credits": credits, "retry_of": retry_of, "created_at": now, "updated_at": now,
+            "started_at": None, "finished_at": None, "deadline_at": deadline_at, "version": 1,
+            "next_poll_at": now, "polls": 0, "lease_owner": None, "lease_expires_at": None,
+            "lease_token": 0, "state": None,
+        }
+        row = [task[c] for c in TASK_COLUMNS]
+        row[TASK_COLUMNS.index("params")] = params_text
+        row[TASK_COLUMNS.index("files")] = "[]"
+        self._exec(f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES "
+                   f"({', '.join('?' * len(TASK_COLUMNS))})", row)
+        self._event(task, "created", now)
+        self._note_change(task, None)
+        return task, False
+
+    def _event(self, task, type_, now):
+        # Events commit in seq order, so a reader of seq > N never skips one.
+        self._lock("events")
+        self._exec("INSERT INTO events (user_id, task_id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (task["user_id"], task["id"], type_, dumps(task_json(task)), now))
+        self._wrote_events.flag = True
+
+    def get_task(self, task_id, user_id=None):
+        with self._seam():
+            if user_id is None:
+                row = self._one(_TASK_SELECT + " WHERE id = ?", (task_id,))
+            else:
+                row = self._one(_TASK_SELECT + " WHERE id = ? AND user_id = ?", (task_id, user_id))
+        if row is None:
+            raise NotFound("task not found", code="task_not_found")
+        return self._task(row)
+
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
+        sql = _TASK_SELECT + " WHERE user_id = ?"
+        params = [user_id]
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+            params += list(statuses)
+        if before:
+            sql += " AND id < ?"
+            params.append(before)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit + 1)
+        with self._seam():
+            rows = self._exec(sql, params).fetchall()
+        tasks = [self._task(r) for r in rows[:limit]]
+        return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
+
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+        marks = ", ".join("?" * len(statuses))
+        with self._seam(), self._write():
+            rows = self._exec(
+                _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
+                "AND (lease_owner IS NULL OR lease_expires_at < ?) "
+                f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
+                (*statuses, now, now, limit)).fetchall()
+            tasks = []
+            for row in rows:
+                task = self._task(row)
+                task["lease_owner"] = owner
+                task["lease_expires_at"] = now + lease_s
+                task["lease_token"] += 1
+                self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? "
+                           "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
+                tasks.append(task)
+        return tasks
+
+    def _task_for_update(self, task_id):
+        """The task, its row locked until the transaction ends; NotFound."""
+        row = self._one(_TASK_SELECT + " WHERE id = ?" + self.for_update, (task_id,))
+        if row is None:
+            raise NotFound("task not found", code="task_not_found")
+        return self._task(row)
+
+    def update(self, task_id, *, token, now, release=False, **changes):
+        _check_updatable(changes)
+        with self._seam(), self._write():
+            return self._apply(self._task_for_update(task_id), token, now, release, changes)
+
+    def _apply(self, task, token, now, release, changes):
+        if token is not None and task["lease_token"] != token:
+            raise StaleLease(f"lease {token} on {task['id']} is stale (now {task['lease_token']})")
+        old = task["status"]
+        new = changes.get("status", old)
+        if old in TERMINAL:
+            raise Conflict(f"task is already {old}", code="task_finished")
+        check_transition(old, new)
+        error = changes.get("error")
+        if error is not None and error.get("code") not in ERROR_CODES:
+            raise ValueError(f"unknown error code {error.get('code')!r}")
+        task.update(changes)
+        if new == "running" and task["started_at"] is None:
+            task["started_at"] = now
+        if new in TERMINAL:
+            self._after_commit(metrics.FINISHED.inc, task["provider"], new)
+            task["finished_at"] = now
+            self._record_history(task, new, now)
+            task["next_poll_at"] = None
+            release = True
+            if task["credits"] == "reserved":
+                self._settle(task, new, now)
+        if release:
+            task["lease_owner"] = None
+            task["lease_expires_at"] = None
+        task["updated_at"] = now
+        task["version"] += 1
+        cols = sorted(set(changes) | {"started_at", "finished_at", "next_poll_at", "credits",
+                                      "lease_owner", "lease_expires_at", "updated_at", "version"})
+        values = [dumps(task[c]) if c in _JSON_COLUMNS else task[c] for c in cols]
+        cur = self._exec(f"UPDATE tasks SET {', '.join(c + ' = ?' for c in cols)} "
+                         "WHERE id = ? AND lease_token = ?", (*values, task["id"], task["lease_token"]))
+        if cur.rowcount != 1:
+            raise StaleLease(f"task {task['id']} changed under us")
+        self._event(task, "finished" if new in TERMINAL else "updated", now)
+        if new != old:
+            self._note_change(task, old)
+        return task
+
+    def _after_commit(self, fn, *args):
+        """Run fn(*args) once the outermost transaction commits; never if it
+        rolls back. For what must not tell of a change that did not happen:
+        log lines, counters."""
+        pending = getattr(self._changes, "pending", None)
+        if pending is None:
+            pending = self._changes.pending = []
+        pending.append((fn, args))
+
+    def _note_change(self, task, old):
+        """Queue the task's log line until its transaction commits."""
+        if task_log.isEnabledFor(logging.INFO):
+            self._after_commit(_log_change, task["id"], task["user_id"], task["provider"], old,
+                               task["status"], task["error"], task["credits"], task["external_id"],
+                               task["attempts"])
+
+    def _record_history(self, task, status, now):
+        took = max(0.0, now - task["created_at"])
+        self._exec("INSERT INTO task_history (provider, day, outcome, tasks, total_s, max_s) "
+                   "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (provider, day, outcome) DO UPDATE SET "
+                   "tasks = task_history.tasks + 1, total_s = task_history.total_s + excluded.total_s, "
+                   "max_s = CASE WHEN excluded.max_s > task_history.max_s THEN excluded.max_s "
+                   "ELSE task_history.max_s END",
+                   (task["provider"], history_day(now), status, took, took))
+
+    def _settle(self, task, status, now):
+        """Charge on success, refund otherwise: once, by the ledger's indexes.
+        The balance moves only when this transaction's ledger row went in, so
+        a settle that finds one already there (a race on a backend that does
+        not serialize writers, a repeat after a crash) changes no balance and
+        takes the recorded outcome."""
+        kind = "charge" if status in ("succeeded", "partial") else "refund"
+        cur = self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         (task["user_id"], task["id"], kind, task["cost"], now))
+        if cur.rowcount == 1:
+            self._after_commit((metrics.CHARGES if kind == "charge" else metrics.REFUNDS).inc, task["provider"])
+            if kind == "refund":
+                self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ?",
+                           (task["cost"], task["user_id"]))
+        else:
+            kind = self._one("SELECT kind FROM ledger WHERE task_id = ? AND kind IN ('charge', 'refund')",
+                             (task["id"],))[0]
+            log.warning("task %s: credits were already settled (%s); not settling again", task["id"], kind)
+        task["credits"] = "charged" if kind == "charge" else "refunded"
+
+    def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
+        sql = ("UPDATE tasks SET next_poll_at = ?, polls = ?, lease_owner = NULL, "
+               "lease_expires_at = NULL")
+        params = [next_poll_at, polls]
+        if state is not None:
+            sql += ", state = ?"
+            params.append(dumps(state))
+        sql += " WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
+        with self._seam(), self._write():
+            if self._exec(sql, (*params, task_id, token)).rowcount != 1:
+                raise StaleLease(f"task {task_id} is no longer held with lease {token}")
+
+    # -- provider slots and long steps (the worker's) --------------------------
+
+    def take_slot(self, task_id, *, token, now, limit, **changes):
+        _check_updatable(changes)
+        with self._seam(), self._write():
+            task = self._task_for_update(task_id)
+            if token is not None and task["lease_token"] != token:
+                raise StaleLease(f"lease {token} on {task_id} is stale (now {task['lease_token']})")
+            holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
+            if limit is not None and not holds:
+                self._slot_lock(task["provider"])
+                busy = self._one(
+                    "SELECT COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
+                    "(status = 'running' OR (status = 'queued' AND step = ?))",
+                    (task["provider"], task_id, SLOT_STEP))[0]
+                if busy >= limit:
+                    return None
+            return self._apply(task, token, now, False, changes)
+
+    def _slot_lock(self, provider):
+        """Serialize slot decisions for `provider` until the transaction ends."""
+        self._lock("slot:" + provider)
+
+    def renew_lease(self, task_id, *, token, expires_at):
+        with self._seam(), self._write():
+            if self._exec("UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND lease_token = ? "
+                          "AND lease_owner IS NOT NULL AND status IN ('queued', 'running')",
+                          (expires_at, task_id, token)).rowcount != 1:
+                raise StaleLease(f"task {task_id} is no longer held with lease {token}")
+
+    def overdue(self, *, now, limit):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE status IN ('queued', 'running') "
+                              "AND deadline_at < ? ORDER BY deadline_at LIMIT ?", (now, limit)).fetchall()
+        return [self._task(r) for r in rows]
+
+    def expire(self, task_id, *, now, error):
+        with self._seam(), self._write():
+            task = self._task_for_update(task_id)
+            if task["status"] in TERMINAL or task["deadline_at"] >= now:
+                raise Conflict("task is not overdue", code="not_overdue")
+            return self._apply(task, None, now, True, {"status": "failed", "error": error,
+                                                        "step": "failed"})
+
+    def cancel(self, task_id, user_id, *, now):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ? AND user_id = ?" + self.for_update,
+                            (task_id, user_id))
+            if row is None:
+                raise NotFound("task not found", code="task_not_found")
+            task = self._task(row)
+            if task["status"] in TERMINAL:
+                raise Conflict(f"task is already {task['status']}", code="task_finished")
+            return self._apply(task, None, now, True, {"status": "cancelled"})
+
+    def lease_owners(self):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                f"SELECT DISTINCT lease_owner FROM tasks WHERE {_LEASED}").fetchall()]
+
+    def release_leases(self, owners):
+        released = 0
+        with self._seam():
+            for owner in owners:
+                with self._write():
+                    released += self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
+                                           f"WHERE {_LEASED} AND lease_owner = ?", (owner,)).rowcount
+        return released
+
+    def expired_leases(self, *, now):
+        with self._seam():
+            return [tuple(r) for r in self._exec(
+                f"SELECT id, lease_owner FROM tasks WHERE {_LEASED} AND lease_expires_at < ? "
+                "ORDER BY id", (now,)).fetchall()]
+
+    def release_expired_leases(self, *, now):
+        with self._seam(), self._write():
+            return self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
+                              f"WHERE {_LEASED} AND lease_expires_at < ?", (now,)).rowcount
+
+    def claim_task(self, task_id, owner, *, now, lease_s):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ? AND status IN ('queued', 'running') "
+                            "AND (lease_owner IS NULL OR lease_expires_at < ?)" + self.for_update,
+                            (task_id, now))
+            if row is None:
+                return None
+            task = self._task(row)
+            task.update(lease_owner=owner, lease_expires_at=now + lease_s, lease_token=task["lease_token"] + 1)
+            self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? WHERE id = ?",
+                       (owner, now + lease_s, task["lease_token"], task_id))
+            return task
+
+    def in_doubt(self, *, limit=1000):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE status = 'queued' AND external_id IS NOT NULL "
+                              "ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [self._task(r) for r in rows]
+
+    def stray_reservations(self):
+        with self._seam():
+            rows = self._exec(_TASK_SELECT + " WHERE credits = 'reserved' "
+                              "AND status IN ('succeeded', 'partial', 'failed', 'cancelled') ORDER BY id").fetchall()
+        return [self._task(r) for r in rows]
+
+    def settle_stray(self, task_id, *, now):
+        with self._seam(), self._write():
+            task = self._task_for_update(task_id)
+            if task["credits"] != "reserved" or task["status"] not in TERMINAL:
+                return None
+            self._settle(task, task["status"], now)
+            task["version"] += 1
+            task["updated_at"] = now
+            self._exec("UPDATE tasks SET credits = ?, version = ?, updated_at = ? WHERE id = ?",
+                       (task["credits"], task["version"], now, task_id))
+            self._event(task, "updated", now)
+            return task["credits"]
+
+    # events
+
+    def events_since(self, user_id, since, limit=100):
+        with self._seam():
+            rows = self._exec("SELECT seq, task_id, type, data FROM events WHERE user_id = ? AND seq > ? "
+                              "ORDER BY seq LIMIT ?", (user_id, since, limit)).fetchall()
+        return [(r[0], event_json(*r)) for r in rows]
+
+    def last_seq(self, user_id=None):
+        with self._seam():
+            if user_id is None:
+                row = self._one("SELECT MAX(seq) FROM events")
+            else:
+                row = self._one("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,))
+        return row[0] or 0
+
+    def latest_events(self, since):
+        with self._seam():
+            return dict(self._exec("SELECT user_id, MAX(seq) FROM events WHERE seq > ? GROUP BY user_id",
+                                   (since,)).fetchall())
+
+    def task_events(self, task_id):
+        """[(seq, type)] of one task, oldest first (for audits and tests)."""
+        with self._seam():
+            return [tuple(r) for r in self._exec(
+                "SELECT seq, type FROM events WHERE task_id = ? ORDER BY seq", (task_id,)).fetchall()]
+
+    def stats(self, now):
+        with self._seam():
+            by_status = dict(self._exec("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+            oldest = self._one("SELECT MIN(created_at) FROM tasks WHERE status IN ('queued', 'running')")[0]
+        return {
+            "queue_depth": by_status.get("queued", 0),
+            "active": by_status.get("queued", 0) + by_status.get("running", 0),
+            "oldest_active_s": round(now - oldest, 3) if oldest is not None else 0,
+            "by_status": by_status,
+        }
+
+    def task_counts(self):
+        with self._seam():
+            return {(provider, status): n for status, provider, n in self._exec(
+                "SELECT status, provider, COUNT(*) FROM tasks GROUP BY status, provider").fetchall()}
+
+    # -- accounts: credits, admin queries, conversation sessions --------------
+
+    def _user_by_id(self, user_id):
+        user = self._user(self._one(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (user_id,)))
+        if user is None:
+            raise NotFound("user not found", code="user_not_found")
+        return user
+
+    def grant(self, user_id, amount, *, now):
+        if not _is_int(amount) or amount == 0 or abs(amount) > MAX_CREDITS:
+            raise InvalidInput(f"amount must be a non-zero integer from -{MAX_CREDITS} to {MAX_CREDITS}")
+        with self._seam():
+            with self._write():
+                # The bounds are in the UPDATE itself: no balance outside them
+                # can be written, whatever else runs at the same time.
+                cur = self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ? "
+                                 "AND credit_balance IS NOT NULL AND credit_balance + ? >= 0 "
+                                 "AND credit_balance + ? <= ?",
+                                 (amount, user_id, amount, amount, MAX_CREDITS))
+                if cur.rowcount == 1:
+                    self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
+                               "VALUES (?, '', 'grant', ?, ?)", (user_id, amount, now))
+            user = self._user_by_id(user_id)
+        if cur.rowcount != 1:
+            balance = user["credit_balance"]
+            if balance is None:
+                raise Conflict(f"user {user['name']} has no credit limit; grants apply only to users "
+                               "with a balance", code="no_credit_limit")
+            if balance + amount < 0:
+                raise Conflict(f"the balance of {user['name']} is {balance}: taking {-amount} would make "
+                               "it negative", code="balance_too_low")
+            raise Conflict(f"a balance cannot exceed {MAX_CREDITS}", code="balance_too_high")
+        return user
+
+    def ledger(self, *, user_id=None, task_id=None):
+        sql, params = _where("SELECT id, user_id, task_id, kind, amount, created_at FROM ledger",
+                             **{"user_id = ?": user_id, "task_id = ?": task_id})
+        with self._seam():
+            rows = self._exec(sql + " ORDER BY id", params).fetchall()
+        keys = ("id", "user_id", "task_id", "kind", "amount", "created_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def active_count(self, user_id):
+        with self._seam():
+            return self._one("SELECT COUNT(*) FROM tasks WHERE user_id = ? "
+                             "AND status IN ('queued', 'running')", (user_id,))[0]
+
+    def admin_tasks(self, *, now, stuck=False, grace_s=60.0, limit=100):
+        sql = _TASK_SELECT + " WHERE status IN ('queued', 'running')"
+        params = []
+        if stuck:
+            sql += (" AND (deadline_at < ? OR (lease_owner IS NOT NULL AND lease_expires_at < ?)"
+                    " OR (lease_owner IS NULL AND next_poll_at < ?))")
+            params += [now, now, now - grace_s]
+        with self._seam():
+            tasks = [self._task(r) for r in self._exec(sql + " ORDER BY created_at, id LIMIT ?",
+                                                       (*params, limit)).fetchall()]
+            ids = sorted({t["user_id"] for t in tasks})
+            names = dict(self._exec(f"SELECT id, name FROM users WHERE id IN ({', '.join('?' * len(ids))})",
+                                    ids).fetchall()) if ids else {}
+        return [(t, names.get(t["user_id"]), stuck_reasons(t, now, grace_s)) for t in tasks]
+
+    # Sessions are read-modify-write under one write transaction and the
+    # user's session lock, so concurrent writes lose nothing and the count
+    # of live sessions holds.
+
+    _SESSION_COLS = "key, messages, data, updated_at, expires_at"
+
+    @staticmethod
+    def _session(row):
+        return {"key": row[0], "messages": json.loads(row[1]),
+                "data": None if row[2] is None else json.loads(row[2]),
+                "updated_at": row[3], "expires_at": row[4]}
+
+    def get_session(self, user_id, key, *, now):
+        check_session_key(key)
+        with self._seam():
+            row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ? "
+                            "AND expires_at > ?", (user_id, key, now))
+        if row is None:
+            raise NotFound("session not found", code="session_not_found")
+        return self._session(row)
+
+    def put_session(self, user_id, key, *, messages, data, now, ttl_s, max_sessions=None):
+        return self._write_session(user_id, key, now, ttl_s, max_sessions,
+                                   lambda old: (list(messages), data))[0]
+
+    def append_messages(self, user_id, key, messages, *, now, ttl_s, max_sessions=None):
+        return self._write_session(user_id, key, now, ttl_s, max_sessions,
+                                   lambda old: (old["messages"] + list(messages), old["data"]))
+
+    def _write_session(self, user_id, key, now, ttl_s, max_sessions, change):
+        """Apply `change(old session) -> (messages, data)`; return (session, dropped)."""
+        check_session_key(key)
+        with self._seam(), self._write():
+            self._lock(f"sessions:{user_id}")
+            return self._write_session_locked(user_id, key, now, ttl_s, max_sessions, change)
+
+    def _write_session_locked(self, user_id, key, now, ttl_s, max_sessions, change):
+        row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ?"
+                        + self.for_update, (user_id, key))
+        live = row is not None and row[4] > now
+        old = self._session(row) if live else {"messages": [], "data": None}
+        messages, data = change(old)
+        dropped = max(0, len(messages) - MAX_SESSION_MESSAGES)
+        messages = messages[dropped:]
+        session = {"key": key, "messages": messages, "data": data, "updated_at": now,
+                   "expires_at": now + ttl_s}
+        values = (dumps(messages), None if data is None else dumps(data), now, now + ttl_s)
+        if live:
+            self._exec("UPDATE sessions SET messages = ?, data = ?, updated_at = ?, expires_at = ? "
+                       "WHERE user_id = ? AND key = ?", (*values, user_id, key))
+        else:
+            # A new session: clear this user's expired ones (this key's too)
+            # and hold the user to `max_sessions` live ones.
+            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
+            if max_sessions is not None:
+                count = self._one("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user_id,))[0]
+                if count >= max_sessions:
+                    raise Conflict(f"you have {count} sessions (limit {max_sessions}); delete one or "
+                                   "let it expire", code="too_many_sessions")
+            self._exec("INSERT INTO sessions (user_id, key, messages, data, updated_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (user_id, key, *values))
+        return session, dropped
+
+    def delete_session(self, user_id, key, *, now):
+        check_session_key(key)
+        with self._seam(), self._write():
+            cur = self._exec("DELETE FROM sessions WHERE user_id = ? AND key = ? AND expires_at > ?",
+                             (user_id, key, now))
+            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
+        return cur.rowcount == 1
+
+    def purge_sessions(self, *, now):
+        with self._seam(), self._write():
+            return self._exec("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+
+    # -- retention ---------------------------------------------------------------
+
+    _FINISHED = "status IN ('succeeded', 'partial', 'failed', 'cancelled') AND finished_at < ?"
+
+    def tasks_with_old_files(self, *, before, limit):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                f"SELECT id FROM tasks WHERE {self._FINISHED} AND files <> '[]' "
+                "AND NOT EXISTS (SELECT 1 FROM file_expiry WHERE file_expiry.task_id = tasks.id) "
+                "ORDER BY finished_at LIMIT ?", (before, limit)).fetchall()]
+
+    def mark_files_expired(self, task_ids, *, now):
+        marked = 0
+        with self._seam(), self._write():
+            for task_id in task_ids:
+                marked += self._exec("INSERT INTO file_expiry (task_id, expired_at) VALUES (?, ?) "
+                                     "ON CONFLICT DO NOTHING", (task_id, now)).rowcount
+        return marked
+
+    def files_expired_at(self, task_id):
+        with self._seam():
+            row = self._one("SELECT expired_at FROM file_expiry WHERE task_id = ?", (task_id,))
+        return row[0] if row else None
+
+    def finished_before(self, *, before, limit):
+        with self._seam():
+            return [r[0] for r in self._exec(
+                f"SELECT id FROM tasks WHERE {self._FINISHED} ORDER BY finished_at LIMIT ?",
+                (before, limit)).fetchall()]
+
+    def delete_finished(self, task_ids, *, before):
+        if not task_ids:
+            return 0, 0
+        marks = ", ".join("?" * len(task_ids))
+        with self._seam(), self._write():
+            ids = [r[0] for r in self._exec(f"SELECT id FROM tasks WHERE id IN ({marks}) AND {self._FINISHED}",
+                                            (*task_ids, before)).fetchall()]
+            if not ids:
+                return 0, 0
+            marks = ", ".join("?" * len(ids))
+            events = self._exec(f"DELETE FROM events WHERE task_id IN ({marks}) "
+                                "AND seq < (SELECT MAX(seq) FROM events)", ids).rowcount
+            self._exec(f"DELETE FROM file_expiry WHERE task_id IN ({marks})", ids)
+            tasks = self._exec(f"DELETE FROM tasks WHERE id IN ({marks})", ids).rowcount
+        return tasks, events
+
+    def purge_events(self, *, before):
+        with self._seam(), self._write():
+            return self._exec("DELETE FROM events WHERE created_at < ? "
+                              "AND seq < (SELECT MAX(seq) FROM events)", (before,)).rowcount
+
+    def history(self, *, since_day=None, provider=None):
+        sql, params = _where("SELECT provider, day, outcome, tasks, total_s, max_s FROM task_history",
+                             **{"day >= ?": since_day, "provider = ?": provider})
+        with self._seam():
+            rows = self._exec(sql + " ORDER BY day, provider, outcome", params).fetchall()
+        keys = ("provider", "day", "outcome", "tasks", "total_s", "max_s")
+        return [dict(zip(keys, r)) for r in rows]
+
+    # -- the consistency audit ---------------------------------------------------
+
+    def files_listed(self, *, after=None, limit=1000):
+        with self._seam():
+            rows = self._exec(
+                "SELECT id, files, (SELECT 1 FROM file_expiry WHERE file_expiry.task_id = tasks.id) FROM tasks "
+                "WHERE status IN ('succeeded', 'partial') AND files <> '[]' AND id > ? ORDER BY id LIMIT ?",
+                (after or "", limit)).fetchall()
+        return [(r[0], json.loads(r[1]), r[2] is not None) for r in rows]
+
+    def settlement_mismatches(self):
+        with self._seam():
+            rows = self._exec(
+                "SELECT ledger.task_id, ledger.user_id, tasks.status, ledger.kind, ledger.amount FROM ledger "
+                "JOIN tasks ON tasks.id = ledger.task_id "
+                "WHERE (ledger.kind = 'charge' AND tasks.status IN ('failed', 'cancelled')) "
+                "OR (ledger.kind = 'refund' AND tasks.status IN ('succeeded', 'partial')) "
+                "ORDER BY ledger.task_id").fetchall()
+        keys = ("task_id", "user_id", "status", "kind", "amount")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def existing_task_ids(self, task_ids):
+        found = set()
+        task_ids = list(task_ids)
+        with self._seam():
+            for i in range(0, len(task_ids), 500):
+                chunk = task_ids[i:i + 500]
+                found.update(r[0] for r in self._exec(
+                    f"SELECT id FROM tasks WHERE id IN ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
