@@ -1,6 +1,7 @@
 """The bundled page in a real browser (Debian's Chromium driven by Playwright)
 against a real server: a task to its thumbnail, a reload mid-task, two tabs
-sharing one stream, and a server killed and started again under the page.
+sharing one stream (also without BroadcastChannel or Web Locks), and a
+server killed and started again under the page.
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
@@ -59,9 +60,9 @@ def open_page(context, server, token=None):
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.goto(server.url + "/")
     if token:
-        page.fill("#token-input", token)
-        page.click("#token-form button[type=submit]")
-    page.wait_for_selector("#submit-form", state="visible")
+        sign_in(page, token)
+    else:
+        page.wait_for_selector("#submit-form", state="visible")
     return page
 
 
@@ -87,6 +88,44 @@ def wait_streams(server, token, sse, timeout=10):
         if got["sse"] == sse or time.time() > deadline:
             return got
         time.sleep(0.1)
+
+
+def assert_streams_stay(server, token, sse, seconds):
+    """The server holds exactly `sse` streams throughout, e.g. across the
+    fallback election's lease beats."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert streams(server, token)["sse"] == sse
+        time.sleep(0.1)
+
+
+def track_streams(page):
+    """Record every event stream the page gets opened by the server (a
+    browser-side view of the connection, not the server's count)."""
+    page.stream_opens = []
+    page.on("response", lambda res: res.request.resource_type == "eventsource" and res.status == 200
+            and page.stream_opens.append(res.url))
+
+
+def leader_and_follower(first, second, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        roles = sorted(p.evaluate("holdfast.role") for p in (first, second))
+        if roles == ["follower", "leader"]:
+            break
+        time.sleep(0.1)
+    assert roles == ["follower", "leader"]
+    return (first, second) if first.evaluate("holdfast.role") == "leader" else (second, first)
+
+
+def sign_in(page, token):
+    page.fill("#token-input", token)
+    page.click("#token-form button[type=submit]")
+    page.wait_for_selector("#submit-form", state="visible")
+
+
+LIVE = "holdfast.role === 'leader' && holdfast.transport === 'sse' && " \
+       "document.getElementById('conn').dataset.state === 'live'"
 
 
 def submit_api(server, token, prompt, duration_s=1.5):
@@ -144,35 +183,56 @@ def test_a_reload_mid_task_restores_it_and_it_carries_on(context, server):
     assert page.errors == []
 
 
-def test_two_tabs_share_one_stream_and_both_update_and_a_closing_leader_hands_over(context, server):
+# Init scripts that take a feature away before app.js runs: the page's
+# fallbacks (a localStorage channel, a localStorage lease) must do the job.
+NO_CHANNEL = "delete window.BroadcastChannel;"
+NO_LOCKS = "delete Navigator.prototype.locks;"
+MISSING = {"native": "", "no-broadcastchannel": NO_CHANNEL, "no-locks": NO_LOCKS,
+           "neither": NO_CHANNEL + NO_LOCKS}
+
+
+@pytest.mark.parametrize("missing", list(MISSING), ids=list(MISSING))
+def test_two_tabs_share_one_stream_and_both_update_and_a_closing_leader_hands_over(context, server, missing):
     token = server.tokens["demo"]
+    if MISSING[missing]:
+        context.add_init_script(MISSING[missing])
     first = open_page(context, server, token)
     second = open_page(context, server)      # signed in by the shared localStorage
     for page in (first, second):
+        assert page.evaluate("[typeof BroadcastChannel, typeof navigator.locks]") == [
+            "undefined" if NO_CHANNEL in MISSING[missing] else "function",
+            "undefined" if NO_LOCKS in MISSING[missing] else "object"]
         page.wait_for_function("holdfast.role === 'leader' || holdfast.role === 'follower'")
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        roles = sorted(p.evaluate("holdfast.role") for p in (first, second))
-        if roles == ["follower", "leader"]:
-            break
-        time.sleep(0.1)
-    assert roles == ["follower", "leader"]
-    leader, follower = (first, second) if first.evaluate("holdfast.role") == "leader" else (second, first)
-    leader.wait_for_function("holdfast.transport === 'sse'")
-    time.sleep(0.5)
-    assert streams(server, token) == {"sse": 1, "poll": 0, "max": 200}
+    leader, follower = leader_and_follower(first, second)
+    leader.wait_for_function(LIVE)
+    # Two tabs that both took the lease at once settle on one within a beat;
+    # from then on one stream, across the next beats too.
+    assert wait_streams(server, token, 1) == {"sse": 1, "poll": 0, "max": 200}
+    assert_streams_stay(server, token, 1, seconds=2.5)
+    assert leader_and_follower(first, second) == (leader, follower)
     assert follower.evaluate("holdfast.transport") == "none"
+    follower.wait_for_function("document.getElementById('conn').dataset.state === 'live' && "
+                               "document.getElementById('conn-note').textContent === 'via another tab'")
 
     task_id = submit_api(server, token, "seen by both")
     for page in (leader, follower):
         wait_thumbnail(page, task_id)
     assert follower.evaluate("holdfast.lastSeq") == leader.evaluate("holdfast.lastSeq") > 0
 
+    track_streams(follower)
     leader.close()
-    follower.wait_for_function("holdfast.role === 'leader' && holdfast.transport === 'sse'")
+    # At once, not after the fallback lease runs out (LEASE_MS, 6 s): the
+    # closing tab gives its lock or lease up.
+    follower.wait_for_function("holdfast.role === 'leader'", timeout=4_000)
+    follower.wait_for_function(LIVE)
+    # The follower opened a stream of its own, and it is the only one: the
+    # closed leader's stream is gone, not just counted once.
+    assert len(follower.stream_opens) == 1
     assert wait_streams(server, token, 1)["sse"] == 1
     after = submit_api(server, token, "after the hand-over", duration_s=0.5)
     wait_thumbnail(follower, after)
+    assert follower.evaluate("holdfast.transport") == "sse" and len(follower.stream_opens) == 1
+    assert streams(server, token)["sse"] == 1
     assert follower.errors == []
 
 
