@@ -236,6 +236,55 @@ def test_two_tabs_share_one_stream_and_both_update_and_a_closing_leader_hands_ov
     assert follower.errors == []
 
 
+def one_leader(pages, timeout=10):
+    """The leader once exactly one of `pages` leads and streams."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        roles = [p.evaluate("holdfast.role") for p in pages]
+        if roles.count("leader") == 1 and roles.count("follower") == len(pages) - 1:
+            leader = pages[roles.index("leader")]
+            leader.wait_for_function(LIVE)
+            return leader
+        time.sleep(0.1)
+    raise AssertionError(f"not one leader: {roles}")
+
+
+# Without Web Locks the tabs elect a leader through a lease in localStorage,
+# whose writes reach the other tabs a moment later: tabs that start together,
+# or followers that all see the leader's lease go, must still elect one tab.
+@pytest.mark.parametrize("missing", ["no-locks", "neither"])
+def test_without_web_locks_tabs_that_start_or_take_over_together_elect_one(context, server, missing):
+    token = server.tokens["demo"]
+    context.add_init_script(MISSING[missing])
+    open_page(context, server, token).close()       # leaves the token in localStorage
+    tabs = [context.new_page() for _ in range(3)]
+    for page in tabs:
+        page.errors = []
+        page.on("pageerror", lambda exc, page=page: page.errors.append(str(exc)))
+        track_streams(page)
+    for page in tabs:
+        page.goto(server.url + "/", wait_until="commit")
+    for page in tabs:
+        page.wait_for_selector("#submit-form", state="visible")
+    leader = one_leader(tabs)
+    assert wait_streams(server, token, 1)["sse"] == 1
+    assert_streams_stay(server, token, 1, seconds=2.5)
+    assert one_leader(tabs) is leader
+    assert sum(len(p.stream_opens) for p in tabs) == 1, [p.stream_opens for p in tabs]
+
+    rest = [p for p in tabs if p is not leader]
+    leader.close()
+    new_leader = one_leader(rest)
+    task_id = submit_api(server, token, "after the hand-over", duration_s=0.5)
+    for page in rest:
+        wait_thumbnail(page, task_id)
+    assert one_leader(rest) is new_leader
+    # Only the new leader ever opened a stream, and it is the only one left.
+    assert [len(p.stream_opens) for p in rest] == [int(p is new_leader) for p in rest]
+    assert wait_streams(server, token, 1)["sse"] == 1
+    assert all(p.errors == [] for p in rest)
+
+
 def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(context, server, tmp_path):
     token = server.tokens["demo"]
     page = open_page(context, server, token)
