@@ -1,7 +1,7 @@
 """The bundled page in a real browser (Debian's Chromium driven by Playwright)
 against a real server: a task to its thumbnail, a reload mid-task, two tabs
-sharing one stream (also without BroadcastChannel or Web Locks), and a
-server killed and started again under the page.
+sharing one stream (also without BroadcastChannel or Web Locks), cancel and
+retry, and a server killed and started again under the page.
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
@@ -43,6 +43,22 @@ def server(tmp_path, request):
     s = ServerProcess(tmp_path, env=getattr(request, "param", None)).start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def paying(tmp_path):
+    """A real server where a demo task costs a credit, and a user "payer"
+    with three of them (its token in tokens["payer"])."""
+    (tmp_path / "holdfast.toml").write_text("[providers.demo]\ncost = 1\n")
+    s = ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}).start()
+    try:
+        res = api(s, s.tokens["admin"]).post(s.url + "/api/admin/users", timeout=10,
+                                             json={"name": "payer", "credits": 3})
+        assert res.status_code == 201, res.text
+        s.tokens["payer"] = res.json()["token"]
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture
@@ -283,6 +299,71 @@ def test_without_web_locks_tabs_that_start_or_take_over_together_elect_one(conte
     assert [len(p.stream_opens) for p in rest] == [int(p is new_leader) for p in rest]
     assert wait_streams(server, token, 1)["sse"] == 1
     assert all(p.errors == [] for p in rest)
+
+
+def submit_form(page, prompt, params):
+    page.fill("#prompt", prompt)
+    page.fill("#params", params)
+    before = page.evaluate("holdfast.tasks.size")
+    page.click("#submit-btn")
+    page.wait_for_function("n => holdfast.tasks.size > n", arg=before)
+    page.wait_for_function("document.getElementById('form-note').textContent === 'Submitted.'")
+    return page.get_attribute(".task", "data-id")      # newest first
+
+
+def test_cancel_refunds_a_running_task_and_retry_runs_a_failed_one_again(context, paying):
+    server, token = paying, paying.tokens["payer"]
+    session = api(server, token)
+
+    def credits():
+        return session.get(server.url + "/api/me", timeout=5).json()["credits"]
+
+    def task(task_id):
+        return session.get(f"{server.url}/api/tasks/{task_id}", timeout=5).json()["task"]
+
+    def shows_credits(text):
+        page.wait_for_function("t => document.getElementById('me-credits').textContent === t", arg=text)
+
+    page = open_page(context, server, token)
+    page.wait_for_function(LIVE)
+    shows_credits("3 credits")
+
+    long_id = submit_form(page, "a very long render", '{"duration_s": 120}')
+    page.wait_for_selector(card(long_id, "running") + " progress.bar:visible")
+    assert credits()["reserved"] == 1
+    shows_credits(f"{credits()['balance']} credits (1 reserved)")
+    assert page.is_visible(card(long_id) + " button.cancel")
+    assert not page.is_visible(card(long_id) + " button.retry")
+    page.click(card(long_id) + " button.cancel")
+    page.wait_for_selector(card(long_id, "cancelled"))
+    assert page.text_content(card(long_id) + " .meta") == "1 credit refunded"
+    assert (task(long_id)["status"], task(long_id)["credits"]) == ("cancelled", "refunded")
+    assert credits() == {"balance": 3, "reserved": 0}
+    shows_credits("3 credits")
+    assert not page.is_visible(card(long_id) + " button.cancel")
+    assert not page.is_visible(card(long_id) + " progress.bar")
+
+    failed_id = submit_form(page, "an impossible staircase", '{"duration_s": 3, "fail": "the model refused"}')
+    page.wait_for_selector(card(failed_id, "failed"))
+    assert page.text_content(card(failed_id) + " .task-error") == "the model refused"
+    page.wait_for_function("id => document.querySelector(`.task[data-id=\"${id}\"] .meta`).textContent"
+                           " === '1 credit refunded'", arg=failed_id)
+    page.click(card(failed_id) + " button.retry")
+    page.wait_for_function("n => holdfast.tasks.size === n", arg=3)
+    retried = page.get_attribute(".task", "data-id")     # the newest, on top
+    assert retried not in (long_id, failed_id)
+    assert task(retried)["retry_of"] == failed_id
+    assert task(retried)["params"] == {"prompt": "an impossible staircase", "duration_s": 3,
+                                       "fail": "the model refused"}
+    # It runs (and, with the same params, fails the same way); the old one stays failed.
+    page.wait_for_selector(card(retried, "running"))
+    page.wait_for_selector(card(retried, "failed"))
+    assert page.get_attribute(card(failed_id), "data-status") == "failed"
+    assert [t["id"] for t in session.get(server.url + "/api/tasks", timeout=5).json()["tasks"]] == \
+        page.eval_on_selector_all(".task", "els => els.map(e => e.dataset.id)")
+    assert credits() == {"balance": 3, "reserved": 0}
+    shows_credits("3 credits")
+    assert page.errors == []
 
 
 def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(context, server, tmp_path):
