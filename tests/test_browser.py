@@ -1,7 +1,7 @@
 """The bundled page in a real browser (Debian's Chromium driven by Playwright)
 against a real server: a task to its thumbnail, a reload mid-task, two tabs
 sharing one stream (also without BroadcastChannel or Web Locks), cancel and
-retry, and a server killed and started again under the page.
+retry, a second device, and a server killed and started again under the page.
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
@@ -69,8 +69,9 @@ def context(browser):
     ctx.close()
 
 
-def open_page(context, server, token=None):
-    """A tab on the page; with `token`, signed in through the token form."""
+def open_page(context, server, token=None, signed_in=True):
+    """A tab on the page; with `token`, signed in through the token form;
+    `signed_in=False`: the page is expected to ask for a token."""
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
@@ -78,7 +79,7 @@ def open_page(context, server, token=None):
     if token:
         sign_in(page, token)
     else:
-        page.wait_for_selector("#submit-form", state="visible")
+        page.wait_for_selector("#submit-form" if signed_in else "#token-form", state="visible")
     return page
 
 
@@ -364,6 +365,67 @@ def test_cancel_refunds_a_running_task_and_retry_runs_a_failed_one_again(context
     assert credits() == {"balance": 3, "reserved": 0}
     shows_credits("3 credits")
     assert page.errors == []
+
+
+def test_another_device_with_the_same_token_shows_every_task(browser, server):
+    """A second browser context shares no localStorage (nor Web Locks): it asks
+    for the token, then restores every task from the server, a first page and
+    the rest behind "Load more", and follows the first device's new tasks."""
+    res = api(server, server.tokens["admin"]).post(server.url + "/api/admin/users", timeout=10,
+                                                   json={"name": "traveller", "rate_per_s": 1000})
+    token = res.json()["token"]
+    session = api(server, token)
+    first_ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    second_ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        first_ctx.set_default_timeout(20_000)
+        second_ctx.set_default_timeout(20_000)
+        first = open_page(first_ctx, server, token)
+        first.wait_for_function(LIVE)
+        # More than a page (50) of tasks; quick failures, so no images to make.
+        for n in range(52):
+            res = session.post(server.url + "/api/tasks", timeout=10, json={
+                "provider": "demo", "params": {"prompt": f"old {n}", "duration_s": 0, "fail": True}})
+            assert res.status_code == 201, res.text
+        done = submit_form(first, "made on the first device", '{"duration_s": 0.5}')
+        wait_thumbnail(first, done)
+        running = submit_form(first, "still running", '{"duration_s": 4}')
+        first.wait_for_selector(card(running, "running"))
+
+        second = open_page(second_ctx, server, signed_in=False)
+        assert second.evaluate("localStorage.getItem('holdfast.token')") is None
+        sign_in(second, token)
+        second.wait_for_function(LIVE)
+        second.wait_for_selector("#load-more:visible")
+        assert second.eval_on_selector_all(".task", "els => els.length") == 50
+        second.click("#load-more")
+        second.wait_for_function("document.querySelectorAll('.task').length === 54")
+        assert second.is_hidden("#load-more")
+
+        listed, cursor = [], None
+        while True:
+            page_ = session.get(server.url + "/api/tasks", timeout=5,
+                                params={"limit": 200, **({"before": cursor} if cursor else {})}).json()
+            listed += [t["id"] for t in page_["tasks"]]
+            cursor = page_["next"]
+            if not cursor:
+                break
+        ids = "els => els.map(e => e.dataset.id)"
+        assert second.eval_on_selector_all(".task", ids) == listed
+        assert first.eval_on_selector_all(".task", ids) == listed
+        wait_thumbnail(second, done)
+        wait_thumbnail(second, running)          # followed live on the second device
+        assert second.text_content(card(running) + " .prompt") == "still running"
+
+        # Each device streams on its own; a task made on one shows up on the other.
+        assert wait_streams(server, token, 2)["sse"] == 2
+        newer = submit_form(first, "seen on both devices", '{"duration_s": 0.5}')
+        wait_thumbnail(second, newer)
+        assert second.eval_on_selector_all(".task", ids)[0] == newer
+        assert first.errors == [] and second.errors == []
+    finally:
+        first_ctx.close()
+        second_ctx.close()
 
 
 def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(context, server, tmp_path):
