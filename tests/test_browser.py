@@ -1,7 +1,8 @@
 """The bundled page in a real browser (Debian's Chromium driven by Playwright)
 against a real server: a task to its thumbnail, a reload mid-task, two tabs
 sharing one stream (also without BroadcastChannel or Web Locks), cancel and
-retry, a second device, and a server killed and started again under the page.
+retry, a second device, no leaked timers or listeners, and a server killed and
+started again under the page.
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
@@ -426,6 +427,143 @@ def test_another_device_with_the_same_token_shows_every_task(browser, server):
     finally:
         first_ctx.close()
         second_ctx.close()
+
+
+# Counts what the page holds live: timers not yet fired or cleared, intervals,
+# listeners on targets that can still fire (the window, the document, nodes in
+# it, open event streams and channels), open EventSources and channels. A
+# listener on a removed card or a closed stream dies with it and is not counted.
+TRACK = """(() => {
+  const w = window;
+  const live = { timeouts: new Set(), intervals: new Set(), listeners: new Map(),
+                 sources: [], channels: new Set(), opens: 0 };
+  const [st, ct, si, ci] = [w.setTimeout, w.clearTimeout, w.setInterval, w.clearInterval];
+  w.setTimeout = function (fn, ms, ...rest) {
+    const id = st.call(w, function (...a) {
+      live.timeouts.delete(id);
+      if (typeof fn === 'function') return fn.apply(this, a);
+    }, ms, ...rest);
+    live.timeouts.add(id);
+    return id;
+  };
+  w.setInterval = function (...a) { const id = si.apply(w, a); live.intervals.add(id); return id; };
+  // Either clear ends either kind, as in the browser.
+  const forget = (id) => { live.timeouts.delete(id); live.intervals.delete(id); };
+  w.clearTimeout = function (id) { forget(id); return ct.call(w, id); };
+  w.clearInterval = function (id) { forget(id); return ci.call(w, id); };
+  const proto = EventTarget.prototype;
+  const add = proto.addEventListener, remove = proto.removeEventListener;
+  const key = (type, opts) => `${type}|${typeof opts === 'boolean' ? opts : Boolean(opts && opts.capture)}`;
+  proto.addEventListener = function (type, fn, opts) {
+    if (fn) {
+      let byKey = live.listeners.get(this);
+      if (!byKey) live.listeners.set(this, byKey = new Map());
+      if (!byKey.has(key(type, opts))) byKey.set(key(type, opts), new Set());
+      byKey.get(key(type, opts)).add(fn);
+    }
+    return add.call(this, type, fn, opts);
+  };
+  proto.removeEventListener = function (type, fn, opts) {
+    const byKey = live.listeners.get(this);
+    if (byKey && byKey.has(key(type, opts))) byKey.get(key(type, opts)).delete(fn);
+    return remove.call(this, type, fn, opts);
+  };
+  const ES = w.EventSource;
+  w.EventSource = class extends ES {
+    constructor(...a) {
+      super(...a);
+      live.sources.push(this);
+      add.call(this, 'open', () => { live.opens += 1; });
+    }
+  };
+  if (typeof w.BroadcastChannel === 'function') {
+    const BC = w.BroadcastChannel;
+    const close = BC.prototype.close;
+    w.BroadcastChannel = class extends BC {
+      constructor(...a) { super(...a); live.channels.add(this); }
+      close() { live.channels.delete(this); return close.call(this); }
+    };
+  }
+  const canFire = (t) => t === w || t === document || (t instanceof Node && t.isConnected)
+    || (t instanceof ES && t.readyState !== ES.CLOSED) || live.channels.has(t);
+  // Listeners inside a task's card are counted per card: there are as many
+  // cards as tasks, and the number of tasks grows in the test.
+  w.__live = () => {
+    let listeners = 0;
+    const perCard = new Map();
+    for (const [t, byKey] of live.listeners) {
+      if (!canFire(t)) continue;
+      let n = 0;
+      for (const fns of byKey.values()) n += fns.size;
+      const card = t instanceof Element && t.closest('.task');
+      if (card) perCard.set(card, (perCard.get(card) || 0) + n);
+      else listeners += n;
+    }
+    return { timeouts: live.timeouts.size, intervals: live.intervals.size, listeners,
+             perCard: Math.max(0, ...perCard.values()), cards: document.querySelectorAll('.task').length,
+             sources: live.sources.filter((es) => es.readyState !== ES.CLOSED).length,
+             made: live.sources.length, opens: live.opens, channels: live.channels.size };
+  };
+  w.__locks = async () => {
+    if (!navigator.locks) return { held: 0, pending: 0 };
+    const q = await navigator.locks.query();
+    return { held: q.held.length, pending: q.pending.length };
+  };
+})();"""
+HELD = ("timeouts", "intervals", "listeners", "perCard", "sources", "channels")
+
+
+# Streams of one second: every cycle crosses a few stream reconnections.
+@pytest.mark.parametrize("missing", ["native", "neither"])
+@pytest.mark.parametrize("server", [{"HOLDFAST_SSE_MAX_S": "1"}], ids=["1s-streams"], indirect=True)
+def test_sign_out_and_in_reconnects_and_updates_leak_no_timer_listener_or_stream(context, server, missing):
+    token = server.tokens["demo"]
+    context.add_init_script(MISSING[missing] + TRACK)
+    page = open_page(context, server, token)
+    signed_out = []
+
+    def settle():
+        """Signed in, streaming, idle: what it holds then is its steady state."""
+        page.wait_for_function(LIVE)
+        page.wait_for_function("__live().timeouts === 0", timeout=5_000)   # fetches, scheduleMe
+        return {**page.evaluate("__live()"), **page.evaluate("__locks()")}
+
+    def cycle(i):
+        # Two task runs of 1.5 s: updates and thumbnails across stream
+        # reconnections, which the browser makes on the same EventSource.
+        page.wait_for_function(LIVE)
+        before = page.evaluate("__live()")
+        for n in range(2):
+            wait_thumbnail(page, submit_api(server, token, f"cycle {i}.{n}"))
+        page.wait_for_function("o => __live().opens > o", arg=before["opens"])
+        assert page.evaluate("__live().made") == before["made"]
+        page.click("#signout")
+        page.wait_for_selector("#token-form", state="visible")
+        # Signed out: nothing of the session survives.
+        page.wait_for_function("__live().timeouts === 0", timeout=5_000)
+        out = {**page.evaluate("__live()"), **page.evaluate("__locks()")}
+        signed_out.append(out["listeners"])      # the page's own, the same every time
+        assert {k: out[k] for k in HELD + ("cards", "held", "pending")} == {
+            "timeouts": 0, "intervals": 0, "listeners": signed_out[0], "perCard": 0, "sources": 0,
+            "channels": 0, "cards": 0, "held": 0, "pending": 0}, f"after sign-out {i}"
+        sign_in(page, token)
+
+    cycle(0)
+    first = settle()
+    for i in range(1, 5):
+        cycle(i)
+    last = settle()
+    # Ten cards now, two then; each of them a download link's listener.
+    assert (first["cards"], last["cards"]) == (2, 10)
+    assert {k: last[k] for k in HELD} == {k: first[k] for k in HELD}, (first, last)
+    assert last["perCard"] == 1
+    assert last["sources"] == 1 and last["intervals"] == (1 if missing == "native" else 2)
+    assert (last["held"], last["pending"]) == ((1, 0) if missing == "native" else (0, 0))
+    # One EventSource per sign-in, each reconnected by the browser; the
+    # server holds one stream.
+    assert last["made"] == 6 and last["opens"] >= last["made"] + 5, last
+    assert wait_streams(server, token, 1)["sse"] == 1
+    assert page.errors == []
 
 
 def test_the_page_recovers_by_itself_when_the_server_is_killed_and_restarted(context, server, tmp_path):
