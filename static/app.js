@@ -16,6 +16,7 @@
   const OUTAGE_MS = 10000;      // a longer gap refetches the list (a planned reconnect is shorter)
   const LEASE_MS = 6000;
   const BEAT_MS = 2000;
+  const CLAIM_MS = 300;         // how long a new lease must stay ours before we lead
   const STATUSES = ['queued', 'running', 'succeeded', 'partial', 'failed', 'cancelled'];
   const ACTIVE = new Set(['queued', 'running']);
   const RETRYABLE = new Set(['failed', 'cancelled']);
@@ -240,6 +241,7 @@
       lockCtrl: null,
       releaseLock: null,
       leaseTick: null,
+      claimTimer: 0,
       es: null,
       pollGen: 0,
       pollCtrl: null,
@@ -388,21 +390,31 @@
     try { return JSON.parse(storageGet(LEASE_KEY)); } catch (_) { return null; }
   }
 
-  // Fallback election: a lease in localStorage renewed by its holder. Two tabs
-  // may both write it at once; the one that reads back the other's id steps down.
+  // Fallback election: a lease in localStorage renewed by its holder. A tab
+  // sees another tab's write only a moment later, so several tabs that take a
+  // free lease at once (tabs opened together, followers of a closed leader)
+  // each read back their own id; a claim leads only if the lease still names
+  // it CLAIM_MS later, when the last writer's id has reached every tab.
   function leaseTick(s) {
-    if (s.stopped) return;
+    if (s.stopped || s.claimTimer) return;
     const now = Date.now();
-    let lease = readLease();
-    let mine = false;
-    if (!lease || lease.id === tabId || !(lease.until > now)) {
-      // Without storage no tab can coordinate: each one keeps its own stream.
-      if (!storageSet(LEASE_KEY, JSON.stringify({ id: tabId, until: now + LEASE_MS }))) mine = true;
-      else lease = readLease();
+    const lease = readLease();
+    if (lease && lease.id !== tabId && lease.until > now) {
+      if (hf.role === 'leader') becomeFollower(s);
+      return;
     }
-    mine = mine || Boolean(lease && lease.id === tabId);
-    if (mine && hf.role !== 'leader') becomeLeader(s);
-    else if (!mine && hf.role === 'leader') becomeFollower(s);
+    // Without storage no tab can coordinate: each one keeps its own stream.
+    const stored = storageSet(LEASE_KEY, JSON.stringify({ id: tabId, until: now + LEASE_MS }));
+    if (hf.role === 'leader') return;
+    if (!stored) {
+      becomeLeader(s);
+      return;
+    }
+    s.claimTimer = later(s, () => {
+      s.claimTimer = 0;
+      const claimed = readLease();
+      if (claimed && claimed.id === tabId) becomeLeader(s);
+    }, CLAIM_MS);
   }
 
   function becomeLeader(s) {
