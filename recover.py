@@ -31,8 +31,10 @@ def recover(store, providers, *, now, files=None, dry_run=False):
     """Look at everything a crash may have left behind and, unless
     `dry_run`, put it right. Returns a report (a dict)."""
     from worker import Worker
-    stats = store.stats(now)
-    report = {"dry_run": dry_run, "in_flight": stats["active"], "by_status": stats["by_status"]}
+    by_status = {}
+    for (_, status), n in store.task_counts().items():
+        by_status[status] = by_status.get(status, 0) + n
+    report = {"dry_run": dry_run, "in_flight": store.stats(now)["active"], "by_status": by_status}
 
     # Leases: of dead local processes, and any that ran out.
     dead = [owner for owner in store.lease_owners() if owner_is_dead(owner)]

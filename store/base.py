@@ -184,7 +184,10 @@ class BaseStore:
 
     # operations
     def stats(self, now):
-        """{"queue_depth", "active", "oldest_active_s", "by_status"}."""
+        """{"queue_depth", "active", "oldest_active_s"}: queued tasks, queued
+        and running ones, and the age of the oldest of those (0 if none).
+        Reads active tasks only (for GET /healthz); task_counts() counts
+        every task."""
         raise NotImplementedError
 
     def task_counts(self):

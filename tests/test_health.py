@@ -7,7 +7,7 @@ import pytest
 
 from app import create_app
 from store import SqliteStore
-from support import WSGIClient
+from support import WSGIClient, query_plans
 from worker import Worker
 
 
@@ -91,3 +91,12 @@ def test_a_stopped_scheduler_is_503(sqlite_store, providers, config, files, cloc
     assert status == 503
     assert body["ok"] is False and body["scheduler"] == "stopped"
     assert body["store"] == "sqlite" and body["queue_depth"] == 0
+
+
+def test_health_reads_only_active_tasks(sqlite_store):
+    """A load balancer asks every few seconds: the queries search the
+    status index, and a million finished rows cost them nothing."""
+    plans = query_plans(sqlite_store, lambda: sqlite_store.stats(0))
+    assert len(plans) == 2, plans
+    for sql, plan in plans:
+        assert plan.startswith("SEARCH tasks USING") and "SCAN" not in plan, (sql, plan)

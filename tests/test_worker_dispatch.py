@@ -8,6 +8,7 @@ import time
 import pytest
 
 from providers import DemoProvider, build_providers
+from support import query_plans
 from worker import Worker
 
 
@@ -83,21 +84,12 @@ def test_a_stopped_worker_claims_nothing(sqlite_store, files):
 def test_the_sweepers_lease_queries_read_only_active_rows(sqlite_store):
     """lease_owners() and the expired-lease queries run every few seconds:
     they search the status index instead of scanning a million finished rows."""
-    statements = []
-    conn = sqlite_store.db.connection()
-    conn.set_trace_callback(statements.append)
-    try:
-        sqlite_store.lease_owners()
-        sqlite_store.expired_leases(now=1.0)
-        sqlite_store.release_leases(["gone:1"])
-        sqlite_store.release_expired_leases(now=1.0)
-    finally:
-        conn.set_trace_callback(None)
-    queries = [s for s in statements if "lease_owner" in s and not s.startswith("EXPLAIN")]
-    assert len(queries) == 4, statements
-    for sql in queries:
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
-        assert "USING INDEX" in plan and "SCAN tasks" not in plan, (sql, plan)
+    plans = query_plans(sqlite_store, sqlite_store.lease_owners, lambda: sqlite_store.expired_leases(now=1.0),
+                        lambda: sqlite_store.release_leases(["gone:1"]),
+                        lambda: sqlite_store.release_expired_leases(now=1.0))
+    assert len(plans) == 4, plans
+    for sql, plan in plans:
+        assert plan.startswith("SEARCH tasks USING") and "SCAN" not in plan, (sql, plan)
 
 
 def test_polls_back_off_with_age_from_poll_interval_to_max_poll_interval(sqlite_store, files, clock):
