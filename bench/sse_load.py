@@ -1,8 +1,10 @@
 """How much do open event streams cost the API? Starts a real server on
 127.0.0.1 (a temporary data directory), then times GET /api/tasks/{id} with
 no stream open, with STREAMS streams open and idle, and with them open while
-tasks run (every stream woken by every event). Prints p50/p99 for each and
-the p99 ratio streams/none.
+tasks run: all of one user (every stream woken by every event, the worst
+case, past the default per-user cap), and spread over users at the default
+cap of 20 streams each (an event wakes its own user's 20). Prints p50/p99
+for each and the p99 ratio streams/none.
 
     .venv/bin/python bench/sse_load.py [--streams 200] [--requests 1000] [--rounds 3] [--json]
 
@@ -91,8 +93,12 @@ def wait_streams(session, url, n, timeout=15):
     raise SystemExit(f"the server never counted {n} open streams")
 
 
-def one_round(server, session, url, token, args):
-    """{phase: timings} for one round: none, idle streams, streams while tasks run."""
+PER_USER = 20     # HOLDFAST_SSE_MAX_PER_USER's default
+
+
+def one_round(server, session, url, token, others, args):
+    """{phase: timings} for one round: none, idle streams, streams while
+    tasks run (all the demo user's, then spread over users)."""
     out = {}
     wait_streams(session, server.url, 0)
     out["none"] = time_gets(session, url, args.requests)
@@ -101,25 +107,39 @@ def one_round(server, session, url, token, args):
         wait_streams(session, server.url, args.streams)
         time.sleep(0.3)
         out["idle"] = time_gets(session, url, args.requests)
-        # Tasks running: every event wakes every stream (all of one user: the worst case).
-        ids = [session.post(server.url + "/api/tasks", timeout=10, json={
-            "provider": "demo", "params": {"prompt": f"busy {i}", "duration_s": 4}}).json()["task"]["id"]
-            for i in range(5)]
-        busy = []
-        t_end = time.time() + 30
-        while len(busy) < args.requests and time.time() < t_end:
-            busy += time_gets(session, url, 20)
-            drain(socks)
-        out["busy"] = busy
-        while time.time() < t_end and any(
-                session.get(f"{server.url}/api/tasks/{i}", timeout=10).json()["task"]["status"]
-                in ("queued", "running") for i in ids):
-            drain(socks)
-            time.sleep(0.2)
+        out["busy"] = busy_phase(server, session, url, socks, args)
+    finally:
+        for s in socks:
+            s.close()
+    wait_streams(session, server.url, 0)
+    socks = open_streams(server.port, token, min(PER_USER, args.streams))
+    try:
+        for other in others:
+            socks += open_streams(server.port, other, min(PER_USER, args.streams - len(socks)))
+        wait_streams(session, server.url, len(socks))
+        out["spread"] = busy_phase(server, session, url, socks, args)
     finally:
         for s in socks:
             s.close()
     return out
+
+
+def busy_phase(server, session, url, socks, args):
+    """Timings while 5 of the demo user's tasks run and their events go out."""
+    ids = [session.post(server.url + "/api/tasks", timeout=10, json={
+        "provider": "demo", "params": {"prompt": f"busy {i}", "duration_s": 4}}).json()["task"]["id"]
+        for i in range(5)]
+    busy = []
+    t_end = time.time() + 30
+    while len(busy) < args.requests and time.time() < t_end:
+        busy += time_gets(session, url, 20)
+        drain(socks)
+    while time.time() < t_end and any(
+            session.get(f"{server.url}/api/tasks/{i}", timeout=10).json()["task"]["status"]
+            in ("queued", "running") for i in ids):
+        drain(socks)
+        time.sleep(0.2)
+    return busy
 
 
 def main():
@@ -144,14 +164,18 @@ def main():
                 "provider": "demo", "params": {"prompt": "bench", "duration_s": 0}}).json()["task"]["id"]
             url = f"{server.url}/api/tasks/{task_id}"
             time_gets(session, url, 200)   # warm up
+            admin = api(server, server.tokens["admin"])
+            others = [admin.post(server.url + "/api/admin/users", timeout=10, json={"name": f"viewer{n}"}
+                                 ).json()["token"] for n in range(-(-args.streams // PER_USER) - 1)]
             for _ in range(args.rounds):
-                rounds.append(one_round(server, session, url, token, args))
+                rounds.append(one_round(server, session, url, token, others, args))
             rss = rss_mb(server.proc.pid)
         finally:
             server.stop()
 
     names = {"none": "no streams", "idle": f"{args.streams} idle streams",
-             "busy": f"{args.streams} streams, 5 tasks running"}
+             "busy": f"{args.streams} streams, 5 tasks running",
+             "spread": f"{args.streams} of {len(others) + 1} users, 5 running"}
     # Each round's p99, then the median over rounds: other load on the
     # machine hits one round, not the figure.
     table = {}
@@ -163,10 +187,12 @@ def main():
                       "p99_ms_by_round": [round(v, 3) for v in p99s]}
     ratio = table["idle"]["p99_ms"] / table["none"]["p99_ms"]
     busy_ratio = table["busy"]["p99_ms"] / table["none"]["p99_ms"]
+    spread_ratio = table["spread"]["p99_ms"] / table["none"]["p99_ms"]
     if args.json:
         print(json.dumps({"phases": list(table.values()), "server_rss_mb": rss,
                           "p99_ratio_streams_vs_none": round(ratio, 2),
-                          "p99_ratio_busy_vs_none": round(busy_ratio, 2)}))
+                          "p99_ratio_busy_vs_none": round(busy_ratio, 2),
+                          "p99_ratio_spread_vs_none": round(spread_ratio, 2)}))
         return
     print(f"GET /api/tasks/{{id}}: {args.requests} sequential requests per phase, {args.rounds} rounds, "
           "one keep-alive client; medians over rounds")
@@ -176,7 +202,9 @@ def main():
               + " ".join(f"{v:.2f}" for v in row["p99_ms_by_round"]))
     print(f"server RSS at the end: {rss:.0f} MB" if rss else "server RSS: unknown")
     print(f"p99 ratio, {args.streams} idle streams vs none: {ratio:.2f}")
-    print(f"p99 ratio, {args.streams} streams with tasks running vs none: {busy_ratio:.2f}")
+    print(f"p99 ratio, {args.streams} streams of one user with tasks running vs none: {busy_ratio:.2f}")
+    print(f"p99 ratio, {args.streams} streams of {len(others) + 1} users with tasks running vs none: "
+          f"{spread_ratio:.2f}")
 
 
 if __name__ == "__main__":
