@@ -53,8 +53,10 @@ class KIEProvider(HttpProvider):
         data = self._answer(self.call("GET", "/api/v1/jobs/recordInfo", what="recordInfo",
                                       params={"taskId": task["external_id"]}),
                             "recordInfo", missing_ok=True)
-        if data is None:
+        if data is _MISSING:
             return Status.unknown()
+        # `"data": null` beside code 200 is no word on the job: ask again,
+        # never take it for a lost job and pay for a second one.
         if not isinstance(data, dict):
             raise ProviderUnavailable(f"{self.name}: recordInfo: data is not an object")
         state = data.get("state")
@@ -86,7 +88,7 @@ class KIEProvider(HttpProvider):
         return Status.succeeded(outputs)
 
     def _answer(self, resp, what, missing_ok=False):
-        """The `data` of a KIE answer; None for an unknown task when
+        """The `data` of a KIE answer; _MISSING for an unknown task when
         `missing_ok`. ProviderUnavailable for "later", ProviderRejected for
         "never"."""
         if resp.status_code in (401, 403):
@@ -102,10 +104,13 @@ class KIEProvider(HttpProvider):
         if code == 200 and resp.status_code == 200:
             return body.get("data")
         if code == 404 and missing_ok:
-            return None
+            return _MISSING
         if code in _TRANSIENT_CODES:
             raise ProviderUnavailable(f"{self.name}: {what}: {message or 'try again later'} (code {code})")
         raise ProviderRejected(f"KIE refused {what}: {message or 'no message'} (code {code})")
+
+
+_MISSING = object()    # KIE's 404: it does not know the task
 
 
 def _progress(value):

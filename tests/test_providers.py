@@ -312,6 +312,15 @@ class TestKIE:
             url = f"{kie.url}/files/{task['external_id']}/0.png"
             assert rig.file_bytes(task_id, meta["name"]) == requests.get(url, timeout=5).content
 
+    def test_a_record_without_data_is_asked_again_not_submitted_again(self, sqlite_store, files, clock):
+        """`"data": null` with code 200 says nothing of the job: a second
+        createTask would be a second paid job."""
+        with FakeKIE(job_seconds=0.05, null_data_polls=3) as kie:
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie)})
+            task = rig.run(rig.submit("kie", {"model": "flux", "input": {"prompt": "fox"}}))
+            assert task["status"] == "succeeded", task
+            assert kie.null_data_polls == 0 and len(kie.created) == 1 and task["attempts"] == 1
+
     def test_a_link_that_expired_before_download_gives_result_expired(self, sqlite_store, files, clock):
         with FakeKIE(job_seconds=0.05) as kie:
             rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie)})

@@ -88,11 +88,13 @@ class FakeKIE(FakeServer):
                  error_rate=0.0, timeout_rate=0.0, malformed_rate=0.0, slow_seconds=2.0,
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
-                 fault_paths=("/api/",), poll_delay=0.0):
+                 fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0):
         super().__init__()
         # Each recordInfo is held open poll_delay seconds, so two clients
         # polling one job at the same moment overlap and are counted.
         self.poll_delay = poll_delay
+        # The next recordInfo answers that say success with `"data": null`.
+        self.null_data_polls = null_data_polls
         self.overlapping_polls = 0
         self._polling = Counter()
         self.api_key = api_key
@@ -226,8 +228,13 @@ class FakeKIE(FakeServer):
             return self._fail(422, "taskId is required")
         with self._lock:
             task = self._tasks.get(task_id)
+            null_data = task is not None and self.null_data_polls > 0
+            if null_data:
+                self.null_data_polls -= 1
         if task is None:
             return self._fail(404, "task not found")
+        if null_data:
+            return json_response({"code": 200, "msg": "success", "data": None})
         now = time.time()
         elapsed = now - task.created
         data = {"taskId": task.task_id, "model": task.model, "param": task.param,
