@@ -90,13 +90,15 @@ class EventHub:
     def watch(self, user_id):
         """Start listening for the user's new events. Register before reading
         the log: an event committed after the read is then announced."""
-        if self._cursor is None:
-            cursor = self.store.last_seq()
-            with self._lock:
-                if self._cursor is None:
-                    self._cursor = cursor
+        # An idle hub (no thread: no one watches) starts from the log's end,
+        # not from where it stopped: nobody waits for what came meanwhile,
+        # and the hub's first read stays small however long it slept.
+        cursor = self.store.last_seq() if self._thread is None else None
         watch = _Watch(self, user_id)
         with self._lock:
+            # (cursor is None only if a hub thread ran, and so set _cursor.)
+            if cursor is not None and self._thread is None:
+                self._cursor = max(self._cursor or 0, cursor)
             self._watches.setdefault(user_id, set()).add(watch)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="holdfast-events", daemon=True)

@@ -551,3 +551,39 @@ def test_with_200_streams_open_the_api_still_answers_and_every_stream_gets_the_n
                 break
             time.sleep(0.1)
         assert session.get(server.url + "/healthz", timeout=5).json()["streams"]["sse"] == 0
+
+
+def test_a_hub_woken_after_idling_reads_from_the_logs_end(sqlite_store):
+    """Events written while no one watched are no one's news: the hub's
+    first look after idling starts at the log's end, not where it slept."""
+    from events import EventHub
+    alice = sqlite_store.create_user("alice")[0]
+
+    def write(n):
+        for i in range(n):
+            sqlite_store.submit(alice["id"], "demo", {"prompt": str(i)}, now=1.0, deadline_at=99.0)
+
+    looked = []
+    real = sqlite_store.latest_events
+    sqlite_store.latest_events = lambda since: looked.append(since) or real(since)
+    hub = EventHub(sqlite_store, max_waiters=4, check_s=0.05)
+    first = hub.watch(alice["id"])
+    write(1)
+    deadline = time.monotonic() + 3
+    while first.latest < sqlite_store.last_seq() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.latest == sqlite_store.last_seq()
+    first.close()
+    while hub._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hub._thread is None
+    write(50)                                   # while the hub sleeps
+    end = sqlite_store.last_seq()
+    looked.clear()
+    second = hub.watch(alice["id"])
+    write(1)                                    # news for the new watcher
+    while second.latest <= end and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second.close()
+    assert second.latest == end + 1
+    assert looked and min(looked) >= end, looked
