@@ -78,6 +78,13 @@ def test_three_processes_share_one_database(tmp_path, pg_schema):
         assert sorted(code for code, _ in answers) == [200, 200, 201]
         assert len({task_id for _, task_id in answers}) == 1
 
+        # A live stream on the third process, opened before the tasks come.
+        stream = sessions[2].get(servers[2].url + "/api/events", stream=True, timeout=30,
+                                 headers={"Accept": "text/event-stream"})
+        assert stream.status_code == 200
+        lines = stream.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("event:")) == "event: ready"
+
         # Tasks to every process, both providers.
         ids = [answers[0][1]]
         for i in range(24):
@@ -88,7 +95,17 @@ def test_three_processes_share_one_database(tmp_path, pg_schema):
             assert res.status_code == 201, res.text
             ids.append(res.json()["task"]["id"])
 
-        # Events written by one process are read from another.
+        # Events written by one process reach another's live stream...
+        elsewhere = {ids[1 + i] for i in range(24) if i % 3 != 2}
+        streamed, deadline = set(), time.time() + 20
+        for line in lines:
+            if line.startswith("data:"):
+                streamed.add(json.loads(line[5:]).get("task_id"))   # None: the ready event's
+            if elsewhere <= streamed or time.time() > deadline:
+                break
+        stream.close()
+        assert elsewhere <= streamed, f"not streamed by another process: {elsewhere - streamed}"
+        # ...and its long poll.
         res = sessions[2].get(servers[2].url + "/api/events/poll", params={"since": 0, "wait": 0}, timeout=30)
         assert res.status_code == 200
         seen = {e["task_id"] for e in res.json()["events"]}
