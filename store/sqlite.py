@@ -64,16 +64,21 @@ class SqliteStore(SqlStore):
     def _backup_before_migrating(self, current):
         """A consistent copy of the file (SQLite's backup API) in backups/
         beside it, taken before any migration touches the schema."""
+        import sqlite3
         folder = os.path.join(os.path.dirname(os.path.abspath(self.path)), "backups")
-        os.makedirs(folder, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target = os.path.join(folder, f"holdfast-v{current}-{stamp}-{secrets.token_hex(3)}.db")
-        import sqlite3
-        copy = sqlite3.connect(target)
         try:
-            self.db.connection().backup(copy)
-        finally:
-            copy.close()
+            os.makedirs(folder, exist_ok=True)
+            copy = sqlite3.connect(target)
+            try:
+                self.db.connection().backup(copy)
+            finally:
+                copy.close()
+        except (OSError, sqlite3.Error) as exc:
+            # No migration without its backup: the schema stays as it is.
+            raise StoreUnavailable(f"cannot back the database up to {folder} before migrating "
+                                   f"({exc}); nothing was migrated", code="backup_failed") from exc
         log.warning("schema version %d is older than this holdfast; backed the database up to %s "
                     "before migrating", current, target)
         self.last_backup = target

@@ -94,3 +94,24 @@ def test_a_failed_migration_leaves_the_old_schema_and_data(populated, monkeypatc
         assert s.export_rows()["tasks"] == rows["tasks"]
     finally:
         s.close()
+
+
+def test_no_migration_without_its_backup(populated, monkeypatch):
+    """A backup that cannot be written (disk full, a file where the folder
+    goes) stops the migration with a clear error; the schema stays."""
+    path, rows = populated
+    latest = max(v for v, _ in store_module.MIGRATIONS)
+    before = _columns(path, "tasks")
+    with open(os.path.join(os.path.dirname(path), "backups"), "w") as fh:
+        fh.write("not a folder")
+    monkeypatch.setattr(store_module.sql, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
+    with pytest.raises(StoreUnavailable, match="nothing was migrated") as info:
+        SqliteStore(path)
+    assert info.value.code == "backup_failed"
+    assert _columns(path, "tasks") == before
+    monkeypatch.undo()
+    s = SqliteStore(path)
+    try:
+        assert s.schema_version() == latest and s.export_rows()["tasks"] == rows["tasks"]
+    finally:
+        s.close()
