@@ -24,6 +24,7 @@ log = logging.getLogger("holdfast.events")
 
 BATCH = 100            # events per read (and per long-poll answer)
 SLICE_S = 1.0          # how often a waiter checks whether its client left
+SHARED_READ_WAIT_S = 5.0   # a waiter waits this long for another's read, then reads itself
 
 
 class EventHub:
@@ -46,6 +47,8 @@ class EventHub:
         self._thread = None
         self._open = {"sse": 0, "poll": 0}
         self._by_user = {}          # user_id -> slots held
+        self._announced = {}        # user_id -> newest seq announced to their waiters
+        self._reads = {}            # user_id -> _Read: the last read, for that user's other waiters
         self.closed = False
         store.on_events(self._poked.set)
 
@@ -112,6 +115,8 @@ class EventHub:
                 group.discard(watch)
                 if not group:
                     del self._watches[watch.user_id]
+                    self._announced.pop(watch.user_id, None)
+                    self._reads.pop(watch.user_id, None)
         self._poked.set()   # lets an idle hub thread end now
 
     def _run(self):
@@ -135,10 +140,41 @@ class EventHub:
             with self._lock:
                 self._cursor = max(self._cursor, max(latest.values()))
                 for user_id, seq in latest.items():
+                    if user_id in self._watches:
+                        self._announced[user_id] = max(seq, self._announced.get(user_id, 0))
                     for watch in self._watches.get(user_id, ()):
                         if seq > watch.latest:
                             watch.latest = seq
                             watch.cond.notify_all()
+
+    def _read(self, user_id, since):
+        """The user's events after `since`. One announcement wakes all of a
+        user's waiters at once, mostly at the same cursor: the first reads
+        the log, the others wait for its rows and take them, as long as
+        nothing newer was announced before that read began (a read begun
+        after an announcement holds every event it announced). A read is
+        shared for `check_s` at most, so the keepalive's re-read stays a
+        safety net."""
+        now = self.clock()
+        with self._lock:
+            announced = self._announced.get(user_id, 0)
+            last = self._reads.get(user_id)
+            if (last is not None and last.since == since and last.announced >= announced
+                    and now - last.at < self.check_s):
+                mine = None
+            else:
+                last = mine = _Read(since, announced, now)
+                if user_id in self._watches:
+                    self._reads[user_id] = mine
+        if mine is None:
+            if last.done.wait(SHARED_READ_WAIT_S) and last.rows is not None:
+                return last.rows
+            return self.store.events_since(user_id, since, limit=BATCH)   # that read failed
+        try:
+            mine.rows = self.store.events_since(user_id, since, limit=BATCH)
+            return mine.rows
+        finally:
+            mine.done.set()
 
     # -- the two ways to follow the log --------------------------------------------
 
@@ -174,7 +210,7 @@ class EventHub:
         last_write = start
         while True:
             mark = watch.latest   # taken before the read: later news shows as latest > mark
-            rows = self.store.events_since(user_id, since, limit=BATCH)
+            rows = self._read(user_id, since)
             now = self.clock()
             if rows:
                 since = rows[-1][0]
@@ -202,7 +238,7 @@ class EventHub:
         deadline = self.clock() + wait_s
         while True:
             mark = watch.latest
-            rows = self.store.events_since(user_id, since, limit=BATCH)
+            rows = self._read(user_id, since)
             if rows:
                 return rows, rows[-1][0]
             while watch.latest <= mark:
@@ -210,6 +246,19 @@ class EventHub:
                 if now >= deadline or disconnected() or self.closed:
                     return [], since
                 watch.wait(mark, min(SLICE_S, deadline - now))
+
+
+class _Read:
+    """One read of a user's log: after `since`, begun at `at` once
+    everything up to `announced` had been announced; `rows` when `done`
+    (None if it failed)."""
+
+    __slots__ = ("since", "announced", "at", "rows", "done")
+
+    def __init__(self, since, announced, at):
+        self.since, self.announced, self.at = since, announced, at
+        self.rows = None
+        self.done = threading.Event()
 
 
 class _Watch:

@@ -587,3 +587,35 @@ def test_a_hub_woken_after_idling_reads_from_the_logs_end(sqlite_store):
     second.close()
     assert second.latest == end + 1
     assert looked and min(looked) >= end, looked
+
+
+def test_waiters_of_one_user_share_their_reads_of_the_log(sqlite_store):
+    """One event wakes every waiter of its user: they take one read's rows
+    instead of each querying the log, and every one still gets the event."""
+    from events import EventHub
+    alice = sqlite_store.create_user("alice")[0]
+    reads = []
+    real = sqlite_store.events_since
+    sqlite_store.events_since = lambda *a, **kw: reads.append(a) or real(*a, **kw)
+    hub = EventHub(sqlite_store, max_waiters=64, check_s=2.0)
+    since = sqlite_store.last_seq()
+    waiting, got = threading.Barrier(41), []
+
+    def wait_for_news():
+        watch = hub.watch(alice["id"])
+        try:
+            waiting.wait(10)
+            got.append(hub.poll(watch, alice["id"], since, wait_s=10)[0])
+        finally:
+            watch.close()
+
+    threads = [threading.Thread(target=wait_for_news) for _ in range(40)]
+    for t in threads:
+        t.start()
+    waiting.wait(10)
+    time.sleep(0.3)                      # all 40 are waiting, their first reads done
+    task, _ = sqlite_store.submit(alice["id"], "demo", {}, now=1.0, deadline_at=99.0)
+    for t in threads:
+        t.join(15)
+    assert len(got) == 40 and all([row[0] for row in rows] == [since + 1] for rows in got)
+    assert len(reads) < 20, f"{len(reads)} reads of the log for 40 waiters and one event"
