@@ -10,7 +10,8 @@ refused (503) and a long poll answers at once.
 Waiting costs one thread and no queries. One hub thread looks at the log for
 everyone: at once when this process commits events (store.on_events), and
 every `check_s` for events that other processes wrote. It wakes only the
-waiters of users with news; each then reads its own user's events. Writers
+waiters of users with news; those of one user then share one read of that
+user's events. Writers
 never wait for readers, so a slow or vanished client cannot hold up the
 worker (guarantee 9).
 """
