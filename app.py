@@ -312,21 +312,12 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
 
     def _submit(user, provider, params, key, retry_of=None):
         now = clock()
-        admitted = []
-
-        def admit():
-            # The store runs its transaction again after losing a dedupe
-            # race (PostgreSQL): one request takes one token however often.
-            if not admitted:
-                limiter.take(user, now)
-                admitted.append(True)
-
         try:
             task, deduplicated = store.submit(
                 user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
                 cost=provider.cost, dedupe_key=key, retry_of=retry_of,
                 max_active=user["max_active"] or config.max_active,
-                max_queued=provider.max_queued, admit=admit)
+                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
         except (PaymentRequired, TooMany) as exc:
             metrics.SUBMIT_REFUSALS.inc(exc.code)
             raise

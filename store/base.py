@@ -63,7 +63,8 @@ class BaseStore:
         in one transaction: a refusal creates and reserves nothing. A
         deduplicated answer is never refused. `admit()` (quick, in memory; the
         caller's rate limit) runs last, only when a task is about to be
-        created: what it raises refuses the task the same way."""
+        created, and at most once: what it raises refuses the task the same
+        way."""
         raise NotImplementedError
 
     def get_task(self, task_id, user_id=None):

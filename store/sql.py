@@ -79,6 +79,17 @@ def _log_change(task_id, user_id, provider, old, new, error, credits, external_i
     task_log.info(text, extra={"fields": fields})
 
 
+
+def _once(fn):
+    """fn, called at most once however often the wrapper is."""
+    done = []
+
+    def wrapper():
+        if not done:
+            done.append(fn())
+    return wrapper
+
+
 class SqlStore(BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
@@ -325,6 +336,8 @@ class SqlStore(BaseStore):
                dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
         task_id = new_task_id(now)
         params_text = dumps(params)
+        if admit is not None:
+            admit = _once(admit)      # the retries below are one submission
         with self._seam():
             for _ in range(3):
                 try:
