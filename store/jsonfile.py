@@ -42,7 +42,6 @@ class JsonStore(SqlStore):
     # After a failed compaction, wait this long before the next try, doubling
     # up to the second number: each try rewrites the whole snapshot.
     compact_retry_s = (5.0, 300.0)
-    _journal_bytes = 0
 
     def __init__(self, directory, *, label="json", clock=time.monotonic, read_only=False):
         """`read_only`: to look and change nothing (recover.py --dry-run): a
