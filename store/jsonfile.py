@@ -124,7 +124,9 @@ class JsonStore(SqlStore):
                 self._depth -= 1
                 if outer:
                     self._pending = []
-            if outer and self._journal_bytes > self._compact_threshold():
+            # Not while loading: the journal is not open yet, and __init__
+            # compacts once it is.
+            if outer and not self._replaying and self._journal_bytes > self._compact_threshold():
                 self._compact_when_due()
 
     def _exec(self, sql, params=()):

@@ -457,3 +457,31 @@ def test_read_only_reads_past_a_torn_tail_and_writes_nothing(tmp_path):
     finally:
         s.close()
     assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == on_disk
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_opens_a_journal_left_past_the_compaction_threshold(tmp_path, monkeypatch, read_only):
+    """A kill between a journal append and the compaction it called for
+    leaves a journal bigger than the threshold; opening it again (or a copy
+    read-only, as recover does) loads it, and a writer compacts it then."""
+    path = str(tmp_path / "js")
+    s = JsonStore(path)
+    s.min_compact_bytes = 1 << 30         # the compaction that the kill prevented
+    user = s.create_user("alice", credits=100)[0]
+    s.compact()
+    ids = [s.submit(user["id"], "demo", {"i": i}, now=float(i), deadline_at=1e10)[0]["id"] for i in range(30)]
+    s.close()
+    journal = os.path.join(path, "holdfast.journal")
+    assert os.path.getsize(journal) > os.path.getsize(os.path.join(path, "holdfast.json"))
+    generation = snapshot_generation(path)
+    monkeypatch.setattr(JsonStore, "min_compact_bytes", 1)
+    again = JsonStore(path, read_only=read_only)
+    try:
+        assert [again.get_task(i, user["id"])["id"] for i in ids] == ids
+    finally:
+        again.close()
+    if read_only:
+        assert snapshot_generation(path) == generation
+    else:
+        assert snapshot_generation(path) == generation + 1
+        assert os.path.getsize(journal) == 0
