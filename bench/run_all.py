@@ -17,8 +17,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 
-# (script, seconds it may take); sse_load.py belongs to the event streams work
-# and runs when it is there.
+# (script, seconds it may take)
 SCRIPTS = [("store_bench.py", 120), ("http_bench.py", 120), ("e2e_bench.py", 150),
            ("poll_lag_bench.py", 120), ("dispatch_bench.py", 120), ("sse_load.py", 120)]
 TOTAL_LIMIT_S = 600
