@@ -241,6 +241,17 @@ def _migration_3(db):
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
+# Shared by sql.py and its mixins, which sql.py imports: here, no cycle.
+_TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+
+
+def _where(sql, **conditions):
+    """`sql` with `WHERE` for each condition (a `column op ?` -> value pair)
+    whose value is not None, and its parameters."""
+    clauses = [(c, v) for c, v in conditions.items() if v is not None]
+    if clauses:
+        sql += " WHERE " + " AND ".join(c for c, _ in clauses)
+    return sql, [v for _, v in clauses]
 
 
 # -- small helpers ---------------------------------------------------------

@@ -28,10 +28,10 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
                     TooMany)
 
 from .base import BaseStore
-from .schema import (DATA_MODELS, ERROR_CODES, MAX_CREDITS, MAX_SESSION_MESSAGES, MIGRATIONS,
-                     SLOT_STEP, TASK_COLUMNS, TERMINAL, _is_int, check_session_key, check_transition,
-                     check_user_limits, dumps, event_json, hash_token, history_day, new_task_id,
-                     stuck_reasons, task_json)
+from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MAX_CREDITS, MAX_SESSION_MESSAGES,
+                     MIGRATIONS, SLOT_STEP, TASK_COLUMNS, TERMINAL, _is_int, _where, check_session_key,
+                     check_transition, check_user_limits, dumps, event_json, hash_token, history_day,
+                     new_task_id, stuck_reasons, task_json)
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
@@ -40,21 +40,11 @@ task_log = logging.getLogger("holdfast.tasks")
 # Only active tasks hold leases (finishing releases them), so lease queries
 # say so and read the status index rather than every finished row.
 _LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
-_TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
 _JSON_COLUMNS = ("params", "files", "error", "state")
 _UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts", "files",
                         "error", "next_poll_at", "polls", "started_at", "state",
                         "lease_expires_at"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def _where(sql, **conditions):
-    """`sql` with `WHERE` for each condition (a `column op ?` -> value pair)
-    whose value is not None, and its parameters."""
-    clauses = [(c, v) for c, v in conditions.items() if v is not None]
-    if clauses:
-        sql += " WHERE " + " AND ".join(c for c, _ in clauses)
-    return sql, [v for _, v in clauses]
 
 
 def _check_updatable(changes):
