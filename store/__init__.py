@@ -6,7 +6,8 @@ of holdfast imports every name from here, whichever module holds it:
     schema.py    statuses, transitions, the peewee models, migrations, and the
                  small shared helpers (ids, times, public JSON, account limits)
     base.py      BaseStore, the interface every backend implements
-    sql.py       SqlStore, the SQL implementation the backends share
+    sql.py       SqlStore, the SQL implementation the backends share; its
+                 accounts queries (credits, admin, sessions) in sql_accounts.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work

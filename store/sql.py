@@ -7,9 +7,9 @@ and plain SQL keeps every backend honest about what it does inside a
 transaction. A backend overrides only what its database does differently:
 placeholders, row locks, how a write transaction begins, named locks.
 
-SqlStore stays one class in one module although it is past the size a module
-should have: it is one concept (the SQL behind each interface method), and its
-parts share the seam, the transaction and the event and log bookkeeping.
+The accounts queries (credits, admin queries, sessions) are a mixin in
+sql_accounts.py that SqlStore inherits, to keep this module readable; they
+run on the seam and helpers defined here.
 """
 
 import json
@@ -28,10 +28,10 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
                     TooMany)
 
 from .base import BaseStore
-from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MAX_CREDITS, MAX_SESSION_MESSAGES,
-                     MIGRATIONS, SLOT_STEP, TASK_COLUMNS, TERMINAL, _is_int, _where, check_session_key,
-                     check_transition, check_user_limits, dumps, event_json, hash_token, history_day,
-                     new_task_id, stuck_reasons, task_json)
+from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
+                     TERMINAL, _where, check_transition, check_user_limits, dumps, event_json,
+                     hash_token, history_day, new_task_id, task_json)
+from .sql_accounts import AccountsSql
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
@@ -80,7 +80,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(BaseStore):
+class SqlStore(AccountsSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -723,143 +723,6 @@ class SqlStore(BaseStore):
         with self._seam():
             return {(provider, status): n for status, provider, n in self._exec(
                 "SELECT status, provider, COUNT(*) FROM tasks GROUP BY status, provider").fetchall()}
-
-    # -- accounts: credits, admin queries, conversation sessions --------------
-
-    def _user_by_id(self, user_id):
-        user = self._user(self._one(f"SELECT {self._USER_COLS} FROM users WHERE id = ?", (user_id,)))
-        if user is None:
-            raise NotFound("user not found", code="user_not_found")
-        return user
-
-    def grant(self, user_id, amount, *, now):
-        if not _is_int(amount) or amount == 0 or abs(amount) > MAX_CREDITS:
-            raise InvalidInput(f"amount must be a non-zero integer from -{MAX_CREDITS} to {MAX_CREDITS}")
-        with self._seam():
-            with self._write():
-                # The bounds are in the UPDATE itself: no balance outside them
-                # can be written, whatever else runs at the same time.
-                cur = self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ? "
-                                 "AND credit_balance IS NOT NULL AND credit_balance + ? >= 0 "
-                                 "AND credit_balance + ? <= ?",
-                                 (amount, user_id, amount, amount, MAX_CREDITS))
-                if cur.rowcount == 1:
-                    self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
-                               "VALUES (?, '', 'grant', ?, ?)", (user_id, amount, now))
-            user = self._user_by_id(user_id)
-        if cur.rowcount != 1:
-            balance = user["credit_balance"]
-            if balance is None:
-                raise Conflict(f"user {user['name']} has no credit limit; grants apply only to users "
-                               "with a balance", code="no_credit_limit")
-            if balance + amount < 0:
-                raise Conflict(f"the balance of {user['name']} is {balance}: taking {-amount} would make "
-                               "it negative", code="balance_too_low")
-            raise Conflict(f"a balance cannot exceed {MAX_CREDITS}", code="balance_too_high")
-        return user
-
-    def ledger(self, *, user_id=None, task_id=None):
-        sql, params = _where("SELECT id, user_id, task_id, kind, amount, created_at FROM ledger",
-                             **{"user_id = ?": user_id, "task_id = ?": task_id})
-        with self._seam():
-            rows = self._exec(sql + " ORDER BY id", params).fetchall()
-        keys = ("id", "user_id", "task_id", "kind", "amount", "created_at")
-        return [dict(zip(keys, r)) for r in rows]
-
-    def active_count(self, user_id):
-        with self._seam():
-            return self._one("SELECT COUNT(*) FROM tasks WHERE user_id = ? "
-                             "AND status IN ('queued', 'running')", (user_id,))[0]
-
-    def admin_tasks(self, *, now, stuck=False, grace_s=60.0, limit=100):
-        sql = _TASK_SELECT + " WHERE status IN ('queued', 'running')"
-        params = []
-        if stuck:
-            sql += (" AND (deadline_at < ? OR (lease_owner IS NOT NULL AND lease_expires_at < ?)"
-                    " OR (lease_owner IS NULL AND next_poll_at < ?))")
-            params += [now, now, now - grace_s]
-        with self._seam():
-            tasks = [self._task(r) for r in self._exec(sql + " ORDER BY created_at, id LIMIT ?",
-                                                       (*params, limit)).fetchall()]
-            ids = sorted({t["user_id"] for t in tasks})
-            names = dict(self._exec(f"SELECT id, name FROM users WHERE id IN ({', '.join('?' * len(ids))})",
-                                    ids).fetchall()) if ids else {}
-        return [(t, names.get(t["user_id"]), stuck_reasons(t, now, grace_s)) for t in tasks]
-
-    # Sessions are read-modify-write under one write transaction and the
-    # user's session lock, so concurrent writes lose nothing and the count
-    # of live sessions holds.
-
-    _SESSION_COLS = "key, messages, data, updated_at, expires_at"
-
-    @staticmethod
-    def _session(row):
-        return {"key": row[0], "messages": json.loads(row[1]),
-                "data": None if row[2] is None else json.loads(row[2]),
-                "updated_at": row[3], "expires_at": row[4]}
-
-    def get_session(self, user_id, key, *, now):
-        check_session_key(key)
-        with self._seam():
-            row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ? "
-                            "AND expires_at > ?", (user_id, key, now))
-        if row is None:
-            raise NotFound("session not found", code="session_not_found")
-        return self._session(row)
-
-    def put_session(self, user_id, key, *, messages, data, now, ttl_s, max_sessions=None):
-        return self._write_session(user_id, key, now, ttl_s, max_sessions,
-                                   lambda old: (list(messages), data))[0]
-
-    def append_messages(self, user_id, key, messages, *, now, ttl_s, max_sessions=None):
-        return self._write_session(user_id, key, now, ttl_s, max_sessions,
-                                   lambda old: (old["messages"] + list(messages), old["data"]))
-
-    def _write_session(self, user_id, key, now, ttl_s, max_sessions, change):
-        """Apply `change(old session) -> (messages, data)`; return (session, dropped)."""
-        check_session_key(key)
-        with self._seam(), self._write():
-            self._lock(f"sessions:{user_id}")
-            return self._write_session_locked(user_id, key, now, ttl_s, max_sessions, change)
-
-    def _write_session_locked(self, user_id, key, now, ttl_s, max_sessions, change):
-        row = self._one(f"SELECT {self._SESSION_COLS} FROM sessions WHERE user_id = ? AND key = ?"
-                        + self.for_update, (user_id, key))
-        live = row is not None and row[4] > now
-        old = self._session(row) if live else {"messages": [], "data": None}
-        messages, data = change(old)
-        dropped = max(0, len(messages) - MAX_SESSION_MESSAGES)
-        messages = messages[dropped:]
-        session = {"key": key, "messages": messages, "data": data, "updated_at": now,
-                   "expires_at": now + ttl_s}
-        values = (dumps(messages), None if data is None else dumps(data), now, now + ttl_s)
-        if live:
-            self._exec("UPDATE sessions SET messages = ?, data = ?, updated_at = ?, expires_at = ? "
-                       "WHERE user_id = ? AND key = ?", (*values, user_id, key))
-        else:
-            # A new session: clear this user's expired ones (this key's too)
-            # and hold the user to `max_sessions` live ones.
-            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
-            if max_sessions is not None:
-                count = self._one("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user_id,))[0]
-                if count >= max_sessions:
-                    raise Conflict(f"you have {count} sessions (limit {max_sessions}); delete one or "
-                                   "let it expire", code="too_many_sessions")
-            self._exec("INSERT INTO sessions (user_id, key, messages, data, updated_at, expires_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (user_id, key, *values))
-        return session, dropped
-
-    def delete_session(self, user_id, key, *, now):
-        check_session_key(key)
-        with self._seam(), self._write():
-            cur = self._exec("DELETE FROM sessions WHERE user_id = ? AND key = ? AND expires_at > ?",
-                             (user_id, key, now))
-            self._exec("DELETE FROM sessions WHERE user_id = ? AND expires_at <= ?", (user_id, now))
-        return cur.rowcount == 1
-
-    def purge_sessions(self, *, now):
-        with self._seam(), self._write():
-            return self._exec("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
 
     # -- retention ---------------------------------------------------------------
 
