@@ -7,7 +7,8 @@ of holdfast imports every name from here, whichever module holds it:
                  small shared helpers (ids, times, public JSON, account limits)
     base.py      BaseStore, the interface every backend implements
     sql.py       SqlStore, the SQL implementation the backends share; its
-                 accounts queries (credits, admin, sessions) in sql_accounts.py
+                 accounts queries (credits, admin, sessions) in sql_accounts.py,
+                 retention and the audit in sql_upkeep.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
