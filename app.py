@@ -2,7 +2,9 @@
 
 `create_app(store, providers, config)` returns a Bottle app; nothing here is
 global, so tests wire test stores and fake providers the same way main() wires
-the real ones.
+the real ones. The task routes are here; create_app adds the account routes
+(accounts.py) and the live-event routes (streams.py), and all of them share
+web.py's error hook and request checks.
 """
 
 import argparse
@@ -13,7 +15,6 @@ import re
 import signal
 import sys
 import time
-import threading
 import tomllib
 from dataclasses import dataclass, field, fields
 
@@ -21,17 +22,17 @@ import bottle
 
 import metrics
 import openapi
+from accounts import RateLimiter, account_routes
 from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
-                    NotFound, PaymentRequired, TooLarge, TooMany, Unauthorized)
-from events import EventHub
-from store import (ACTIVE, MAX_SESSION_MESSAGES, TERMINAL, TaskStatus, check_session_key, iso,
-                   session_json, task_json)
+                    NotFound, PaymentRequired, TooMany, Unauthorized)
+from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
+from streams import event_routes
+from web import json_error_channel, json_errors, optional_key, read_json
 
 log = logging.getLogger("holdfast.app")
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
 _TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 STATUSES = frozenset(s.value for s in TaskStatus)
 
 
@@ -109,135 +110,6 @@ class Config:
         if kind in (int, float) and value <= 0 and f.name != "port":
             raise ConfigError(f"{where} must be positive")
         setattr(self, f.name, value)
-
-
-# -- the HTTP seam -------------------------------------------------------------
-
-def error_body(status, code, message):
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    return json.dumps({"error": {"code": code, "message": message}})
-
-
-def json_errors(callback):
-    """One error hook: holdfast's errors become their JSON; anything else a
-    plain 500 without a stack trace."""
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except bottle.HTTPResponse:
-            raise
-        except HoldfastError as exc:
-            for name, value in exc.headers.items():
-                bottle.response.set_header(name, value)
-            return error_body(exc.status, exc.code, exc.message)
-        except Exception:
-            log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
-            return error_body(500, "internal", "internal error")
-    return wrapper
-
-
-def read_json(max_body):
-    """The request's JSON object, within `max_body` bytes."""
-    environ = bottle.request.environ
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length:
-        try:
-            length = int(length)
-        except ValueError:
-            raise InvalidInput("bad Content-Length") from None
-        if length > max_body:
-            raise TooLarge(f"request body is larger than {max_body} bytes")
-        raw = environ["wsgi.input"].read(length) if length else b""
-    else:
-        raw = environ["wsgi.input"].read(max_body + 1)
-        if len(raw) > max_body:
-            raise TooLarge(f"request body is larger than {max_body} bytes")
-    if not raw.strip():
-        raise InvalidInput("request body must be a JSON object", code="invalid_json")
-    try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object", code="invalid_json")
-    _check_strings(body)
-    return body
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-# json.loads lets both through (as \u escapes; surrogates as raw bytes too).
-# An unpaired surrogate is not Unicode: no UTF-8 encoder (SQLite's,
-# psycopg's) takes it. NUL is, but PostgreSQL's text refuses it wherever a
-# string is stored as itself; one rule for every field and backend is
-# simpler than knowing which ones are escaped on the way.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _check_strings(body):
-    """InvalidInput for any string, key or value at any depth, holding a NUL
-    or an unpaired surrogate."""
-    stack = [body]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value)
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            found = _UNSTORABLE.search(value)
-            if found is None:
-                continue
-            if found.group() == "\x00":
-                raise InvalidInput("strings in the request body must not contain NUL (\\u0000)")
-            raise InvalidInput(f"a string in the request body holds an unpaired surrogate "
-                               f"(\\u{ord(found.group()):04x}), which is not valid Unicode", code="invalid_json")
-
-
-# What waitress refuses before the app sees the request, by status.
-_WAITRESS_CODES = {400: "bad_request", 413: "too_large", 431: "headers_too_large", 501: "not_implemented"}
-
-
-def json_error_channel(max_body):
-    """A waitress channel class whose own error answers (a body past
-    max_request_body_size, a malformed request) are holdfast's JSON errors,
-    not waitress's text/plain page."""
-    from waitress.channel import HTTPChannel
-    from waitress.task import ErrorTask
-
-    class JsonErrorTask(ErrorTask):
-        def execute(self):
-            error = self.request.error
-            code = _WAITRESS_CODES.get(error.code, "internal")
-            if error.code == 413:
-                message = f"request body is larger than {max_body} bytes"
-            elif error.code < 500:
-                message = f"{error.reason}: {error.body}"
-            else:
-                message = "internal error"
-            body = json.dumps({"error": {"code": code, "message": message}}).encode()
-            self.status = f"{error.code} {error.reason}"
-            self.response_headers.append(("Content-Type", "application/json"))
-            self.set_close_on_finish()
-            self.content_length = len(body)
-            self.write(body)
-
-    class JsonErrorChannel(HTTPChannel):
-        error_task_class = JsonErrorTask
-
-    return JsonErrorChannel
-
-
-def optional_key(value, what):
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _KEY.match(value):
-        raise InvalidInput(f"{what} must be 1-200 printable ASCII characters without spaces")
-    return value
 
 
 # -- the app -------------------------------------------------------------------
@@ -456,9 +328,9 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
             raise NotFound("no such file")
         return res
 
-    _account_routes(app, store, config, clock=clock, current_user=current_user,
-                    admin_user=admin_user, limiter=limiter)
-    event_hub = _event_routes(app, store, config, current_user)
+    account_routes(app, store, config, clock=clock, current_user=current_user,
+                   admin_user=admin_user, limiter=limiter)
+    event_hub = event_routes(app, store, config, current_user)
     app.config["holdfast.events"] = event_hub
     return app
 
@@ -488,305 +360,6 @@ def service_metrics(store, hub, worker):
         families.append(("holdfast_scheduler_up", "gauge", "1 when the worker's scheduler runs.",
                          [({}, int(worker.alive()))]))
     return families
-
-
-# -- accounts: the caller, admins, limits, conversation sessions ---------------
-
-class RateLimiter:
-    """Submissions per second per user, as token buckets: a bucket holds
-    `rate * burst_s` submissions (at least one) and refills at `rate` per
-    second. Kept in memory, per process: a restart forgives, and several
-    processes on one store each allow the rate."""
-
-    def __init__(self, default_rate, burst_s):
-        self.default_rate = default_rate
-        self.burst_s = burst_s
-        self._buckets = {}
-        self._lock = threading.Lock()
-
-    def rate(self, user):
-        return user["rate_per_s"] or self.default_rate
-
-    def capacity(self, rate):
-        return max(1.0, rate * self.burst_s)
-
-    def take(self, user, now):
-        """Take one submission from the user's bucket; TooMany (with how long
-        to wait) when it is empty."""
-        rate = self.rate(user)
-        full = self.capacity(rate)
-        with self._lock:
-            tokens, last = self._buckets.get(user["id"], (full, now))
-            tokens = min(full, tokens + max(0.0, now - last) * rate)
-            if tokens < 1.0:
-                self._buckets[user["id"]] = (tokens, now)
-                raise TooMany(f"too many submissions: at most {rate:g} per second",
-                              code="rate_limited", retry_after=(1.0 - tokens) / rate)
-            self._buckets[user["id"]] = (tokens - 1.0, now)
-
-
-SESSION_ROLES = frozenset({"system", "user", "assistant", "tool"})
-MAX_MESSAGE_CHARS = 16_000
-MAX_SESSION_DATA = 16 * 1024
-
-
-def session_messages(value, *, allow_empty):
-    """A list of {"role", "content"} messages, checked; InvalidInput otherwise."""
-    if not isinstance(value, list):
-        raise InvalidInput("messages must be a list of {\"role\", \"content\"} objects")
-    if not value and not allow_empty:
-        raise InvalidInput("messages must hold at least one message")
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise InvalidInput(f"message {i} must be an object with exactly \"role\" and \"content\"")
-        if not isinstance(message["role"], str) or message["role"] not in SESSION_ROLES:
-            raise InvalidInput(f"message {i}: role must be one of {', '.join(sorted(SESSION_ROLES))}")
-        if not isinstance(message["content"], str) or len(message["content"]) > MAX_MESSAGE_CHARS:
-            raise InvalidInput(f"message {i}: content must be a string of at most {MAX_MESSAGE_CHARS} "
-                               "characters")
-    return value
-
-
-def session_data(value):
-    if value is not None and not isinstance(value, dict):
-        raise InvalidInput("data must be an object or null")
-    if value is not None and len(json.dumps(value, separators=(",", ":")).encode()) > MAX_SESSION_DATA:
-        raise InvalidInput(f"data must be at most {MAX_SESSION_DATA} bytes as JSON")
-    return value
-
-
-def only_fields(body, allowed):
-    unknown = set(body) - set(allowed)
-    if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
-
-
-def query_number(name, default, low, high, kind=float):
-    raw = bottle.request.query.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number from {low} to {high}") from None
-    if not low <= value <= high:     # NaN fails this too
-        raise InvalidInput(f"{name} must be a number from {low} to {high}")
-    return value
-
-
-def _account_routes(app, store, config, *, clock, current_user, admin_user, limiter):
-    """/api/me, /api/admin/* and /api/sessions/*."""
-
-    def credits_of(user):
-        if user["credit_balance"] is None:
-            return None
-        return {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
-
-    def user_json(user):
-        return {"name": user["name"], "admin": user["is_admin"], "credits": credits_of(user),
-                "max_active": user["max_active"], "rate_per_s": user["rate_per_s"],
-                "created_at": iso(user["created_at"])}
-
-    @app.get("/api/me")
-    def me():
-        user = current_user()
-        rate = limiter.rate(user)
-        return {"user": {"name": user["name"], "admin": user["is_admin"]}, "credits": credits_of(user),
-                "limits": {"max_active": user["max_active"] or config.max_active,
-                           "rate_per_s": rate, "burst": limiter.capacity(rate),
-                           "max_body": config.max_body, "max_sessions": config.max_sessions,
-                           "session_messages": MAX_SESSION_MESSAGES, "session_ttl_s": config.session_ttl_s,
-                           "message_chars": MAX_MESSAGE_CHARS, "session_data_bytes": MAX_SESSION_DATA},
-                "usage": {"active": store.active_count(user["id"])}}
-
-    # admin
-
-    @app.post("/api/admin/users")
-    def admin_create_user():
-        admin_user()
-        body = read_json(config.max_body)
-        only_fields(body, {"name", "credits", "admin", "max_active", "rate_per_s"})
-        if not isinstance(body.get("name"), str):
-            raise InvalidInput("name is required and must be a string")
-        if not isinstance(body.get("admin", False), bool):
-            raise InvalidInput("admin must be true or false")
-        user, token = store.create_user(body["name"], admin=body.get("admin", False),
-                                        credits=body.get("credits"), max_active=body.get("max_active"),
-                                        rate_per_s=body.get("rate_per_s"), now=clock())
-        bottle.response.status = 201
-        bottle.response.set_header("Cache-Control", "no-store")
-        return {"user": user_json(user), "token": token}
-
-    @app.post("/api/admin/users/<name>/credits")
-    def admin_grant(name):
-        admin_user()
-        body = read_json(config.max_body)
-        only_fields(body, {"amount"})
-        if "amount" not in body:
-            raise InvalidInput("amount is required: a non-zero integer (negative takes credits away)")
-        user = store.grant(store.user_by_name(name)["id"], body["amount"], now=clock())
-        return {"user": user_json(user), "granted": body["amount"]}
-
-    @app.get("/api/admin/tasks")
-    def admin_tasks():
-        admin_user()
-        unknown = set(bottle.request.query) - {"stuck", "limit", "grace_s"}
-        if unknown:
-            raise InvalidInput(f"unknown parameter(s): {', '.join(sorted(unknown))}")
-        stuck = bottle.request.query.get("stuck", "0")
-        if stuck not in ("0", "1"):
-            raise InvalidInput("stuck must be 0 or 1")
-        limit = query_number("limit", 100, 1, 500, int)
-        grace_s = query_number("grace_s", 60.0, 0, 86400)
-        now = clock()
-        rows = store.admin_tasks(now=now, stuck=stuck == "1", grace_s=grace_s, limit=limit)
-        return {"now": iso(now), "tasks": [
-            {"task": task_json(task), "user": name, "stuck": reasons, "lease_owner": task["lease_owner"],
-             "lease_expires_at": iso(task["lease_expires_at"]), "next_poll_at": iso(task["next_poll_at"])}
-            for task, name, reasons in rows]}
-
-    # conversation sessions
-
-    @app.get("/api/sessions/<key>")
-    def get_session(key):
-        user = current_user()
-        return {"session": session_json(store.get_session(user["id"], key, now=clock()))}
-
-    @app.put("/api/sessions/<key>")
-    def put_session(key):
-        user = current_user()
-        check_session_key(key)
-        body = read_json(config.max_body)
-        only_fields(body, {"messages", "data"})
-        messages = session_messages(body.get("messages", []), allow_empty=True)
-        data = session_data(body.get("data"))
-        session = store.put_session(user["id"], key, messages=messages, data=data, now=clock(),
-                                    ttl_s=config.session_ttl_s, max_sessions=config.max_sessions)
-        return {"session": session_json(session), "dropped": max(0, len(messages) - MAX_SESSION_MESSAGES)}
-
-    @app.post("/api/sessions/<key>/messages")
-    def append_messages(key):
-        user = current_user()
-        check_session_key(key)
-        body = read_json(config.max_body)
-        if "messages" in body:
-            only_fields(body, {"messages"})
-            messages = session_messages(body["messages"], allow_empty=False)
-        else:
-            messages = session_messages([body], allow_empty=False)
-        session, dropped = store.append_messages(user["id"], key, messages, now=clock(),
-                                                 ttl_s=config.session_ttl_s, max_sessions=config.max_sessions)
-        return {"session": session_json(session), "dropped": dropped}
-
-    @app.delete("/api/sessions/<key>")
-    def delete_session(key):
-        user = current_user()
-        if not store.delete_session(user["id"], key, now=clock()):
-            raise NotFound("session not found", code="session_not_found")
-        bottle.response.status = 204
-        return ""
-
-
-# -- live events ---------------------------------------------------------------
-
-SSE_RETRY_MS = 1000      # how soon an EventSource reconnects after a stream ends
-STREAMS_FULL_RETRY_S = 15
-_SEQ = re.compile(r"^[0-9]{1,18}$")
-_WAIT = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3})?$")
-MAX_POLL_WAIT_S = 25.0
-
-
-def _event_routes(app, store, config, current_user):
-    """GET /api/events (Server-Sent Events) and GET /api/events/poll (long
-    polling), both over the event log; events.py says how they wait. Returns
-    the EventHub, whose counts() is the open-stream gauge."""
-    hub = EventHub(store, max_waiters=config.sse_max_streams, max_per_user=config.sse_max_per_user)
-
-    def cursor_arg(value, what):
-        if value is None or value == "":
-            return None
-        if not _SEQ.match(value):
-            raise InvalidInput(f"{what} must be an event seq: a non-negative integer", code="invalid_cursor")
-        return int(value)
-
-    def disconnected():
-        # waitress sets this (serve() turns on its request lookahead);
-        # in-process callers have no socket to lose.
-        return bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-
-    @app.get("/api/events")
-    def event_stream():
-        user = current_user(allow_query=True)
-        last_id = bottle.request.get_header("Last-Event-ID")
-        if last_id:   # an EventSource reconnecting: this wins over the URL's since
-            since = cursor_arg(last_id.strip(), "Last-Event-ID")
-        else:
-            since = cursor_arg(bottle.request.query.get("since"), "since")
-        if not hub.admit("sse", user["id"]):
-            return streams_full()
-        try:
-            watch, since = hub.start(user["id"], since)
-        except BaseException:
-            hub.leave("sse", user["id"])
-            raise
-        gone = disconnected()
-
-        def body():
-            try:
-                yield from hub.sse(watch, user["id"], since, max_s=config.sse_max_s,
-                                   keepalive_s=config.sse_keepalive_s, retry_ms=SSE_RETRY_MS,
-                                   disconnected=gone)
-            except HoldfastError as exc:   # the client reconnects with Last-Event-ID
-                log.warning("event stream of user %s ended early: %s", user["id"], exc.message)
-            finally:
-                watch.close()
-                hub.leave("sse", user["id"])
-
-        res = bottle.response
-        res.content_type = "text/event-stream"
-        res.set_header("Cache-Control", "no-store")
-        res.set_header("X-Accel-Buffering", "no")
-        return body()
-
-    def streams_full():
-        bottle.response.set_header("Retry-After", str(STREAMS_FULL_RETRY_S))
-        if "text/event-stream" in bottle.request.get_header("Accept", ""):
-            bottle.response.status = 503
-            bottle.response.content_type = "text/event-stream"
-            return f"retry: {STREAMS_FULL_RETRY_S * 1000}\n\n"
-        return error_body(503, "too_many_streams",
-                          "too many event streams are open; use /api/events/poll or try again later")
-
-    @app.get("/api/events/poll")
-    def event_poll():
-        user = current_user()
-        q = bottle.request.query
-        since = cursor_arg(q.get("since"), "since")
-        wait = q.get("wait") or "0"
-        if not _WAIT.match(wait) or float(wait) > MAX_POLL_WAIT_S:
-            raise InvalidInput(f"wait must be a number of seconds from 0 to {MAX_POLL_WAIT_S:g}",
-                               code="invalid_wait")
-        wait = float(wait)
-        # Past the cap a long poll answers at once rather than hold a thread.
-        if wait > 0 and hub.admit("poll", user["id"]):
-            try:
-                watch, since = hub.start(user["id"], since)
-                try:
-                    rows, next_seq = hub.poll(watch, user["id"], since, wait_s=wait,
-                                              disconnected=disconnected())
-                finally:
-                    watch.close()
-            finally:
-                hub.leave("poll", user["id"])
-        else:
-            since = hub.resolve(user["id"], since)
-            rows = store.events_since(user["id"], since)
-            next_seq = rows[-1][0] if rows else since
-        bottle.response.content_type = "application/json"
-        bottle.response.set_header("Cache-Control", "no-store")
-        return '{"events":[%s],"next":%d}' % (",".join(text for _, text in rows), next_seq)
-
-    return hub
 
 
 # -- commands ------------------------------------------------------------------

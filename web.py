@@ -1,0 +1,161 @@
+"""The HTTP seam that the route modules share: the one error hook, a
+request's JSON read and checked once, waitress's own errors as JSON, and the
+small checks of fields and query strings.
+"""
+
+import json
+import logging
+import re
+
+import bottle
+
+from errors import HoldfastError, InvalidInput, TooLarge
+
+log = logging.getLogger("holdfast.app")
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def error_body(status, code, message):
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
+def json_errors(callback):
+    """One error hook: holdfast's errors become their JSON; anything else a
+    plain 500 without a stack trace."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except HoldfastError as exc:
+            for name, value in exc.headers.items():
+                bottle.response.set_header(name, value)
+            return error_body(exc.status, exc.code, exc.message)
+        except Exception:
+            log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+            return error_body(500, "internal", "internal error")
+    return wrapper
+
+
+def read_json(max_body):
+    """The request's JSON object, within `max_body` bytes."""
+    environ = bottle.request.environ
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length:
+        try:
+            length = int(length)
+        except ValueError:
+            raise InvalidInput("bad Content-Length") from None
+        if length > max_body:
+            raise TooLarge(f"request body is larger than {max_body} bytes")
+        raw = environ["wsgi.input"].read(length) if length else b""
+    else:
+        raw = environ["wsgi.input"].read(max_body + 1)
+        if len(raw) > max_body:
+            raise TooLarge(f"request body is larger than {max_body} bytes")
+    if not raw.strip():
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    _check_strings(body)
+    return body
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+# json.loads lets both through (as \u escapes; surrogates as raw bytes too).
+# An unpaired surrogate is not Unicode: no UTF-8 encoder (SQLite's,
+# psycopg's) takes it. NUL is, but PostgreSQL's text refuses it wherever a
+# string is stored as itself; one rule for every field and backend is
+# simpler than knowing which ones are escaped on the way.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(body):
+    """InvalidInput for any string, key or value at any depth, holding a NUL
+    or an unpaired surrogate."""
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            found = _UNSTORABLE.search(value)
+            if found is None:
+                continue
+            if found.group() == "\x00":
+                raise InvalidInput("strings in the request body must not contain NUL (\\u0000)")
+            raise InvalidInput(f"a string in the request body holds an unpaired surrogate "
+                               f"(\\u{ord(found.group()):04x}), which is not valid Unicode", code="invalid_json")
+
+
+# What waitress refuses before the app sees the request, by status.
+_WAITRESS_CODES = {400: "bad_request", 413: "too_large", 431: "headers_too_large", 501: "not_implemented"}
+
+
+def json_error_channel(max_body):
+    """A waitress channel class whose own error answers (a body past
+    max_request_body_size, a malformed request) are holdfast's JSON errors,
+    not waitress's text/plain page."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            code = _WAITRESS_CODES.get(error.code, "internal")
+            if error.code == 413:
+                message = f"request body is larger than {max_body} bytes"
+            elif error.code < 500:
+                message = f"{error.reason}: {error.body}"
+            else:
+                message = "internal error"
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
+
+
+def optional_key(value, what):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _KEY.match(value):
+        raise InvalidInput(f"{what} must be 1-200 printable ASCII characters without spaces")
+    return value
+
+
+def only_fields(body, allowed):
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+
+
+def query_number(name, default, low, high, kind=float):
+    raw = bottle.request.query.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a number from {low} to {high}") from None
+    if not low <= value <= high:     # NaN fails this too
+        raise InvalidInput(f"{name} must be a number from {low} to {high}")
+    return value
