@@ -245,15 +245,6 @@ TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 _TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
 
 
-def _where(sql, **conditions):
-    """`sql` with `WHERE` for each condition (a `column op ?` -> value pair)
-    whose value is not None, and its parameters."""
-    clauses = [(c, v) for c, v in conditions.items() if v is not None]
-    if clauses:
-        sql += " WHERE " + " AND ".join(c for c, _ in clauses)
-    return sql, [v for _, v in clauses]
-
-
 # -- small helpers ---------------------------------------------------------
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -140,6 +140,17 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
     def _one(self, sql, params=()):
         return self._exec(sql, params).fetchone()
 
+    def _dicts(self, table, columns, order, **conditions):
+        """`columns` of `table`'s rows as dicts, filtered by each condition
+        (a `column op ?` -> value pair) whose value is not None."""
+        clauses = [(c, v) for c, v in conditions.items() if v is not None]
+        sql = f"SELECT {', '.join(columns)} FROM {table}"
+        if clauses:
+            sql += " WHERE " + " AND ".join(c for c, _ in clauses)
+        with self._seam():
+            rows = self._exec(f"{sql} ORDER BY {order}", [v for _, v in clauses]).fetchall()
+        return [dict(zip(columns, r)) for r in rows]
+
     def _write(self):
         """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
         return self.db.atomic()

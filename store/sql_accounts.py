@@ -1,15 +1,15 @@
 """AccountsSql: SqlStore's credits, admin queries and conversation sessions.
 
 A mixin of SqlStore, split off for size: it runs on SqlStore's seam and
-helpers (_seam, _write, _exec, _one, _lock, _user, _task, for_update), so
-every backend's overrides of those apply here too.
+helpers (_seam, _write, _exec, _one, _dicts, _lock, _user, _task,
+for_update), so every backend's overrides of those apply here too.
 """
 
 import json
 
 from errors import Conflict, InvalidInput, NotFound
 
-from .schema import (_TASK_SELECT, MAX_CREDITS, MAX_SESSION_MESSAGES, _is_int, _where,
+from .schema import (_TASK_SELECT, MAX_CREDITS, MAX_SESSION_MESSAGES, _is_int,
                      check_session_key, dumps, stuck_reasons)
 
 
@@ -49,12 +49,8 @@ class AccountsSql:
         return user
 
     def ledger(self, *, user_id=None, task_id=None):
-        sql, params = _where("SELECT id, user_id, task_id, kind, amount, created_at FROM ledger",
-                             **{"user_id = ?": user_id, "task_id = ?": task_id})
-        with self._seam():
-            rows = self._exec(sql + " ORDER BY id", params).fetchall()
-        keys = ("id", "user_id", "task_id", "kind", "amount", "created_at")
-        return [dict(zip(keys, r)) for r in rows]
+        return self._dicts("ledger", ("id", "user_id", "task_id", "kind", "amount", "created_at"), "id",
+                           **{"user_id = ?": user_id, "task_id = ?": task_id})
 
     def active_count(self, user_id):
         with self._seam():

@@ -1,13 +1,11 @@
 """UpkeepSql: SqlStore's retention and consistency-audit queries.
 
 A mixin of SqlStore, split off for size: it runs on SqlStore's seam and
-helpers (_seam, _write, _exec, _one), so every backend's overrides of those
-apply here too.
+helpers (_seam, _write, _exec, _one, _dicts), so every backend's overrides
+of those apply here too.
 """
 
 import json
-
-from .schema import _where
 
 
 class UpkeepSql:
@@ -66,12 +64,8 @@ class UpkeepSql:
                               "AND seq < (SELECT MAX(seq) FROM events)", (before,)).rowcount
 
     def history(self, *, since_day=None, provider=None):
-        sql, params = _where("SELECT provider, day, outcome, tasks, total_s, max_s FROM task_history",
-                             **{"day >= ?": since_day, "provider = ?": provider})
-        with self._seam():
-            rows = self._exec(sql + " ORDER BY day, provider, outcome", params).fetchall()
-        keys = ("provider", "day", "outcome", "tasks", "total_s", "max_s")
-        return [dict(zip(keys, r)) for r in rows]
+        return self._dicts("task_history", ("provider", "day", "outcome", "tasks", "total_s", "max_s"),
+                           "day, provider, outcome", **{"day >= ?": since_day, "provider = ?": provider})
 
     # -- the consistency audit ---------------------------------------------------
 
