@@ -77,7 +77,7 @@ class TestUndecodableHeaders:
         with ServerProcess(tmp_path) as server:
             token = server.tokens["demo"].encode()
             body = b'{"provider": "demo", "params": {"prompt": "p"}}'
-            requests_ = [
+            raw_requests = [
                 b"GET /api/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
                 b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token +
                 b"\r\nIdempotency-Key: k\xc3\x28\r\nContent-Type: application/json\r\nContent-Length: "
@@ -85,7 +85,7 @@ class TestUndecodableHeaders:
                 b"GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token +
                 b"\r\nLast-Event-ID: 1\xff\r\n\r\n",
             ]
-            for raw in requests_:
+            for raw in raw_requests:
                 with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                     sock.sendall(raw)
                     reply = b""
