@@ -61,6 +61,9 @@ class Config:
     rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
     rate_burst_s: float = 3.0      # a user's bucket holds rate_per_s * rate_burst_s submissions (>= 1)
     max_sessions: int = 100        # live conversation sessions per user
+    max_connections: int = 1000    # open HTTP connections in all (waitress's connection_limit)
+    max_connections_per_address: int = 256   # of those, from one client address
+    request_timeout_s: float = 20.0   # to send a request's headers and body
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -417,7 +420,7 @@ def first_run_users(store, config):
 
 
 def serve(config):
-    import waitress
+    import httpserver
     from recover import recover
     from worker import Worker
     setup_logging(config.log)
@@ -438,24 +441,23 @@ def serve(config):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        sockets = {}
-        server = waitress.create_server(app, map=sockets, host=config.host, port=config.port,
-                                        threads=config.threads + config.sse_max_streams,
-                                        connection_limit=max(100, config.threads * 16) + config.sse_max_streams,
-                                        # waitress buffers a body (to a file past 512 KiB) before
-                                        # the app runs; past this it answers 413 itself. The margin
-                                        # is for chunked framing: read_json holds the exact limit.
-                                        max_request_body_size=config.max_body * 2 + 65536,
-                                        channel_timeout=60, ident="holdfast",
-                                        # Event streams and long polls hold a thread each: they get
-                                        # sse_max_streams threads of their own on top of the API's.
-                                        # The lookahead keeps reading their sockets, so a client
-                                        # that leaves frees its thread at once.
-                                        channel_request_lookahead=1)
-        channel = json_error_channel(config.max_body)
-        for listener in list(sockets.values()):
-            if isinstance(listener, waitress.server.BaseWSGIServer):
-                listener.channel_class = channel
+        server = httpserver.create_server(
+            app, host=config.host, port=config.port, threads=config.threads + config.sse_max_streams,
+            connection_limit=config.max_connections,
+            # Slow and greedy clients: see httpserver.py.
+            request_timeout_s=config.request_timeout_s,
+            max_per_address=config.max_connections_per_address,
+            channel_class=json_error_channel(config.max_body),
+            # waitress buffers a body (to a file past 512 KiB) before
+            # the app runs; past this it answers 413 itself. The margin
+            # is for chunked framing: read_json holds the exact limit.
+            max_request_body_size=config.max_body * 2 + 65536,
+            channel_timeout=60, ident="holdfast",
+            # Event streams and long polls hold a thread each: they get
+            # sse_max_streams threads of their own on top of the API's.
+            # The lookahead keeps reading their sockets, so a client
+            # that leaves frees its thread at once.
+            channel_request_lookahead=1)
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()

@@ -5,11 +5,13 @@ small checks of fields and query strings.
 
 import json
 import logging
+import math
 import re
 
 import bottle
 
 from errors import HoldfastError, InvalidInput, TooLarge
+from store import check_json, too_deep
 
 log = logging.getLogger("holdfast.app")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -23,10 +25,16 @@ def error_body(status, code, message):
 
 def json_errors(callback):
     """One error hook: holdfast's errors become their JSON; anything else a
-    plain 500 without a stack trace."""
+    plain 500 without a stack trace. On the way in it refuses headers that
+    are not UTF-8; on the way out it writes a route's dict as strict JSON."""
     def wrapper(*args, **kwargs):
         try:
-            return callback(*args, **kwargs)
+            check_headers(bottle.request.environ)
+            result = callback(*args, **kwargs)
+            if isinstance(result, dict):
+                bottle.response.content_type = "application/json"
+                return strict_json(result)
+            return result
         except bottle.HTTPResponse:
             raise
         except HoldfastError as exc:
@@ -37,6 +45,45 @@ def json_errors(callback):
             log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
             return error_body(500, "internal", "internal error")
     return wrapper
+
+
+def check_headers(environ):
+    """InvalidInput (invalid_header) for a request header that is not UTF-8.
+    A WSGI server hands headers over as latin-1; bottle decodes them as
+    UTF-8 when a route reads one and would raise UnicodeDecodeError there,
+    so every header is checked once, here, whichever a route reads."""
+    for key, value in environ.items():
+        if not (key.startswith("HTTP_") or key in ("CONTENT_TYPE", "CONTENT_LENGTH")):
+            continue
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                name = key[5:] if key.startswith("HTTP_") else key
+                raise InvalidInput(f"the {name.replace('_', '-').title()} header is not valid UTF-8",
+                                   code="invalid_header") from None
+
+
+def strict_json(value):
+    """`value` as JSON that any parser reads. A number that is not finite
+    can only be one stored before bodies were checked for them: it goes out
+    as null, with a warning, rather than as `Infinity`, which is not JSON."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        log.warning("%s %s: a number that is not finite was sent as null",
+                    bottle.request.method, bottle.request.path)
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_json(max_body):
@@ -59,10 +106,17 @@ def read_json(max_body):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
     try:
         body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        # Far past MAX_JSON_DEPTH (where exactly depends on the caller's stack):
+        # the same answer as a body just past it.
+        raise too_deep("the request body") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    # json.loads takes 1e999 (as inf) and nesting up to its recursion limit:
+    # both would be stored, then break whoever encodes or parses them next.
+    check_json(body, "the request body")
     _check_strings(body)
     return body
 

@@ -11,6 +11,7 @@ Times are stored as float seconds since the epoch (UTC) and shown as ISO 8601.
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -277,8 +278,44 @@ def iso(ts):
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+# Objects and arrays inside one another. A request body past it is refused
+# (web.read_json), and so is anything stored past it (dumps), so a value
+# that got in is one that every later encode and every client's parser can
+# take: Python's own json gives up near 1,000, some parsers far sooner.
+MAX_JSON_DEPTH = 64
+
+
+def check_json(value, what="the value"):
+    """InvalidInput when `value` nests deeper than MAX_JSON_DEPTH or holds a
+    number that is not finite (NaN and the infinities are not JSON)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidInput(f"{what} holds a number that is not finite ({value!r}): "
+                                   "numbers must be finite, within about 1e308", code="invalid_json")
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep(what)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def too_deep(what):
+    return InvalidInput(f"{what} is nested too deep: at most {MAX_JSON_DEPTH} levels of objects and arrays",
+                        code="invalid_json")
+
+
 def dumps(value):
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """The JSON text of a value the store keeps: strict JSON, or InvalidInput."""
+    check_json(value)
+    # allow_nan=False is the last guard should a non-finite number get past
+    # the check: a ValueError, never a stored "Infinity".
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def task_json(task):
