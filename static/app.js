@@ -16,7 +16,11 @@
   const OUTAGE_MS = 10000;      // a longer gap refetches the list (a planned reconnect is shorter)
   const LEASE_MS = 6000;
   const BEAT_MS = 2000;
-  const CLAIM_MS = 300;         // how long a new lease must stay ours before we lead
+  // How long a new lease must stay ours before we lead. A tab's write reaches
+  // the others through the browser process, and a busy renderer applies it
+  // late: on a loaded two-core machine 300 ms was sometimes too short, and two
+  // tabs that claimed together both led (two streams) until the next beat.
+  const CLAIM_MS = 1000;
   const STATUSES = ['queued', 'running', 'succeeded', 'partial', 'failed', 'cancelled'];
   const ACTIVE = new Set(['queued', 'running']);
   const RETRYABLE = new Set(['failed', 'cancelled']);
@@ -348,8 +352,15 @@
       } else if (token && (!S || S.token !== token)) {
         start(token);
       }
-    } else if (e.key === LEASE_KEY && S && S.leaseTick && !e.newValue) {
-      S.leaseTick();
+    } else if (e.key === LEASE_KEY && S && S.leaseTick) {
+      if (!e.newValue) {
+        S.leaseTick();
+      } else if (hf.role === 'leader') {
+        // Two tabs led at once (a claim that reached us late): the lease as
+        // it stands now, not the event's older value, says who keeps the stream.
+        const lease = readLease();
+        if (lease && lease.id !== tabId && lease.until > Date.now()) becomeFollower(S);
+      }
     }
   }
 
