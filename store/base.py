@@ -306,6 +306,13 @@ class BaseStore:
         id); `expired` is True once retention deleted the files."""
         raise NotImplementedError
 
+    def files_of(self, task_ids):
+        """{task_id: (status, files, expired)} for those of `task_ids` that
+        are tasks in the store, whatever their status: who a folder in the
+        file store belongs to, and which of its copies the task lists.
+        `expired` is True once retention deleted the task's files."""
+        raise NotImplementedError
+
     def settlement_mismatches(self):
         """Ledger settlements that contradict their task's status: charges
         on failed or cancelled tasks, refunds on succeeded or partial ones.

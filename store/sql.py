@@ -29,6 +29,7 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
                     TooMany)
 
 from .base import BaseStore
+from .files import lease_dir
 from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
                      TERMINAL, check_transition, check_user_limits, dumps, event_json, hash_token,
                      history_day, new_task_id, task_json)
@@ -485,6 +486,12 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
         if old in TERMINAL:
             raise Conflict(f"task is already {old}", code="task_finished")
         check_transition(old, new)
+        if token is not None and "files" in changes:
+            # The fence for files: a lease publishes only what it wrote in
+            # its own folder, and only while the token above is current.
+            own = lease_dir(token)
+            if any(f.get("dir", own) != own for f in changes["files"]):
+                raise ValueError(f"lease {token} may publish only files in {own}")
         error = changes.get("error")
         if error is not None and error.get("code") not in ERROR_CODES:
             raise ValueError(f"unknown error code {error.get('code')!r}")

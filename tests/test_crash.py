@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from store import SqliteStore, open_store
+from store import FileStore, SqliteStore, open_store
 from support import ROOT, ServerProcess, api
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -65,7 +65,8 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
             assert task["attempts"] == 1, f"seed {seed}: {task}"
             if expect == "succeeded":
                 [meta] = task["files"]
-                body = (tmp_path / "files" / task_id / meta["name"]).read_bytes()
+                with open(FileStore(str(tmp_path / "files")).entry_path(task_id, meta), "rb") as fh:
+                    body = fh.read()
                 assert hashlib.sha256(body).hexdigest() == meta["sha256"]
         assert store.lease_owners() == []
     finally:
