@@ -23,7 +23,10 @@ class BaseStore:
         """Release connections and files."""
 
     def health(self):
-        """Raise StoreUnavailable when the store cannot answer."""
+        """Raise StoreUnavailable when the store cannot answer, when the disk
+        it keeps its files on is full, or while writes fail: from a failed
+        write until one commits again (a small probe write, at most every
+        few seconds, finds that out on an idle server)."""
         raise NotImplementedError
 
     # users
