@@ -73,6 +73,7 @@ class Worker:
         self._inflight = 0
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
+        self._told = {}    # task id or job name -> the repeating failure last logged for it
         self._lock = threading.Lock()
         self.last_tick = None
 
@@ -118,8 +119,16 @@ class Worker:
         def run():
             try:
                 fn()
+            except StoreUnavailable as exc:
+                # A full disk fails every tick: one line when it starts.
+                if self._told.get(fn.__name__) != exc.message:
+                    log.warning("%s: %s; trying again every tick", fn.__name__, exc.message)
+                self._told[fn.__name__] = exc.message
             except Exception:
                 log.exception("%s failed; the next tick tries again", fn.__name__)
+            else:
+                if self._told.pop(fn.__name__, None) is not None:
+                    log.info("%s works again", fn.__name__)
         run.__name__ = fn.__name__
         return run
 
@@ -480,6 +489,7 @@ class Worker:
             changes["progress"] = 1.0
         # The store logs the change (holdfast.tasks), once it is committed.
         done = self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
+        self._told.pop(task["id"], None)
         self.drop_unlisted_files(done)
 
     def drop_unlisted_files(self, task):
@@ -496,10 +506,14 @@ class Worker:
     def _later(self, task, now, reason, retry_after=None, quiet=False):
         """A transient failure: look again later; the deadline bounds it.
         `quiet`: a reason repeated from the last try (a full disk) is not
-        logged again."""
+        logged again, whether or not the store could record it."""
         state = dict(task["state"] or {})
         failures = state.get("failures", 0) + 1
-        repeated = quiet and state.get("last_error") == reason[:500]
+        repeated = quiet and reason[:500] in (state.get("last_error"), self._told.get(task["id"]))
+        if quiet:
+            if len(self._told) > 10_000:
+                self._told.clear()     # tasks that ended elsewhere (cancelled) leave entries
+            self._told[task["id"]] = reason[:500]
         state.update(failures=failures, last_error=reason[:500])
         delay = max(TRANSIENT.delay(failures), retry_after or 0)
         log.log(logging.DEBUG if repeated else logging.WARNING, "task %s: %s; next try in %.0fs",

@@ -72,3 +72,10 @@ def held_first(params, report):
         while not path.exists() and time.monotonic() < end:
             time.sleep(0.01)
     return png_bytes(4, 4, (n * 60 % 256, 10, 20))
+
+
+def with_pipe(params, report):
+    """Two results: a PNG, then the file params["pipe"] (a FIFO): saving the
+    second blocks until a test writes into the pipe, so the first is on disk
+    meanwhile and the task not yet finished."""
+    return [png_bytes(4, 4, (9, 9, 9)), ("second.bin", params["pipe"])]
