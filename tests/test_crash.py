@@ -64,7 +64,7 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
             # The demo job was found again under its stored id, not submitted twice.
             assert task["attempts"] == 1, f"seed {seed}: {task}"
             if expect == "succeeded":
-                [meta] = task["files"]
+                [meta] = store.get_task(task_id)["files"]      # with the folder it is in
                 with open(FileStore(str(tmp_path / "files")).entry_path(task_id, meta), "rb") as fh:
                     body = fh.read()
                 assert hashlib.sha256(body).hexdigest() == meta["sha256"]
