@@ -135,6 +135,23 @@ def test_a_task_failed_past_its_deadline_loses_its_files(users, sqlite_store, fi
     assert not os.path.exists(os.path.join(files.root, task_id))
 
 
+def test_a_task_the_worker_fails_loses_the_copies_an_earlier_lease_left(users, sqlite_store, files, clock, worker):
+    uid = sqlite_store.user_by_name("alice")["id"]
+    task = sqlite_store.submit(uid, "demo", {"fail": True, "duration_s": 1}, now=clock(),
+                               deadline_at=clock() + 600)[0]
+    # A worker saved a copy under its lease, then died.
+    held = sqlite_store.claim_task(task["id"], "test:9:gone", now=clock(), lease_s=5)
+    files.save(task["id"], "out_0.png", [b"x"], max_bytes=100, scope=lease_dir(held["lease_token"]))
+    clock.advance(6)
+    for _ in range(10):
+        worker.run_once(clock())
+        if sqlite_store.get_task(task["id"])["status"] == "failed":
+            break
+        clock.advance(1)
+    assert sqlite_store.get_task(task["id"])["status"] == "failed"
+    assert not os.path.exists(os.path.join(files.root, task["id"]))
+
+
 def test_retention_removes_copies_no_finished_task_lists(users, sqlite_store, files, clock, worker):
     # A task cancelled while its worker was saving (the worker then died),
     # and a succeeded task with a stale lease's copy beside its own.
