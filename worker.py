@@ -19,6 +19,7 @@ until the deadline; the sweeper ends the task then.
 """
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -435,7 +436,6 @@ class Worker:
         this lease's folder is not wanted."""
         saved, lost, expired = [], status.missing, False
         names = set()
-        published = None
         for i, output in enumerate(status.outputs):
             name = _unique(safe_file_name(output.name or f"out_{i}"), names)
             try:
@@ -458,6 +458,11 @@ class Worker:
                 self._later(task, now, f"download: {exc}", retry_after=exc.retry_after)
                 return False
             except OSError as exc:
+                if isinstance(exc, FileNotFoundError) and not os.path.isdir(
+                        os.path.dirname(self.files.path(task["id"], name, scope))):
+                    # The folder went while we wrote: the task ended (cancelled,
+                    # past its deadline) and its files were removed.
+                    raise Conflict(f"the task ended while {name} was being saved", code="task_finished") from None
                 if not no_space(exc):
                     raise
                 # A full disk: the next try is after a backoff, by which time
