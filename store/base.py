@@ -87,8 +87,11 @@ class BaseStore:
     def update(self, task_id, *, token, now, release=False, **changes):
         """Apply `changes` to a task held with lease `token` (None: no lease
         check, for users and admins). Checks the transition table; settles
-        credits when the task ends; `release` drops the lease. StaleLease when
-        the token is old, Conflict for an illegal transition, NotFound."""
+        credits when the task ends; `release` drops the lease. `files`
+        entries with a `dir` (the lease folder they were written in) must
+        name this token's folder (ValueError otherwise): files are fenced
+        like rows. StaleLease when the token is old, Conflict for an illegal
+        transition, NotFound."""
         raise NotImplementedError
 
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
