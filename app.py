@@ -243,6 +243,12 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
         task = store.cancel(task_id_arg(task_id), user["id"], now=clock())
         if worker is not None:
             worker.cancel_at_provider(task)
+        if files is not None:
+            # A download of this task may have saved some files already.
+            try:
+                files.remove_unlisted(task["id"], task["files"])
+            except OSError:
+                pass        # retention's next pass removes them
         return {"task": task_json(task)}
 
     @app.post("/api/tasks/<task_id>/retry")
@@ -267,7 +273,9 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
         meta = next((f for f in task["files"] if f["name"] == name), None)
         if meta is None or files is None:
             raise NotFound("file not found", code="file_not_found")
-        path = files.path(task["id"], name)
+        # Where the fenced update that published it says (old tasks' entries
+        # name no lease folder).
+        path = files.entry_path(task["id"], meta)
         if not os.path.exists(path):
             expired = store.files_expired_at(task["id"])
             if expired is not None:

@@ -5,7 +5,7 @@ hand. It is safe while the server runs: it takes the same leases the worker
 takes, and releases only leases that ran out or whose process is gone.
 
     python recover.py [--dry-run] [--json]
-    python recover.py --audit [--fix] [--json]   # do the store and the files agree?
+    python recover.py --audit [--fix] [--sample N] [--json]   # do the store and the files agree?
     python recover.py --export FILE      # every row of every table, as JSON
     python recover.py --import FILE      # into an empty store
 
@@ -14,14 +14,16 @@ back up, truncate and create nothing (an older schema is an error instead).
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import random
 import sys
 import time
 
 from errors import HoldfastError, NotFound
-from store import lease_owner_id, owner_is_dead
+from store import TERMINAL, lease_owner_id, owner_is_dead
 
 log = logging.getLogger("holdfast.recover")
 EXPORT_FORMAT = "holdfast-export"
@@ -76,7 +78,7 @@ def recover(store, providers, *, now, files=None, dry_run=False):
     # server): its files stay.
     partial, in_use = [], []
     for path in files.partial_files() if files is not None else ():
-        (in_use if _held(store, os.path.basename(os.path.dirname(path)), now, dead) else partial).append(path)
+        (in_use if _held(store, files.task_of(path), now, dead) else partial).append(path)
     report["partial_files"] = partial
     report["partial_files_in_use"] = in_use
     if not dry_run:
@@ -96,6 +98,8 @@ def recover(store, providers, *, now, files=None, dry_run=False):
 def _held(store, task_id, now, dead):
     """True while a live worker holds the task: a lease not run out, of an
     owner that is not a dead local process."""
+    if task_id is None:
+        return False
     try:
         task = store.get_task(task_id)
     except NotFound:
@@ -116,19 +120,23 @@ def summary(report):
     return "; ".join(parts) + f" ({verb} what was found)"
 
 
-def audit(store, files, *, now, fix=False):
+def audit(store, files, *, now, fix=False, sample=None, rng=random):
     """Check that the store and the file store agree: finished tasks whose
-    files are missing (or of the wrong size), finished tasks still holding
-    reserved credits, ledger settlements that contradict their task's
-    status, and file folders of tasks that do not exist. With `fix`, repair
-    what is safe: settle the stray reservations (charge or refund, once, as
-    the task's status says) and delete the orphan folders; the rest is
-    reported for a human. Returns a report (a dict); `unfixed` counts what
-    is still wrong."""
+    files are missing, of the wrong size, or whose bytes do not match their
+    sha256 (every file, or a random `sample` of them, named in the report),
+    finished tasks still holding reserved credits, ledger settlements that
+    contradict their task's status, copies in finished tasks' folders that
+    the task does not list (a stale lease's, a failed or cancelled task's),
+    and file folders of tasks that do not exist. With `fix`, repair what is
+    safe: settle the stray reservations (charge or refund, once, as the
+    task's status says) and delete the unlisted copies and orphan folders;
+    the rest is reported for a human. Returns a report (a dict); `unfixed`
+    counts what is still wrong."""
     report = {"audit": True, "fix": fix}
 
-    missing = []
+    missing, corrupt, checked, total = [], [], [], 0
     if files is not None:
+        present = []        # (task_id, meta, path) of files there in the right size
         after = None
         while True:
             page = store.files_listed(after=after, limit=1000)
@@ -138,21 +146,37 @@ def audit(store, files, *, now, fix=False):
                 lost, wrong = [], []
                 for meta in listed:
                     try:
-                        size = os.path.getsize(files.path(task_id, meta["name"]))
+                        path = files.entry_path(task_id, meta)
+                        size = os.path.getsize(path)
                     except (OSError, HoldfastError):
                         lost.append(meta["name"])
                         continue
                     if size != meta.get("size"):
                         wrong.append(meta["name"])
+                    else:
+                        present.append((task_id, meta, path))
                 if lost or wrong:
                     missing.append({"task_id": task_id, "missing": lost, "wrong_size": wrong})
             if len(page) < 1000:
                 break
             after = page[-1][0]
+        total = len(present)
+        if sample is not None and sample < total:
+            present = sorted(rng.sample(present, sample), key=lambda p: (p[0], p[1]["name"]))
+        for task_id, meta, path in present:
+            checked.append(f"{task_id}/{meta['name']}")
+            digest = _sha256(path)
+            if digest is not None and digest != meta.get("sha256"):
+                corrupt.append({"task_id": task_id, "name": meta["name"], "sha256": digest,
+                                "expected": meta.get("sha256")})
         # Retention may have deleted some of them while we looked: not a problem.
-        present = store.existing_task_ids([m["task_id"] for m in missing])
-        missing = [m for m in missing if m["task_id"] in present and store.files_expired_at(m["task_id"]) is None]
+        still = store.existing_task_ids({m["task_id"] for m in missing + corrupt})
+        missing = [m for m in missing if m["task_id"] in still and store.files_expired_at(m["task_id"]) is None]
+        corrupt = [c for c in corrupt if c["task_id"] in still and store.files_expired_at(c["task_id"]) is None]
     report["tasks_missing_files"] = missing
+    report["sha256_mismatches"] = corrupt
+    report["sha256_checked"] = {"files": len(checked), "of": total,
+                                "sample": checked if sample is not None else None}
 
     stray = [t["id"] for t in store.stray_reservations()]
     report["stray_reservations"] = stray
@@ -163,30 +187,67 @@ def audit(store, files, *, now, fix=False):
 
     report["settlement_mismatches"] = store.settlement_mismatches()
 
-    orphans = []
+    orphans, unlisted = [], []
     if files is not None:
         folders = files.task_ids()
-        orphans = sorted(set(folders) - store.existing_task_ids(folders))
+        owners = store.files_of(folders)
+        orphans = sorted(set(folders) - set(owners))
+        for task_id in folders:
+            status, listed, expired = owners.get(task_id, (None, [], False))
+            if status in TERMINAL:
+                entries = files.unlisted(task_id, [] if expired else listed)
+                if entries:
+                    unlisted.append({"task_id": task_id, "status": status, "entries": entries})
     report["orphan_files"] = orphans
-    deleted = []
+    report["unlisted_files"] = unlisted
+    deleted, dropped = [], []
     if fix:
         for task_id in orphans:
             files.remove_task(task_id)
             deleted.append(task_id)
+        for entry in unlisted:
+            # Finished tasks' lists never change again: what they do not
+            # list now, nothing will serve.
+            status, listed, expired = owners[entry["task_id"]]
+            files.remove_unlisted(entry["task_id"], [] if expired else listed)
+            dropped.append(entry["task_id"])
     report["orphans_deleted"] = deleted
+    report["unlisted_deleted"] = dropped
 
-    report["found"] = len(missing) + len(stray) + len(report["settlement_mismatches"]) + len(orphans)
-    report["unfixed"] = report["found"] - len([v for v in settled.values() if v]) - len(deleted)
+    report["found"] = (len(missing) + len(corrupt) + len(stray) + len(report["settlement_mismatches"])
+                       + len(orphans) + len(unlisted))
+    report["unfixed"] = report["found"] - len([v for v in settled.values() if v]) - len(deleted) - len(dropped)
     report["summary"] = audit_summary(report)
     return report
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None         # deleted by retention meanwhile
+    return digest.hexdigest()
 
 
 def audit_summary(report):
     settled = " (settled)" if report["reservations_settled"] else ""
     deleted = " (deleted)" if report["orphans_deleted"] else ""
+    dropped = " (deleted)" if report["unlisted_deleted"] else ""
+    checked = report["sha256_checked"]
+    if checked["sample"] is None:
+        scope = f"of all {checked['of']} stored file(s)"
+    else:
+        scope = (f"of a random sample of {checked['files']} of {checked['of']} stored file(s): "
+                 + (", ".join(checked["sample"]) or "none"))
     parts = [f"{len(report['tasks_missing_files'])} finished task(s) missing files",
+             f"{len(report['sha256_mismatches'])} file(s) whose bytes do not match their sha256 "
+             f"(checked {scope})",
              f"{len(report['stray_reservations'])} stray reservation(s){settled}",
              f"{len(report['settlement_mismatches'])} settlement(s) contradicting their task",
+             f"{len(report['unlisted_files'])} finished task(s) with files they do not list{dropped}",
              f"{len(report['orphan_files'])} folder(s) of files without a task{deleted}"]
     verdict = "consistent" if not report["found"] else (
         "all fixed" if not report["unfixed"] else f"{report['unfixed']} problem(s) left for a human")
@@ -235,7 +296,10 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="report only; change nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--fix", action="store_true",
-                        help="with --audit: settle stray reservations and delete orphan files")
+                        help="with --audit: settle stray reservations and delete orphan and unlisted files")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="with --audit: check the sha256 of N random stored files (named in the "
+                             "report) instead of all of them")
     move = parser.add_mutually_exclusive_group()
     move.add_argument("--export", metavar="FILE", help="write every row of every table to FILE")
     move.add_argument("--import", dest="import_", metavar="FILE", help="load FILE into an empty store")
@@ -244,6 +308,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.fix and not args.audit:
         parser.error("--fix goes with --audit")
+    if args.sample is not None and (not args.audit or args.sample < 1):
+        parser.error("--sample N goes with --audit, and N is at least 1")
     if args.audit and args.dry_run:
         parser.error("--audit changes nothing unless --fix is given; drop --dry-run")
     try:
@@ -260,7 +326,7 @@ def main(argv=None):
                 report = {"imported": import_data(store, args.import_), "file": args.import_}
                 report["summary"] = f"imported {report['imported']} from {args.import_}"
             elif args.audit:
-                report = audit(store, files, now=time.time(), fix=args.fix)
+                report = audit(store, files, now=time.time(), fix=args.fix, sample=args.sample)
             else:
                 report = recover(store, providers, now=time.time(), files=files, dry_run=args.dry_run)
         finally:

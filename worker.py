@@ -19,6 +19,7 @@ until the deadline; the sweeper ends the task then.
 """
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -30,9 +31,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 import metrics
 from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
-                    ProviderUnavailable, ResultExpired, StaleLease)
+                    ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import SLOT_STEP, lease_owner_id, owner_is_dead, safe_file_name
+from store import SLOT_STEP, TERMINAL, lease_dir, lease_owner_id, no_space, owner_is_dead, safe_file_name
 
 log = logging.getLogger("holdfast.worker")
 
@@ -73,6 +74,7 @@ class Worker:
         self._inflight = 0
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
+        self._told = {}    # task id or job name -> the repeating failure last logged for it
         self._lock = threading.Lock()
         self.last_tick = None
 
@@ -118,8 +120,16 @@ class Worker:
         def run():
             try:
                 fn()
+            except StoreUnavailable as exc:
+                # A full disk fails every tick: one line when it starts.
+                if self._told.get(fn.__name__) != exc.message:
+                    log.warning("%s: %s; trying again every tick", fn.__name__, exc.message)
+                self._told[fn.__name__] = exc.message
             except Exception:
                 log.exception("%s failed; the next tick tries again", fn.__name__)
+            else:
+                if self._told.pop(fn.__name__, None) is not None:
+                    log.info("%s works again", fn.__name__)
         run.__name__ = fn.__name__
         return run
 
@@ -220,6 +230,10 @@ class Worker:
         except (StaleLease, Conflict) as exc:
             # Cancelled, finished or taken over meanwhile: its new owner decides.
             log.info("task %s: %s", task["id"], exc)
+        except StoreUnavailable as exc:
+            # A full disk or a store that went away: one line, not a
+            # traceback per task and tick; the task is looked at again.
+            self._later(task, now, f"store unavailable: {exc.message}", quiet=True)
         except Exception as exc:
             log.exception("task %s: unexpected error; retrying later", task["id"])
             self._later(task, now, f"internal: {exc}")
@@ -397,7 +411,29 @@ class Worker:
                 "provider_lost", f"{what}, after {task['attempts']} attempt(s)"))
 
     def _collect(self, task, provider, status, now):
-        """Save every output before the task may say succeeded."""
+        """Save every output before the task may say succeeded.
+
+        The files go into this lease's own folder, published by the fenced
+        update that ends the task: a worker that lost its lease meanwhile
+        writes only where nobody looks, and removes that folder when the
+        store refuses it (see store/files.py)."""
+        scope = lease_dir(task["lease_token"])
+        published = False
+        try:
+            published = self._save_outputs(task, provider, status, now, scope)
+        except StoreUnavailable:
+            # The update that publishes may have committed before the store
+            # failed (a PostgreSQL COMMIT in doubt): keep the folder. Whoever
+            # ends the task, or retention, removes it if it was not published.
+            published = None
+            raise
+        finally:
+            if published is False:
+                self.files.discard(task["id"], scope)
+
+    def _save_outputs(self, task, provider, status, now, scope):
+        """_collect's work; True once the files are published, False when
+        this lease's folder is not wanted."""
         saved, lost, expired = [], status.missing, False
         names = set()
         for i, output in enumerate(status.outputs):
@@ -405,7 +441,7 @@ class Worker:
             try:
                 saved.append(self.files.save(task["id"], name, provider.fetch(task, output),
                                              max_bytes=provider.max_file_bytes,
-                                             content_type=output.content_type))
+                                             content_type=output.content_type, scope=scope))
                 metrics.DOWNLOADS.inc(provider.name, "saved")
                 metrics.DOWNLOAD_BYTES.inc(provider.name, amount=saved[-1]["size"])
             except ResultExpired as exc:
@@ -419,18 +455,35 @@ class Worker:
                 lost += 1
             except ProviderUnavailable as exc:
                 metrics.DOWNLOADS.inc(provider.name, "retry")
-                return self._later(task, now, f"download: {exc}", retry_after=exc.retry_after)
+                self._later(task, now, f"download: {exc}", retry_after=exc.retry_after)
+                return False
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) and not os.path.isdir(
+                        os.path.dirname(self.files.path(task["id"], name, scope))):
+                    # The folder went while we wrote: the task ended (cancelled,
+                    # past its deadline) and its files were removed.
+                    raise Conflict(f"the task ended while {name} was being saved", code="task_finished") from None
+                if not no_space(exc):
+                    raise
+                # A full disk: the next try is after a backoff, by which time
+                # retention or an operator may have made room.
+                metrics.DOWNLOADS.inc(provider.name, "retry")
+                self._later(task, now, f"cannot save {name}: {exc.strerror}", quiet=True)
+                return False
         if saved and lost:
             self._finish(task, now, "partial", files=saved,
                          error=("result_expired" if expired else "invalid_result",
                                 f"{lost} of {lost + len(saved)} outputs could not be saved"))
+            return True
         elif saved:
             self._finish(task, now, "succeeded", files=saved)
+            return True
         elif expired:
             self._finish(task, now, "failed", error=("result_expired",
                                                      "the result links expired before they were saved"))
         else:
             self._finish(task, now, "failed", error=("invalid_result", "the provider returned no usable output"))
+        return False
 
     def _finish(self, task, now, status, *, error=None, files=None, **changes):
         changes.update(status=status, step="done" if status != "failed" else "failed")
@@ -440,20 +493,41 @@ class Worker:
             changes["files"] = files
             changes["progress"] = 1.0
         # The store logs the change (holdfast.tasks), once it is committed.
-        self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
+        done = self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
+        self._told.pop(task["id"], None)
+        self.drop_unlisted_files(done)
 
-    def _later(self, task, now, reason, retry_after=None):
-        """A transient failure: look again later; the deadline bounds it."""
+    def drop_unlisted_files(self, task):
+        """Once a task has ended: delete the copies of its files it does not
+        list (all of them when it ended without files: failed, cancelled,
+        timed out). Best effort; retention's pass finishes what fails here."""
+        if self.files is None or task["status"] not in TERMINAL:
+            return
+        try:
+            self.files.remove_unlisted(task["id"], task["files"])
+        except OSError as exc:
+            log.warning("task %s: could not remove unlisted files: %s", task["id"], exc)
+
+    def _later(self, task, now, reason, retry_after=None, quiet=False):
+        """A transient failure: look again later; the deadline bounds it.
+        `quiet`: a reason repeated from the last try (a full disk) is not
+        logged again, whether or not the store could record it."""
         state = dict(task["state"] or {})
         failures = state.get("failures", 0) + 1
+        repeated = quiet and reason[:500] in (state.get("last_error"), self._told.get(task["id"]))
+        if quiet:
+            if len(self._told) > 10_000:
+                self._told.clear()     # tasks that ended elsewhere (cancelled) leave entries
+            self._told[task["id"]] = reason[:500]
         state.update(failures=failures, last_error=reason[:500])
         delay = max(TRANSIENT.delay(failures), retry_after or 0)
-        log.warning("task %s: %s; next try in %.0fs", task["id"], reason, delay)
+        log.log(logging.DEBUG if repeated else logging.WARNING, "task %s: %s; next try in %.0fs",
+                task["id"], reason, delay)
         try:
             self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=now + delay,
                                   polls=task["polls"], state=state)
         except HoldfastError as exc:
-            log.info("task %s: not rescheduled: %s", task["id"], exc)
+            log.log(logging.DEBUG if quiet else logging.INFO, "task %s: not rescheduled: %s", task["id"], exc)
 
     def poll_interval(self, task, provider, now):
         """The first poll after poll_interval_s, then a tenth of the task's age,
@@ -485,6 +559,7 @@ class Worker:
             except Conflict:
                 continue
             ended += 1
+            self.drop_unlisted_files(ended_task)
             self.cancel_at_provider(ended_task)
         return ended
 
@@ -498,7 +573,9 @@ class Worker:
         them, so a crash between the two leaves nothing a later run cannot
         finish. Returns what was deleted."""
         now = self.clock() if now is None else now
-        done = {"files": 0, "tasks": 0, "events": 0, "sessions": 0}
+        done = {"files": 0, "copies": 0, "tasks": 0, "events": 0, "sessions": 0}
+        if self.files is not None:
+            done["copies"] = self.drop_stray_copies()
         while self.files is not None:
             ids = self.store.tasks_with_old_files(before=now - self.keep_files_s, limit=CLEANUP_BATCH)
             for task_id in ids:
@@ -523,9 +600,29 @@ class Worker:
             if n:
                 metrics.RETENTION.inc(what, amount=n)
         if any(done.values()):
-            log.info("retention: deleted %(files)d task(s)' files, %(tasks)d finished task(s), "
-                     "%(events)d event(s), %(sessions)d expired session(s)", done)
+            log.info("retention: deleted %(files)d task(s)' files, %(copies)d unlisted copies, "
+                     "%(tasks)d finished task(s), %(events)d event(s), %(sessions)d expired session(s)", done)
         return done
+
+    def drop_stray_copies(self):
+        """Delete what the folders of finished tasks hold that the tasks do
+        not list: a lease's copy that was never published, the files of a
+        task that ended without them (failed, cancelled, timed out), what
+        was left after retention expired them. Active tasks' folders are
+        being written; folders of tasks the store does not know are left
+        to `recover.py --audit --fix` (a restored backup would lose them).
+        Returns how many copies went."""
+        removed = 0
+        ids = self.files.task_ids()
+        for i in range(0, len(ids), CLEANUP_BATCH):
+            for task_id, (status, listed, expired) in self.store.files_of(ids[i:i + CLEANUP_BATCH]).items():
+                if status not in TERMINAL:
+                    continue
+                try:
+                    removed += len(self.files.remove_unlisted(task_id, [] if expired else listed))
+                except OSError as exc:
+                    log.warning("task %s: could not remove unlisted files: %s", task_id, exc)
+        return removed
 
     def cancel_at_provider(self, task):
         """Best effort, never in a request's or a transaction's way."""

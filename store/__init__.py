@@ -21,7 +21,7 @@ import os
 from errors import ConfigError, InvalidInput, StoreUnavailable
 
 from .base import BaseStore
-from .files import CONTENT_TYPES, FileStore, safe_file_name
+from .files import CONTENT_TYPES, FileStore, lease_dir, no_space, safe_file_name
 from .jsonfile import JsonStore
 from .postgres import PostgresStore
 from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS, MAX_JSON_DEPTH,
@@ -41,8 +41,8 @@ __all__ = [
     "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore",
     "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User",
     "check_json", "check_session_key", "check_transition", "check_user_limits", "dumps", "event_json",
-    "hash_token", "history_day", "iso", "lease_owner_id", "new_task_id", "open_store",
-    "owner_is_dead", "safe_file_name", "session_json", "stuck_reasons", "task_json",
+    "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id", "new_task_id", "no_space",
+    "open_store", "owner_is_dead", "safe_file_name", "session_json", "stuck_reasons", "task_json",
     "too_deep",
 ]
 

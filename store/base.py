@@ -23,7 +23,10 @@ class BaseStore:
         """Release connections and files."""
 
     def health(self):
-        """Raise StoreUnavailable when the store cannot answer."""
+        """Raise StoreUnavailable when the store cannot answer, when the disk
+        it keeps its files on is full, or while writes fail: from a failed
+        write until one commits again (a small probe write, at most every
+        few seconds, finds that out on an idle server)."""
         raise NotImplementedError
 
     # users
@@ -84,8 +87,11 @@ class BaseStore:
     def update(self, task_id, *, token, now, release=False, **changes):
         """Apply `changes` to a task held with lease `token` (None: no lease
         check, for users and admins). Checks the transition table; settles
-        credits when the task ends; `release` drops the lease. StaleLease when
-        the token is old, Conflict for an illegal transition, NotFound."""
+        credits when the task ends; `release` drops the lease. `files`
+        entries with a `dir` (the lease folder they were written in) must
+        name this token's folder (ValueError otherwise): files are fenced
+        like rows. StaleLease when the token is old, Conflict for an illegal
+        transition, NotFound."""
         raise NotImplementedError
 
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
@@ -304,6 +310,13 @@ class BaseStore:
         """[(task_id, files, expired)] of succeeded and partial tasks that list
         result files, in id order after task id `after` (page by the last
         id); `expired` is True once retention deleted the files."""
+        raise NotImplementedError
+
+    def files_of(self, task_ids):
+        """{task_id: (status, files, expired)} for those of `task_ids` that
+        are tasks in the store, whatever their status: who a folder in the
+        file store belongs to, and which of its copies the task lists.
+        `expired` is True once retention deleted the task's files."""
         raise NotImplementedError
 
     def settlement_mismatches(self):

@@ -1,16 +1,37 @@
 """FileStore: tasks' result files on disk, and the names and content types
 they may have. Kept apart from the database stores: files live beside
-whichever backend holds the tasks."""
+whichever backend holds the tasks.
 
+Files are fenced like rows (DESIGN guarantee 3). A worker writes a task's
+results into a folder of its own lease, data/files/<task id>/_lease<token>/,
+and the task's `files` entries name that folder (`dir`). Nothing serves or
+counts a copy until the fenced store update that records the entries has
+committed, and the store refuses that update from a lease that was taken
+over: so a worker that lost its lease can write bytes, but never over the
+ones another lease published. Copies no entry names (a refused lease's, a
+crashed download's, every copy of a task that ended without files) are
+removed by whoever learns they are unlisted: the worker after a refused
+update, the end of the task, retention, `recover.py --audit --fix`.
+
+Tasks finished before this layout list entries without `dir`; their files
+sit directly in the task's folder and are served from there.
+"""
+
+import errno
 import hashlib
 import os
 import re
 import secrets
+import shutil
 
 from errors import InvalidInput, NotFound
 
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
+# A lease's folder starts with "_", which no result file name can (they
+# start with a letter or digit): the two never collide in a task's folder.
+_LEASE_DIR = re.compile(r"^_lease[0-9]{1,18}$")
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                  ".webp": "image/webp", ".gif": "image/gif", ".mp4": "video/mp4",
                  ".webm": "video/webm", ".mp3": "audio/mpeg", ".wav": "audio/wav",
@@ -25,24 +46,46 @@ def safe_file_name(name):
     return base if _FILE_NAME.match(base) else "file"
 
 
+def lease_dir(token):
+    """The folder, inside its task's, where the lease `token` writes."""
+    return f"_lease{int(token)}"
+
+
+def no_space(exc):
+    """True for an OSError that says the disk (or a quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class FileStore:
-    """Result files under data/files/<task id>/<name>, written atomically
-    (temporary file, fsync, rename) with their size and sha256."""
+    """Result files under data/files/<task id>/[<lease dir>/]<name>, written
+    atomically (temporary file, fsync, rename) with their size and sha256."""
 
     def __init__(self, root, *, create=True):
         self.root = os.path.abspath(root)
         if create:
             os.makedirs(self.root, exist_ok=True)
 
-    def path(self, task_id, name):
-        if not re.match(r"^t_[0-9A-Z]{26}$", task_id) or not _FILE_NAME.match(name):
+    def path(self, task_id, name, scope=None):
+        """Where the file `name` is: in the lease folder `scope` (a files
+        entry's `dir`), or, for tasks written before lease folders, directly
+        in the task's folder. NotFound for a name holdfast never writes."""
+        if (not _TASK_ID.match(task_id) or not _FILE_NAME.match(name)
+                or (scope is not None and not _LEASE_DIR.match(str(scope)))):
             raise NotFound("file not found", code="file_not_found")
-        return os.path.join(self.root, task_id, name)
+        if scope is None:
+            return os.path.join(self.root, task_id, name)
+        return os.path.join(self.root, task_id, scope, name)
 
-    def save(self, task_id, name, chunks, *, max_bytes, content_type=None):
-        """Write `chunks` (an iterable of bytes) as the task's file `name`.
-        InvalidInput when it passes `max_bytes`; nothing is left behind then."""
-        final = self.path(task_id, name)
+    def entry_path(self, task_id, meta):
+        """The path of one of a task's `files` entries."""
+        return self.path(task_id, meta["name"], meta.get("dir"))
+
+    def save(self, task_id, name, chunks, *, max_bytes, content_type=None, scope=None):
+        """Write `chunks` (an iterable of bytes) as the task's file `name`,
+        in the lease folder `scope` (see lease_dir) when given. Returns the
+        files entry, `dir` included. InvalidInput when it passes `max_bytes`;
+        nothing is left behind then, nor after any other error."""
+        final = self.path(task_id, name, scope)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.{secrets.token_hex(4)}.part"
         digest = hashlib.sha256()
@@ -65,8 +108,11 @@ class FileStore:
                 pass
             raise
         ext = os.path.splitext(name)[1].lower()
-        return {"name": name, "size": size, "sha256": digest.hexdigest(),
+        meta = {"name": name, "size": size, "sha256": digest.hexdigest(),
                 "content_type": content_type or CONTENT_TYPES.get(ext, "application/octet-stream")}
+        if scope is not None:
+            meta["dir"] = scope
+        return meta
 
     def task_ids(self):
         """The task ids that have a folder here, sorted; other entries are
@@ -76,7 +122,12 @@ class FileStore:
         except FileNotFoundError:
             return []      # opened with create=False before any file was saved
         return sorted(n for n in names
-                      if re.match(r"^t_[0-9A-Z]{26}$", n) and os.path.isdir(os.path.join(self.root, n)))
+                      if _TASK_ID.match(n) and os.path.isdir(os.path.join(self.root, n)))
+
+    def task_of(self, path):
+        """The task id a path under this store belongs to, or None."""
+        rel = os.path.relpath(path, self.root).split(os.sep)
+        return rel[0] if rel and _TASK_ID.match(rel[0]) else None
 
     def partial_files(self):
         """Temporary files left by downloads a crash interrupted."""
@@ -85,20 +136,59 @@ class FileStore:
             found += [os.path.join(folder, n) for n in names if n.endswith(".part")]
         return sorted(found)
 
+    def unlisted(self, task_id, listed):
+        """What the task's folder holds that its `files` entries `listed` do
+        not name: lease folders and (pre-lease) files, as names inside the
+        task's folder, sorted."""
+        try:
+            names = os.listdir(os.path.join(self.root, task_id))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        named = {meta.get("dir") or meta["name"] for meta in listed}
+        return sorted(n for n in names if n not in named)
+
+    def remove_unlisted(self, task_id, listed):
+        """Delete what `unlisted` finds (the whole folder when nothing is
+        listed). Returns the names removed."""
+        stray = self.unlisted(task_id, listed)
+        if not listed:
+            self.remove_task(task_id)
+            return stray
+        for name in stray:
+            self.discard(task_id, name)
+        return stray
+
+    def discard(self, task_id, name):
+        """Delete one lease folder (or pre-lease file) of the task, and the
+        task's folder if that leaves it empty."""
+        if not _TASK_ID.match(task_id) or not (_LEASE_DIR.match(name) or _FILE_NAME.match(name)
+                                                or name.endswith(".part")):
+            return
+        folder = os.path.join(self.root, task_id)
+        _remove(os.path.join(folder, name))
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass        # not empty, or already gone
+
     def remove_task(self, task_id):
         """Delete the task's files and folder. Another process removing them
         at the same moment (retention, an audit's --fix) is not an error."""
-        folder = os.path.join(self.root, task_id)
-        try:
-            names = os.listdir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for name in names:
-            try:
-                os.unlink(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
-        try:
-            os.rmdir(folder)
-        except FileNotFoundError:
-            pass
+        if _TASK_ID.match(task_id):
+            _remove(os.path.join(self.root, task_id))
+
+
+def _remove(path):
+    """Delete a file or a folder tree; what vanished meanwhile is no error."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, onerror=_gone_is_fine)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _gone_is_fine(fn, path, exc_info):
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]

@@ -129,6 +129,9 @@ class JsonStore(SqlStore):
             if outer and not self._replaying and self._journal_bytes > self._compact_threshold():
                 self._compact_when_due()
 
+    def _local_dir(self):
+        return os.path.dirname(os.path.abspath(self.snapshot_path))
+
     def _exec(self, sql, params=()):
         if self._depth and not self._replaying and not sql.lstrip().upper().startswith("SELECT"):
             self._pending.append((sql, list(params)))

@@ -326,7 +326,9 @@ def task_json(task):
         "step": task["step"], "progress": task["progress"],
         "dedupe_key": task["dedupe_key"], "params": task["params"],
         "external_id": task["external_id"], "attempts": task["attempts"],
-        "files": [dict(f, url=f"/api/tasks/{tid}/files/{f['name']}") for f in task["files"]],
+        # `dir` (the lease folder the file is in) is the file store's business.
+        "files": [{**{k: v for k, v in f.items() if k != "dir"}, "url": f"/api/tasks/{tid}/files/{f['name']}"}
+                  for f in task["files"]],
         "error": task["error"], "cost": task["cost"], "credits": task["credits"],
         "retry_of": task["retry_of"],
         "created_at": iso(task["created_at"]), "updated_at": iso(task["updated_at"]),

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import secrets
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
                     TooMany)
 
 from .base import BaseStore
+from .files import lease_dir
 from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
                      TERMINAL, check_transition, check_user_limits, dumps, event_json, hash_token,
                      history_day, new_task_id, task_json)
@@ -47,6 +49,13 @@ _UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts",
                         "error", "next_poll_at", "polls", "started_at", "state",
                         "lease_expires_at"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Below this much free space where the store keeps its files, health() says
+# the disk is full: writes fail (or soon will) there, even though a small
+# one may still fit into space the WAL or journal already holds.
+MIN_FREE_BYTES = 1 << 20
+# After writes failed, health() tries one small write at most this often,
+# so an idle server does not stay unhealthy until a user writes again.
+PROBE_EVERY_S = 2.0
 
 
 def _check_updatable(changes):
@@ -72,6 +81,15 @@ def _log_change(task_id, user_id, provider, old, new, error, credits, external_i
 
 
 
+def _cause(exc):
+    """The error that made a transaction fail. When SQLite rolled back by
+    itself (a full disk), peewee's own ROLLBACK then fails with "no
+    transaction is active", which would hide the real reason."""
+    while "no transaction is active" in str(exc) and exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
+
+
 def _once(fn):
     """fn, called at most once however often the wrapper is."""
     done = []
@@ -94,6 +112,8 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
         self._sql_cache = {}
         self._wrote_events = threading.local()
         self._changes = threading.local()
+        self._write_failure = None     # the last write error, until a write commits again
+        self._probed_at = 0.0
 
     # one seam for driver errors; every write transaction runs inside it, so
     # leaving the outermost one is after the commit: tell the listeners then,
@@ -106,7 +126,16 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
             committed = True
         except (peewee.OperationalError, peewee.InterfaceError) as exc:
             # InterfaceError: a pooled connection that died under us.
-            raise StoreUnavailable(f"store error: {exc}") from exc
+            cause = _cause(exc)
+            if "lock" not in str(cause).lower():
+                # Waiting for another writer is contention, not a store
+                # that cannot write.
+                self._write_failure = str(cause)
+            raise StoreUnavailable(f"store error: {cause}") from exc
+        except StoreUnavailable as exc:
+            if exc.code == StoreUnavailable.code:
+                self._write_failure = exc.message     # e.g. the JSON journal could not be written
+            raise
         except peewee.DataError as exc:
             # A value the database refuses, e.g. a NUL in PostgreSQL text.
             raise InvalidInput(f"the store cannot keep this value: {exc}") from exc
@@ -123,6 +152,9 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
                         fn(*args)
             if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
                 self._wrote_events.flag = False
+                if committed:
+                    # A change users see reached the store: writes work.
+                    self._write_failure = None
                 for callback in self._event_listeners:
                     callback()
 
@@ -264,6 +296,34 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
     def health(self):
         with self._seam():
             self._one("SELECT 1")
+        folder = self._local_dir()
+        if folder is not None:
+            try:
+                free = shutil.disk_usage(folder).free
+            except OSError:
+                free = None
+            if free is not None and free < MIN_FREE_BYTES:
+                raise StoreUnavailable(f"database or disk is full: {free} bytes free in {folder}")
+        if self._write_failure is not None and time.monotonic() - self._probed_at >= PROBE_EVERY_S:
+            self._probed_at = time.monotonic()
+            try:
+                self._probe_write()
+            except StoreUnavailable:
+                pass
+        failure = self._write_failure
+        if failure is not None:
+            raise StoreUnavailable(f"writes are failing: {failure}")
+
+    def _local_dir(self):
+        """The folder this store keeps its files in, or None (a server's)."""
+        return None
+
+    def _probe_write(self):
+        """One small real write; clears the recorded failure if it commits."""
+        with self._seam(), self._write():
+            self._exec("UPDATE schema_version SET applied_at = applied_at "
+                       "WHERE version = (SELECT MAX(version) FROM schema_version)")
+        self._write_failure = None
 
     @staticmethod
     def _task(row):
@@ -485,6 +545,12 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
         if old in TERMINAL:
             raise Conflict(f"task is already {old}", code="task_finished")
         check_transition(old, new)
+        if token is not None and "files" in changes:
+            # The fence for files: a lease publishes only what it wrote in
+            # its own folder, and only while the token above is current.
+            own = lease_dir(token)
+            if any(f.get("dir", own) != own for f in changes["files"]):
+                raise ValueError(f"lease {token} may publish only files in {own}")
         error = changes.get("error")
         if error is not None and error.get("code") not in ERROR_CODES:
             raise ValueError(f"unknown error code {error.get('code')!r}")

@@ -77,6 +77,18 @@ class UpkeepSql:
                 (after or "", limit)).fetchall()
         return [(r[0], json.loads(r[1]), r[2] is not None) for r in rows]
 
+    def files_of(self, task_ids):
+        found = {}
+        task_ids = list(task_ids)
+        with self._seam():
+            for i in range(0, len(task_ids), 500):
+                chunk = task_ids[i:i + 500]
+                for task_id, status, files, expired in self._exec(
+                        "SELECT id, status, files, (SELECT 1 FROM file_expiry WHERE file_expiry.task_id = tasks.id) "
+                        f"FROM tasks WHERE id IN ({', '.join('?' * len(chunk))})", chunk).fetchall():
+                    found[task_id] = (status, json.loads(files or "[]"), expired is not None)
+        return found
+
     def settlement_mismatches(self):
         with self._seam():
             rows = self._exec(

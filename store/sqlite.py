@@ -61,6 +61,9 @@ class SqliteStore(SqlStore):
         with self._writer, self.db.atomic() as txn:
             yield txn
 
+    def _local_dir(self):
+        return None if self.path == ":memory:" else os.path.dirname(os.path.abspath(self.path))
+
     def _backup_before_migrating(self, current):
         """A consistent copy of the file (SQLite's backup API) in backups/
         beside it, taken before any migration touches the schema."""

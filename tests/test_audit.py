@@ -163,6 +163,21 @@ class TestAuditQueries:
         assert store.existing_task_ids([]) == set()
 
 
+    def test_files_of_says_whose_folder_it_is(self, store, tmp_path):
+        files = FileStore(str(tmp_path / "f"))
+        uid = store.create_user("alice")[0]["id"]
+        done = finished(store, files, uid)
+        failed = finished(store, files, uid, status="failed")
+        active = store.submit(uid, "demo", {}, now=T0, deadline_at=T0 + 1e6)[0]["id"]
+        store.mark_files_expired([done], now=T0)
+        got = store.files_of([done, failed, active, new_task_id(T0)])
+        assert set(got) == {done, failed, active}
+        status, listed, expired = got[done]
+        assert status == "succeeded" and [f["name"] for f in listed] == ["out_0.png"] and expired is True
+        assert got[failed] == ("failed", [], False) and got[active] == ("queued", [], False)
+        assert store.files_of([]) == {}
+
+
 def test_files_retention_deletes_during_the_audit_are_not_reported(tmp_path, monkeypatch):
     from recover import audit as run_audit
     store = SqliteStore(str(tmp_path / "holdfast.db"))

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from store import SqliteStore, open_store
+from store import FileStore, SqliteStore, open_store
 from support import ROOT, ServerProcess, api
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -64,8 +64,9 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
             # The demo job was found again under its stored id, not submitted twice.
             assert task["attempts"] == 1, f"seed {seed}: {task}"
             if expect == "succeeded":
-                [meta] = task["files"]
-                body = (tmp_path / "files" / task_id / meta["name"]).read_bytes()
+                [meta] = store.get_task(task_id)["files"]      # with the folder it is in
+                with open(FileStore(str(tmp_path / "files")).entry_path(task_id, meta), "rb") as fh:
+                    body = fh.read()
                 assert hashlib.sha256(body).hexdigest() == meta["sha256"]
         assert store.lease_owners() == []
     finally:

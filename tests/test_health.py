@@ -1,6 +1,7 @@
 """GET /healthz: no token, the queue's depth and age on a test clock, and 503
 when the store cannot answer or the worker's scheduler has stopped."""
 
+import os
 import shutil
 
 import pytest
@@ -100,3 +101,27 @@ def test_health_reads_only_active_tasks(sqlite_store):
     assert len(plans) == 2, plans
     for sql, plan in plans:
         assert plan.startswith("SEARCH tasks USING") and "SCAN" not in plan, (sql, plan)
+
+
+def test_a_failed_write_makes_healthz_503_until_a_write_commits_again(tmp_path, providers, config):
+    from store import JsonStore
+    store = JsonStore(str(tmp_path / "json"))
+    try:
+        app = create_app(store, providers, config)
+        client = WSGIClient(app, store.create_user("alice")[1])
+        assert health(app)[0] == 200
+        # The journal refuses every byte, as a full disk would.
+        journal, store._journal = store._journal, open(os.devnull, "rb", buffering=0)
+        res = client.post("/api/tasks", {"provider": "demo", "params": {}})
+        assert res.status == 503 and res.json()["error"]["code"] == "store_unavailable", res
+        assert "cannot write the JSON journal" in res.json()["error"]["message"]
+        status, body = health(app)
+        assert status == 503 and body["ok"] is False and "writes are failing" in body["store"], body
+        assert health(app)[0] == 503, "reads still work; it stays 503 while writes fail"
+
+        store._journal.close()
+        store._journal = journal
+        assert client.post("/api/tasks", {"provider": "demo", "params": {}}).status == 201
+        assert health(app)[0] == 200
+    finally:
+        store.close()

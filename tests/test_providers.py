@@ -103,7 +103,8 @@ class Rig:
         raise AssertionError(f"task did not finish: {task['status']} {task['step']} {task['state']}")
 
     def file_bytes(self, task_id, name):
-        with open(self.files.path(task_id, name), "rb") as fh:
+        meta = next(f for f in self.store.get_task(task_id)["files"] if f["name"] == name)
+        with open(self.files.entry_path(task_id, meta), "rb") as fh:
             return fh.read()
 
 

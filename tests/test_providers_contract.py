@@ -282,7 +282,7 @@ def test_through_the_worker_a_job_ends_succeeded_with_its_files(any_harness, sql
     task = run_through_worker(any_harness, sqlite_store, files, any_harness.good(tmp_path))
     assert task["status"] == "succeeded" and task["files"] and task["attempts"] == 1
     for meta in task["files"]:
-        with open(files.path(task["id"], meta["name"]), "rb") as fh:
+        with open(files.entry_path(task["id"], meta), "rb") as fh:
             assert fh.read().startswith(PNG_MAGIC)
 
 

@@ -29,7 +29,7 @@ class TestCleanupJob:
         old = run_until_done(worker, clock, client, alice, submit(client, alice))
         clock.advance(71 * HOUR)
         young = run_until_done(worker, clock, client, alice, submit(client, alice))
-        old_path = files.path(old["id"], old["files"][0]["name"])
+        old_path = files.entry_path(old["id"], sqlite_store.get_task(old["id"])["files"][0])
         assert os.path.exists(old_path)
 
         assert worker.cleanup(clock())["files"] == 0, "nothing is 72 hours old yet"
@@ -37,8 +37,8 @@ class TestCleanupJob:
         before = metrics.RETENTION.value("files")
         done = worker.cleanup(clock())
         assert done["files"] == 1 and metrics.RETENTION.value("files") == before + 1
-        assert not os.path.exists(old_path) and not os.path.exists(os.path.dirname(old_path))
-        assert os.path.exists(files.path(young["id"], young["files"][0]["name"]))
+        assert not os.path.exists(old_path) and not os.path.exists(os.path.join(files.root, old["id"]))
+        assert os.path.exists(files.entry_path(young["id"], sqlite_store.get_task(young["id"])["files"][0]))
 
         task = client.get(f"/api/tasks/{old['id']}", token=alice).json()["task"]
         assert task["files"] == old["files"] and task["version"] == old["version"]

@@ -12,7 +12,8 @@ import pytest
 
 from errors import (Conflict, HoldfastError, InvalidInput, NotFound, PaymentRequired, StaleLease,
                     StoreUnavailable, TooMany)
-from store import MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, JsonStore, PostgresStore, SqliteStore, task_json
+from store import (MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, JsonStore, PostgresStore, SqliteStore,
+                   lease_dir, task_json)
 
 
 def submit(store, user_id, now, **kw):
@@ -298,6 +299,20 @@ class TestLeases:
         assert row(store, task["id"]) == before
         store.update(task["id"], token=new["lease_token"], now=22.0, status="running")
         assert row(store, task["id"])["status"] == "running"
+
+    def test_a_lease_publishes_only_files_in_its_own_folder(self, store, alice):
+        task, _ = submit(store, alice["id"], 10.0)
+        held = store.claim("w1", now=10.0, limit=1, lease_s=30)[0]
+        store.update(task["id"], token=held["lease_token"], now=11.0, status="running")
+        meta = {"name": "out_0.png", "size": 1, "sha256": "0" * 64, "content_type": "image/png"}
+        other = dict(meta, dir=lease_dir(held["lease_token"] - 1))
+        with pytest.raises(ValueError):
+            store.update(task["id"], token=held["lease_token"], now=12.0, status="succeeded", files=[other])
+        assert row(store, task["id"])["files"] == []
+        own = dict(meta, dir=lease_dir(held["lease_token"]))
+        done = store.update(task["id"], token=held["lease_token"], now=12.0, status="succeeded", files=[own])
+        assert row(store, task["id"])["files"] == [own] and done["files"] == [own]
+        assert "dir" not in task_json(done)["files"][0], "where a file lies is not the API's business"
 
     def test_reschedule_releases_without_an_event(self, store, alice):
         task, _ = submit(store, alice["id"], 10.0)

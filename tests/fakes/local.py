@@ -58,3 +58,24 @@ def gate(params, report):
             raise TimeoutError("the gate never opened")
         time.sleep(0.01)
     return png_bytes(4, 4, (1, 2, 3))
+
+
+def held_first(params, report):
+    """The first call marks params["started"], then waits for the file
+    params["gate"] (at most 10 s); later calls return at once. Each call's
+    PNG is its own (the call number is its colour), so a test can tell
+    whose bytes a stored file holds."""
+    n = _count(params)
+    if n == 1:
+        Path(params["started"]).touch()
+        path, end = Path(params["gate"]), time.monotonic() + 10
+        while not path.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+    return png_bytes(4, 4, (n * 60 % 256, 10, 20))
+
+
+def with_pipe(params, report):
+    """Two results: a PNG, then the file params["pipe"] (a FIFO): saving the
+    second blocks until a test writes into the pipe, so the first is on disk
+    meanwhile and the task not yet finished."""
+    return [png_bytes(4, 4, (9, 9, 9)), ("second.bin", params["pipe"])]
