@@ -35,7 +35,7 @@ DEAD_LINK = frozenset({401, 403, 404, 410})
 # dropped and tried again later: a link dripping a byte every half second
 # never trips a per-read timeout and would hold a worker thread for good.
 MIN_RATE = 4096            # bytes a second
-RATE_GRACE_S = 10.0
+RATE_GRACE_S = 5.0
 CHECK_EVERY_S = 2.0        # how often a download asks the worker whether to go on
 
 
