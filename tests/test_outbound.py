@@ -22,6 +22,7 @@ from providers import Output, build_providers
 from providers import http as http_provider
 from providers.net import json_depth, parse_json, refusal
 from support import ServerProcess, api
+from worker import Worker
 
 try:
     from tests.fakes import FakeServer, Response, png_bytes
@@ -337,3 +338,75 @@ def test_json_depth_is_counted_outside_strings_without_recursion():
     assert parse_json(b'{"a": ["\\u00e9"]}', "x") == {"a": ["\u00e9"]}
     with pytest.raises(ValueError):
         parse_json(b'{"a": ', "x")
+
+
+# -- the worker's side of a download ------------------------------------------------------
+
+class DownloadRig:
+    """A KIE task whose result links are `paths` on the fake, run by a
+    worker on the real clock, in a thread of its own as the pool would."""
+
+    def __init__(self, store, files, kie, paths, **extra):
+        self.store, self.kie = store, kie
+        table = {"kie": {"type": "kie", "url": kie.url, "api_key_env": "KIE_TEST_KEY", "timeout_s": 2,
+                         "poll_interval_s": 0.05, "max_poll_interval_s": 0.1, **extra}}
+        self.providers = build_providers(table, env={"KIE_TEST_KEY": "test-key"})
+        self.worker = Worker(store, self.providers, files, clock=time.time, owner="test:1:w")
+        self.user = store.create_user("u")[0]
+        now = time.time()
+        self.task, _ = store.submit(self.user["id"], "kie", {"model": "m", "input": {"urls": [kie.url + p for p in paths]}},
+                                    now=now, deadline_at=now + self.providers["kie"].max_wait_s, cost=0)
+
+    def start_download(self, started):
+        """Step the task until its download starts (`started()` true), then
+        leave it downloading in a thread."""
+        end = time.monotonic() + 10
+        thread = None
+        while not started() and time.monotonic() < end:
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self.worker.run_once, daemon=True)
+                thread.start()
+            time.sleep(0.05)
+        assert started(), "the download never started"
+        return thread
+
+    def get(self):
+        return self.store.get_task(self.task["id"])
+
+
+@pytest.mark.parametrize("how", ["lease lost", "cancelled", "deadline"])
+def test_a_download_stops_when_its_lease_is_lost_its_task_ends_or_its_deadline_passes(
+        sqlite_store, files, monkeypatch, how):
+    monkeypatch.setattr(http_provider, "RATE_GRACE_S", 600.0)   # only the worker's check may stop it
+    with HostileKIE() as kie:
+        rig = DownloadRig(sqlite_store, files, kie, ["/drip"], max_wait_s=4 if how == "deadline" else 600)
+        thread = rig.start_download(lambda: kie.drips > 0)
+        stopped_at = time.monotonic()
+        if how == "lease lost":
+            sqlite_store.release_leases(["test:1:w"])
+        elif how == "cancelled":
+            sqlite_store.cancel(rig.task["id"], rig.user["id"], now=time.time())
+        else:
+            stopped_at = time.monotonic() + max(0.0, rig.task["deadline_at"] - time.time())
+        thread.join(30)
+        assert not thread.is_alive(), "the download is still running"
+        # The worker looks every CHECK_EVERY_S (2 s), between drips of 0.5 s.
+        assert time.monotonic() - stopped_at < 4
+        task = rig.get()
+    assert task["files"] == []
+    if how == "deadline":
+        assert task["status"] == "running" and "deadline" in task["state"]["last_error"]
+    assert kie.drips == 1
+
+
+def test_a_task_over_max_task_bytes_fails_invalid_result(sqlite_store, files):
+    with HostileKIE() as kie:
+        rig = DownloadRig(sqlite_store, files, kie, ["/blob"] * 3, max_task_bytes=2_500_000)   # 1 MB each
+        end = time.monotonic() + 20
+        while rig.get()["status"] not in TERMINAL and time.monotonic() < end:
+            rig.worker.run_once()
+            time.sleep(0.05)
+        task = rig.get()
+    assert (task["status"], task["error"]["code"]) == ("failed", "invalid_result"), task
+    assert "max_task_bytes" in task["error"]["message"]
+    assert kie.requests["/blob"] == 3
