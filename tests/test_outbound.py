@@ -9,13 +9,11 @@ table says allow_private_results = true.
 """
 
 import json
-import os
 import threading
 import time
 from urllib.parse import quote
 
 import pytest
-import requests
 
 from errors import InvalidResult, ProviderUnavailable
 from providers import Output, build_providers
