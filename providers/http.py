@@ -250,6 +250,12 @@ class HttpProvider(BaseProvider):
                 raise InvalidResult(f"{what}: a redirect loop (back to {url[:200]})")
         raise InvalidResult(f"{what}: more than {MAX_REDIRECTS} redirects")
 
+    def describe(self):
+        out = super().describe()
+        out["limits"].update(max_answer_bytes=self.max_answer_bytes,
+                             allow_private_results=self._policy.allow_private)
+        return out
+
     def close(self):
         session = getattr(self._local, "session", None)
         if session is not None:
