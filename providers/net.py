@@ -41,6 +41,7 @@ CHUNK = 64 * 1024
 MAX_DEPTH = 100            # a provider answer nested deeper is refused; real ones are under 10
 MAX_REDIRECTS = 5
 ANSWER_TIME_FACTOR = 3     # an API answer must arrive within this many read timeouts in all
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def refusal(ip):
@@ -49,8 +50,13 @@ def refusal(ip):
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return "not an IP address"
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if addr.version == 6:
+        # An IPv4 address inside an IPv6 one reaches that IPv4 address.
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo or (None, None))[1]
+        if embedded is None and addr in _NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            addr = embedded
     if addr.is_loopback:
         return "a loopback address"
     if addr.is_link_local:
@@ -211,7 +217,9 @@ def read_capped(resp, limit, within_s=None):
     return bytes(body)
 
 
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# A string, or an unterminated one up to the end: every quote starts a match
+# that cannot fail, so the scan stays linear whatever the input.
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
 

@@ -299,7 +299,8 @@ def test_a_name_or_address_that_means_loopback_is_refused_before_connecting(host
 
 def test_addresses_refused_and_allowed():
     for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200",
-               "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:10.0.0.1", "240.0.0.1"):
+               "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:10.0.0.1", "240.0.0.1",
+               "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:80ff:fffe"):
         assert refusal(ip), ip
     for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
         assert refusal(ip) is None, ip
@@ -336,6 +337,11 @@ def test_json_depth_is_counted_outside_strings_without_recursion():
     assert parse_json(b'{"a": ["\\u00e9"]}', "x") == {"a": ["\u00e9"]}
     with pytest.raises(ValueError):
         parse_json(b'{"a": ', "x")
+    # No input makes the string scan quadratic: 4 MB of escaped quotes, no end.
+    started = time.monotonic()
+    assert json_depth('"' + '\\"' * 2 * 1024 * 1024) == 0
+    assert json_depth('"abc' + "[" * 1000) == 0    # the parser stops at the unterminated string too
+    assert time.monotonic() - started < 10
 
 
 # -- the worker's side of a download ------------------------------------------------------
