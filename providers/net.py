@@ -165,8 +165,18 @@ class GuardedAdapter(HTTPAdapter):
         return resp
 
 
+class _Session(requests.Session):
+    def resolve_redirects(self, *args, **kwargs):
+        # A redirect loop answers the same at every try: the provider's
+        # fault, not a reason to try again until the deadline.
+        try:
+            yield from super().resolve_redirects(*args, **kwargs)
+        except requests.TooManyRedirects as exc:
+            raise InvalidResult(f"more than {self.max_redirects} redirects ({exc.request.url})") from None
+
+
 def session_for(policy, max_answer_bytes):
-    session = requests.Session()
+    session = _Session()
     # Environment proxies would connect for us, out of the policy's reach.
     session.trust_env = False
     session.max_redirects = MAX_REDIRECTS

@@ -297,6 +297,14 @@ def test_a_name_or_address_that_means_loopback_is_refused_before_connecting(host
         assert download(provider, kie.url + "/blob") == b"\0" * 1024 * 1024   # its own host: allowed
 
 
+def test_an_api_call_into_a_redirect_loop_ends_at_once():
+    with HostileKIE() as kie:
+        provider = kie_provider(kie)
+        with pytest.raises(InvalidResult, match="redirects"):
+            provider.call("GET", "/loop", what="recordInfo")
+        assert kie.requests["/loop"] == 6
+
+
 def test_addresses_refused_and_allowed():
     for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200",
                "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:10.0.0.1", "240.0.0.1",
