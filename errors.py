@@ -100,3 +100,11 @@ class ProviderRejected(HoldfastError):
 
 class ResultExpired(ProviderRejected):
     code = "result_expired"
+
+
+class InvalidResult(ProviderRejected):
+    """What a provider answered or linked breaks one of holdfast's rules (an
+    address it may not reach, a redirect loop, a size or nesting limit):
+    asking again cannot help, so the task ends at once with invalid_result."""
+
+    code = "invalid_result"

@@ -30,7 +30,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
 import metrics
-from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
+from errors import (Conflict, HoldfastError, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
 from store import SLOT_STEP, TERMINAL, lease_dir, lease_owner_id, no_space, owner_is_dead, safe_file_name
@@ -364,6 +364,9 @@ class Worker:
             status = self._ask(task, provider, now)
         except ProviderUnavailable as exc:
             return self._later(task, now, str(exc), retry_after=exc.retry_after)
+        except InvalidResult as exc:
+            # An answer over a limit comes back the same at every poll.
+            return self._finish(task, now, "failed", error=(exc.code, exc.message))
         self._apply(task, provider, status, now)
 
     def _ask(self, task, provider, now):
@@ -436,11 +439,18 @@ class Worker:
         this lease's folder is not wanted."""
         saved, lost, expired = [], status.missing, False
         names = set()
+        if len(status.outputs) > provider.max_outputs:
+            self._finish(task, now, "failed", error=(
+                "invalid_result", f"the provider returned {len(status.outputs)} outputs, over the limit "
+                                  f"of {provider.max_outputs} (max_outputs)"))
+            return False
+        check = self._download_check(task)
+        total = [0]
         for i, output in enumerate(status.outputs):
             name = _unique(safe_file_name(output.name or f"out_{i}"), names)
+            chunks = _within(provider.fetch(task, output, check), total, provider.max_task_bytes)
             try:
-                saved.append(self.files.save(task["id"], name, provider.fetch(task, output),
-                                             max_bytes=provider.max_file_bytes,
+                saved.append(self.files.save(task["id"], name, chunks, max_bytes=provider.max_file_bytes,
                                              content_type=output.content_type, scope=scope))
                 metrics.DOWNLOADS.inc(provider.name, "saved")
                 metrics.DOWNLOAD_BYTES.inc(provider.name, amount=saved[-1]["size"])
@@ -449,6 +459,12 @@ class Worker:
                 log.warning("task %s: %s", task["id"], exc)
                 lost += 1
                 expired = True
+            except InvalidResult as exc:
+                # A refused address, a redirect loop, a task over its limits:
+                # the provider's answer is at fault, and the rest of it with it.
+                metrics.DOWNLOADS.inc(provider.name, "invalid")
+                self._finish(task, now, "failed", error=(exc.code, f"{output.name}: {exc.message}"))
+                return False
             except (InvalidInput, ProviderRejected) as exc:
                 metrics.DOWNLOADS.inc(provider.name, "invalid")
                 log.warning("task %s: %s", task["id"], exc)
@@ -484,6 +500,18 @@ class Worker:
         else:
             self._finish(task, now, "failed", error=("invalid_result", "the provider returned no usable output"))
         return False
+
+    def _download_check(self, task):
+        """For provider.fetch(): stop a download at the task's deadline (the
+        sweeper ends the task then) or once the task is no longer this
+        worker's (cancelled, expired, taken over); renews the lease while it
+        runs."""
+        def check():
+            now = self.clock()
+            if task["deadline_at"] is not None and now >= task["deadline_at"]:
+                raise ProviderUnavailable("the download was stopped at the task's deadline")
+            self.store.renew_lease(task["id"], token=task["lease_token"], expires_at=now + self.lease_s)
+        return check
 
     def _finish(self, task, now, status, *, error=None, files=None, **changes):
         changes.update(status=status, step="done" if status != "failed" else "failed")
@@ -649,6 +677,16 @@ def _recovered(task):
     if not state.get("failures"):
         return {}
     return {"state": {k: v for k, v in state.items() if k != "failures"}}
+
+
+def _within(chunks, total, limit):
+    """`chunks`, counted into total[0] for the whole task: InvalidResult past
+    `limit` (max_task_bytes), whichever file crosses it."""
+    for chunk in chunks:
+        total[0] += len(chunk)
+        if total[0] > limit:
+            raise InvalidResult(f"the task's outputs are over max_task_bytes ({limit} bytes)")
+        yield chunk
 
 
 def _unique(name, taken):

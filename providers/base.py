@@ -111,6 +111,8 @@ class BaseProvider:
         "rate_per_s": None,         # API calls a second; None: no limit
         "retries": 3,               # attempts in all for a job the provider lost (or, local, that raised)
         "max_file_bytes": 100 * 1024 * 1024,
+        "max_outputs": 100,         # result files of one task; more fails it invalid_result
+        "max_task_bytes": 1024 * 1024 * 1024,  # all of one task's result files together
     }
     required = ()
 
@@ -124,7 +126,7 @@ class BaseProvider:
             self._number(key, positive=True)
         if self.config["rate_per_s"] is not None:
             self._number("rate_per_s", positive=True)
-        for key in ("cost", "retries", "max_file_bytes"):
+        for key in ("cost", "retries", "max_file_bytes", "max_outputs", "max_task_bytes"):
             self._integer(key, minimum=1 if key != "cost" else 0)
         if self.config["concurrency"] is not None:
             self._integer("concurrency", minimum=1)
@@ -192,10 +194,13 @@ class BaseProvider:
     def cancel(self, task):
         """Best effort: stop the job at the provider."""
 
-    def fetch(self, task, output):
+    def fetch(self, task, output, check=None):
         """Yield the bytes of one Output. ResultExpired when the link is dead,
         ProviderUnavailable to try again later, InvalidInput (invalid_result)
-        for an output that can never be saved."""
+        for an output that can never be saved, InvalidResult (invalid_result)
+        for one the task must not have at all. `check()`, when given, is
+        called every few seconds of a long download and raises to stop it
+        (the task's deadline passed, its lease was lost)."""
         if output.data is not None:
             yield output.data
             return
@@ -208,7 +213,8 @@ class BaseProvider:
 
     def describe(self):
         keys = ("concurrency", "max_queued", "cost", "poll_interval_s", "max_poll_interval_s",
-                "max_wait_s", "timeout_s", "rate_per_s", "retries", "max_file_bytes")
+                "max_wait_s", "timeout_s", "rate_per_s", "retries", "max_file_bytes", "max_outputs",
+                "max_task_bytes")
         return {"name": self.name, "type": self.type,
                 "limits": {k: self.config[k] for k in keys}, "health": dict(self.health)}
 

@@ -7,7 +7,6 @@ tells them apart, and a job may move from the queue to the history between
 the two looks, so the history is read again before calling a job unknown.
 """
 
-import json
 import uuid
 from urllib.parse import quote, urlencode
 
@@ -15,6 +14,7 @@ from errors import InvalidInput, ProviderRejected, ProviderUnavailable
 
 from .base import Output, Status
 from .http import HttpProvider
+from .net import parse_json
 
 MAX_MESSAGE = 2000
 
@@ -55,7 +55,7 @@ class ComfyUIProvider(HttpProvider):
     def _refusal(self, resp):
         """ComfyUI's message for a refused prompt, node errors included."""
         try:
-            body = json.loads(resp.content)
+            body = parse_json(resp.content, "refusal")
         except ValueError:
             return f"HTTP {resp.status_code}: {resp.text[:500]}"
         if not isinstance(body, dict):

@@ -1,5 +1,6 @@
 """What the HTTP adapters share: one requests seam, a rate limit, streamed
-downloads.
+downloads (bounded in size, time and rate, and by the address policy of
+net.py), answers read with a limit.
 
 `HttpProvider.seam()` is the one place where requests' and json's exceptions
 become holdfast's: ProviderUnavailable (transient: connection refused, timeout,
@@ -15,19 +16,27 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from errors import ConfigError, InvalidInput, ProviderRejected, ProviderUnavailable, ResultExpired
+from errors import (ConfigError, InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable,
+                    ResultExpired)
 
 from .base import BaseProvider
+from .net import MAX_REDIRECTS, AddressPolicy, chunks, parse_json, session_for
 
 MAX_RETRY_AFTER_S = 3600.0
 CHUNK = 64 * 1024
 # A result link answering these is dead, not down: 401/403 for a pre-signed
 # URL past its expiry, 404/410 for a file that is gone.
 DEAD_LINK = frozenset({401, 403, 404, 410})
+# A download slower than this on average, once past the grace period, is
+# dropped and tried again later: a link dripping a byte every half second
+# never trips a per-read timeout and would hold a worker thread for good.
+MIN_RATE = 4096            # bytes a second
+RATE_GRACE_S = 5.0
+CHECK_EVERY_S = 2.0        # how often a download asks the worker whether to go on
 
 
 def parse_retry_after(value, now=None):
@@ -88,7 +97,9 @@ class HttpProvider(BaseProvider):
     """An adapter that speaks HTTP to `url`, with an optional Bearer key read
     from the environment variable named by `api_key_env`."""
 
-    defaults = {**BaseProvider.defaults, "url": None, "api_key_env": None}
+    defaults = {**BaseProvider.defaults, "url": None, "api_key_env": None,
+                "allow_private_results": False,      # result links may reach private addresses
+                "max_answer_bytes": 4 * 1024 * 1024}  # one API answer, read into memory
     required = ("url",)
 
     def __init__(self, name, config=None, env=None):
@@ -98,12 +109,19 @@ class HttpProvider(BaseProvider):
         except InvalidInput as exc:
             raise ConfigError(exc.message) from None
         self.config["url"] = url.rstrip("/")
+        env = os.environ if env is None else env
+        if not isinstance(self.config["allow_private_results"], bool):
+            raise ConfigError(f"provider {name}: allow_private_results must be true or false")
+        self._integer("max_answer_bytes", minimum=1024)
+        allow_private = (self.config["allow_private_results"]
+                         or env.get("HOLDFAST_ALLOW_PRIVATE_RESULTS", "").lower() in ("1", "true", "yes"))
+        self._policy = AddressPolicy(self.config["url"], allow_private)
         self._api_key = None
         var = self.config["api_key_env"]
         if var is not None:
             if not isinstance(var, str) or not var:
                 raise ConfigError(f"provider {name}: api_key_env must name an environment variable")
-            self._api_key = (os.environ if env is None else env).get(var)
+            self._api_key = env.get(var)
             if not self._api_key:
                 raise ConfigError(f"provider {name}: the environment variable {var} (api_key_env) is not set")
         self._local = threading.local()
@@ -115,7 +133,7 @@ class HttpProvider(BaseProvider):
         # promise that a Session is thread-safe.
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = session_for(self._policy, self.max_answer_bytes)
         return session
 
     @contextmanager
@@ -167,20 +185,24 @@ class HttpProvider(BaseProvider):
         return resp
 
     def json_of(self, resp, what):
-        """The response's JSON; ProviderUnavailable when it is not JSON."""
+        """The response's JSON; ProviderUnavailable when it is not JSON,
+        InvalidResult when it nests too deep. (The body was read with
+        max_answer_bytes by the session's adapter.)"""
         with self.seam(what):
-            return resp.json()
+            return parse_json(resp.content, f"{self.name}: {what}")
 
-    def fetch(self, task, output):
+    def fetch(self, task, output, check=None):
         if output.data is not None:
             yield output.data
             return
-        url = http_url(output.url, f"result {output.name}")
-        resp = self.call("GET", url, what=f"download of {output.name}", stream=True, limited=False,
-                         health=False)
+        what = f"download of {output.name}"
+        resp = self._open(http_url(output.url, f"result {output.name}"), what)
         try:
             if resp.status_code in DEAD_LINK:
                 raise ResultExpired(f"{output.name}: the result link answered HTTP {resp.status_code}")
+            if resp.status_code in (408, 429) or resp.status_code >= 500:
+                raise self._down(f"{what}: HTTP {resp.status_code}", False,
+                                 parse_retry_after(resp.headers.get("Retry-After")))
             if resp.status_code != 200:
                 raise InvalidInput(f"{output.name}: the result link answered HTTP {resp.status_code}",
                                    code="invalid_result")
@@ -188,12 +210,51 @@ class HttpProvider(BaseProvider):
             if length.isdigit() and int(length) > self.max_file_bytes:
                 raise InvalidInput(f"{output.name} is {length} bytes, over the limit of {self.max_file_bytes}",
                                    code="invalid_result")
-            with self.seam(f"download of {output.name}", health=False):
-                for chunk in resp.iter_content(CHUNK):
-                    if chunk:
-                        yield chunk
+            started = checked = time.monotonic()
+            got = 0
+            with self.seam(what, health=False):
+                for chunk in chunks(resp):
+                    got += len(chunk)
+                    yield chunk
+                    at = time.monotonic()
+                    if check is not None and at - checked >= CHECK_EVERY_S:
+                        checked = at
+                        check()     # raises at the task's deadline, or once its lease is lost
+                    if at - started > RATE_GRACE_S and got < MIN_RATE * (at - started):
+                        raise self._down(f"{what}: {got} bytes in {at - started:.0f}s, under the minimum "
+                                         f"rate of {MIN_RATE} bytes/s", False)
         finally:
             resp.close()
+
+    def _open(self, url, what):
+        """GET a result link, following redirects here rather than in
+        requests, so each hop is checked: http(s) only, no loop, at most
+        MAX_REDIRECTS. (Each hop's address is checked as it connects.)"""
+        seen = set()
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {}
+            # The key goes only to the provider itself, never to a result host.
+            if self._api_key and (url == self.url or url.startswith(self.url + "/")):
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            with self.seam(what, health=False):
+                resp = self._session().get(url, headers=headers, timeout=self.timeout_s, stream=True,
+                                           allow_redirects=False)
+            if not resp.is_redirect:
+                return resp
+            resp.close()
+            seen.add(url)
+            url = urljoin(url, resp.headers["Location"])
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise InvalidResult(f"{what}: redirected to {url[:200]!r}, not an http(s) URL")
+            if url in seen:
+                raise InvalidResult(f"{what}: a redirect loop (back to {url[:200]})")
+        raise InvalidResult(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    def describe(self):
+        out = super().describe()
+        out["limits"].update(max_answer_bytes=self.max_answer_bytes,
+                             allow_private_results=self._policy.allow_private)
+        return out
 
     def close(self):
         session = getattr(self._local, "session", None)

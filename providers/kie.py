@@ -8,14 +8,14 @@ KIE cannot take an id from holdfast, so a createTask whose answer was lost
 (a timeout) may leave a job at KIE that holdfast never learns about.
 """
 
-import json
 import os
 from urllib.parse import urlsplit
 
-from errors import InvalidInput, ProviderRejected, ProviderUnavailable
+from errors import InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable
 
 from .base import Output, Status
 from .http import HttpProvider
+from .net import parse_json
 
 # Body codes that mean "later": rate limited, maintenance, server trouble.
 # 501 (generation failed) and 505 (feature disabled) are final.
@@ -75,7 +75,9 @@ class KIEProvider(HttpProvider):
     def _success(self, data):
         raw = data.get("resultJson")
         try:
-            result = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+            result = parse_json(raw, f"{self.name}: resultJson") if isinstance(raw, (str, bytes)) else raw
+        except InvalidResult as exc:
+            return Status.failed(exc.message, code="invalid_result")
         except ValueError:
             return Status.failed("KIE said success but its resultJson is not JSON", code="invalid_result")
         urls = result.get("resultUrls") if isinstance(result, dict) else None

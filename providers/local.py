@@ -78,7 +78,7 @@ class LocalProvider(BaseProvider):
     def function_name(self):
         return self.config["function"]
 
-    def fetch(self, task, output):
+    def fetch(self, task, output, check=None):
         if output.data is not None:
             yield output.data
             return

@@ -52,7 +52,7 @@ class Request:
 @dataclass
 class Response:
     status: int = 200
-    body: bytes = b""
+    body: bytes = b""    # or an iterable of bytes, written as it comes (a huge or dripping answer)
     headers: dict = field(default_factory=dict)
 
 
@@ -86,9 +86,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(response.status)
             for name, value in response.headers.items():
                 self.send_header(name, str(value))
-            self.send_header("Content-Length", str(len(response.body)))
+            streamed = not isinstance(response.body, (bytes, bytearray))
+            if not streamed:
+                self.send_header("Content-Length", str(len(response.body)))
             self.end_headers()
-            self.wfile.write(response.body)
+            # Streamed: Content-Length only if the fake set one; else the
+            # end of the body is the end of the connection (HTTP/1.0).
+            for chunk in response.body if streamed else (response.body,):
+                self.wfile.write(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a test's short timeout): nothing to tell
 

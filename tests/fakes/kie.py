@@ -88,8 +88,11 @@ class FakeKIE(FakeServer):
                  error_rate=0.0, timeout_rate=0.0, malformed_rate=0.0, slow_seconds=2.0,
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
-                 fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0):
+                 fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0, result_urls=None):
         super().__init__()
+        # result_urls(task) -> the resultUrls of a successful task; default
+        # this fake's own /files/ links.
+        self.result_urls = result_urls
         # Each recordInfo is held open poll_delay seconds, so two clients
         # polling one job at the same moment overlap and are counted.
         self.poll_delay = poll_delay
@@ -249,7 +252,8 @@ class FakeKIE(FakeServer):
             if task.fails:
                 data.update(state="fail", failCode="500", failMsg="generation failed (FakeKIE: input asked to fail)")
             else:
-                urls = [f"{self.url}/files/{task.task_id}/{n}.png" for n in range(task.outputs)]
+                urls = (self.result_urls(task) if self.result_urls is not None else
+                        [f"{self.url}/files/{task.task_id}/{n}.png" for n in range(task.outputs)])
                 data.update(state="success", resultJson=json.dumps({"resultUrls": urls}))
         return json_response({"code": 200, "msg": "success", "data": data})
 

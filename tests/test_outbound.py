@@ -1,0 +1,424 @@
+"""Where holdfast's outbound requests may go and how much they may read:
+result links that point at loopback services (directly or through a
+redirect), huge, deep and many-output answers, dripping downloads.
+
+The end-to-end tests run `python app.py` (ServerProcess) against a fake KIE
+on 127.0.0.1. The fake's own host and port are the provider's URL, which is
+always allowed; every other loopback port is not, unless the provider's
+table says allow_private_results = true.
+"""
+
+import json
+import threading
+import time
+from urllib.parse import quote
+
+import pytest
+
+from errors import InvalidResult, ProviderUnavailable
+from providers import Output, build_providers
+from providers import http as http_provider
+from providers.net import json_depth, parse_json, refusal
+from support import ServerProcess, api
+from worker import Worker
+
+try:
+    from tests.fakes import FakeServer, Response, png_bytes
+    from tests.fakes.kie import FakeKIE
+except ImportError:  # plain `pytest` puts tests/, not the repo root, on sys.path
+    from fakes import FakeServer, Response, png_bytes
+    from fakes.kie import FakeKIE
+
+TERMINAL = ("succeeded", "partial", "failed", "cancelled")
+DEEP = 100_000
+
+
+class Witness(FakeServer):
+    """A loopback-only service that must never hear from holdfast: it counts
+    every request it gets and answers each with a small PNG."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def handle(self, req):
+        self.hits.append(req.path)
+        return Response(200, png_bytes(4, 4, (1, 2, 3)), {"Content-Type": "image/png"})
+
+
+class HostileKIE(FakeKIE):
+    """A KIE whose tasks say, in their input, what the provider answers:
+    `urls` become the resultUrls; `answer` picks a hostile recordInfo
+    (huge, huge_unsized, deep, deep_result). Its own host also serves
+    /go?to=URL (a 302), /loop (a redirect loop), /drip (a byte every 0.5 s)
+    and /blob (1 MB)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(job_seconds=0.2, result_urls=lambda task: task.input.get("urls", []), **kwargs)
+        self.drips = 0
+
+    def _route(self, req):
+        if req.path == "/go":
+            return Response(302, b"", {"Location": req.query["to"]})
+        if req.path == "/loop":
+            return Response(302, b"", {"Location": "/loop"})
+        if req.path == "/drip":
+            self.drips += 1
+            return Response(200, self._drip(), {"Content-Length": 100_000, "Content-Type": "image/png"})
+        if req.path == "/blob":
+            return Response(200, b"\0" * 1024 * 1024, {"Content-Type": "application/octet-stream"})
+        return super()._route(req)
+
+    def _drip(self):
+        while not self._stopping.wait(0.5):
+            yield b"x"
+
+    def _record_info(self, task_id):
+        with self._lock:
+            task = self._tasks.get(task_id)
+        answer = task.input.get("answer") if task is not None and time.time() >= task.done_at else None
+        head = b'{"code": 200, "msg": "success", "data": '
+        if answer in ("huge", "huge_unsized"):
+            size = 100 * 1024 * 1024
+            body = self._huge(head + b'{"state": "generating", "pad": "', size, b'"}}')
+            headers = {"Content-Type": "application/json"}
+            if answer == "huge":
+                headers["Content-Length"] = size
+            return Response(200, body, headers)
+        if answer == "deep":
+            return Response(200, head + b"[" * DEEP + b"]" * DEEP + b"}", {"Content-Type": "application/json"})
+        if answer == "deep_result":
+            data = {"taskId": task_id, "state": "success", "resultJson": "[" * DEEP + "]" * DEEP}
+            return Response(200, json.dumps({"code": 200, "msg": "success", "data": data}).encode(),
+                            {"Content-Type": "application/json"})
+        return super()._record_info(task_id)
+
+    def _huge(self, head, size, tail):
+        yield head
+        left = size - len(head) - len(tail)
+        block = b"x" * (1024 * 1024)
+        while left > 0 and not self._stopping.is_set():
+            yield block[:left]
+            left -= len(block)
+        yield tail
+
+
+def write_config(path, fake, **tables):
+    text = ""
+    for name, extra in {"kie": {}, **tables}.items():
+        text += (f'[providers.{name}]\ntype = "kie"\nurl = "{fake.url}"\napi_key_env = "KIE_TEST_KEY"\n'
+                 "poll_interval_s = 0.2\nmax_poll_interval_s = 0.5\ntimeout_s = 5\n")
+        text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in extra.items())
+    path.write_text(text)
+
+
+def server_for(tmp_path, fake, env=None, **tables):
+    config = tmp_path / "holdfast.toml"
+    write_config(config, fake, **tables)
+    return ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(config), "KIE_TEST_KEY": "test-key",
+                                        **(env or {})})
+
+
+def submit(session, provider, **task_input):
+    resp = session.post(session.base + "/api/tasks", json={
+        "provider": provider, "params": {"model": "m", "input": task_input}}, timeout=10)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["task"]["id"]
+
+
+def wait_all(session, ids, timeout):
+    end = time.monotonic() + timeout
+    tasks = {}
+    while time.monotonic() < end:
+        tasks = {i: session.get(f"{session.base}/api/tasks/{i}", timeout=10).json()["task"] for i in ids}
+        if all(t["status"] in TERMINAL for t in tasks.values()):
+            return tasks
+        time.sleep(0.1)
+    raise AssertionError(f"not finished in {timeout}s: {[(t['id'], t['status'], t['step']) for t in tasks.values()]}")
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+# -- the address policy, end to end -------------------------------------------------
+
+def hostile_links(server, kie, witness):
+    return {
+        "metrics": server.url + "/metrics",
+        "service": witness.url + "/secret.png",
+        "metrics via 302": kie.url + "/go?to=" + quote(server.url + "/metrics", safe=""),
+        "service via 302": kie.url + "/go?to=" + quote(witness.url + "/secret.png", safe=""),
+    }
+
+
+def test_result_links_to_loopback_services_fail_the_task_and_reach_nothing(tmp_path):
+    """holdfast's own /metrics and another loopback service, directly and
+    through a 302 from the provider's own host, and a redirect loop: each
+    task fails invalid_result at once, saying why, and nothing is fetched."""
+    with Witness() as witness, HostileKIE() as kie:
+        with server_for(tmp_path, kie) as server:
+            session = api(server, server.tokens["demo"])
+            refused = {what: submit(session, "kie", urls=[url])
+                       for what, url in hostile_links(server, kie, witness).items()}
+            loop = submit(session, "kie", urls=[kie.url + "/loop"])
+            tasks = wait_all(session, [*refused.values(), loop], timeout=60)
+    for what, task_id in refused.items():
+        task = tasks[task_id]
+        assert (task["status"], task["error"]["code"]) == ("failed", "invalid_result"), (what, task)
+        assert "127.0.0.1" in task["error"]["message"] and "loopback" in task["error"]["message"], task
+        assert task["files"] == [] and task["attempts"] == 1
+    assert (tasks[loop]["status"], tasks[loop]["error"]["code"]) == ("failed", "invalid_result")
+    assert "redirect loop" in tasks[loop]["error"]["message"]
+    assert witness.hits == []
+    # One look at each redirect: no retrying until the deadline.
+    assert kie.requests["/go"] == 2 and kie.requests["/loop"] == 1
+
+
+def test_the_same_links_work_for_a_provider_allowed_private_results(tmp_path):
+    with Witness() as witness, HostileKIE() as kie:
+        with server_for(tmp_path, kie, kie_lan={"allow_private_results": True}) as server:
+            session = api(server, server.tokens["demo"])
+            allowed = {what: submit(session, "kie_lan", urls=[url])
+                       for what, url in hostile_links(server, kie, witness).items()}
+            tasks = wait_all(session, allowed.values(), timeout=60)
+            for what, task_id in allowed.items():
+                assert tasks[task_id]["status"] == "succeeded", (what, tasks[task_id])
+            metrics = tasks[allowed["metrics via 302"]]["files"][0]
+            assert b"# TYPE" in session.get(server.url + metrics["url"], timeout=10).content
+    assert witness.hits == ["/secret.png", "/secret.png"]
+
+
+def test_a_server_wide_setting_lets_every_provider_reach_private_addresses(tmp_path):
+    with Witness() as witness, HostileKIE() as kie:
+        with server_for(tmp_path, kie, env={"HOLDFAST_ALLOW_PRIVATE_RESULTS": "1"}) as server:
+            session = api(server, server.tokens["demo"])
+            task_id = submit(session, "kie", urls=[witness.url + "/a.png"])
+            assert wait_all(session, [task_id], timeout=60)[task_id]["status"] == "succeeded"
+            assert witness.hits == ["/a.png"]
+
+
+# -- bounded reads, end to end --------------------------------------------------------
+
+def test_huge_deep_and_many_output_answers_end_invalid_result_in_bounded_memory(tmp_path):
+    """A 100 MB recordInfo (with and without Content-Length), one nested
+    100,000 deep (the answer, or its resultJson), 300 outputs: each task
+    ends invalid_result with one log line and no traceback, no output is
+    downloaded, and the server's peak RSS stays under 200 MB."""
+    with HostileKIE() as kie:
+        with server_for(tmp_path, kie) as server:
+            session = api(server, server.tokens["demo"])
+            ids = {answer: submit(session, "kie", answer=answer)
+                   for answer in ("huge", "huge_unsized", "deep", "deep_result")}
+            ids["many"] = submit(session, "kie", urls=[kie.url + "/blob"] * 300)
+            tasks = wait_all(session, ids.values(), timeout=90)
+            peak = peak_rss_mb(server.proc.pid)
+            time.sleep(0.5)     # the last log lines reach the file
+            with open(server.log_path, errors="replace") as fh:
+                log = fh.read()
+    for what, task_id in ids.items():
+        task = tasks[task_id]
+        assert (task["status"], task["error"]["code"]) == ("failed", "invalid_result"), (what, task)
+        lines = [line for line in log.splitlines() if task_id in line and "invalid_result" in line]
+        assert len(lines) == 1, (what, lines)
+    assert "max_answer_bytes" in tasks[ids["huge"]]["error"]["message"]
+    assert "max_answer_bytes" in tasks[ids["huge_unsized"]]["error"]["message"]
+    assert "nests" in tasks[ids["deep"]]["error"]["message"]
+    assert "max_outputs" in tasks[ids["many"]]["error"]["message"]
+    assert "Traceback" not in log and "RecursionError" not in log
+    assert kie.requests["/blob"] == 0
+    print(f"peak RSS {peak:.0f} MB")
+    assert peak < 200, f"peak RSS {peak:.0f} MB"
+
+
+# -- downloads that drip ----------------------------------------------------------------
+
+def test_dripping_result_links_do_not_hold_the_workers_and_end_at_the_deadline(tmp_path):
+    """Six result links dripping a byte every 0.5 s, on four worker threads:
+    demo tasks submitted after them still finish, long before the dripping
+    tasks' deadline, and those end `timeout` at it."""
+    with HostileKIE() as kie:
+        config = tmp_path / "holdfast.toml"
+        write_config(config, kie, kie={"max_wait_s": 30})
+        config.write_text(config.read_text() + "[providers.demo]\nduration_s = 0.5\npoll_interval_s = 0.2\n")
+        env = {"HOLDFAST_CONFIG": str(config), "KIE_TEST_KEY": "test-key", "HOLDFAST_WORKER_THREADS": "4"}
+        with ServerProcess(tmp_path, env=env) as server:
+            session = api(server, server.tokens["demo"])
+            started = time.monotonic()
+            drips = [submit(session, "kie", urls=[kie.url + "/drip"]) for _ in range(6)]
+            end = time.monotonic() + 20
+            while kie.drips < 4 and time.monotonic() < end:
+                time.sleep(0.05)
+            assert kie.drips >= 4, "the dripping downloads never started"
+            demos = []
+            for n in range(4):
+                resp = session.post(server.url + "/api/tasks", json={"provider": "demo",
+                                                                      "params": {"prompt": f"fox {n}"}}, timeout=10)
+                assert resp.status_code == 201, resp.text
+                demos.append(resp.json()["task"]["id"])
+            demos_at = time.monotonic()
+            tasks = wait_all(session, demos, timeout=25)
+            demo_s = time.monotonic() - demos_at
+            assert all(t["status"] == "succeeded" for t in tasks.values()), tasks
+            tasks = wait_all(session, drips, timeout=45)
+            drip_s = time.monotonic() - started
+    print(f"demo tasks done {demo_s:.1f}s after submission; dripping tasks ended {drip_s:.1f}s after theirs")
+    assert demo_s < 20, f"the demo tasks took {demo_s:.1f}s"
+    for task in tasks.values():
+        assert (task["status"], task["error"]["code"]) == ("failed", "timeout"), task
+    # The deadline is 30 s after submission; the sweeper looks every 5 s.
+    assert drip_s < 30 + 12, f"the dripping tasks ended after {drip_s:.1f}s"
+
+
+# -- the pieces, in-process -----------------------------------------------------------
+
+def kie_provider(kie, **extra):
+    table = {"kie": {"type": "kie", "url": kie.url, "api_key_env": "KIE_TEST_KEY", "timeout_s": 2, **extra}}
+    return build_providers(table, env={"KIE_TEST_KEY": "test-key"})["kie"]
+
+
+def download(provider, url, *check):
+    return b"".join(provider.fetch({"id": "t"}, Output("out.png", url=url), *check))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
+def test_a_name_or_address_that_means_loopback_is_refused_before_connecting(host):
+    with Witness() as witness, HostileKIE() as kie:
+        provider = kie_provider(kie)
+        url = witness.url.replace("127.0.0.1", host) + "/x.png"
+        with pytest.raises(InvalidResult, match="loopback"):
+            download(provider, url)
+        assert witness.hits == []
+        assert download(kie_provider(kie, allow_private_results=True), witness.url + "/x.png")[:4] == b"\x89PNG"
+        assert download(provider, kie.url + "/blob") == b"\0" * 1024 * 1024   # its own host: allowed
+
+
+def test_an_api_call_into_a_redirect_loop_ends_at_once():
+    with HostileKIE() as kie:
+        provider = kie_provider(kie)
+        with pytest.raises(InvalidResult, match="redirects"):
+            provider.call("GET", "/loop", what="recordInfo")
+        assert kie.requests["/loop"] == 6
+
+
+def test_addresses_refused_and_allowed():
+    for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.100.100.200",
+               "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00:ec2::254", "::ffff:10.0.0.1", "240.0.0.1",
+               "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:80ff:fffe"):
+        assert refusal(ip), ip
+    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
+        assert refusal(ip) is None, ip
+
+
+def test_a_download_slower_than_the_minimum_rate_is_dropped_after_the_grace(monkeypatch):
+    monkeypatch.setattr(http_provider, "RATE_GRACE_S", 1.0)
+    monkeypatch.setattr(http_provider, "CHECK_EVERY_S", 0.2)
+    with HostileKIE() as kie:
+        provider = kie_provider(kie)
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match="minimum rate"):
+            download(provider, kie.url + "/drip")
+        assert time.monotonic() - started < 5
+
+        calls = []
+
+        def check():
+            calls.append(time.monotonic())
+            if len(calls) == 2:
+                raise ProviderUnavailable("the download was stopped at the task's deadline")
+
+        monkeypatch.setattr(http_provider, "RATE_GRACE_S", 60.0)
+        with pytest.raises(ProviderUnavailable, match="deadline"):
+            download(provider, kie.url + "/drip", check)
+        assert len(calls) == 2
+
+
+def test_json_depth_is_counted_outside_strings_without_recursion():
+    assert json_depth('{"a": [1, {"b": "[[[[{{{"}], "c": "\\"]]]"}') == 3
+    assert json_depth("[" * DEEP) == DEEP
+    with pytest.raises(InvalidResult, match="nests 100000 levels"):
+        parse_json(("[" * DEEP + "]" * DEEP).encode(), "x")
+    assert parse_json(b'{"a": ["\\u00e9"]}', "x") == {"a": ["\u00e9"]}
+    with pytest.raises(ValueError):
+        parse_json(b'{"a": ', "x")
+    # No input makes the string scan quadratic: 4 MB of escaped quotes, no end.
+    started = time.monotonic()
+    assert json_depth('"' + '\\"' * 2 * 1024 * 1024) == 0
+    assert json_depth('"abc' + "[" * 1000) == 0    # the parser stops at the unterminated string too
+    assert time.monotonic() - started < 10
+
+
+# -- the worker's side of a download ------------------------------------------------------
+
+class DownloadRig:
+    """A KIE task whose result links are `paths` on the fake, run by a
+    worker on the real clock, in a thread of its own as the pool would."""
+
+    def __init__(self, store, files, kie, paths, **extra):
+        self.store, self.kie = store, kie
+        table = {"kie": {"type": "kie", "url": kie.url, "api_key_env": "KIE_TEST_KEY", "timeout_s": 2,
+                         "poll_interval_s": 0.05, "max_poll_interval_s": 0.1, **extra}}
+        self.providers = build_providers(table, env={"KIE_TEST_KEY": "test-key"})
+        self.worker = Worker(store, self.providers, files, clock=time.time, owner="test:1:w")
+        self.user = store.create_user("u")[0]
+        now = time.time()
+        self.task, _ = store.submit(self.user["id"], "kie", {"model": "m", "input": {"urls": [kie.url + p for p in paths]}},
+                                    now=now, deadline_at=now + self.providers["kie"].max_wait_s, cost=0)
+
+    def start_download(self, started):
+        """Step the task until its download starts (`started()` true), then
+        leave it downloading in a thread."""
+        end = time.monotonic() + 10
+        thread = None
+        while not started() and time.monotonic() < end:
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self.worker.run_once, daemon=True)
+                thread.start()
+            time.sleep(0.05)
+        assert started(), "the download never started"
+        return thread
+
+    def get(self):
+        return self.store.get_task(self.task["id"])
+
+
+@pytest.mark.parametrize("how", ["lease lost", "cancelled", "deadline"])
+def test_a_download_stops_when_its_lease_is_lost_its_task_ends_or_its_deadline_passes(
+        sqlite_store, files, monkeypatch, how):
+    monkeypatch.setattr(http_provider, "RATE_GRACE_S", 600.0)   # only the worker's check may stop it
+    with HostileKIE() as kie:
+        rig = DownloadRig(sqlite_store, files, kie, ["/drip"], max_wait_s=4 if how == "deadline" else 600)
+        thread = rig.start_download(lambda: kie.drips > 0)
+        stopped_at = time.monotonic()
+        if how == "lease lost":
+            sqlite_store.release_leases(["test:1:w"])
+        elif how == "cancelled":
+            sqlite_store.cancel(rig.task["id"], rig.user["id"], now=time.time())
+        else:
+            stopped_at = time.monotonic() + max(0.0, rig.task["deadline_at"] - time.time())
+        thread.join(30)
+        assert not thread.is_alive(), "the download is still running"
+        # The worker looks every CHECK_EVERY_S (2 s), between drips of 0.5 s.
+        assert time.monotonic() - stopped_at < 4
+        task = rig.get()
+    assert task["files"] == []
+    if how == "deadline":
+        assert task["status"] == "running" and "deadline" in task["state"]["last_error"]
+    assert kie.drips == 1
+
+
+def test_a_task_over_max_task_bytes_fails_invalid_result(sqlite_store, files):
+    with HostileKIE() as kie:
+        rig = DownloadRig(sqlite_store, files, kie, ["/blob"] * 3, max_task_bytes=2_500_000)   # 1 MB each
+        end = time.monotonic() + 20
+        while rig.get()["status"] not in TERMINAL and time.monotonic() < end:
+            rig.worker.run_once()
+            time.sleep(0.05)
+        task = rig.get()
+    assert (task["status"], task["error"]["code"]) == ("failed", "invalid_result"), task
+    assert "max_task_bytes" in task["error"]["message"]
+    assert kie.requests["/blob"] == 3
