@@ -200,7 +200,6 @@ class PostgresStore(SqlStore):
                        f"COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)")
 
 
-
 class _Frontier:
     """One process's bound on the event log (PostgresStore._events_upto):
     `upto`, and the marks (seq, transaction id) waiting to become it."""

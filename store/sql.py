@@ -708,7 +708,7 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
         with self._seam():
             bound, upto = self._upto()
             if user_id is None:
-                row = self._one(f"SELECT MAX(seq) FROM events WHERE 1 = 1{bound}", upto)
+                row = self._one("SELECT MAX(seq) FROM events" + bound.replace(" AND", " WHERE"), upto)
             else:
                 row = self._one(f"SELECT MAX(seq) FROM events WHERE user_id = ?{bound}", (user_id, *upto))
         return row[0] or 0
