@@ -166,12 +166,15 @@ class PostgresStore(SqlStore):
 
     def _events_upto(self):
         frontier = self._frontier
-        if frontier.settle(self._xmin()) and not self.db.transaction_depth():
-            # (Inside a transaction the new id would be that transaction's,
-            # taken before V was read: no mark from there.)
+        xmin, allocated = self._one(
+            f"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, {self._ALLOCATED} "
+            f"FROM {self._events_sequence()}")
+        # A new mark when none is waiting and seqs were taken since the last
+        # one; not inside a transaction, whose id would be older than V.
+        if frontier.settle(xmin) and allocated > frontier.upto and not self.db.transaction_depth():
             seq, xid = self._one(
-                "WITH allocated AS MATERIALIZED (SELECT CASE WHEN is_called THEN last_value "
-                f"ELSE last_value - 1 END AS seq FROM {self._events_sequence()}) "
+                f"WITH allocated AS MATERIALIZED (SELECT {self._ALLOCATED} AS seq "
+                f"FROM {self._events_sequence()}) "
                 # The CTE is read before the row it feeds is projected, so
                 # the sequence is read before the id is taken.
                 "SELECT seq, pg_current_xact_id()::text::bigint FROM allocated")
@@ -185,6 +188,10 @@ class PostgresStore(SqlStore):
                 waited += pause
                 pause = min(pause * 2, 0.05)
         return frontier.upto
+
+    # The highest seq taken from the sequence (setval(..., false), as after
+    # an import, means the next one, not yet taken).
+    _ALLOCATED = "CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
 
     def _xmin(self):
         return self._one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")[0]
