@@ -169,11 +169,18 @@ class BaseStore:
         raise NotImplementedError
 
     # events
+    # The three reads below never return an event while a lower seq could
+    # still commit (a backend whose writers commit out of seq order holds
+    # the later ones back), so a reader that moves its cursor to the last
+    # seq it got never skips one.
+
     def events_since(self, user_id, since, limit=100):
         """[(seq, event JSON text)] for the user's events after `since`."""
         raise NotImplementedError
 
     def last_seq(self, user_id=None):
+        """The highest seq readable now (of the user's events, or of all);
+        0 for none."""
         raise NotImplementedError
 
     def latest_events(self, since):

@@ -474,8 +474,11 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
         return task, False
 
     def _event(self, task, type_, now):
-        # Events commit in seq order, so a reader of seq > N never skips one.
-        self._lock("events")
+        # No lock: writers that run side by side (PostgreSQL) may commit
+        # events out of seq order, and readers stop at _events_upto() so that
+        # a reader of seq > N still never skips one. The task's row is
+        # written before its event, so the transaction has its id by the
+        # time it takes a seq (PostgresStore._events_upto relies on that).
         self._exec("INSERT INTO events (user_id, task_id, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
                    (task["user_id"], task["id"], type_, dumps(task_json(task)), now))
         self._wrote_events.flag = True
@@ -762,22 +765,37 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
 
     def events_since(self, user_id, since, limit=100):
         with self._seam():
-            rows = self._exec("SELECT seq, task_id, type, data FROM events WHERE user_id = ? AND seq > ? "
-                              "ORDER BY seq LIMIT ?", (user_id, since, limit)).fetchall()
+            bound, upto = self._upto()
+            rows = self._exec("SELECT seq, task_id, type, data FROM events WHERE user_id = ? AND seq > ?"
+                              f"{bound} ORDER BY seq LIMIT ?", (user_id, since, *upto, limit)).fetchall()
         return [(r[0], event_json(*r)) for r in rows]
 
     def last_seq(self, user_id=None):
         with self._seam():
+            bound, upto = self._upto()
             if user_id is None:
-                row = self._one("SELECT MAX(seq) FROM events")
+                row = self._one("SELECT MAX(seq) FROM events" + bound.replace(" AND", " WHERE"), upto)
             else:
-                row = self._one("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,))
+                row = self._one(f"SELECT MAX(seq) FROM events WHERE user_id = ?{bound}", (user_id, *upto))
         return row[0] or 0
 
     def latest_events(self, since):
         with self._seam():
-            return dict(self._exec("SELECT user_id, MAX(seq) FROM events WHERE seq > ? GROUP BY user_id",
-                                   (since,)).fetchall())
+            bound, upto = self._upto()
+            return dict(self._exec(f"SELECT user_id, MAX(seq) FROM events WHERE seq > ?{bound} "
+                                   "GROUP BY user_id", (since, *upto)).fetchall())
+
+    def _upto(self):
+        """The clause and parameters that keep a read of the event log at or
+        below _events_upto()."""
+        upto = self._events_upto()
+        return ("", ()) if upto is None else (" AND seq <= ?", (upto,))
+
+    def _events_upto(self):
+        """The highest seq a reader may return now: every event at or below
+        it that will ever commit is visible already. None where events
+        commit in seq order (SQLite runs one writer at a time)."""
+        return None
 
     def task_events(self, task_id):
         """[(seq, type)] of one task, oldest first (for audits and tests)."""

@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
+import pytest
 
+from errors import InvalidInput, StoreUnavailable
 from store import PostgresStore, SqliteStore
 from support import ROOT, ServerProcess, api
 from tests.fakes.kie import FakeKIE
@@ -168,3 +170,193 @@ def test_export_from_sqlite_imports_into_postgresql(tmp_path, pg_schema):
         assert collections.Counter(r["kind"] for r in pg.export_rows()["ledger"])["reserve"] == 6
     finally:
         pg.close()
+
+
+# -- bounds: a stopped process, and readers of an event log written out of order
+
+# Run as a separate process: opens the store, submits a task inside a
+# transaction it keeps open (the task row, its event and the user's advisory
+# lock are written and held), says so, and stops itself there, as a paused VM
+# or a swap storm would stop a server mid-write.
+STOPPED_WRITER = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from store import PostgresStore
+store = PostgresStore(sys.argv[2])
+user = store.user_by_name(sys.argv[3])
+with store.db.atomic():
+    store.submit(user["id"], "demo", {"prompt": "stopped"}, now=time.time(), deadline_at=time.time() + 600)
+    print("stopping", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def _timed_submit(session, url, prompt):
+    start = time.monotonic()
+    res = session.post(url + "/api/tasks", json={"provider": "demo", "params": {"prompt": prompt}}, timeout=60)
+    return time.monotonic() - start, res
+
+
+def _stopped(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _with_settings(url, **settings):
+    """The test schema's URL with server settings added to its libpq
+    `options` (the form any holdfast version passes through to the server)."""
+    assert url.endswith(tuple("0123456789abcdef")) and "options=" in url
+    return url + "".join(f"%20-c{name}%3D{value}" for name, value in settings.items())
+
+
+def test_a_process_stopped_mid_write_delays_others_by_the_lock_timeout_at_most(tmp_path, pg_schema):
+    lock_timeout_s = 1.5
+    server = ServerProcess(tmp_path / "node", env={
+        "HOLDFAST_STORE": _with_settings(pg_schema.url, lock_timeout=f"{int(lock_timeout_s * 1000)}ms")}).start()
+    writer = None
+    try:
+        token = server.tokens["demo"]
+        admin = api(server, server.tokens["admin"])
+        res = admin.post(server.url + "/api/admin/users", json={"name": "bob"}, timeout=10)
+        assert res.status_code == 201, res.text
+        demo, bob = api(server, token), api(server, res.json()["token"])
+        baseline, res = _timed_submit(bob, server.url, "before")
+        assert res.status_code == 201
+
+        # Its session ends 10 s after it stops: longer than any wait below.
+        writer_url = _with_settings(pg_schema.url, idle_in_transaction_session_timeout="10s")
+        writer = subprocess.Popen([sys.executable, "-c", STOPPED_WRITER, ROOT, writer_url, "demo"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "stopping", writer.stderr.read()
+        deadline = time.time() + 10
+        while not _stopped(writer.pid):
+            assert time.time() < deadline, "the writer did not stop"
+            time.sleep(0.01)
+
+        # Another user's submit waits for nothing the stopped process holds.
+        other, res = _timed_submit(bob, server.url, "beside a stopped writer")
+        assert res.status_code == 201, res.text
+        # The same user's waits for that user's lock, for lock_timeout at
+        # most, and is told to come back (503 JSON), never a 500.
+        same, res = _timed_submit(demo, server.url, "behind a stopped writer")
+        assert res.status_code in (201, 503), res.text
+        if res.status_code == 503:
+            assert res.json()["error"]["code"] == "store_unavailable"
+        print(f"submit: {baseline:.3f} s before; with a writer stopped mid-write {other:.3f} s "
+              f"(another user), {same:.3f} s (its user; lock_timeout {lock_timeout_s} s)")
+        margin = 3.0   # a loaded two-core machine; what is bounded is the wait, not the speed
+        assert other < margin, other
+        assert same < lock_timeout_s + margin, same
+
+        # The stopped transaction holds back the events after its seq; the
+        # server ends its session after idle_in_transaction_session_timeout,
+        # and they flow again without the stopped process ever waking.
+        task_id = res.json()["task"]["id"] if res.status_code == 201 else None
+        prompts, since, deadline = [], 0, time.time() + 40
+        while "beside a stopped writer" not in prompts:
+            assert time.time() < deadline, f"events held back for good; streamed {prompts}"
+            res = bob.get(server.url + "/api/events/poll", params={"since": since, "wait": 5}, timeout=60)
+            assert res.status_code == 200, res.text
+            prompts += [e["task"]["params"]["prompt"] for e in res.json()["events"]]
+            since = res.json()["next"]
+        assert prompts[0] == "before" and "beside a stopped writer" in prompts, prompts
+        assert _stopped(writer.pid), "the writer must stay stopped for this test to mean anything"
+        if task_id:
+            assert demo.get(f"{server.url}/api/tasks/{task_id}", timeout=10).status_code == 200
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait(10)
+        server.stop()
+
+
+# Run as a separate process: submits tasks and cancels them (two events
+# each), for users taken in turn, as fast as it can.
+EVENT_WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from store import PostgresStore
+store = PostgresStore(sys.argv[2])
+users = [int(u) for u in sys.argv[3].split(",")]
+for i in range(int(sys.argv[4])):
+    user = users[i % len(users)]
+    now = time.time()
+    task, _ = store.submit(user, "demo", {"i": i}, now=now, deadline_at=now + 600)
+    store.cancel(task["id"], user, now=now)
+store.close()
+"""
+
+
+def test_a_tail_of_events_written_by_six_processes_skips_none(pg_schema):
+    """Six processes write events side by side, so seqs commit out of order;
+    a tail that reads as the SSE hub does (latest_events, then each user's
+    events_since) must still see every seq that commits, in order."""
+    store = PostgresStore(pg_schema.url)
+    writers = []
+    try:
+        users = [store.create_user(f"u{n}")[0]["id"] for n in range(3)]
+        per_writer = 60
+        writers = [subprocess.Popen([sys.executable, "-c", EVENT_WRITER, ROOT, pg_schema.url,
+                                     ",".join(map(str, users)), str(per_writer)])
+                   for _ in range(6)]
+        seen = {u: [] for u in users}
+        cursor, reads = 0, 0
+
+        def tail():
+            nonlocal cursor, reads
+            reads += 1
+            latest = store.latest_events(cursor)
+            for user_id in latest:
+                while True:
+                    since = seen[user_id][-1] if seen[user_id] else 0
+                    rows = store.events_since(user_id, since)
+                    seen[user_id] += [seq for seq, _ in rows]
+                    if len(rows) < 100:
+                        break
+            if latest:
+                cursor = max(cursor, *latest.values())
+
+        deadline = time.time() + 180
+        while any(w.poll() is None for w in writers):
+            assert time.time() < deadline, "the writers did not finish"
+            tail()
+        assert all(w.returncode == 0 for w in writers)
+        for _ in range(2):   # the last marks settle once the writers are gone
+            tail()
+        committed = {u: [] for u in users}
+        with store._seam():
+            for seq, user_id in store._exec("SELECT seq, user_id FROM events ORDER BY seq").fetchall():
+                committed[user_id].append(seq)
+        assert sum(map(len, committed.values())) == 6 * per_writer * 2
+        for user_id in users:
+            missed = sorted(set(committed[user_id]) - set(seen[user_id]))
+            assert not missed, f"the tail jumped over {len(missed)} events of user {user_id}: {missed[:10]}"
+            assert seen[user_id] == committed[user_id]
+        print(f"{reads} reads of the tail, {sum(map(len, seen.values()))} events")
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(10)
+        store.close()
+
+
+def test_session_bounds_come_from_the_url_or_their_defaults(pg_schema):
+    store = PostgresStore(pg_schema.url + "&lock_timeout=1234ms&statement_timeout=300ms&keepalives_idle=20")
+    try:
+        with store._seam():
+            shown = {name: store._one(f"SHOW {name}")[0] for name in
+                     ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout",
+                      "search_path")}
+            client = store.db.connection().info.get_parameters()
+        assert shown == {"lock_timeout": "1234ms", "statement_timeout": "300ms",
+                         "idle_in_transaction_session_timeout": "15s", "search_path": pg_schema.name}
+        assert client["keepalives"] == "1" and client["keepalives_idle"] == "20"
+        # A statement past its bound is the store being unavailable (503), not a crash.
+        with pytest.raises(StoreUnavailable), store._seam():
+            store._exec("SELECT pg_sleep(5)")
+        assert store.count_users() == 0   # and the pooled connection is still good
+    finally:
+        store.close()
+    with pytest.raises(InvalidInput):
+        PostgresStore(pg_schema.url + "&lock_timeout=soon")
