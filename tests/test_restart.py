@@ -107,12 +107,19 @@ def test_a_restart_answers_healthz_within_2s_while_a_dozen_submissions_hang_at_p
         wait_for("every submission sent and unanswered", all_sent)
         server.kill()
 
+        # What a start costs on this machine right now, with nothing to
+        # recover: on a loaded machine, imports alone can take seconds.
+        started = time.monotonic()
+        ServerProcess(tmp_path / "fresh", env=env).start().stop()
+        fresh = time.monotonic() - started
+
         asked_before = sum(f.requests["/queue"] for f in fakes)
         started = time.monotonic()
         again = ServerProcess(tmp_path, env=env, port=server.port).start()
         took = time.monotonic() - started
-        print(f"restart to /healthz: {took:.2f}s")
-        assert took < 2, f"/healthz first answered {took:.1f}s after the restart:\n{again.read_log()}"
+        print(f"restart to /healthz: {took:.2f}s (a fresh start: {fresh:.2f}s)")
+        assert took < max(2.0, fresh + 1.0), \
+            f"/healthz first answered {took:.1f}s after the restart (fresh: {fresh:.1f}s):\n{again.read_log()}"
         # The submissions in doubt are asked about by the worker, in the background.
         wait_for("the providers asked about the submissions in doubt",
                  lambda: sum(f.requests["/queue"] for f in fakes) > asked_before)
