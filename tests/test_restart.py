@@ -5,6 +5,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import requests
 
 from store import SqliteStore
@@ -30,7 +31,11 @@ def wait_for(what, predicate, timeout=30):
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
-def test_sigterm_with_a_40s_local_function_running_exits_within_5s_and_the_next_server_finishes_it(tmp_path):
+@pytest.mark.parametrize("quiet", [False, True], ids=["reporting", "never-reporting"])
+def test_sigterm_with_a_40s_local_function_running_exits_within_5s_and_the_next_server_finishes_it(
+        tmp_path, quiet):
+    """A function that reports stops at its next report(); one that never
+    reports is left running when the process exits, after a short grace."""
     config = tmp_path / "holdfast.toml"
     config.write_text(f'[providers.slow]\ntype = "local"\nfunction = "{local_fns.__name__}:slow"\n'
                       'poll_interval_s = 0.2\n')
@@ -40,11 +45,12 @@ def test_sigterm_with_a_40s_local_function_running_exits_within_5s_and_the_next_
     counter = tmp_path / "calls"
     try:
         res = session.post(server.url + "/api/tasks", timeout=10, json={
-            "provider": "slow", "params": {"seconds": 40, "again_seconds": 0.3, "counter": str(counter)}})
+            "provider": "slow", "params": {"seconds": 40, "again_seconds": 0.3, "counter": str(counter),
+                                           "quiet": quiet}})
         assert res.status_code == 201, res.text
         task_id = res.json()["task"]["id"]
-        wait_for("the function running", lambda: session.get(
-            f"{server.url}/api/tasks/{task_id}", timeout=10).json()["task"]["step"] == "working")
+        wait_for("the function running", lambda: counter.exists() and session.get(
+            f"{server.url}/api/tasks/{task_id}", timeout=10).json()["task"]["status"] == "running")
         started = time.monotonic()
         server.proc.terminate()
         try:

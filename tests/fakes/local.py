@@ -61,14 +61,16 @@ def gate(params, report):
 
 
 def slow(params, report):
-    """Reports progress until params["seconds"] pass (params["again_seconds"]
-    from its second call on) or the file params["gate"] exists, counting its
-    calls in params["counter"]; then returns a PNG."""
+    """Reports progress (unless params["quiet"]) until params["seconds"] pass
+    (params["again_seconds"] from its second call on) or the file
+    params["gate"] exists, counting its calls in params["counter"]; then
+    returns a PNG."""
     n = _count(params)
     seconds = params["seconds"] if n == 1 else params.get("again_seconds", params["seconds"])
     gate = Path(params["gate"]) if params.get("gate") else None
     end = time.monotonic() + seconds
     while time.monotonic() < end and not (gate and gate.exists()):
-        report(step="working", progress=1 - (end - time.monotonic()) / seconds)
+        if not params.get("quiet"):
+            report(step="working", progress=1 - (end - time.monotonic()) / seconds)
         time.sleep(0.05)
     return png_bytes(4, 4, (n, 2, 3))
