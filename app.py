@@ -424,18 +424,8 @@ def serve(config):
     store, providers, files = open_everything(config)
     worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
                     keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d)
-    # Started before recovery so that recovery hands it whatever needs a
-    # provider (asking about submissions in doubt, cancelling tasks past their
-    # deadline): a hundred submissions hanging at a provider would otherwise
-    # keep the port closed for a hundred timeouts. What recovery does here
-    # touches only the store and the disk.
-    worker.start()
     signalled = []
     try:
-        report = recover(store, providers, now=time.time(), files=files, worker=worker)
-        if report["changed"] or report["submissions_in_doubt"]:
-            log.info("recovery: %s; the worker asks the providers about the submissions in doubt",
-                     report["summary"])
         first_run_users(store, config)
         app = create_app(store, providers, config, worker=worker, files=files)
 
@@ -466,6 +456,17 @@ def serve(config):
         for listener in list(sockets.values()):
             if isinstance(listener, waitress.server.BaseWSGIServer):
                 listener.channel_class = channel
+        # The port is bound (connections wait in its backlog) before the
+        # worker starts, and recovery hands that worker whatever needs a
+        # provider (asking about submissions in doubt, cancelling tasks past
+        # their deadline): a hundred submissions hanging at a provider would
+        # otherwise keep /healthz silent for a hundred timeouts. What
+        # recovery does here touches only the store and the disk.
+        worker.start()
+        report = recover(store, providers, now=time.time(), files=files, worker=worker)
+        if report["changed"] or report["submissions_in_doubt"]:
+            log.info("recovery: %s; the worker asks the providers about the submissions in doubt",
+                     report["summary"])
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()

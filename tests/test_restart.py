@@ -93,7 +93,7 @@ def test_a_restart_answers_healthz_within_2s_while_a_dozen_submissions_hang_at_p
         fake.start()
     config = tmp_path / "holdfast.toml"
     config.write_text("".join(
-        f'[providers.comfy{i}]\ntype = "comfyui"\nurl = "{fake.url}"\ntimeout_s = 1\n'
+        f'[providers.comfy{i}]\ntype = "comfyui"\nurl = "{fake.url}"\ntimeout_s = 2\n'
         'poll_interval_s = 0.2\nmax_poll_interval_s = 0.5\n' for i, fake in enumerate(fakes)))
     env = {"HOLDFAST_CONFIG": str(config), "HOLDFAST_WORKER_THREADS": "12"}
     server = ServerProcess(tmp_path, env=env).start()
@@ -114,17 +114,19 @@ def test_a_restart_answers_healthz_within_2s_while_a_dozen_submissions_hang_at_p
         server.kill()
 
         # What a start costs on this machine right now, with nothing to
-        # recover: on a loaded machine, imports alone can take seconds.
+        # recover: on a loaded machine, imports alone can take seconds. The
+        # bound is 2 s on a quiet one; asking the providers before binding
+        # the port would cost 12 x timeout_s = 24 s more.
         started = time.monotonic()
         ServerProcess(tmp_path / "fresh", env=env).start().stop()
         fresh = time.monotonic() - started
 
         asked_before = sum(f.requests["/queue"] for f in fakes)
         started = time.monotonic()
-        again = ServerProcess(tmp_path, env=env, port=server.port).start()
+        again = ServerProcess(tmp_path, env=env, port=server.port).start(timeout=90)
         took = time.monotonic() - started
         print(f"restart to /healthz: {took:.2f}s (a fresh start: {fresh:.2f}s)")
-        assert took < max(2.0, fresh + 1.0), \
+        assert took < max(2.0, 2 * fresh + 1.0), \
             f"/healthz first answered {took:.1f}s after the restart (fresh: {fresh:.1f}s):\n{again.read_log()}"
         # The submissions in doubt are asked about by the worker, in the background.
         wait_for("the providers asked about the submissions in doubt",
