@@ -433,22 +433,22 @@ def serve(config):
     from worker import Worker
     setup_logging(config.log)
     store, providers, files = open_everything(config)
-    report = recover(store, providers, now=time.time(), files=files)
-    if report["changed"]:
-        log.info("recovery: %s", report["summary"])
-    first_run_users(store, config)
     worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
                     keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d)
-    app = create_app(store, providers, config, worker=worker, files=files)
-    worker.start()
-
-    def stop(*_):
-        app.config["holdfast.events"].close()   # open streams must not hold up the exit
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signalled = []
     try:
+        first_run_users(store, config)
+        app = create_app(store, providers, config, worker=worker, files=files)
+
+        def stop(*_):
+            if signalled:
+                return          # a second signal must not cut the shutdown short
+            signalled.append(True)
+            app.config["holdfast.events"].close()   # open streams must not hold up the exit
+            sys.exit(0)         # out of server.run(), into the finally below
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         server = httpserver.create_server(
             app, host=config.host, port=config.port, threads=config.threads + config.sse_max_streams,
             connection_limit=config.max_connections,
@@ -466,13 +466,34 @@ def serve(config):
             # The lookahead keeps reading their sockets, so a client
             # that leaves frees its thread at once.
             channel_request_lookahead=1)
+        # The port is bound (connections wait in its backlog) before the
+        # worker starts, and recovery hands that worker whatever needs a
+        # provider (asking about submissions in doubt, cancelling tasks past
+        # their deadline): a hundred submissions hanging at a provider would
+        # otherwise keep /healthz silent for a hundred timeouts. What
+        # recovery does here touches only the store and the disk.
+        worker.start()
+        report = recover(store, providers, now=time.time(), files=files, worker=worker)
+        if report["changed"] or report["submissions_in_doubt"]:
+            log.info("recovery: %s; the worker asks the providers about the submissions in doubt",
+                     report["summary"])
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()
         server.run()
+    except SystemExit:
+        if not signalled:
+            raise
     finally:
-        worker.stop(wait=False)
+        worker.shutdown()
         store.close()
+    # The interpreter would join every pool thread at exit, and one may be
+    # in a local function that never reports or a call that has not timed
+    # out yet. Its lease is handed back, so the process leaves without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv=None):

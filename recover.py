@@ -1,6 +1,7 @@
 """Restart recovery: what was in flight, and what was done about it.
 
-`python app.py` runs `recover()` at start; `python recover.py` runs it by
+`python app.py` runs `recover()` at start, before it binds its port, and
+leaves to its worker whatever needs a provider; `python recover.py` runs it by
 hand. It is safe while the server runs: it takes the same leases the worker
 takes, and releases only leases that ran out or whose process is gone.
 
@@ -29,10 +30,17 @@ log = logging.getLogger("holdfast.recover")
 EXPORT_FORMAT = "holdfast-export"
 
 
-def recover(store, providers, *, now, files=None, dry_run=False):
+def recover(store, providers, *, now, files=None, dry_run=False, worker=None):
     """Look at everything a crash may have left behind and, unless
-    `dry_run`, put it right. Returns a report (a dict)."""
+    `dry_run`, put it right. Returns a report (a dict).
+
+    `worker` is a started Worker (the server's own, at start-up): then
+    recovery asks no provider and so cannot keep the port closed. The
+    submissions in doubt are left to that worker, which asks about each
+    stored id before it submits again, and the cancels of tasks past their
+    deadline run in its pool."""
     from worker import Worker
+    ask_providers = worker is None
     by_status = {}
     for (_, status), n in store.task_counts().items():
         by_status[status] = by_status.get(status, 0) + n
@@ -49,10 +57,10 @@ def recover(store, providers, *, now, files=None, dry_run=False):
     # Submissions in doubt: ask the provider before anything is sent again.
     doubtful = store.in_doubt()
     report["submissions_in_doubt"] = [t["id"] for t in doubtful]
-    worker = Worker(store, providers, files, owner=lease_owner_id(), clock=lambda: now)
+    worker = worker or Worker(store, providers, files, owner=lease_owner_id(), clock=lambda: now)
     if not dry_run:
         reconciled = {}
-        for task in doubtful:
+        for task in doubtful if ask_providers else ():
             held = store.claim_task(task["id"], worker.owner, now=now, lease_s=worker.lease_s)
             if held is None:
                 continue      # a live worker has it

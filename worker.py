@@ -42,11 +42,13 @@ log = logging.getLogger("holdfast.worker")
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
 WAITING_FOR_SLOT = "waiting for a slot"
 EVENTS_KEEP_S = 86400.0    # the event log is for live views and reconnects, not history
+STOP_GRACE_S = 2.0         # at shutdown, how long running steps may take to end
 CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
 
 
 class _Stopped(Conflict):
-    """A local function's task was cancelled, expired or taken over."""
+    """A local function's task was cancelled, expired or taken over, or
+    the worker is shutting down."""
 
     code = "task_stopped"
 
@@ -71,16 +73,21 @@ class Worker:
         self.cleanup_s = cleanup_s
         self.scheduler = None
         self.pool = None
-        self._inflight = 0
+        self._inflight = 0     # pool jobs submitted and not ended, and dispatch's reservation
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
         self._told = {}    # task id or job name -> the repeating failure last logged for it
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._stopping = False    # claim nothing more
+        self._leaving = False     # the process is exiting: local functions stop at their next report()
         self.last_tick = None
 
     # -- running in the background -------------------------------------------
 
     def start(self):
+        with self._lock:
+            self._stopping = self._leaving = False
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
         self.scheduler = BackgroundScheduler(
             executors={"default": SchedulerPool(2)},
@@ -94,12 +101,39 @@ class Worker:
         self.scheduler.start()
 
     def stop(self, wait=True):
+        """Claim nothing more; with `wait`, let every running step end first."""
+        with self._lock:
+            self._stopping = True
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=wait)
             self.scheduler = None
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
+
+    def shutdown(self, grace_s=STOP_GRACE_S):
+        """Leave quickly (SIGTERM): claim nothing more, stop local functions
+        at their next report(), give running steps `grace_s` to end, then
+        give up every lease this process still holds, so the next owner takes
+        those tasks at once instead of when the leases run out. Threads still
+        in a step are not waited for: the caller exits without them, and
+        their stale writes are refused once another worker claims the task.
+        Returns how many steps were still running."""
+        with self._lock:
+            self._leaving = True
+        self.stop(wait=False)
+        deadline = time.monotonic() + grace_s
+        with self._idle:
+            while self._inflight > 0 and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            running = self._inflight
+        try:
+            released = self.store.release_leases([self.owner])
+        except HoldfastError as exc:
+            log.warning("leases not released (they run out in %gs instead): %s", self.lease_s, exc)
+            released = 0
+        log.info("worker stopped: %d step(s) still running, %d lease(s) handed back", running, released)
+        return running
 
     def alive(self):
         return self.scheduler is not None and self.scheduler.running
@@ -141,48 +175,74 @@ class Worker:
         # on to the pool it may take away, and claim nothing once it is gone.
         pool = self.pool
         with self._lock:
-            room = self.threads * 2 - self._inflight
-        if room <= 0 or pool is None:
-            return 0
-        tasks = self.store.claim(self.owner, now=now, limit=min(room, self.batch), lease_s=self.lease_s)
+            # Only what a free thread starts now: a task claimed to wait in
+            # the pool's queue would keep its lease, renewed or not, from
+            # every other worker for as long as the steps before it take.
+            room = min(self.threads - self._inflight, self.batch)
+            if room <= 0 or pool is None or self._stopping:
+                return 0
+            # Reserved while the claim runs, so a cancel handed to the pool
+            # meanwhile cannot make a claimed task wait for a thread.
+            self._inflight += room
+        tasks = []
+        try:
+            tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s)
+        finally:
+            with self._idle:
+                self._inflight -= room - len(tasks)
+                self._idle.notify_all()
         # A full claim means more may be due: the pool asks for the next
         # batch as it drains, not half a second later at the next tick.
-        self._backlog = len(tasks) == min(room, self.batch)
+        self._backlog = len(tasks) == room
         metrics.claimed(tasks, now)
         for n, task in enumerate(tasks):
-            with self._lock:
-                self._inflight += 1
-                # Renewed from the claim on: a task may wait in the pool's
-                # queue behind long local functions.
-                self._held[task["id"]] = task["lease_token"]
             try:
-                pool.submit(self._run_pooled, task)
+                self._pooled(pool, self._run_pooled, task, reserved=True)
             except RuntimeError:
                 # The pool shut down under this tick: the process is stopping.
-                # The rest keep their leases, which recovery releases at the
-                # next start on this host, or which expire for another.
-                with self._lock:
-                    self._inflight -= 1
-                    self._held.pop(task["id"], None)
+                # The rest keep their leases until shutdown() hands them
+                # back, recovery releases them, or they run out.
+                with self._idle:
+                    self._inflight -= len(tasks) - n
+                    self._idle.notify_all()
                 log.info("worker stopping: %d claimed task(s) left to their leases", len(tasks) - n)
                 return n
         return len(tasks)
 
-    def _run_pooled(self, task):
-        try:
-            self.process(task, self.clock())
-        finally:
+    def _pooled(self, pool, fn, *args, reserved=False):
+        """Run fn in the pool, counted in _inflight until it ends or is
+        cancelled (`reserved`: dispatch counted it already). RuntimeError
+        once the pool is shut down."""
+        if not reserved:
             with self._lock:
-                self._inflight -= 1
-                if self._held.get(task["id"]) == task["lease_token"]:
-                    del self._held[task["id"]]
-                refill = self._backlog and self._inflight <= self.threads
-            if refill:
-                self.wake()
+                self._inflight += 1
+        try:
+            future = pool.submit(fn, *args)
+        except RuntimeError:
+            if not reserved:
+                with self._idle:
+                    self._inflight -= 1
+                    self._idle.notify_all()
+            raise
+        future.add_done_callback(self._pool_job_done)
+
+    def _pool_job_done(self, future):
+        with self._idle:
+            self._inflight -= 1
+            self._idle.notify_all()
+            refill = self._backlog and not self._stopping
+        if refill:
+            self.wake()
+
+    def _run_pooled(self, task):
+        # The step's own clock: the task may have been claimed a moment ago.
+        self.process(task, self.clock())
 
     def renew(self, now=None):
-        """Extend the leases of tasks a step is still working on (a long
-        download, a local function), so no other worker takes them over."""
+        """Extend the leases of tasks a step is working on (a long download,
+        a local function), so no other worker takes them over. Only those:
+        _holding() adds a task when its step starts and removes it when the
+        step ends."""
         now = self.clock() if now is None else now
         with self._lock:
             held = list(self._held.items())
@@ -336,6 +396,10 @@ class Worker:
         last = {"step": "running", "progress": 0.0, "at": 0.0}
 
         def report(step=None, progress=None):
+            if report.stopped is None and self._leaving:
+                # Its lease goes back to the store as the process exits; the
+                # next owner finds the run gone and starts it again.
+                report.stopped = _Stopped(f"task {task['id']} stopped: this worker is shutting down")
             if report.stopped is not None:
                 raise report.stopped
             if progress is not None:
@@ -657,10 +721,13 @@ class Worker:
         provider = self.providers.get(task["provider"])
         if provider is None or not task.get("external_id"):
             return
-        if self.pool is not None:
-            self.pool.submit(self._cancel, provider, task)
-        else:
-            self._cancel(provider, task)
+        pool = self.pool
+        if pool is not None:
+            try:
+                return self._pooled(pool, self._cancel, provider, task)
+            except RuntimeError:
+                pass        # shutting down: cancel here rather than not at all
+        self._cancel(provider, task)
 
     def _cancel(self, provider, task):
         try:

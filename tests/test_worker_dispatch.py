@@ -11,6 +11,11 @@ from providers import DemoProvider, build_providers
 from support import query_plans
 from worker import Worker
 
+try:
+    from tests.fakes import local as local_fns
+except ImportError:  # plain `pytest` puts tests/, not the repo root, on sys.path
+    from fakes import local as local_fns
+
 
 def test_the_pool_asks_for_the_next_batch_as_it_drains(sqlite_store, files):
     providers = build_providers({"demo": {"duration_s": 600}})
@@ -32,6 +37,41 @@ def test_the_pool_asks_for_the_next_batch_as_it_drains(sqlite_store, files):
     finally:
         worker.stop()
     assert submitted == len(ids), f"only {submitted} of {len(ids)} submitted without a tick"
+
+
+def test_a_busy_worker_holds_leases_only_on_the_tasks_its_threads_run(sqlite_store, files, tmp_path):
+    """Two threads, each in a long local function, and four more tasks due:
+    the worker leases (and renews) only the two it runs; another worker
+    claims the other four at once instead of waiting for the first two."""
+    gate = tmp_path / "gate"
+    providers = build_providers({"slow": {"type": "local", "function": f"{local_fns.__name__}:slow"}})
+    user = sqlite_store.create_user("alice")[0]
+    now = time.time()
+    ids = [sqlite_store.submit(user["id"], "slow", {"seconds": 60, "gate": str(gate),
+                                                    "counter": str(tmp_path / f"calls-{i}")},
+                               now=now, deadline_at=now + 3600)[0]["id"] for i in range(6)]
+    worker = Worker(sqlite_store, providers, files, threads=2, tick_s=0.05, sweep_s=3600, lease_s=30)
+    worker.start()
+
+    def leased():
+        tasks = [sqlite_store.get_task(i) for i in ids]
+        return ({t["id"] for t in tasks if t["lease_owner"] == worker.owner},
+                {t["id"] for t in tasks if t["step"] == "working"})
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and len(leased()[1]) < 2:
+            time.sleep(0.02)
+        # A few ticks and renewals later, still only what the threads run.
+        for _ in range(20):
+            mine, running = leased()
+            assert len(running) == 2 and mine == running, (mine, running)
+            time.sleep(0.05)
+        others = sqlite_store.claim("elsewhere:1:ab", now=time.time(), limit=10, lease_s=30)
+        assert {t["id"] for t in others} == set(ids) - running
+        sqlite_store.release_leases(["elsewhere:1:ab"])
+    finally:
+        gate.touch()
+        worker.stop()
 
 
 class _StopsDuringClaim:

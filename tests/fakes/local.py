@@ -79,3 +79,19 @@ def with_pipe(params, report):
     second blocks until a test writes into the pipe, so the first is on disk
     meanwhile and the task not yet finished."""
     return [png_bytes(4, 4, (9, 9, 9)), ("second.bin", params["pipe"])]
+
+
+def slow(params, report):
+    """Reports progress (unless params["quiet"]) until params["seconds"] pass
+    (params["again_seconds"] from its second call on) or the file
+    params["gate"] exists, counting its calls in params["counter"]; then
+    returns a PNG."""
+    n = _count(params)
+    seconds = params["seconds"] if n == 1 else params.get("again_seconds", params["seconds"])
+    gate = Path(params["gate"]) if params.get("gate") else None
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (gate and gate.exists()):
+        if not params.get("quiet"):
+            report(step="working", progress=1 - (end - time.monotonic()) / seconds)
+        time.sleep(0.05)
+    return png_bytes(4, 4, (n, 2, 3))
