@@ -25,10 +25,11 @@ from .files import CONTENT_TYPES, FileStore, safe_file_name
 from .jsonfile import JsonStore
 from .postgres import PostgresStore
 from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS,
-                     MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS, MODELS,
-                     SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry, Ledger,
+                     MAX_EXTERNAL_ID, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS,
+                     MODELS, POSTED_AT, SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry, Ledger,
                      SchemaVersion, Session, Task, TaskHistory, TaskStatus, User, check_session_key,
-                     check_transition, check_user_limits, dumps, event_json, hash_token, history_day,
+                     check_transition, check_user_limits, dumps, event_json, external_id_problem,
+                     hash_token, history_day,
                      iso, lease_owner_id, new_task_id, owner_is_dead, session_json, stuck_reasons,
                      task_json)
 from .sql import SqlStore
@@ -37,10 +38,10 @@ from .sqlite import SqliteStore
 __all__ = [
     "ACTIVE", "BACKENDS", "BaseStore", "CONTENT_TYPES", "DATA_MODELS", "DEDUPE_IGNORED",
     "ERROR_CODES", "Event", "FileExpiry", "FileStore", "JsonStore", "Ledger", "MAX_CREDITS",
-    "MAX_SESSION_MESSAGES", "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS",
+    "MAX_EXTERNAL_ID", "MAX_SESSION_MESSAGES", "POSTED_AT", "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS",
     "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore",
     "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User",
-    "check_session_key", "check_transition", "check_user_limits", "dumps", "event_json",
+    "check_session_key", "check_transition", "check_user_limits", "dumps", "event_json", "external_id_problem",
     "hash_token", "history_day", "iso", "lease_owner_id", "new_task_id", "open_store",
     "owner_is_dead", "safe_file_name", "session_json", "stuck_reasons", "task_json",
 ]
