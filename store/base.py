@@ -85,7 +85,9 @@ class BaseStore:
         """Apply `changes` to a task held with lease `token` (None: no lease
         check, for users and admins). Checks the transition table; settles
         credits when the task ends; `release` drops the lease. StaleLease when
-        the token is old, Conflict for an illegal transition, NotFound."""
+        the token is old, Conflict for an illegal transition, NotFound;
+        InvalidInput (code invalid_result) for an `external_id` that
+        external_id_problem() refuses, on every backend."""
         raise NotImplementedError
 
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):

@@ -30,8 +30,8 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, POSTED_AT, SLOT_STEP, TASK_COLUMNS,
-                     TERMINAL, check_transition, check_user_limits, dumps, event_json, hash_token,
-                     history_day, new_task_id, task_json)
+                     TERMINAL, check_transition, check_user_limits, dumps, event_json, external_id_problem,
+                     hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_upkeep import UpkeepSql
 
@@ -57,6 +57,11 @@ def _check_updatable(changes):
     unknown = set(changes) - _UPDATABLE
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
+    # Refused alike by every backend, not only where PostgreSQL would.
+    if changes.get("external_id") is not None:
+        problem = external_id_problem(changes["external_id"])
+        if problem is not None:
+            raise InvalidInput(problem, code="invalid_result")
 
 
 def _log_change(task_id, user_id, provider, old, new, error, credits, external_id, attempts):
