@@ -65,7 +65,7 @@ class FakeKIE(FakeServer):
 
     Faults drawn (for paths starting with one of `fault_paths`, default the
     API only) by one draw of a seeded random.Random per request:
-      error_rate      answer 500; nothing is done
+      error_rate      answer `error_status` (500; 502 and 504 are gateways'); nothing is done
       timeout_rate    do the work, then wait `slow_seconds` before answering
                       (a client with a shorter timeout gives up, but a
                       createTask still created its task)
@@ -102,8 +102,9 @@ class FakeKIE(FakeServer):
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
                  fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0, slow_creates=0,
-                 drop_creates=0, create_delay=0.0, task_ids=None):
+                 drop_creates=0, create_delay=0.0, task_ids=None, error_status=500):
         super().__init__()
+        self.error_status = error_status
         self.slow_creates = slow_creates
         self.drop_creates = drop_creates
         self.create_delay = create_delay
@@ -175,7 +176,8 @@ class FakeKIE(FakeServer):
             return json_response({"code": status, "msg": msg, "data": None}, status,
                                  {"Retry-After": self._retry_after})
         if fault == "500":
-            return json_response({"code": 500, "msg": "Internal Error, Please try again later.", "data": None}, 500)
+            return json_response({"code": self.error_status, "msg": "Internal Error, Please try again later.",
+                                  "data": None}, self.error_status)
         if fault == "malformed":
             return Response(200, b'{"code": 200, "msg": "success", "data": {"taskId', {"Content-Type": "application/json"})
 
