@@ -351,7 +351,7 @@ def test_kill_9_while_kie_tasks_are_submitted_never_makes_a_second_job(tmp_path)
 
             thread = threading.Thread(target=submitter)
             thread.start()
-            time.sleep(rng.uniform(0.3, 1.2))
+            time.sleep(rng.uniform(0.2, 0.8))
             server.kill()
             stop.set()
             thread.join(30)
@@ -377,6 +377,8 @@ def test_kill_9_while_kie_tasks_are_submitted_never_makes_a_second_job(tmp_path)
         kie.stop()
 
     jobs = kie.jobs_per()
+    print(f"{why} {len(acked)} tasks, {sum(jobs.values())} jobs at KIE, jobs per task: "
+          f"{dict(sorted(collections.Counter(jobs[k] for k in acked).items()))}")
     twice = {k: n for k, n in jobs.items() if n > 1}
     assert twice == {}, f"{why} tasks with a second job at KIE: {twice}"
     stuck = {k: (t["status"], t["step"]) for k, t in tasks.items() if t["status"] not in TERMINAL}
