@@ -68,7 +68,7 @@ def _outcome(provider, path="/api/v1/jobs/createTask"):
     return "answered", None
 
 
-def _seam_provider(url, timeout_s=0.3):
+def _seam_provider(url, timeout_s=1.0):
     return HttpProvider("p", {"url": url, "timeout_s": timeout_s, "api_key_env": "KIE_TEST_KEY"}, env=KEY_ENV)
 
 
@@ -85,7 +85,7 @@ class TestSeam:
     def test_a_request_that_went_out_and_came_back_without_an_answer_is_in_doubt(self, fault):
         knobs = {"answer after the timeout": {"slow_creates": 1}, "reset after sending": {"drop_creates": 1},
                  "unreadable answer": {"malformed_rate": 1.0}}.get(fault)
-        with FakeKIE(slow_seconds=1.0, **(knobs or {"error_rate": 1.0, "error_status": int(fault)})) as kie:
+        with FakeKIE(slow_seconds=2.0, **(knobs or {"error_rate": 1.0, "error_status": int(fault)})) as kie:
             kind, exc = _outcome(_seam_provider(kie.url))
             assert kind == "in doubt", exc
             assert exc.code == "submission_in_doubt"
@@ -138,10 +138,11 @@ class TestKIE:
             assert rig.store.user_by_name("payer")["credit_balance"] == 9
 
     def test_on_doubt_resubmit_sends_it_again_up_to_retries(self, sqlite_store, files, clock):
-        with FakeKIE(job_seconds=0.05, slow_creates=1, slow_seconds=0.8) as kie:
+        # A timeout of 1 s: on a loaded machine a healthy answer must not look like one.
+        with FakeKIE(job_seconds=0.05, slow_creates=1, slow_seconds=2.0) as kie:
             rig = paying_rig(sqlite_store, files, clock,
-                             {"kie": kie_conf(kie, timeout_s=0.3, cost=1, on_doubt="resubmit"),
-                              "kie2": kie_conf(kie, timeout_s=0.3, cost=1, on_doubt="resubmit", retries=2)})
+                             {"kie": kie_conf(kie, timeout_s=1.0, cost=1, on_doubt="resubmit"),
+                              "kie2": kie_conf(kie, timeout_s=1.0, cost=1, on_doubt="resubmit", retries=2)})
             [task] = [rig.run(i) for i in kie_prompts(rig, 1)]
             assert task["status"] == "succeeded" and task["attempts"] == 2, task
             # At least once: the late job and the one that succeeded.

@@ -302,9 +302,10 @@ class TestKIE:
         jobs at KIE are counted: each one is an attempt (by default the task
         would fail submission_in_doubt after one job: tests/test_doubt.py)."""
         # Seed 7 draws: timeout, 500, ok (createTask), then 500, ok, timeout, 500, ...
-        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=0.5, rate_limit_once=True,
+        # A timeout of 1 s: on a loaded machine a healthy answer must not look like one.
+        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=1.5, rate_limit_once=True,
                      retry_after=7, job_seconds=0.2) as kie:
-            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=0.2, on_doubt="resubmit")})
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=1.0, on_doubt="resubmit")})
             task_id = rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}})
             start = clock()
             rig.worker.run_once(start)
@@ -324,10 +325,10 @@ class TestKIE:
 
     def test_a_task_survives_recordinfo_5xx_and_timeouts_with_one_job(self, sqlite_store, files, clock):
         """Polls that fail are asked again; they never make a job."""
-        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=0.5, job_seconds=0.2,
+        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=1.5, job_seconds=0.2,
                      fault_paths=("/api/v1/jobs/recordInfo",)) as kie:
             kie.rate_limit_next(1, retry_after=3, status=503)
-            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=0.2)})
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=1.0)})
             task = rig.run(rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}}), limit_s=15)
             assert task["status"] == "succeeded" and task["attempts"] == 1, task
             assert kie.faults["503"] == 1 and kie.faults["500"] >= 1 and kie.faults["timeout"] >= 1
