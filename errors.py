@@ -91,6 +91,15 @@ class ProviderUnavailable(HoldfastError):
         self.retry_after = retry_after
 
 
+class InDoubt(ProviderUnavailable):
+    """Transient, but the request may have had its effect: it was sent and
+    no answer came back that says it was refused (a read timeout, a reset
+    after sending, a 500/502/504, an answer that cannot be read). Retrying a
+    read is fine; repeating a submit could make a second job."""
+
+    code = "submission_in_doubt"
+
+
 class ProviderRejected(HoldfastError):
     """Permanent: the provider refused or failed the job. Do not retry."""
 

@@ -84,7 +84,7 @@ SCHEMAS = {
             "files": {"type": "array", "items": _ref("TaskFile")},
             "error": {"oneOf": [{"type": "null"}, _obj(["code", "message"], {
                 "code": {"enum": ["provider_rejected", "provider_unavailable", "timeout", "result_expired",
-                                  "provider_lost", "invalid_result", "internal"]},
+                                  "provider_lost", "submission_in_doubt", "invalid_result", "internal"]},
                 "message": {"type": "string"}})]},
             "cost": {"type": "integer"},
             "credits": {"enum": ["none", "reserved", "charged", "refunded"]},

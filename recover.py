@@ -54,7 +54,9 @@ def recover(store, providers, *, now, files=None, dry_run=False, worker=None):
     if not dry_run:
         report["leases_released"] = store.release_leases(dead) + store.release_expired_leases(now=now)
 
-    # Submissions in doubt: ask the provider before anything is sent again.
+    # Submissions in doubt: a submit was sent (or about to be) and its answer
+    # never recorded. The worker asks the provider about an id of ours before
+    # anything is sent again, and fails (refunds) one it cannot ask about.
     doubtful = store.in_doubt()
     report["submissions_in_doubt"] = [t["id"] for t in doubtful]
     worker = worker or Worker(store, providers, files, owner=lease_owner_id(), clock=lambda: now)

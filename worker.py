@@ -12,10 +12,19 @@ A task's life with a provider:
       |  no slot: wait     (id stored first)                   |
       +<------ the provider lost the job: again, up to `retries` -------+
 
-`attempts` counts submissions, stored with the id before submit (or, local,
-function starts). A submit that failed transiently, or whose job the provider
-does not know, is tried again under the same attempt number, with backoff,
-until the deadline; the sweeper ends the task then.
+`attempts` counts submissions (or, local, function starts), stored before
+the request together with its id and the time it is sent (POSTED_AT in the
+task's state). A submit that was not sent, or that the provider refused
+before any job existed (429, 503), is tried again under the same attempt
+number, with backoff, until the deadline; the sweeper ends the task then.
+
+A submit in doubt (no answer, a reset, a 500: DESIGN.md guarantee 5), or
+one a crash interrupted, is never sent again blindly. With an id of our
+choosing (ComfyUI) the provider is asked about it once the request can no
+longer be on its way (`doubt_grace_s` after it was sent), and only a job it
+does not know is submitted again, as a new attempt up to `retries`. Without
+one (KIE) the task fails `submission_in_doubt`, refunded, unless the
+provider says `on_doubt = "resubmit"`.
 """
 
 import logging
@@ -30,10 +39,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
 import metrics
-from errors import (Conflict, HoldfastError, InvalidInput, InvalidResult, ProviderRejected,
+from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import SLOT_STEP, TERMINAL, lease_dir, lease_owner_id, no_space, owner_is_dead, safe_file_name
+from store import (POSTED_AT, SLOT_STEP, TERMINAL, external_id_problem, lease_dir, lease_owner_id, no_space,
+                   owner_is_dead, safe_file_name)
 
 log = logging.getLogger("holdfast.worker")
 
@@ -44,6 +54,7 @@ WAITING_FOR_SLOT = "waiting for a slot"
 EVENTS_KEEP_S = 86400.0    # the event log is for live views and reconnects, not history
 STOP_GRACE_S = 2.0         # at shutdown, how long running steps may take to end
 CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
+WAKE_EVERY_S = 1.0         # at most one wake_backoff per provider this often, per process
 
 
 class _Stopped(Conflict):
@@ -77,6 +88,7 @@ class Worker:
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
         self._told = {}    # task id or job name -> the repeating failure last logged for it
+        self._woken = {}   # provider name -> time.monotonic() of its last wake_backoff
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stopping = False    # claim nothing more
@@ -301,26 +313,31 @@ class Worker:
     # -- the steps ---------------------------------------------------------------
 
     def _start(self, task, provider, now):
-        if task["external_id"] is not None and not provider.runs_in_worker:
-            # An earlier attempt stored its id and may have reached the
-            # provider before a crash: ask before submitting again.
+        if provider.runs_in_worker:
+            return self._run_here(task, provider, now)
+        state = task["state"] or {}
+        if POSTED_AT in state:
+            return self._doubtful(task, provider, now)
+        if task["external_id"] is not None and not state.get("failures"):
+            # An id stored without the mark of a sent submit: written by an
+            # older holdfast, whose submit may have reached the provider
+            # before a crash. Ask before submitting again. (A try that was
+            # not sent keeps its id too, but counts failures.)
             try:
                 status = self._ask(task, provider, now)
             except ProviderUnavailable as exc:
                 return self._later(task, now, str(exc), retry_after=exc.retry_after)
             if status.state != "unknown":
-                log.info("task %s: found %s at the provider after a restart", task["id"], status.state)
-                task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
-                                         step="recovered", next_poll_at=now)
-                return self._apply(task, provider, status, now)
-        if provider.runs_in_worker:
-            return self._run_here(task, provider, now)
-        # Still `submitting`: the last try never got an answer and the
-        # provider does not know the job, so this is the same attempt again.
+                return self._found(task, provider, status, now)
+        # Still `submitting` with nothing in doubt: the last try was not sent
+        # or was refused, so this is the same attempt again.
         same_try = task["step"] == SLOT_STEP and task["attempts"] > 0
         attempts = task["attempts"] if same_try else task["attempts"] + 1
+        # Marked as sent, and committed, before it is: a crash from here on
+        # leaves a submit in doubt that the next owner will not repeat blindly.
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
-                                    external_id=provider.new_id(task, now), attempts=attempts, step=SLOT_STEP)
+                                    external_id=provider.new_id(task, now), attempts=attempts, step=SLOT_STEP,
+                                    state={**state, POSTED_AT: now})
         if held is None:
             return self._wait_for_slot(task, provider, now)
         try:
@@ -328,12 +345,27 @@ class Worker:
                 external_id = provider.submit(held, now)
         except ProviderRejected as exc:
             return self._finish(held, now, "failed", error=(exc.code, exc.message))
+        except InDoubt as exc:
+            return self._in_doubt(held, provider, now, str(exc))
         except ProviderUnavailable as exc:
-            return self._later(held, now, str(exc), retry_after=exc.retry_after)
+            # Not sent, or refused before a job existed: nothing is in doubt.
+            return self._later(dict(held, state=_without(held["state"], POSTED_AT)), now, str(exc),
+                               retry_after=exc.retry_after)
+        except Exception as exc:
+            # An adapter's bug may strike after its request went out.
+            log.exception("task %s: unexpected error in submit", held["id"])
+            return self._in_doubt(held, provider, now, f"internal: {exc}")
+        problem = external_id_problem(external_id)
+        if problem is not None:
+            # A job exists under an id holdfast cannot keep, so cannot follow:
+            # the provider's fault, and another submit would make another.
+            self._finish(held, now, "failed", error=("invalid_result", f"{provider.name}: {problem}"))
+            return self._cancel(provider, dict(held, external_id=external_id))
         try:
             self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
                               status="running", external_id=external_id, step="submitted", progress=0.0,
-                              polls=0, next_poll_at=now + provider.poll_interval_s, **_recovered(held))
+                              polls=0, next_poll_at=now + provider.poll_interval_s,
+                              state=_without(held["state"], POSTED_AT, "failures"))
         except Conflict:
             # Cancelled or expired while submit was in flight: that cancel
             # reached the provider before the job did (or, with no id yet,
@@ -343,6 +375,86 @@ class Worker:
                          provider.name, external_id)
                 self._cancel(provider, dict(held, external_id=external_id))
             raise
+        except InvalidInput as exc:
+            return self._finish(held, now, "failed", error=("invalid_result", f"{provider.name}: {exc.message}"))
+        except HoldfastError as exc:
+            # Not recorded: the mark of a sent submit stays, so whoever looks
+            # next treats the job as in doubt rather than sending it again.
+            return self._later(held, now, f"recording the submit: {exc}")
+        self._answered(held, provider, now)
+
+    def _in_doubt(self, task, provider, now, reason):
+        """The submit may have made a job: never send it again blindly."""
+        if provider.client_ids and task["external_id"] is not None:
+            ask_at = task["state"][POSTED_AT] + provider.doubt_grace_s
+            return self._later(task, now, f"{reason}; in doubt, {provider.name} is asked about "
+                               f"{task['external_id']} {ask_at - now:.0f}s from now", retry_after=ask_at - now)
+        return self._no_second_job(task, provider, now, reason)
+
+    def _doubtful(self, task, provider, now):
+        """A queued task whose last submit was sent and never recorded: an
+        in-doubt answer, or a crash in the middle."""
+        if not (provider.client_ids and task["external_id"] is not None):
+            return self._no_second_job(task, provider, now, "its submit was interrupted before the answer "
+                                       "was recorded")
+        ask_at = task["state"][POSTED_AT] + provider.doubt_grace_s
+        if now < ask_at:
+            # The request may still be on its way, or being handled: a look
+            # now could find nothing, and a second submit would run twice.
+            return self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=ask_at,
+                                         polls=task["polls"])
+        try:
+            status = self._ask(task, provider, now)
+        except ProviderUnavailable as exc:
+            return self._later(task, now, str(exc), retry_after=exc.retry_after)
+        if status.state != "unknown":
+            return self._found(task, provider, status, now)
+        self._lost(task, provider, now, f"{provider.name} does not know {task['external_id']}, "
+                                        "whose submit was in doubt")
+
+    def _no_second_job(self, task, provider, now, reason):
+        """An in-doubt submit to a provider that takes no id from us: there
+        is nothing to ask about, so the task fails (refunded) rather than
+        risk a second paid job, unless the provider's table accepts one."""
+        if provider.on_doubt == "resubmit" and task["attempts"] < provider.retries:
+            log.warning("task %s: %s; on_doubt = resubmit: submitting again (attempt %d of %d)", task["id"],
+                        reason, task["attempts"] + 1, provider.retries)
+            return self._resubmit(task, now, now + TRANSIENT.delay(task["attempts"]))
+        message = (f"{reason}. {provider.name} may have made the job, and it takes no id from holdfast "
+                   "to ask about: not submitted again, so as not to make a second one")
+        if provider.on_doubt == "resubmit":
+            message += f" ({task['attempts']} attempt(s) made, retries = {provider.retries})"
+        self._finish(task, now, "failed", error=("submission_in_doubt", message[:2000]))
+
+    def _found(self, task, provider, status, now):
+        """The provider has the job whose submit went unrecorded: follow it."""
+        log.info("task %s: found %s at %s under %s", task["id"], status.state, provider.name,
+                 task["external_id"])
+        self._answered(task, provider, now)
+        task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
+                                 step="recovered", next_poll_at=now,
+                                 state=_without(task["state"], POSTED_AT, "failures"))
+        return self._apply(task, provider, status, now)
+
+    def _answered(self, task, provider, now):
+        """The provider answered. If it had been failing, its other queued
+        tasks stop waiting out their backoff: they go now, not up to a
+        minute later."""
+        if not provider.came_back() and not (task["state"] or {}).get("failures"):
+            return
+        last = self._woken.get(provider.name)
+        if last is not None and time.monotonic() - last < WAKE_EVERY_S:
+            return
+        self._woken[provider.name] = time.monotonic()
+        try:
+            woken = self.store.wake_backoff(provider.name, now=now)
+        except HoldfastError as exc:
+            log.info("%s answers again; its waiting tasks were not woken: %s", provider.name, exc)
+            return
+        if woken:
+            log.info("%s answers again: %d queued task(s) no longer wait out their backoff", provider.name,
+                     woken)
+            self.wake()
 
     def _wait_for_slot(self, task, provider, now):
         """Every slot is taken: look again when a running task may have ended."""
@@ -428,16 +540,19 @@ class Worker:
             status = self._ask(task, provider, now)
         except ProviderUnavailable as exc:
             return self._later(task, now, str(exc), retry_after=exc.retry_after)
-        except InvalidResult as exc:
-            # An answer over a limit comes back the same at every poll.
-            return self._finish(task, now, "failed", error=(exc.code, exc.message))
+        self._answered(task, provider, now)
         self._apply(task, provider, status, now)
 
     def _ask(self, task, provider, now):
-        """provider.poll(), timed and counted."""
+        """provider.poll(), timed and counted. An answer over a limit (too
+        big, too deep, a refused redirect) comes back the same at every
+        poll: it fails the task, wherever the worker asked."""
         try:
             with metrics.provider_call(provider.name, "poll"):
                 status = provider.poll(task, now)
+        except InvalidResult as exc:
+            metrics.POLLS.inc(provider.name, "error")
+            return Status.failed(exc.message, code=exc.code)
         except Exception:
             metrics.POLLS.inc(provider.name, "error")
             raise
@@ -464,18 +579,23 @@ class Worker:
         else:
             self._lost(task, provider, now)
 
-    def _lost(self, task, provider, now):
-        if task["attempts"] < provider.retries:
-            log.warning("task %s: %s no longer knows %s; submitting again", task["id"], provider.name,
-                        task["external_id"])
-            self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
-                              status="queued", external_id=None, step="resubmitting",
-                              progress=None, next_poll_at=now)
-        else:
+    def _lost(self, task, provider, now, what=None):
+        if what is None:
             what = ("the process running it stopped" if provider.runs_in_worker
                     else f"{provider.name} no longer knows the job")
+        if task["attempts"] < provider.retries:
+            log.warning("task %s: %s (%s); submitting again", task["id"], what, task["external_id"])
+            self._resubmit(task, now, now)
+        else:
             self._finish(task, now, "failed", error=(
                 "provider_lost", f"{what}, after {task['attempts']} attempt(s)"))
+
+    def _resubmit(self, task, now, at):
+        """Back to the queue for a new submit (a new attempt) at `at`."""
+        state = task["state"] or {}
+        changes = {"state": _without(state, POSTED_AT)} if POSTED_AT in state else {}
+        self.store.update(task["id"], token=task["lease_token"], now=now, release=True, status="queued",
+                          external_id=None, step="resubmitting", progress=None, next_poll_at=at, **changes)
 
     def _collect(self, task, provider, status, now):
         """Save every output before the task may say succeeded.
@@ -754,6 +874,10 @@ def _within(chunks, total, limit):
         if total[0] > limit:
             raise InvalidResult(f"the task's outputs are over max_task_bytes ({limit} bytes)")
         yield chunk
+
+
+def _without(state, *keys):
+    return {k: v for k, v in (state or {}).items() if k not in keys}
 
 
 def _unique(name, taken):

@@ -109,11 +109,16 @@ class BaseProvider:
         "max_wait_s": 7200.0,       # the deadline
         "timeout_s": 10.0,          # per HTTP request
         "rate_per_s": None,         # API calls a second; None: no limit
-        "retries": 3,               # attempts in all for a job the provider lost (or, local, that raised)
+        "retries": 3,               # submits (POSTs) in all; local: runs in all
         "max_file_bytes": 100 * 1024 * 1024,
         "max_outputs": 100,         # result files of one task; more fails it invalid_result
         "max_task_bytes": 1024 * 1024 * 1024,  # all of one task's result files together
+        # A submit that may have made a job (no answer, a 500...) at a
+        # provider that takes no client id: "fail" ends the task
+        # submission_in_doubt; "resubmit" sends it again (at least once).
+        "on_doubt": "fail",
     }
+    ON_DOUBT = ("fail", "resubmit")
     required = ()
 
     def __init__(self, name, config=None, env=None):
@@ -132,9 +137,13 @@ class BaseProvider:
             self._integer("concurrency", minimum=1)
         if self.config["max_queued"] is not None:
             self._integer("max_queued", minimum=1)
+        if self.config["on_doubt"] not in self.ON_DOUBT:
+            raise ConfigError(f"provider {name}: on_doubt must be one of {', '.join(self.ON_DOUBT)}, "
+                              f"not {self.config['on_doubt']!r}")
         if self.config["max_poll_interval_s"] < self.config["poll_interval_s"]:
             raise ConfigError(f"provider {name}: max_poll_interval_s must be at least poll_interval_s")
         self.health = {"ok": None, "checked_at": None, "error": None}
+        self._back = False
 
     def _check_keys(self, config):
         for key in config:
@@ -178,8 +187,16 @@ class BaseProvider:
 
     def submit(self, task, now):
         """Start the job; return the provider's id for it. ProviderUnavailable
-        (retry later) or ProviderRejected (permanent)."""
+        (nothing was made: retry later), InDoubt (a job may have been made),
+        or ProviderRejected (permanent)."""
         raise NotImplementedError
+
+    @property
+    def doubt_grace_s(self):
+        """How long after an in-doubt submit was sent before the provider is
+        asked about its id: until then the request may still be on its way
+        or being handled. Nothing travels for an adapter without a network."""
+        return 0.0
 
     def poll(self, task, now):
         """Ask about `task["external_id"]`; return a Status. `unknown` means
@@ -209,7 +226,16 @@ class BaseProvider:
     def seen(self, ok, error=None):
         """Record the last answer (or silence) from the provider, for
         GET /api/providers. Per process, replaced whole: no lock needed."""
+        if ok and self.health["ok"] is False:
+            self._back = True
         self.health = {"ok": ok, "checked_at": iso_now(), "error": error}
+
+    def came_back(self):
+        """True once after the provider answered again following a failure
+        (as seen by this process): the worker then stops making its other
+        tasks wait out their backoff."""
+        back, self._back = self._back, False
+        return back
 
     def describe(self):
         keys = ("concurrency", "max_queued", "cost", "poll_interval_s", "max_poll_interval_s",

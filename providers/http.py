@@ -8,6 +8,15 @@ a truncated or malformed answer) or ProviderRejected (a URL that can never
 work). `HttpProvider.call()` adds the HTTP statuses that mean "later" (408,
 429 with Retry-After, 5xx). Nothing else in the adapters catches a requests
 exception.
+
+The same two places say what a failure means for a request that may have had
+an effect (a submit). *Not sent*: the connection never opened (refused,
+connect timeout, DNS). *Refused*: the provider answered that it did nothing
+(408, 429, 503, with Retry-After). Both are plain ProviderUnavailable and may
+be repeated. Anything else once the request went out (a read timeout, a reset
+after sending, 500/502/504 and other 5xx, an answer that cannot be read) is
+InDoubt: the job may exist, and the worker never follows it with a blind
+second submit (DESIGN.md, guarantee 5).
 """
 
 import os
@@ -19,14 +28,20 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from errors import (ConfigError, InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable,
-                    ResultExpired)
+from errors import (ConfigError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
+                    ProviderUnavailable, ResultExpired)
 
 from .base import BaseProvider
 from .net import MAX_REDIRECTS, AddressPolicy, chunks, parse_json, session_for
 
 MAX_RETRY_AFTER_S = 3600.0
+# After an in-doubt submit, the provider is asked about its id no sooner than
+# timeout_s plus this from when the request was sent: a request the client
+# gave up on may still be on its way, or being handled, and a look in
+# between would find nothing and submit it twice.
+DOUBT_MARGIN_S = 5.0
 CHUNK = 64 * 1024
 # A result link answering these is dead, not down: 401/403 for a pre-signed
 # URL past its expiry, 404/410 for a file that is gone.
@@ -37,6 +52,11 @@ DEAD_LINK = frozenset({401, 403, 404, 410})
 MIN_RATE = 4096            # bytes a second
 RATE_GRACE_S = 5.0
 CHECK_EVERY_S = 2.0        # how often a download asks the worker whether to go on
+# Statuses by which a server says it did not act on the request: it gave up
+# waiting for it (408), or asks to come back later (429, 503). A 500, 502 or
+# 504 may come after the work was done (a gateway that lost the answer, a
+# crash after the insert), so every other 5xx is in doubt.
+REFUSED = frozenset({408, 429, 503})
 
 
 def parse_retry_after(value, now=None):
@@ -128,6 +148,10 @@ class HttpProvider(BaseProvider):
         self._limiter = (RateLimiter(self.rate_per_s, max_wait=min(self.timeout_s, 5.0))
                          if self.rate_per_s else None)
 
+    @property
+    def doubt_grace_s(self):
+        return self.timeout_s + DOUBT_MARGIN_S
+
     def _session(self):
         # One session (and connection pool) per thread: requests does not
         # promise that a Session is thread-safe.
@@ -142,21 +166,26 @@ class HttpProvider(BaseProvider):
         try:
             yield
         except requests.exceptions.JSONDecodeError as exc:
-            raise self._down(f"{what}: the answer is not valid JSON ({exc})", health) from None
+            raise self._down(f"{what}: the answer is not valid JSON ({exc})", health, doubt=True) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
                 requests.exceptions.MissingSchema) as exc:
             raise ProviderRejected(f"{self.name}: {what}: bad URL: {exc}", code="invalid_result") from None
+        except requests.ConnectTimeout:
+            raise self._down(f"{what}: could not connect within {self.timeout_s:g}s", health) from None
         except requests.Timeout:
-            raise self._down(f"{what} timed out after {self.timeout_s:g}s", health) from None
+            raise self._down(f"{what}: no answer within {self.timeout_s:g}s", health, doubt=True) from None
         except requests.ConnectionError as exc:
-            raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
+            if _never_sent(exc):
+                raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
+            raise self._down(f"{what}: the connection broke ({_short(exc)})", health, doubt=True) from None
         except requests.RequestException as exc:
-            raise self._down(f"{what}: {_short(exc)}", health) from None
+            raise self._down(f"{what}: {_short(exc)}", health, doubt=True) from None
         except ValueError as exc:   # a JSON document that is not what was promised
-            raise self._down(f"{what}: malformed answer ({exc})", health) from None
+            raise self._down(f"{what}: malformed answer ({exc})", health, doubt=True) from None
 
-    def _down(self, message, health=True, retry_after=None):
-        exc = ProviderUnavailable(f"{self.name}: {message}", retry_after=retry_after)
+    def _down(self, message, health=True, retry_after=None, doubt=False):
+        """ProviderUnavailable, or InDoubt when the request may have had its effect."""
+        exc = (InDoubt if doubt else ProviderUnavailable)(f"{self.name}: {message}", retry_after=retry_after)
         if health:
             self.seen(False, exc.message)
         return exc
@@ -165,7 +194,8 @@ class HttpProvider(BaseProvider):
              health=True):
         """One request to `path` (relative to url, or an absolute URL).
         Returns the response for any status the adapter must read itself;
-        408, 429 and 5xx raise ProviderUnavailable (with Retry-After)."""
+        408, 429 and 503 raise ProviderUnavailable (with Retry-After), every
+        other 5xx InDoubt."""
         if limited and self._limiter is not None:
             self._limiter.acquire()
         url = path if "://" in path else self.url + path
@@ -179,7 +209,8 @@ class HttpProvider(BaseProvider):
         if resp.status_code in (408, 429) or resp.status_code >= 500:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             resp.close()
-            raise self._down(f"{what}: HTTP {resp.status_code}", health, retry_after)
+            raise self._down(f"{what}: HTTP {resp.status_code}", health, retry_after,
+                             doubt=resp.status_code not in REFUSED)
         if health:
             self.seen(True)
         return resp
@@ -260,6 +291,17 @@ class HttpProvider(BaseProvider):
         session = getattr(self._local, "session", None)
         if session is not None:
             session.close()
+
+
+def _never_sent(exc):
+    """True when requests' ConnectionError says the connection never opened
+    (refused, unreachable, DNS: urllib3's NewConnectionError), so not a byte
+    of the request reached the provider. A reset or a close after the request
+    was written is a ProtocolError instead, and may have had its effect."""
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError)
 
 
 def _short(exc):

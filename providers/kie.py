@@ -5,21 +5,26 @@ success, fail) and data.resultJson, a JSON string with resultUrls.
 KIE puts request-level errors in the body's `code` (often with HTTP 200);
 transport-level ones (401, 429, 5xx) in the HTTP status. Both are read.
 KIE cannot take an id from holdfast, so a createTask whose answer was lost
-(a timeout) may leave a job at KIE that holdfast never learns about.
+(a timeout) may leave a job at KIE that holdfast never learns about: such a
+submit is InDoubt, and the worker fails the task `submission_in_doubt`
+rather than pay for a second job (unless `on_doubt = "resubmit"`).
 """
 
 import os
 from urllib.parse import urlsplit
 
-from errors import InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable
+from errors import InDoubt, InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable
 
 from .base import Output, Status
-from .http import HttpProvider
+from .http import REFUSED, HttpProvider
 from .net import parse_json
 
 # Body codes that mean "later": rate limited, maintenance, server trouble.
-# 501 (generation failed) and 505 (feature disabled) are final.
+# 501 (generation failed) and 505 (feature disabled) are final. Of these,
+# 455 (maintenance) refuses like 429 and 503; 500, 502 and 504 may come after
+# the job was made (see http.py).
 _TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
+_REFUSED_CODES = REFUSED | {455}
 _QUEUED = ("waiting", "queuing")
 
 
@@ -45,8 +50,14 @@ class KIEProvider(HttpProvider):
                                       json={"model": params["model"], "input": params["input"]}),
                             "createTask")
         task_id = data.get("taskId") if isinstance(data, dict) else None
-        if not isinstance(task_id, (str, int)) or task_id == "":
-            raise ProviderUnavailable(f"{self.name}: createTask answered without a taskId")
+        if task_id is None or task_id == "":
+            # A success without the one thing it must say: the job may exist.
+            raise InDoubt(f"{self.name}: createTask answered without a taskId")
+        if isinstance(task_id, bool) or not isinstance(task_id, (str, int)):
+            # A job was made under an id holdfast cannot follow: asking
+            # again would only make another.
+            raise ProviderRejected(f"KIE's createTask answered a taskId that is not text: {str(task_id)[:100]!r}",
+                                   code="invalid_result")
         return str(task_id)
 
     def poll(self, task, now):
@@ -97,7 +108,7 @@ class KIEProvider(HttpProvider):
             raise ProviderRejected(f"KIE refused the API key ({what}: HTTP {resp.status_code})")
         body = self.json_of(resp, what)
         if not isinstance(body, dict):
-            raise ProviderUnavailable(f"{self.name}: {what}: the answer is not an object")
+            raise InDoubt(f"{self.name}: {what}: the answer is not an object")
         try:
             code = int(body.get("code", resp.status_code))
         except (TypeError, ValueError):
@@ -108,7 +119,8 @@ class KIEProvider(HttpProvider):
         if code == 404 and missing_ok:
             return _MISSING
         if code in _TRANSIENT_CODES:
-            raise ProviderUnavailable(f"{self.name}: {what}: {message or 'try again later'} (code {code})")
+            raise self._down(f"{what}: {message or 'try again later'} (code {code})",
+                             doubt=code not in _REFUSED_CODES)
         raise ProviderRejected(f"KIE refused {what}: {message or 'no message'} (code {code})")
 
 

@@ -24,26 +24,26 @@ from .base import BaseStore
 from .files import CONTENT_TYPES, FileStore, lease_dir, no_space, safe_file_name
 from .jsonfile import JsonStore
 from .postgres import PostgresStore
-from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS, MAX_JSON_DEPTH,
-                     MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS, MODELS,
-                     SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry, Ledger,
-                     SchemaVersion, Session, Task, TaskHistory, TaskStatus, User, check_json,
+from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS, MAX_EXTERNAL_ID,
+                     MAX_JSON_DEPTH, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS,
+                     MODELS, POSTED_AT, SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry,
+                     Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus, User, check_json,
                      check_session_key, check_transition, check_user_limits, dumps, event_json,
-                     hash_token, history_day, iso, lease_owner_id, new_task_id, owner_is_dead,
-                     session_json, stuck_reasons, task_json, too_deep)
+                     external_id_problem, hash_token, history_day, iso, lease_owner_id, new_task_id,
+                     owner_is_dead, session_json, stuck_reasons, task_json, too_deep)
 from .sql import SqlStore
 from .sqlite import SqliteStore
 
 __all__ = [
     "ACTIVE", "BACKENDS", "BaseStore", "CONTENT_TYPES", "DATA_MODELS", "DEDUPE_IGNORED",
     "ERROR_CODES", "Event", "FileExpiry", "FileStore", "JsonStore", "Ledger", "MAX_CREDITS",
-    "MAX_JSON_DEPTH", "MAX_SESSION_MESSAGES", "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS",
-    "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore",
-    "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User",
-    "check_json", "check_session_key", "check_transition", "check_user_limits", "dumps", "event_json",
-    "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id", "new_task_id", "no_space",
-    "open_store", "owner_is_dead", "safe_file_name", "session_json", "stuck_reasons", "task_json",
-    "too_deep",
+    "MAX_EXTERNAL_ID", "MAX_JSON_DEPTH", "MAX_SESSION_MESSAGES", "MAX_USER_ACTIVE", "MAX_USER_RATE",
+    "MIGRATIONS", "MODELS", "POSTED_AT", "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session",
+    "SqlStore", "SqliteStore", "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory",
+    "TaskStatus", "User", "check_json", "check_session_key", "check_transition", "check_user_limits",
+    "dumps", "event_json", "external_id_problem", "hash_token", "history_day", "iso", "lease_dir",
+    "lease_owner_id", "new_task_id", "no_space", "open_store", "owner_is_dead", "safe_file_name",
+    "session_json", "stuck_reasons", "task_json", "too_deep",
 ]
 
 log = logging.getLogger("holdfast.store")

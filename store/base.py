@@ -91,7 +91,8 @@ class BaseStore:
         entries with a `dir` (the lease folder they were written in) must
         name this token's folder (ValueError otherwise): files are fenced
         like rows. StaleLease when the token is old, Conflict for an illegal
-        transition, NotFound."""
+        transition, NotFound; InvalidInput (code invalid_result) for an
+        `external_id` that external_id_problem() refuses, on every backend."""
         raise NotImplementedError
 
     def reschedule(self, task_id, *, token, next_poll_at, polls, state=None):
@@ -155,8 +156,19 @@ class BaseStore:
         raise NotImplementedError
 
     def in_doubt(self, *, limit=1000):
-        """Queued tasks that stored a provider id: their submit may have
-        reached the provider before a crash."""
+        """Queued tasks whose submit may have reached the provider: those
+        that stored a provider id, and those whose `state` holds POSTED_AT
+        (the worker marks a submit as sent before sending it), oldest id
+        first."""
+        raise NotImplementedError
+
+    def wake_backoff(self, provider, *, now):
+        """Make due at `now` the queued tasks of `provider` that wait out a
+        transient-failure backoff (their `state` counts `failures`), for when
+        the provider answers again. Leased tasks, tasks due already and
+        tasks whose submit is in doubt (POSTED_AT, which wait out a grace
+        period instead) keep their schedule. No version bump, no event.
+        Returns how many became due."""
         raise NotImplementedError
 
     def stray_reservations(self):

@@ -49,12 +49,33 @@ TRANSITIONS = {
     "failed": frozenset(),
     "cancelled": frozenset(),
 }
-ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout",
-                         "result_expired", "provider_lost", "invalid_result", "internal"})
+ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout", "result_expired",
+                         "provider_lost", "submission_in_doubt", "invalid_result", "internal"})
 DEDUPE_IGNORED = ("failed", "cancelled")
 # A queued task whose step is this holds one of its provider's slots: its
 # submit is under way, or in doubt after a crash (see take_slot).
 SLOT_STEP = "submitting"
+# The worker's mark in a queued task's `state`: when its last submit was sent
+# (written, and committed, before the request). Present while that submit
+# may have made a job nobody has heard of; in_doubt() finds tasks by it.
+POSTED_AT = "posted_at"
+# external_id is a CharField: PostgreSQL keeps at most this many characters.
+MAX_EXTERNAL_ID = 255
+
+
+def external_id_problem(value):
+    """Why a provider's job id cannot be stored (every backend alike), or None."""
+    if not isinstance(value, str) or not value:
+        return f"the provider's job id is not text: {str(value)[:80]!r}"
+    if len(value) > MAX_EXTERNAL_ID:
+        return f"the provider's job id is {len(value)} characters long; at most {MAX_EXTERNAL_ID} can be kept"
+    if "\x00" in value:
+        return "the provider's job id holds a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the provider's job id is not valid Unicode"
+    return None
 
 
 def check_transition(current, new):

@@ -31,9 +31,9 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
-                     TERMINAL, check_transition, check_user_limits, dumps, event_json, hash_token,
-                     history_day, new_task_id, task_json)
+from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, POSTED_AT, SLOT_STEP,
+                     TASK_COLUMNS, TERMINAL, check_transition, check_user_limits, dumps, event_json,
+                     external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_upkeep import UpkeepSql
 
@@ -45,6 +45,10 @@ task_log = logging.getLogger("holdfast.tasks")
 # say so and read the status index rather than every finished row.
 _LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 _JSON_COLUMNS = ("params", "files", "error", "state")
+# A top-level key of a task's `state` JSON (dumps writes `"key":value`), for
+# the two queries that look into it: in_doubt() and wake_backoff().
+_POSTED = f'%"{POSTED_AT}":%'
+_FAILURES = '%"failures":%'
 _UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts", "files",
                         "error", "next_poll_at", "polls", "started_at", "state",
                         "lease_expires_at"})
@@ -62,6 +66,11 @@ def _check_updatable(changes):
     unknown = set(changes) - _UPDATABLE
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
+    # Refused alike by every backend, not only where PostgreSQL would.
+    if changes.get("external_id") is not None:
+        problem = external_id_problem(changes["external_id"])
+        if problem is not None:
+            raise InvalidInput(problem, code="invalid_result")
 
 
 def _log_change(task_id, user_id, provider, old, new, error, credits, external_id, attempts):
@@ -738,9 +747,15 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
 
     def in_doubt(self, *, limit=1000):
         with self._seam():
-            rows = self._exec(_TASK_SELECT + " WHERE status = 'queued' AND external_id IS NOT NULL "
-                              "ORDER BY id LIMIT ?", (limit,)).fetchall()
+            rows = self._exec(_TASK_SELECT + " WHERE status = 'queued' AND (external_id IS NOT NULL "
+                              "OR state LIKE ?) ORDER BY id LIMIT ?", (_POSTED, limit)).fetchall()
         return [self._task(r) for r in rows]
+
+    def wake_backoff(self, provider, *, now):
+        with self._seam(), self._write():
+            return self._exec("UPDATE tasks SET next_poll_at = ? WHERE status = 'queued' AND next_poll_at > ? "
+                              "AND provider = ? AND lease_owner IS NULL AND state LIKE ? AND state NOT LIKE ?",
+                              (now, now, provider, _FAILURES, _POSTED)).rowcount
 
     def stray_reservations(self):
         with self._seam():

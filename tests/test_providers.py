@@ -296,22 +296,45 @@ class TestComfyUI:
 
 class TestKIE:
     def test_a_task_survives_5xx_timeouts_and_a_429(self, sqlite_store, files, clock):
+        """A 429 refuses createTask before any job exists: sent again once
+        Retry-After has passed, as the same attempt. A createTask that timed
+        out or got a 500 may have made a job: only `on_doubt = "resubmit"`
+        sends it again, each time as a new attempt, capped by retries. The
+        jobs at KIE are counted: each one is an attempt (by default the task
+        would fail submission_in_doubt after one job: tests/test_doubt.py)."""
         # Seed 7 draws: timeout, 500, ok (createTask), then 500, ok, timeout, 500, ...
-        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=0.5, rate_limit_once=True,
+        # A timeout of 1 s: on a loaded machine a healthy answer must not look like one.
+        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=1.5, rate_limit_once=True,
                      retry_after=7, job_seconds=0.2) as kie:
-            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=0.2)})
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=1.0, on_doubt="resubmit")})
             task_id = rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}})
             start = clock()
             rig.worker.run_once(start)
             after_429 = rig.task(task_id)
             assert after_429["status"] == "queued" and after_429["next_poll_at"] >= start + 7
+            assert after_429["attempts"] == 1 and "posted_at" not in after_429["state"]
             task = rig.run(task_id, limit_s=15)
             assert task["status"] == "succeeded", task
             assert kie.faults["429"] == 1 and kie.faults["500"] >= 2 and kie.faults["timeout"] >= 2
-            assert task["external_id"] in kie.created and task["attempts"] == 1
+            # 429, then timeout (a job made), 500 (none), ok (a job made).
+            assert kie.requests["/api/v1/jobs/createTask"] == 4
+            assert kie.jobs_per() == {"a red fox": 2} and task["external_id"] == kie.created[-1]
+            assert task["attempts"] == 3 == rig.providers["kie"].retries
             [meta] = task["files"]
             url = f"{kie.url}/files/{task['external_id']}/0.png"
             assert rig.file_bytes(task_id, meta["name"]) == requests.get(url, timeout=5).content
+
+    def test_a_task_survives_recordinfo_5xx_and_timeouts_with_one_job(self, sqlite_store, files, clock):
+        """Polls that fail are asked again; they never make a job."""
+        with FakeKIE(seed=7, error_rate=0.3, timeout_rate=0.1, slow_seconds=1.5, job_seconds=0.2,
+                     fault_paths=("/api/v1/jobs/recordInfo",)) as kie:
+            kie.rate_limit_next(1, retry_after=3, status=503)
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, timeout_s=1.0)})
+            task = rig.run(rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}}), limit_s=15)
+            assert task["status"] == "succeeded" and task["attempts"] == 1, task
+            assert kie.faults["503"] == 1 and kie.faults["500"] >= 1 and kie.faults["timeout"] >= 1
+            assert kie.requests["/api/v1/jobs/createTask"] == 2, "the refused one, then the one that made the job"
+            assert kie.created == [task["external_id"]] and kie.jobs_per() == {"a red fox": 1}
 
     def test_a_record_without_data_is_asked_again_not_submitted_again(self, sqlite_store, files, clock):
         """`"data": null` with code 200 says nothing of the job: a second

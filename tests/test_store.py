@@ -375,6 +375,66 @@ class TestDeadlinesAndCredits:
         assert store.reserved_credits(user["id"]) == 0
 
 
+class TestSubmitsInDoubt:
+    def _parked(self, store, user_id, now, *, provider="demo", state=None, next_poll_at=None, status="queued"):
+        """A task of `provider` as the worker leaves it: `state` and its next
+        look set, no lease."""
+        task, _ = store.submit(user_id, provider, {"prompt": "x"}, now=now, deadline_at=now + 3600)
+        held = store.claim_task(task["id"], "w", now=now, lease_s=30)
+        if status != "queued":
+            store.update(task["id"], token=held["lease_token"], now=now, status=status)
+        store.reschedule(task["id"], token=held["lease_token"], next_poll_at=next_poll_at or now, polls=0,
+                         state=state)
+        return task["id"]
+
+    def test_in_doubt_finds_stored_ids_and_submits_marked_as_sent(self, store, alice):
+        with_id, _ = submit(store, alice["id"], 10.0)
+        held = store.claim_task(with_id["id"], "w", now=10.0, lease_s=30)
+        store.update(with_id["id"], token=held["lease_token"], now=10.0, external_id="job-1", attempts=1,
+                     release=True)
+        sent = self._parked(store, alice["id"], 11.0, state={"posted_at": 11.0, "failures": 1})
+        self._parked(store, alice["id"], 12.0, state={"failures": 2})          # not sent: not in doubt
+        self._parked(store, alice["id"], 13.0, state={"posted_at": 13.0}, status="running")
+        assert sorted(t["id"] for t in store.in_doubt()) == sorted([with_id["id"], sent])
+        assert [t["id"] for t in store.in_doubt(limit=1)] == [min(with_id["id"], sent)]
+
+    def test_wake_backoff_makes_only_a_providers_backed_off_queued_tasks_due(self, store, alice):
+        backed_off = [self._parked(store, alice["id"], 10.0, state={"failures": n, "last_error": "down"},
+                                   next_poll_at=10.0 + 30 * n) for n in (1, 2)]
+        due_already = self._parked(store, alice["id"], 10.0, state={"failures": 1}, next_poll_at=15.0)
+        slot_wait = self._parked(store, alice["id"], 10.0, next_poll_at=40.0)
+        in_doubt = self._parked(store, alice["id"], 10.0, state={"failures": 1, "posted_at": 10.0},
+                                next_poll_at=40.0)
+        other = self._parked(store, alice["id"], 10.0, provider="other", state={"failures": 1},
+                             next_poll_at=40.0)
+        running = self._parked(store, alice["id"], 10.0, state={"failures": 1}, next_poll_at=40.0,
+                               status="running")
+        leased = self._parked(store, alice["id"], 10.0, state={"failures": 1}, next_poll_at=40.0)
+        store.claim_task(leased, "w2", now=20.0, lease_s=30)
+        before = {t: row(store, t) for t in [due_already, slot_wait, in_doubt, other, running, leased]}
+        versions = {t: row(store, t)["version"] for t in backed_off}
+
+        assert store.wake_backoff("demo", now=20.0) == 2
+        for task_id in backed_off:
+            got = row(store, task_id)
+            assert got["next_poll_at"] == 20.0 and got["version"] == versions[task_id]
+        assert {t: row(store, t) for t in before} == before
+        assert {t["id"] for t in store.claim("w3", now=20.0, limit=10, lease_s=30)} >= set(backed_off)
+        assert store.wake_backoff("demo", now=20.0) == 0
+
+    @pytest.mark.parametrize("job_id", ["j" * 256, "ab\x00cd", "\ud800"], ids=["256 chars", "NUL", "surrogate"])
+    def test_a_job_id_the_store_cannot_keep_is_refused_alike_everywhere(self, store, alice, job_id):
+        task, _ = submit(store, alice["id"], 10.0)
+        held = store.claim_task(task["id"], "w", now=10.0, lease_s=30)
+        before = row(store, task["id"])
+        with pytest.raises(InvalidInput) as caught:
+            store.update(task["id"], token=held["lease_token"], now=11.0, status="running", external_id=job_id)
+        assert caught.value.code == "invalid_result"
+        assert row(store, task["id"]) == before
+        store.update(task["id"], token=held["lease_token"], now=11.0, status="running", external_id="j" * 255)
+        assert row(store, task["id"])["external_id"] == "j" * 255
+
+
 class TestCreditRaces:
     """Reserving credits under real threads: the balance is checked in the
     write that lowers it, so racers can never take it below zero."""

@@ -6,6 +6,7 @@ module holds the two things they share: a tiny HTTP harness and a PNG encoder.
 """
 
 import json
+import socket
 import struct
 import sys
 import threading
@@ -56,6 +57,11 @@ class Response:
     headers: dict = field(default_factory=dict)
 
 
+# A handler's answer that sends nothing and closes the connection: the
+# request arrived (and may have had its effect), the answer never will.
+DROP = Response(0)
+
+
 def json_response(obj, status=200, headers=None):
     return Response(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
 
@@ -82,6 +88,13 @@ class _Handler(BaseHTTPRequestHandler):
             # A bug in a fake must be loud, not a hang.
             traceback.print_exc(file=sys.stderr)
             response = Response(500, b"fake server error", {"Content-Type": "text/plain"})
+        if response is DROP:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         try:
             self.send_response(response.status)
             for name, value in response.headers.items():

@@ -199,7 +199,9 @@ class FakeComfyUI(FakeServer):
     with an execution_error), `hold()`/`release()` (a held job starts but does
     not finish), `restart()`, `wait_idle()`, `before_queue` (a callable run
     as a valid POST /prompt arrives, before its job is queued: a test holds
-    a submit in flight there).
+    a submit in flight there), `slow_posts` (the next N valid POST /prompt
+    take `slow_seconds` before their job is queued and answered: a client
+    with a shorter timeout gives up while the POST is still being handled).
     Records: `submissions` (accepted prompt_ids in order, duplicates kept),
     `runs` (Counter: prompt_id -> times execution started, cached runs
     included), `requests` (Counter by path), `deletes` (prompt_ids named by
@@ -210,9 +212,11 @@ class FakeComfyUI(FakeServer):
     are gone, output files stay.
     """
 
-    def __init__(self, job_seconds=0.2):
+    def __init__(self, job_seconds=0.2, slow_posts=0, slow_seconds=2.0):
         super().__init__()
         self.job_seconds = job_seconds
+        self.slow_posts = slow_posts
+        self.slow_seconds = slow_seconds
         self.fail_next = 0
         self.before_queue = None
         self.submissions = []
@@ -356,6 +360,11 @@ class FakeComfyUI(FakeServer):
             extra["client_id"] = data["client_id"]
         if self.before_queue is not None:
             self.before_queue(prompt_id)
+        with self._cv:
+            slow = self.slow_posts > 0
+            self.slow_posts -= slow
+        if slow:
+            self._stopping.wait(self.slow_seconds)
         with self._cv:
             number = self._number
             self._number += 1

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from . import FakeServer, Response, json_response, png_bytes
+from . import DROP, FakeServer, Response, json_response, png_bytes
 
 
 def _default_fail_input(task_input):
@@ -63,15 +63,26 @@ class FakeKIE(FakeServer):
     `fail_input(input)` is true (default: input {"fail": true} or prompt
     "fail"). `callBackUrl` is stored in `param` but never called.
 
-    Faults (apply to paths starting with one of `fault_paths`, default the
-    API only), decided by one draw of a seeded random.Random per request:
-      error_rate      answer 500; nothing is done
+    Faults drawn (for paths starting with one of `fault_paths`, default the
+    API only) by one draw of a seeded random.Random per request:
+      error_rate      answer `error_status` (500; 502 and 504 are gateways'); nothing is done
       timeout_rate    do the work, then wait `slow_seconds` before answering
                       (a client with a shorter timeout gives up, but a
                       createTask still created its task)
       malformed_rate  answer 200 with a truncated JSON body; nothing is done
-      rate_limit_once / rate_limit_next(n, retry_after)  the next requests get
-                      429 with Retry-After, before any draw
+    Refusals, for the next API requests whatever `fault_paths` says, before
+    any draw:
+      rate_limit_once / rate_limit_next(n, retry_after, status)  the next
+                      requests get 429 (or `status`, e.g. 503) with
+                      Retry-After; nothing is done
+    Faults of createTask alone, each for the next N of them (a test counts
+    how many jobs one task made):
+      slow_creates    create the job, then answer after `slow_seconds`
+      drop_creates    create the job, then close the connection unanswered
+      create_delay    (seconds, every createTask) create the job, then wait
+                      this long before answering
+      task_ids        a callable giving each new job its taskId (default a
+                      uuid; a test gives ids too long or odd to store)
     Result links: `link_ttl` seconds after completion they answer
     `expired_status` (404); `expire()` kills them now; output indices in
     `dead_outputs` always answer 404 (partial results).
@@ -79,7 +90,9 @@ class FakeKIE(FakeServer):
     `before_create` (a callable) runs as a valid createTask arrives, before
     the task exists: a test holds a submit in flight there.
 
-    Records: `created` (taskIds in order), `max_concurrent_seen` (most tasks
+    Records: `created` (taskIds in order), `created_inputs` (each job's
+    input, in the same order; `jobs_per(key)` counts jobs by one input
+    field), `max_concurrent_seen` (most tasks
     not yet finished at once), `requests` (Counter by path), `faults`
     (Counter: "500", "429", "timeout", "malformed").
     """
@@ -88,11 +101,18 @@ class FakeKIE(FakeServer):
                  error_rate=0.0, timeout_rate=0.0, malformed_rate=0.0, slow_seconds=2.0,
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
-                 fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0, result_urls=None):
+                 fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0, result_urls=None,
+                 slow_creates=0, drop_creates=0, create_delay=0.0, task_ids=None, error_status=500):
         super().__init__()
         # result_urls(task) -> the resultUrls of a successful task; default
         # this fake's own /files/ links.
         self.result_urls = result_urls
+        self.error_status = error_status
+        self.slow_creates = slow_creates
+        self.drop_creates = drop_creates
+        self.create_delay = create_delay
+        self.task_ids = task_ids or (lambda: uuid.uuid4().hex)
+        self.created_inputs = []
         # Each recordInfo is held open poll_delay seconds, so two clients
         # polling one job at the same moment overlap and are counted.
         self.poll_delay = poll_delay
@@ -123,12 +143,20 @@ class FakeKIE(FakeServer):
         self._tasks = {}
         self._rate_limited = 1 if rate_limit_once else 0
         self._retry_after = retry_after
+        self._refuse_status = 429
 
-    def rate_limit_next(self, n, retry_after=1):
-        """Answer the next `n` API requests with 429 and `Retry-After: retry_after`."""
+    def rate_limit_next(self, n, retry_after=1, status=429):
+        """Answer the next `n` API requests with `status` (429, or 503 for a
+        service that is down for a while) and `Retry-After: retry_after`."""
         with self._lock:
             self._rate_limited = n
             self._retry_after = retry_after
+            self._refuse_status = status
+
+    def jobs_per(self, key="prompt"):
+        """Counter: input[key] -> jobs created with it."""
+        with self._lock:
+            return Counter(str(i.get(key)) for i in self.created_inputs)
 
     def expire(self, task_id=None):
         """Make the result links of `task_id` (or of every task) dead now."""
@@ -142,12 +170,17 @@ class FakeKIE(FakeServer):
     def handle(self, req):
         with self._lock:
             self.requests[req.path] += 1
-            fault = self._draw_fault() if req.path.startswith(self.fault_paths) else None
+            fault = self._refusal() if req.path.startswith("/api/") else None
+            if fault is None and req.path.startswith(self.fault_paths):
+                fault = self._draw_fault()
         if fault == "429":
-            return json_response({"code": 429, "msg": "Too many requests, please slow down", "data": None},
-                                 429, {"Retry-After": self._retry_after})
+            status = self._refuse_status
+            msg = "Too many requests, please slow down" if status == 429 else "Service unavailable"
+            return json_response({"code": status, "msg": msg, "data": None}, status,
+                                 {"Retry-After": self._retry_after})
         if fault == "500":
-            return json_response({"code": 500, "msg": "Internal Error, Please try again later.", "data": None}, 500)
+            return json_response({"code": self.error_status, "msg": "Internal Error, Please try again later.",
+                                  "data": None}, self.error_status)
         if fault == "malformed":
             return Response(200, b'{"code": 200, "msg": "success", "data": {"taskId', {"Content-Type": "application/json"})
 
@@ -157,19 +190,22 @@ class FakeKIE(FakeServer):
             self._stopping.wait(self.slow_seconds)
         return response
 
+    def _refusal(self):
+        if self._rate_limited <= 0:
+            return None
+        self._rate_limited -= 1
+        self.faults[str(self._refuse_status)] += 1
+        return "429"
+
     def _draw_fault(self):
-        if self._rate_limited > 0:
-            self._rate_limited -= 1
-            fault = "429"
-        else:
-            r = self._rng.random()
-            fault = None
-            for name, rate in (("500", self.error_rate), ("timeout", self.timeout_rate),
-                               ("malformed", self.malformed_rate)):
-                if r < rate:
-                    fault = name
-                    break
-                r -= rate
+        r = self._rng.random()
+        fault = None
+        for name, rate in (("500", self.error_rate), ("timeout", self.timeout_rate),
+                           ("malformed", self.malformed_rate)):
+            if r < rate:
+                fault = name
+                break
+            r -= rate
         if fault:
             self.faults[fault] += 1
         return fault
@@ -203,14 +239,28 @@ class FakeKIE(FakeServer):
             self.before_create()
         with self._lock:
             now = time.time()
-            task = _Task(task_id=uuid.uuid4().hex, model=body["model"], input=body["input"],
+            task = _Task(task_id=self.task_ids(), model=body["model"], input=body["input"],
                          param=json.dumps(param), created=now, seconds=self.job_seconds,
                          fails=bool(self.fail_input(body["input"])), outputs=self.outputs)
             self._tasks[task.task_id] = task
             self.created.append(task.task_id)
+            self.created_inputs.append(body["input"])
             # The most overlapping tasks is always reached at some task's start.
             active = sum(1 for t in self._tasks.values() if t.created <= now < t.done_at)
             self.max_concurrent_seen = max(self.max_concurrent_seen, active)
+            slow = self.slow_creates > 0
+            drop = not slow and self.drop_creates > 0
+            if slow:
+                self.slow_creates -= 1
+                self.faults["slow create"] += 1
+            elif drop:
+                self.drop_creates -= 1
+                self.faults["dropped create"] += 1
+        if drop:
+            return DROP
+        wait = self.slow_seconds if slow else self.create_delay
+        if wait:
+            self._stopping.wait(wait)
         return json_response({"code": 200, "msg": "success", "data": {"taskId": task.task_id}})
 
     def _watched_record_info(self, task_id):
