@@ -32,7 +32,7 @@ import metrics
 from errors import (Conflict, HoldfastError, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease)
 from providers import Retry, Status
-from store import SLOT_STEP, lease_owner_id, owner_is_dead, safe_file_name
+from store import SLOT_STEP, dead_owners, lease_owner_id, process_identity, safe_file_name
 
 log = logging.getLogger("holdfast.worker")
 
@@ -74,11 +74,16 @@ class Worker:
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
         self._lock = threading.Lock()
+        self._identity = None
         self.last_tick = None
 
     # -- running in the background -------------------------------------------
 
     def start(self):
+        # Alive in the store before the first claim: a lease whose owner has
+        # no heartbeat is never released early, but one whose heartbeat ran
+        # out is, so beat before holding anything.
+        self.beat()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
         self.scheduler = BackgroundScheduler(
             executors={"default": SchedulerPool(2)},
@@ -89,6 +94,10 @@ class Worker:
         self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
         self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="renew")
+        # Three beats per lease: one slow or failed write does not make
+        # this process look dead to the others.
+        self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
+                               id="heartbeat")
         self.scheduler.start()
 
     def stop(self, wait=True):
@@ -98,6 +107,19 @@ class Worker:
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
+        # Without a row, this owner's leases are left to run out, never
+        # released early: a pool thread may still be finishing one.
+        try:
+            self.store.end_heartbeat(self.owner)
+        except HoldfastError as exc:
+            log.warning("could not remove this worker's heartbeat: %s", exc)
+
+    def beat(self, now=None):
+        """Tell the other processes, through the store, that this one is alive."""
+        now = self.clock() if now is None else now
+        if self._identity is None:
+            self._identity = process_identity()
+        self.store.heartbeat(self.owner, now=now, lease_s=self.lease_s, identity=self._identity)
 
     def alive(self):
         return self.scheduler is not None and self.scheduler.running
@@ -466,9 +488,11 @@ class Worker:
     def sweep(self, now=None):
         """Fail the tasks past their deadline; cancel them at the provider."""
         now = self.clock() if now is None else now
-        # A process of this host that died leaves leases nobody renews: free
-        # its tasks now rather than when the leases run out.
-        dead = [owner for owner in self.store.lease_owners() if owner_is_dead(owner)]
+        # A process whose heartbeat ran out (or, on this kernel and in this
+        # PID namespace, that is gone) leaves leases nobody renews: free its
+        # tasks now rather than when the leases run out. Never from a PID
+        # alone: a container with the same host name has other PIDs.
+        dead = dead_owners(self.store.lease_holders(now=now), me=self.owner)
         if dead:
             log.warning("releasing the tasks of dead worker(s) %s", ", ".join(dead))
             self.store.release_leases(dead)

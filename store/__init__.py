@@ -24,25 +24,26 @@ from .base import BaseStore
 from .files import CONTENT_TYPES, FileStore, safe_file_name
 from .jsonfile import JsonStore
 from .postgres import PostgresStore
-from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS,
+from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MODELS, MAX_CREDITS,
                      MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS, MODELS,
-                     SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry, Ledger,
-                     SchemaVersion, Session, Task, TaskHistory, TaskStatus, User, check_session_key,
-                     check_transition, check_user_limits, dumps, event_json, hash_token, history_day,
-                     iso, lease_owner_id, new_task_id, owner_is_dead, session_json, stuck_reasons,
-                     task_json)
+                     SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry, Heartbeat,
+                     Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus, User,
+                     check_session_key, check_transition, check_user_limits, dead_owners, dumps,
+                     event_json, hash_token, history_day, iso, lease_owner_id, new_task_id,
+                     process_identity, session_json, stuck_reasons, task_json)
 from .sql import SqlStore
 from .sqlite import SqliteStore
 
 __all__ = [
     "ACTIVE", "BACKENDS", "BaseStore", "CONTENT_TYPES", "DATA_MODELS", "DEDUPE_IGNORED",
-    "ERROR_CODES", "Event", "FileExpiry", "FileStore", "JsonStore", "Ledger", "MAX_CREDITS",
+    "ERROR_CODES", "Event", "FileExpiry", "FileStore", "Heartbeat", "JsonStore", "LOCAL_MODELS",
+    "Ledger", "MAX_CREDITS",
     "MAX_SESSION_MESSAGES", "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS",
     "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore",
     "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User",
-    "check_session_key", "check_transition", "check_user_limits", "dumps", "event_json",
-    "hash_token", "history_day", "iso", "lease_owner_id", "new_task_id", "open_store",
-    "owner_is_dead", "safe_file_name", "session_json", "stuck_reasons", "task_json",
+    "check_session_key", "check_transition", "check_user_limits", "dead_owners", "dumps",
+    "event_json", "hash_token", "history_day", "iso", "lease_owner_id", "new_task_id", "open_store",
+    "process_identity", "safe_file_name", "session_json", "stuck_reasons", "task_json",
 ]
 
 log = logging.getLogger("holdfast.store")

@@ -209,17 +209,17 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
 
     # moving everything between stores
 
-    def export_rows(self):
-        """{table: [row dicts]} of every table but the schema's own, in
-        primary-key order; the same form on every backend. One read
-        transaction, so one snapshot: a write committed meanwhile is in every
-        table or in none."""
+    def export_rows(self, models=DATA_MODELS):
+        """{table: [row dicts]} of every data table (`models`; the schema's
+        own and the processes' heartbeats are not data), in primary-key
+        order; the same form on every backend. One read transaction, so one
+        snapshot: a write committed meanwhile is in every table or in none."""
         out = {}
         # PostgreSQL's default isolation takes a snapshot per statement;
         # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
         begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
         with self._seam(), self.db.atomic(begin):
-            for model in DATA_MODELS:
+            for model in models:
                 cols = [f.column_name for f in model._meta.sorted_fields]
                 order = ", ".join(f.column_name for f in model._meta.get_primary_keys())
                 rows = self._exec(f"SELECT {', '.join(cols)} FROM {model._meta.table_name} "
@@ -238,12 +238,12 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
             with self._write():
                 self._insert_rows(tables)
 
-    def _insert_rows(self, tables):
-        known = {m._meta.table_name: m for m in DATA_MODELS}
+    def _insert_rows(self, tables, models=DATA_MODELS):
+        known = {m._meta.table_name: m for m in models}
         unknown = set(tables) - set(known)
         if unknown:
             raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
-        for model in DATA_MODELS:
+        for model in models:
             cols = [f.column_name for f in model._meta.sorted_fields]
             sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
                    f"VALUES ({', '.join('?' * len(cols))})")
@@ -349,10 +349,11 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
                                             max_queued, admit)
                 except peewee.IntegrityError:
-                    # Another transaction took the dedupe key between our
-                    # check and our insert (possible only where the backend
-                    # does not serialize writers): the index kept one. Read it.
-                    if dedupe_key is None:
+                    # Another transaction took the dedupe key, or made the
+                    # live retry, between our check and our insert (possible
+                    # only where the backend does not serialize writers): the
+                    # index kept one. Read it.
+                    if dedupe_key is None and retry_of is None:
                         raise
             raise StoreUnavailable("could not settle a dedupe race")
 
@@ -363,6 +364,13 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
             row = self._one(
                 _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
                 "AND status NOT IN ('failed', 'cancelled')", (user_id, dedupe_key))
+            if row is not None:
+                return self._task(row), True
+        if retry_of is not None:
+            # Two tabs, or a double click: the retry already made is the answer.
+            row = self._one(
+                _TASK_SELECT + " WHERE retry_of = ? AND user_id = ? "
+                "AND status NOT IN ('failed', 'cancelled')", (retry_of, user_id))
             if row is not None:
                 return self._task(row), True
         if max_active is not None:
@@ -642,6 +650,45 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
                     released += self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
                                            f"WHERE {_LEASED} AND lease_owner = ?", (owner,)).rowcount
         return released
+
+    # -- liveness: heartbeats on the store's clock ------------------------------
+
+    # Rows of owners dead this long go: the sweeper has long released their leases.
+    HEARTBEAT_KEEP_S = 3600.0
+
+    def _store_clock(self, now):
+        """The store's clock in SQL: (fragment, params). One host's file: the
+        caller's time; PostgresStore overrides it with the server's."""
+        return "?", [now]
+
+    def heartbeat(self, owner, *, now, lease_s, identity):
+        clock, at = self._store_clock(now)
+        with self._seam(), self._write():
+            self._exec(
+                "INSERT INTO heartbeats (owner, host, pid, boot_id, pid_ns, started, lease_s, beat_at, "
+                f"created_at) VALUES (?, ?, ?, ?, ?, ?, ?, {clock}, {clock}) ON CONFLICT (owner) DO UPDATE "
+                "SET beat_at = excluded.beat_at, lease_s = excluded.lease_s",
+                [owner, identity["host"], identity["pid"], identity["boot_id"], identity["pid_ns"],
+                 identity["started"], float(lease_s), *at, *at])
+            self._exec(f"DELETE FROM heartbeats WHERE beat_at + lease_s < {clock} - ?",
+                       [*at, self.HEARTBEAT_KEEP_S])
+
+    def end_heartbeat(self, owner):
+        with self._seam(), self._write():
+            return self._exec("DELETE FROM heartbeats WHERE owner = ?", (owner,)).rowcount == 1
+
+    def lease_holders(self, *, now):
+        clock, at = self._store_clock(now)
+        with self._seam():
+            rows = self._exec(
+                "SELECT o.lease_owner, h.host, h.pid, h.boot_id, h.pid_ns, h.started, h.lease_s, h.beat_at, "
+                f"CASE WHEN h.beat_at + h.lease_s < {clock} THEN 1 ELSE 0 END "
+                f"FROM (SELECT DISTINCT lease_owner FROM tasks WHERE {_LEASED}) o "
+                "LEFT JOIN heartbeats h ON h.owner = o.lease_owner ORDER BY o.lease_owner", at).fetchall()
+        keys = ("host", "pid", "boot_id", "pid_ns", "started", "lease_s", "beat_at")
+        return [{"owner": r[0],
+                 "heartbeat": None if r[1] is None else dict(zip(keys, r[1:8]), stale=bool(r[8]))}
+                for r in rows]
 
     def expired_leases(self, *, now):
         with self._seam():
