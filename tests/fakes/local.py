@@ -2,6 +2,7 @@
 `<this module>:<function>`. They keep what must outlive one call in a file
 named by params, so a retry in a new call (or a new process) sees it."""
 
+import os
 import time
 from pathlib import Path
 
@@ -58,3 +59,20 @@ def gate(params, report):
             raise TimeoutError("the gate never opened")
         time.sleep(0.01)
     return png_bytes(4, 4, (1, 2, 3))
+
+
+def logged(params, report):
+    """Appends one line per run to params["log"] (name, PID, start time),
+    then works for params["seconds"], reporting as it goes: the witness of
+    how many times a task ran, and where."""
+    line = f"{params['name']} {os.getpid()} {time.time():.3f}\n".encode()
+    fd = os.open(params["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    end = time.monotonic() + params.get("seconds", 1.0)
+    while time.monotonic() < end:
+        report(step="working", progress=1 - (end - time.monotonic()) / params.get("seconds", 1.0))
+        time.sleep(0.1)
+    return png_bytes(4, 4, (10, 20, 30))
