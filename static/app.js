@@ -732,6 +732,7 @@
       if (Number.isFinite(v) && Number.isFinite(ov) && v <= ov) return;
       tasks.set(task.id, task);
       renderCard(s, cards.get(task.id), task);
+      renderOriginal(s, task);
       return;
     }
     if (!force && !inLoadedRange(s, task)) return;
@@ -739,7 +740,23 @@
     const card = createCard(s, task);
     insertOrdered(card.el, task);
     renderCard(s, card, task);
+    renderOriginal(s, task);
     updateListChrome(s);
+  }
+
+  // A retry that appears, or ends, shows or hides its original's Retry.
+  function renderOriginal(s, task) {
+    const id = typeof task.retry_of === 'string' ? task.retry_of : null;
+    if (id && cards.has(id) && tasks.has(id)) renderCard(s, cards.get(id), tasks.get(id));
+  }
+
+  // The server returns a live retry (not failed or cancelled) instead of
+  // making another: while one is shown, its original offers no Retry.
+  function liveRetryOf(id) {
+    for (const t of tasks.values()) {
+      if (t.retry_of === id && !RETRYABLE.has(String(t.status))) return t;
+    }
+    return null;
   }
 
   function insertOrdered(node, task) {
@@ -778,6 +795,7 @@
       note: el('p', 'note'),
       cancelBtn: el('button', 'cancel', 'Cancel'),
       retryBtn: el('button', 'retry', 'Retry'),
+      retryOf: el('a', 'retry-of'),
       filesKey: '',
       urls: new Map(),      // file url -> object URL of its fetched blob
       filesCtrl: null,
@@ -788,8 +806,15 @@
     card.retryBtn.type = 'button';
     card.cancelBtn.addEventListener('click', () => cancelTask(s, card, task.id));
     card.retryBtn.addEventListener('click', () => retryTask(s, card, task.id));
+    card.retryOf.href = '#';
+    card.retryOf.hidden = true;
+    card.retryOf.addEventListener('click', (e) => {
+      e.preventDefault();
+      const original = tasks.get(card.el.dataset.id);
+      if (original && typeof original.retry_of === 'string') showTask(s, original.retry_of);
+    });
     const head = el('div', 'task-head');
-    head.append(card.status, card.provider, card.id, card.time);
+    head.append(card.status, card.provider, card.id, card.retryOf, card.time);
     card.progressRow.append(card.bar, card.step, card.meta);
     card.el.append(head, card.prompt, card.progressRow, card.error, card.files, card.actions, card.note);
     card.note.hidden = true;
@@ -811,6 +836,11 @@
     card.provider.textContent = String(task.provider || '');
     card.id.textContent = shortId(task.id);
     card.id.title = task.id;
+    const retryOf = typeof task.retry_of === 'string' ? task.retry_of : '';
+    card.retryOf.hidden = !retryOf;
+    card.retryOf.textContent = retryOf ? `retry of ${shortId(retryOf)}` : '';
+    card.retryOf.title = retryOf;
+    card.retryOf.dataset.of = retryOf;
     card.time.dateTime = task.created_at || '';
     card.time.title = Number.isFinite(Date.parse(task.created_at))
       ? new Date(task.created_at).toLocaleString() : '';
@@ -843,7 +873,7 @@
     }
 
     placeButton(card.actions, card.cancelBtn, active);
-    placeButton(card.actions, card.retryBtn, RETRYABLE.has(status));
+    placeButton(card.actions, card.retryBtn, RETRYABLE.has(status) && !liveRetryOf(task.id));
     show(card.actions, card.actions.childElementCount > 0);
   }
 
@@ -973,6 +1003,18 @@
     upsert(s, task, true);
     highlight(task);
     scheduleMe(s);
+  }
+
+  // The original of a retry: its card if loaded, else fetched into the list.
+  async function showTask(s, id) {
+    if (!tasks.has(id)) {
+      try {
+        upsert(s, taskOf(await request(s, `/api/tasks/${encodeURIComponent(id)}`)), true);
+      } catch (_) {
+        return;   // gone (retention) or unreachable: nothing to show
+      }
+    }
+    highlight(tasks.get(id));
   }
 
   function highlight(task) {
