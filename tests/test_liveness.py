@@ -125,7 +125,8 @@ def test_a_killed_servers_tasks_are_taken_over_after_its_lease(shared):
         ids = []
         for i in range(4):
             res = session.post(contained.url + "/api/tasks", timeout=10, json={
-                "provider": "slow", "params": {"name": f"t{i}", "log": str(log), "seconds": 8}})
+                "provider": "slow", "params": {"name": f"t{i}", "log": str(log), "seconds": 300,
+                                               "rerun_seconds": 1}})
             assert res.status_code == 201, res.text
             ids.append(res.json()["task"]["id"])
         deadline = time.time() + 60
@@ -137,6 +138,8 @@ def test_a_killed_servers_tasks_are_taken_over_after_its_lease(shared):
         # reads its heartbeat.
         time.sleep(lease_s * 1.5)
         assert all(len(pids) == 1 for pids in runs(log).values()), runs(log)
+        assert {session.get(f"{contained.url}/api/tasks/{i}", timeout=10).json()["task"]["status"]
+                for i in ids} == {"running"}
         contained.kill()
         killed_at = time.time()
         session = api(host, contained.tokens["demo"])
