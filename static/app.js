@@ -808,11 +808,6 @@
     card.retryBtn.addEventListener('click', () => retryTask(s, card, task.id));
     card.retryOf.href = '#';
     card.retryOf.hidden = true;
-    card.retryOf.addEventListener('click', (e) => {
-      e.preventDefault();
-      const original = tasks.get(card.el.dataset.id);
-      if (original && typeof original.retry_of === 'string') showTask(s, original.retry_of);
-    });
     const head = el('div', 'task-head');
     head.append(card.status, card.provider, card.id, card.retryOf, card.time);
     card.progressRow.append(card.bar, card.step, card.meta);
@@ -1005,14 +1000,25 @@
     scheduleMe(s);
   }
 
+  // "retry of …" links, one listener for every card (cards come and go).
+  function onRetryOfClick(e) {
+    const link = e.target instanceof Element ? e.target.closest('a.retry-of') : null;
+    if (!link) return;
+    e.preventDefault();
+    if (S && link.dataset.of) showTask(S, link.dataset.of);
+  }
+
   // The original of a retry: its card if loaded, else fetched into the list.
   async function showTask(s, id) {
     if (!tasks.has(id)) {
+      let data;
       try {
-        upsert(s, taskOf(await request(s, `/api/tasks/${encodeURIComponent(id)}`)), true);
+        data = await request(s, `/api/tasks/${encodeURIComponent(id)}`);
       } catch (_) {
         return;   // gone (retention) or unreachable: nothing to show
       }
+      if (s.stopped) return;
+      upsert(s, taskOf(data), true);
     }
     highlight(tasks.get(id));
   }
@@ -1223,6 +1229,7 @@
       }
     });
     ui.loadMore.addEventListener('click', loadMore);
+    ui.tasks.addEventListener('click', onRetryOfClick);
     window.addEventListener('storage', onStorage);
     // Leaving the page (or entering the back/forward cache) closes every
     // stream, channel, timer and request; coming back starts afresh.
