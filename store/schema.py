@@ -286,6 +286,9 @@ MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migr
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.
 _TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+# Only active tasks hold leases (finishing releases them), so lease queries
+# say so and read the status index rather than every finished row.
+_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 
 
 # -- small helpers ---------------------------------------------------------

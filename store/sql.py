@@ -7,10 +7,10 @@ and plain SQL keeps every backend honest about what it does inside a
 transaction. A backend overrides only what its database does differently:
 placeholders, row locks, how a write transaction begins, named locks.
 
-Two mixins that SqlStore inherits keep this module to a readable size:
-sql_accounts.py (credits, admin queries, sessions) and sql_upkeep.py
-(retention, the consistency audit). They run on the seam and helpers defined
-here.
+Three mixins that SqlStore inherits keep this module to a readable size:
+sql_accounts.py (credits, admin queries, sessions), sql_upkeep.py
+(retention, the consistency audit) and sql_liveness.py (the workers'
+heartbeats). They run on the seam and helpers defined here.
 """
 
 import json
@@ -29,19 +29,17 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
                     TooMany)
 
 from .base import BaseStore
-from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
+from .schema import (_LEASED, _TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, SLOT_STEP, TASK_COLUMNS,
                      TERMINAL, check_transition, check_user_limits, dumps, event_json, hash_token,
                      history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
+from .sql_liveness import LivenessSql
 from .sql_upkeep import UpkeepSql
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
 task_log = logging.getLogger("holdfast.tasks")
 
-# Only active tasks hold leases (finishing releases them), so lease queries
-# say so and read the status index rather than every finished row.
-_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 _JSON_COLUMNS = ("params", "files", "error", "state")
 _UPDATABLE = frozenset({"status", "step", "progress", "external_id", "attempts", "files",
                         "error", "next_poll_at", "polls", "started_at", "state",
@@ -82,7 +80,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(AccountsSql, UpkeepSql, BaseStore):
+class SqlStore(AccountsSql, UpkeepSql, LivenessSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -650,45 +648,6 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
                     released += self._exec("UPDATE tasks SET lease_owner = NULL, lease_expires_at = NULL "
                                            f"WHERE {_LEASED} AND lease_owner = ?", (owner,)).rowcount
         return released
-
-    # -- liveness: heartbeats on the store's clock ------------------------------
-
-    # Rows of owners dead this long go: the sweeper has long released their leases.
-    HEARTBEAT_KEEP_S = 3600.0
-
-    def _store_clock(self, now):
-        """The store's clock in SQL: (fragment, params). One host's file: the
-        caller's time; PostgresStore overrides it with the server's."""
-        return "?", [now]
-
-    def heartbeat(self, owner, *, now, lease_s, identity):
-        clock, at = self._store_clock(now)
-        with self._seam(), self._write():
-            self._exec(
-                "INSERT INTO heartbeats (owner, host, pid, boot_id, pid_ns, started, lease_s, beat_at, "
-                f"created_at) VALUES (?, ?, ?, ?, ?, ?, ?, {clock}, {clock}) ON CONFLICT (owner) DO UPDATE "
-                "SET beat_at = excluded.beat_at, lease_s = excluded.lease_s",
-                [owner, identity["host"], identity["pid"], identity["boot_id"], identity["pid_ns"],
-                 identity["started"], float(lease_s), *at, *at])
-            self._exec(f"DELETE FROM heartbeats WHERE beat_at + lease_s < {clock} - ?",
-                       [*at, self.HEARTBEAT_KEEP_S])
-
-    def end_heartbeat(self, owner):
-        with self._seam(), self._write():
-            return self._exec("DELETE FROM heartbeats WHERE owner = ?", (owner,)).rowcount == 1
-
-    def lease_holders(self, *, now):
-        clock, at = self._store_clock(now)
-        with self._seam():
-            rows = self._exec(
-                "SELECT o.lease_owner, h.host, h.pid, h.boot_id, h.pid_ns, h.started, h.lease_s, h.beat_at, "
-                f"CASE WHEN h.beat_at + h.lease_s < {clock} THEN 1 ELSE 0 END "
-                f"FROM (SELECT DISTINCT lease_owner FROM tasks WHERE {_LEASED}) o "
-                "LEFT JOIN heartbeats h ON h.owner = o.lease_owner ORDER BY o.lease_owner", at).fetchall()
-        keys = ("host", "pid", "boot_id", "pid_ns", "started", "lease_s", "beat_at")
-        return [{"owner": r[0],
-                 "heartbeat": None if r[1] is None else dict(zip(keys, r[1:8]), stale=bool(r[8]))}
-                for r in rows]
 
     def expired_leases(self, *, now):
         with self._seam():
