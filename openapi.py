@@ -190,9 +190,11 @@ PATHS = {
                     params=[TASK_ID], errors=("404", "409")),
     },
     "/api/tasks/{task_id}/retry": {
-        "post": _op("A new task with the same provider and params as a failed or cancelled one",
+        "post": _op("A new task with the same provider and params as a failed or cancelled one; "
+                    "while an earlier retry of it is not failed or cancelled, that retry",
                     {"201": _json(_ref("TaskAnswer"), "created"),
-                     "200": _json(_ref("TaskAnswer"), "deduplicated")},
+                     "200": _json(_ref("TaskAnswer"), "deduplicated: its live retry (or the live task "
+                                  "with its dedupe key)")},
                     params=[TASK_ID], errors=("400", "402", "404", "409", "429")),
     },
     "/api/tasks/{task_id}/files/{name}": {

@@ -3,7 +3,8 @@
 `python app.py` runs `recover()` at start, before it binds its port, and
 leaves to its worker whatever needs a provider; `python recover.py` runs it by
 hand. It is safe while the server runs: it takes the same leases the worker
-takes, and releases only leases that ran out or whose process is gone.
+takes, and releases only leases that ran out or whose owner's heartbeat in
+the store says it is dead.
 
     python recover.py [--dry-run] [--json]
     python recover.py --audit [--fix] [--sample N] [--json]   # do the store and the files agree?
@@ -24,7 +25,7 @@ import sys
 import time
 
 from errors import HoldfastError, NotFound
-from store import TERMINAL, lease_owner_id, owner_is_dead
+from store import TERMINAL, dead_owners, lease_owner_id
 
 log = logging.getLogger("holdfast.recover")
 EXPORT_FORMAT = "holdfast-export"
@@ -46,8 +47,9 @@ def recover(store, providers, *, now, files=None, dry_run=False, worker=None):
         by_status[status] = by_status.get(status, 0) + n
     report = {"dry_run": dry_run, "in_flight": store.stats(now)["active"], "by_status": by_status}
 
-    # Leases: of dead local processes, and any that ran out.
-    dead = [owner for owner in store.lease_owners() if owner_is_dead(owner)]
+    # Leases: of processes whose heartbeat says they are dead, and any that
+    # ran out.
+    dead = dead_owners(store.lease_holders(now=now))
     expired = store.expired_leases(now=now)
     report["dead_owners"] = dead
     report["expired_leases"] = [task_id for task_id, _ in expired]
@@ -107,7 +109,7 @@ def recover(store, providers, *, now, files=None, dry_run=False, worker=None):
 
 def _held(store, task_id, now, dead):
     """True while a live worker holds the task: a lease not run out, of an
-    owner that is not a dead local process."""
+    owner whose heartbeat does not say it is dead."""
     if task_id is None:
         return False
     try:

@@ -42,8 +42,8 @@ import metrics
 from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import (POSTED_AT, SLOT_STEP, TERMINAL, external_id_problem, lease_dir, lease_owner_id, no_space,
-                   owner_is_dead, safe_file_name)
+from store import (POSTED_AT, SLOT_STEP, TERMINAL, dead_owners, external_id_problem, lease_dir, lease_owner_id,
+                   no_space, process_identity, safe_file_name)
 
 log = logging.getLogger("holdfast.worker")
 
@@ -93,6 +93,7 @@ class Worker:
         self._idle = threading.Condition(self._lock)
         self._stopping = False    # claim nothing more
         self._leaving = False     # the process is exiting: local functions stop at their next report()
+        self._identity = None
         self.last_tick = None
 
     # -- running in the background -------------------------------------------
@@ -100,6 +101,10 @@ class Worker:
     def start(self):
         with self._lock:
             self._stopping = self._leaving = False
+        # Alive in the store before the first claim: a lease whose owner has
+        # no heartbeat is never released early, but one whose heartbeat ran
+        # out is, so beat before holding anything.
+        self.beat()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
         self.scheduler = BackgroundScheduler(
             executors={"default": SchedulerPool(2)},
@@ -110,6 +115,10 @@ class Worker:
         self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
         self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="renew")
+        # Three beats per lease: one slow or failed write does not make
+        # this process look dead to the others.
+        self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
+                               id="heartbeat")
         self.scheduler.start()
 
     def stop(self, wait=True):
@@ -122,6 +131,19 @@ class Worker:
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
+        # Without a row, this owner's leases are left to run out, never
+        # released early: a pool thread may still be finishing one.
+        try:
+            self.store.end_heartbeat(self.owner)
+        except HoldfastError as exc:
+            log.warning("could not remove this worker's heartbeat: %s", exc)
+
+    def beat(self, now=None):
+        """Tell the other processes, through the store, that this one is alive."""
+        now = self.clock() if now is None else now
+        if self._identity is None:
+            self._identity = process_identity()
+        self.store.heartbeat(self.owner, now=now, lease_s=self.lease_s, identity=self._identity)
 
     def shutdown(self, grace_s=STOP_GRACE_S):
         """Leave quickly (SIGTERM): claim nothing more, stop local functions
@@ -752,9 +774,11 @@ class Worker:
     def sweep(self, now=None):
         """Fail the tasks past their deadline; cancel them at the provider."""
         now = self.clock() if now is None else now
-        # A process of this host that died leaves leases nobody renews: free
-        # its tasks now rather than when the leases run out.
-        dead = [owner for owner in self.store.lease_owners() if owner_is_dead(owner)]
+        # A process whose heartbeat ran out (or, on this kernel and in this
+        # PID namespace, that is gone) leaves leases nobody renews: free its
+        # tasks now rather than when the leases run out. Never from a PID
+        # alone: a container with the same host name has other PIDs.
+        dead = dead_owners(self.store.lease_holders(now=now), me=self.owner)
         if dead:
             log.warning("releasing the tasks of dead worker(s) %s", ", ".join(dead))
             self.store.release_leases(dead)

@@ -743,6 +743,7 @@
       if (Number.isFinite(v) && Number.isFinite(ov) && v <= ov) return;
       tasks.set(task.id, task);
       renderCard(s, cards.get(task.id), task);
+      renderOriginal(s, task);
       return;
     }
     if (!force && !inLoadedRange(s, task)) return;
@@ -750,7 +751,23 @@
     const card = createCard(s, task);
     insertOrdered(card.el, task);
     renderCard(s, card, task);
+    renderOriginal(s, task);
     updateListChrome(s);
+  }
+
+  // A retry that appears, or ends, shows or hides its original's Retry.
+  function renderOriginal(s, task) {
+    const id = typeof task.retry_of === 'string' ? task.retry_of : null;
+    if (id && cards.has(id) && tasks.has(id)) renderCard(s, cards.get(id), tasks.get(id));
+  }
+
+  // The server returns a live retry (not failed or cancelled) instead of
+  // making another: while one is shown, its original offers no Retry.
+  function liveRetryOf(id) {
+    for (const t of tasks.values()) {
+      if (t.retry_of === id && !RETRYABLE.has(String(t.status))) return t;
+    }
+    return null;
   }
 
   function insertOrdered(node, task) {
@@ -789,6 +806,7 @@
       note: el('p', 'note'),
       cancelBtn: el('button', 'cancel', 'Cancel'),
       retryBtn: el('button', 'retry', 'Retry'),
+      retryOf: el('a', 'retry-of'),
       filesKey: '',
       urls: new Map(),      // file url -> object URL of its fetched blob
       filesCtrl: null,
@@ -799,8 +817,10 @@
     card.retryBtn.type = 'button';
     card.cancelBtn.addEventListener('click', () => cancelTask(s, card, task.id));
     card.retryBtn.addEventListener('click', () => retryTask(s, card, task.id));
+    card.retryOf.href = '#';
+    card.retryOf.hidden = true;
     const head = el('div', 'task-head');
-    head.append(card.status, card.provider, card.id, card.time);
+    head.append(card.status, card.provider, card.id, card.retryOf, card.time);
     card.progressRow.append(card.bar, card.step, card.meta);
     card.el.append(head, card.prompt, card.progressRow, card.error, card.files, card.actions, card.note);
     card.note.hidden = true;
@@ -822,6 +842,11 @@
     card.provider.textContent = String(task.provider || '');
     card.id.textContent = shortId(task.id);
     card.id.title = task.id;
+    const retryOf = typeof task.retry_of === 'string' ? task.retry_of : '';
+    card.retryOf.hidden = !retryOf;
+    card.retryOf.textContent = retryOf ? `retry of ${shortId(retryOf)}` : '';
+    card.retryOf.title = retryOf;
+    card.retryOf.dataset.of = retryOf;
     card.time.dateTime = task.created_at || '';
     card.time.title = Number.isFinite(Date.parse(task.created_at))
       ? new Date(task.created_at).toLocaleString() : '';
@@ -854,7 +879,7 @@
     }
 
     placeButton(card.actions, card.cancelBtn, active);
-    placeButton(card.actions, card.retryBtn, RETRYABLE.has(status));
+    placeButton(card.actions, card.retryBtn, RETRYABLE.has(status) && !liveRetryOf(task.id));
     show(card.actions, card.actions.childElementCount > 0);
   }
 
@@ -984,6 +1009,29 @@
     upsert(s, task, true);
     highlight(task);
     scheduleMe(s);
+  }
+
+  // "retry of …" links, one listener for every card (cards come and go).
+  function onRetryOfClick(e) {
+    const link = e.target instanceof Element ? e.target.closest('a.retry-of') : null;
+    if (!link) return;
+    e.preventDefault();
+    if (S && link.dataset.of) showTask(S, link.dataset.of);
+  }
+
+  // The original of a retry: its card if loaded, else fetched into the list.
+  async function showTask(s, id) {
+    if (!tasks.has(id)) {
+      let data;
+      try {
+        data = await request(s, `/api/tasks/${encodeURIComponent(id)}`);
+      } catch (_) {
+        return;   // gone (retention) or unreachable: nothing to show
+      }
+      if (s.stopped) return;
+      upsert(s, taskOf(data), true);
+    }
+    highlight(tasks.get(id));
   }
 
   function highlight(task) {
@@ -1192,6 +1240,7 @@
       }
     });
     ui.loadMore.addEventListener('click', loadMore);
+    ui.tasks.addEventListener('click', onRetryOfClick);
     window.addEventListener('storage', onStorage);
     // Leaving the page (or entering the back/forward cache) closes every
     // stream, channel, timer and request; coming back starts afresh.

@@ -8,7 +8,8 @@ of holdfast imports every name from here, whichever module holds it:
     base.py      BaseStore, the interface every backend implements
     sql.py       SqlStore, the SQL implementation the backends share; its
                  accounts queries (credits, admin, sessions) in sql_accounts.py,
-                 retention and the audit in sql_upkeep.py
+                 retention and the audit in sql_upkeep.py, the workers'
+                 heartbeats in sql_liveness.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
@@ -24,26 +25,27 @@ from .base import BaseStore
 from .files import CONTENT_TYPES, FileStore, lease_dir, no_space, safe_file_name
 from .jsonfile import JsonStore
 from .postgres import PostgresStore
-from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, MAX_CREDITS, MAX_EXTERNAL_ID,
-                     MAX_JSON_DEPTH, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE, MIGRATIONS,
-                     MODELS, POSTED_AT, SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event, FileExpiry,
-                     Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus, User, check_json,
-                     check_session_key, check_transition, check_user_limits, dumps, event_json,
-                     external_id_problem, hash_token, history_day, iso, lease_owner_id, new_task_id,
-                     owner_is_dead, session_json, stuck_reasons, task_json, too_deep)
+from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MODELS, MAX_CREDITS,
+                     MAX_EXTERNAL_ID, MAX_JSON_DEPTH, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE,
+                     MIGRATIONS, MODELS, POSTED_AT, SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event,
+                     FileExpiry, Heartbeat, Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus,
+                     User, check_json, check_session_key, check_transition, check_user_limits, dead_owners,
+                     dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
+                     new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
 from .sql import SqlStore
 from .sqlite import SqliteStore
 
 __all__ = [
     "ACTIVE", "BACKENDS", "BaseStore", "CONTENT_TYPES", "DATA_MODELS", "DEDUPE_IGNORED",
-    "ERROR_CODES", "Event", "FileExpiry", "FileStore", "JsonStore", "Ledger", "MAX_CREDITS",
-    "MAX_EXTERNAL_ID", "MAX_JSON_DEPTH", "MAX_SESSION_MESSAGES", "MAX_USER_ACTIVE", "MAX_USER_RATE",
-    "MIGRATIONS", "MODELS", "POSTED_AT", "PostgresStore", "SLOT_STEP", "SchemaVersion", "Session",
-    "SqlStore", "SqliteStore", "TASK_COLUMNS", "TERMINAL", "TRANSITIONS", "Task", "TaskHistory",
-    "TaskStatus", "User", "check_json", "check_session_key", "check_transition", "check_user_limits",
-    "dumps", "event_json", "external_id_problem", "hash_token", "history_day", "iso", "lease_dir",
-    "lease_owner_id", "new_task_id", "no_space", "open_store", "owner_is_dead", "safe_file_name",
-    "session_json", "stuck_reasons", "task_json", "too_deep",
+    "ERROR_CODES", "Event", "FileExpiry", "FileStore", "Heartbeat", "JsonStore", "LOCAL_MODELS",
+    "Ledger", "MAX_CREDITS", "MAX_EXTERNAL_ID", "MAX_JSON_DEPTH", "MAX_SESSION_MESSAGES",
+    "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS", "POSTED_AT", "PostgresStore",
+    "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore", "TASK_COLUMNS", "TERMINAL",
+    "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User", "check_json", "check_session_key",
+    "check_transition", "check_user_limits", "dead_owners", "dumps", "event_json",
+    "external_id_problem", "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id",
+    "new_task_id", "no_space", "open_store", "process_identity", "safe_file_name", "session_json",
+    "stuck_reasons", "task_json", "too_deep",
 ]
 
 log = logging.getLogger("holdfast.store")

@@ -67,7 +67,11 @@ class BaseStore:
         deduplicated answer is never refused. `admit()` (quick, in memory; the
         caller's rate limit) runs last, only when a task is about to be
         created, and at most once: what it raises refuses the task the same
-        way."""
+        way. With `retry_of` (the id of the user's failed or cancelled task
+        this one retries), a live retry of that task (one not failed or
+        cancelled) is found and returned the same way, (task, True), so
+        concurrent retries of one task make one task and reserve once; a
+        unique index on retry_of over live tasks backs this up."""
         raise NotImplementedError
 
     def get_task(self, task_id, user_id=None):
@@ -138,6 +142,34 @@ class BaseStore:
 
     def release_leases(self, owners):
         """Drop every lease these owners hold; return how many."""
+        raise NotImplementedError
+
+    # -- liveness: heartbeats on the store's clock ------------------------------
+    #
+    # Whether a lease owner is alive is read from its heartbeat row, never
+    # from a PID. Every time here is on the store's clock: a backend shared
+    # by several hosts (PostgreSQL) takes it in SQL and ignores `now`, so
+    # hosts whose clocks disagree still agree on who is dead; the others
+    # take the caller's `now`, the one clock of their one host.
+
+    def heartbeat(self, owner, *, now, lease_s, identity):
+        """Record that `owner` is alive: create or renew its row, stamped
+        on the store's clock. `lease_s`: how long after this beat the owner
+        counts as dead if no other beat came. `identity`: the process's
+        {host, pid, boot_id, pid_ns, started} (process_identity()). Rows of
+        owners dead for over an hour are deleted on the way."""
+        raise NotImplementedError
+
+    def end_heartbeat(self, owner):
+        """Delete `owner`'s row (a clean shutdown); True if it was there."""
+        raise NotImplementedError
+
+    def lease_holders(self, *, now):
+        """[{"owner", "heartbeat"}] for every owner holding leases now;
+        "heartbeat" is None for an owner without a row, or its row as a dict
+        (host, pid, boot_id, pid_ns, started, lease_s, beat_at) with "stale":
+        True once beat_at + lease_s has passed on the store's clock.
+        dead_owners() decides from this."""
         raise NotImplementedError
 
     # recovery

@@ -12,9 +12,13 @@ import peewee
 
 from errors import StoreUnavailable
 
+from .schema import DATA_MODELS, LOCAL_MODELS
 from .sql import SqlStore
 
 log = logging.getLogger("holdfast.store")
+# The snapshot is this store's whole state, heartbeats included: a restart
+# after a crash tells from its predecessor's row that it is gone.
+SNAPSHOT_MODELS = DATA_MODELS + LOCAL_MODELS
 
 
 class JsonStore(SqlStore):
@@ -208,7 +212,7 @@ class JsonStore(SqlStore):
         self._generation = snapshot.get("generation", 0) if snapshot else 0
         self._migrate(upto=snapshot["schema_version"] if snapshot else None)
         if snapshot:
-            self._insert_rows(snapshot["tables"])
+            self._insert_rows(snapshot["tables"], SNAPSHOT_MODELS)
         size = 0
         if os.path.exists(self.journal_path):
             with open(self.journal_path, "rb") as fh:
@@ -269,7 +273,7 @@ class JsonStore(SqlStore):
         with self._mutex, self._file_errors("cannot compact the JSON store"):
             generation = self._generation + 1
             data = {"schema_version": self.schema_version(), "generation": generation,
-                    "tables": self.export_rows()}
+                    "tables": self.export_rows(SNAPSHOT_MODELS)}
             tmp = self.snapshot_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, separators=(",", ":"))

@@ -206,6 +206,30 @@ class TaskHistory(_Base):
         primary_key = CompositeKey("provider", "day", "outcome")
 
 
+class Heartbeat(_Base):
+    """One row per running worker process: whether a lease owner is alive
+    is read here, never from a PID (containers share host names, not PID
+    namespaces). `beat_at` is on the store's clock (PostgreSQL's, so hosts
+    with skewed clocks agree); the owner is dead once `beat_at + lease_s`
+    has passed. host, pid, boot_id, pid_ns and started (the process's start
+    time, in clock ticks since boot) identify the process, so one on the
+    same kernel and in the same PID namespace can tell at once that it is
+    gone (see `dead_owners`)."""
+
+    owner = CharField(primary_key=True)
+    host = CharField()
+    pid = IntegerField()
+    boot_id = CharField(null=True)
+    pid_ns = CharField(null=True)
+    started = CharField(null=True)
+    lease_s = DoubleField()
+    beat_at = DoubleField()
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "heartbeats"
+
+
 class FileExpiry(_Base):
     """Tasks whose result files retention deleted (the task keeps its list)."""
 
@@ -219,6 +243,9 @@ class FileExpiry(_Base):
 # Version 1's tables; later migrations add theirs.
 MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
 DATA_MODELS = [User, Task, Event, Ledger, Session, TaskHistory, FileExpiry]
+# Tables that describe the processes using this store, not data: an export
+# leaves them out (the processes they name do not move with the data).
+LOCAL_MODELS = [Heartbeat]
 
 
 def _migration_1(db):
@@ -260,11 +287,30 @@ def _migration_3(db):
     db.execute_sql("CREATE INDEX tasks_status_provider ON tasks (status, provider)")
 
 
-MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3)]
+def _migration_4(db):
+    """Liveness from the store: the workers' heartbeats."""
+    with db.bind_ctx([Heartbeat]):
+        db.create_tables([Heartbeat])
+
+
+def _migration_5(db):
+    """Retry is idempotent: one live retry per task, as a constraint (the
+    submit transaction checks first; this keeps a race on a backend that
+    does not serialize writers from making two)."""
+    db.execute_sql(
+        "CREATE UNIQUE INDEX tasks_retry_once ON tasks (retry_of) "
+        "WHERE retry_of IS NOT NULL AND status NOT IN ('failed', 'cancelled')")
+
+
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
+              (5, _migration_5)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.
 _TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+# Only active tasks hold leases (finishing releases them), so lease queries
+# say so and read the status index rather than every finished row.
+_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 
 
 # -- small helpers ---------------------------------------------------------
@@ -416,25 +462,69 @@ def stuck_reasons(task, now, grace_s):
 
 
 def lease_owner_id():
-    """host:pid:nonce, so recovery can tell a dead local owner from a live one."""
+    """host:pid:nonce: readable in logs; liveness comes from the heartbeat."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def owner_is_dead(owner):
-    """True only when the owner ran on this host and its process is gone."""
+def process_identity():
+    """What names this process on its kernel: {host, pid, boot_id, pid_ns,
+    started}. boot_id, pid_ns and started are None where /proc cannot say,
+    or where the /proc mounted here is not of this process's PID namespace
+    (its `self` is not our PID): then nobody probes this process's PID."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": None, "pid_ns": None,
+          "started": None}
     try:
-        host, pid, _ = owner.rsplit(":", 2)
-        pid = int(pid)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    if pid == os.getpid():
-        return False
+        if int(os.readlink("/proc/self")) != me["pid"]:
+            return me
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot_id = fh.read().strip()
+        pid_ns = os.readlink("/proc/self/ns/pid")
+        started = _start_ticks(me["pid"])
+    except (OSError, ValueError):
+        return me
+    if started is not None:
+        me.update(boot_id=boot_id, pid_ns=pid_ns, started=started)
+    return me
+
+
+def _start_ticks(pid):
+    """The start time of process `pid` (clock ticks since boot, as text),
+    or None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces and parentheses: count after the last ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[19].decode()
+
+
+def dead_owners(holders, me=None, here=None):
+    """Which of `holders` (store.lease_holders()) are dead: their heartbeat
+    ran out on the store's clock, or it names a process of this kernel and
+    PID namespace (same boot id and namespace as `here`, this process's
+    identity) that is gone or whose PID now belongs to a process started at
+    another time. An owner without a heartbeat row (stopped cleanly while a
+    thread still ran, a one-off like recovery, older code) is left to its
+    leases' expiry; `me` is never dead."""
+    here = process_identity() if here is None else here
+    dead = []
+    for holder in holders:
+        beat = holder["heartbeat"]
+        if holder["owner"] == me or beat is None:
+            continue
+        if beat["stale"] or _gone(beat, here):
+            dead.append(holder["owner"])
+    return dead
+
+
+def _gone(beat, here):
+    if beat["boot_id"] is None or beat["pid_ns"] is None or beat["started"] is None:
         return False
-    return False
+    if (beat["boot_id"], beat["pid_ns"]) != (here["boot_id"], here["pid_ns"]):
+        return False     # another kernel or PID namespace: its PID means nothing here
+    try:
+        return _start_ticks(beat["pid"]) != beat["started"]
+    except (OSError, ValueError, IndexError):
+        return False

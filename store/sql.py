@@ -7,10 +7,10 @@ and plain SQL keeps every backend honest about what it does inside a
 transaction. A backend overrides only what its database does differently:
 placeholders, row locks, how a write transaction begins, named locks.
 
-Two mixins that SqlStore inherits keep this module to a readable size:
-sql_accounts.py (credits, admin queries, sessions) and sql_upkeep.py
-(retention, the consistency audit). They run on the seam and helpers defined
-here.
+Three mixins that SqlStore inherits keep this module to a readable size:
+sql_accounts.py (credits, admin queries, sessions), sql_upkeep.py
+(retention, the consistency audit) and sql_liveness.py (the workers'
+heartbeats). They run on the seam and helpers defined here.
 """
 
 import json
@@ -31,19 +31,17 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, POSTED_AT, SLOT_STEP,
+from .schema import (_LEASED, _TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, POSTED_AT, SLOT_STEP,
                      TASK_COLUMNS, TERMINAL, check_transition, check_user_limits, dumps, event_json,
                      external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
+from .sql_liveness import LivenessSql
 from .sql_upkeep import UpkeepSql
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
 task_log = logging.getLogger("holdfast.tasks")
 
-# Only active tasks hold leases (finishing releases them), so lease queries
-# say so and read the status index rather than every finished row.
-_LEASED = "status IN ('queued', 'running') AND lease_owner IS NOT NULL"
 _JSON_COLUMNS = ("params", "files", "error", "state")
 # A top-level key of a task's `state` JSON (dumps writes `"key":value`), for
 # the two queries that look into it: in_doubt() and wake_backoff().
@@ -109,7 +107,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(AccountsSql, UpkeepSql, BaseStore):
+class SqlStore(AccountsSql, UpkeepSql, LivenessSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -250,17 +248,17 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
 
     # moving everything between stores
 
-    def export_rows(self):
-        """{table: [row dicts]} of every table but the schema's own, in
-        primary-key order; the same form on every backend. One read
-        transaction, so one snapshot: a write committed meanwhile is in every
-        table or in none."""
+    def export_rows(self, models=DATA_MODELS):
+        """{table: [row dicts]} of every data table (`models`; the schema's
+        own and the processes' heartbeats are not data), in primary-key
+        order; the same form on every backend. One read transaction, so one
+        snapshot: a write committed meanwhile is in every table or in none."""
         out = {}
         # PostgreSQL's default isolation takes a snapshot per statement;
         # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
         begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
         with self._seam(), self.db.atomic(begin):
-            for model in DATA_MODELS:
+            for model in models:
                 cols = [f.column_name for f in model._meta.sorted_fields]
                 order = ", ".join(f.column_name for f in model._meta.get_primary_keys())
                 rows = self._exec(f"SELECT {', '.join(cols)} FROM {model._meta.table_name} "
@@ -279,12 +277,12 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
             with self._write():
                 self._insert_rows(tables)
 
-    def _insert_rows(self, tables):
-        known = {m._meta.table_name: m for m in DATA_MODELS}
+    def _insert_rows(self, tables, models=DATA_MODELS):
+        known = {m._meta.table_name: m for m in models}
         unknown = set(tables) - set(known)
         if unknown:
             raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
-        for model in DATA_MODELS:
+        for model in models:
             cols = [f.column_name for f in model._meta.sorted_fields]
             sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
                    f"VALUES ({', '.join('?' * len(cols))})")
@@ -418,10 +416,11 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
                                             max_queued, admit)
                 except peewee.IntegrityError:
-                    # Another transaction took the dedupe key between our
-                    # check and our insert (possible only where the backend
-                    # does not serialize writers): the index kept one. Read it.
-                    if dedupe_key is None:
+                    # Another transaction took the dedupe key, or made the
+                    # live retry, between our check and our insert (possible
+                    # only where the backend does not serialize writers): the
+                    # index kept one. Read it.
+                    if dedupe_key is None and retry_of is None:
                         raise
             raise StoreUnavailable("could not settle a dedupe race")
 
@@ -432,6 +431,13 @@ class SqlStore(AccountsSql, UpkeepSql, BaseStore):
             row = self._one(
                 _TASK_SELECT + " WHERE user_id = ? AND dedupe_key = ? "
                 "AND status NOT IN ('failed', 'cancelled')", (user_id, dedupe_key))
+            if row is not None:
+                return self._task(row), True
+        if retry_of is not None:
+            # Two tabs, or a double click: the retry already made is the answer.
+            row = self._one(
+                _TASK_SELECT + " WHERE retry_of = ? AND user_id = ? "
+                "AND status NOT IN ('failed', 'cancelled')", (retry_of, user_id))
             if row is not None:
                 return self._task(row), True
         if max_active is not None:

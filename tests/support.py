@@ -116,7 +116,10 @@ def free_port():
 class ServerProcess:
     """`python app.py` in a subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, data_dir, env=None, port=None):
+    def __init__(self, data_dir, env=None, port=None, wrap=()):
+        """`wrap`: a command that runs the server, e.g. `unshare --pid --fork
+        --kill-child --mount-proc` for one in a PID namespace of its own."""
+        self.wrap = list(wrap)
         self.data_dir = str(data_dir)
         self.port = port or free_port()
         self.env = {**os.environ, "HOLDFAST_DATA": self.data_dir, "HOLDFAST_PORT": str(self.port),
@@ -135,7 +138,7 @@ class ServerProcess:
     def start(self, timeout=20):
         os.makedirs(self.data_dir, exist_ok=True)
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py")], cwd=self.data_dir,
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, os.path.join(ROOT, "app.py")], cwd=self.data_dir,
                                      env=self.env, stdout=subprocess.PIPE, stderr=self.log)
         deadline = time.time() + timeout
         lines = []
@@ -167,16 +170,27 @@ class ServerProcess:
         except OSError:
             return ""
 
+    @property
+    def pid(self):
+        """The server's own process: under `wrap`, the wrapper's child."""
+        if not self.wrap:
+            return self.proc.pid
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as fh:
+            return int(fh.read().split()[0])
+
     def kill(self):
         """SIGKILL: no cleanup, no goodbye."""
         if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._close()
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                pass         # gone already; the wait below says so
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

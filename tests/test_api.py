@@ -71,6 +71,19 @@ class TestDemoTask:
         new = res.json()["task"]
         assert new["retry_of"] == task_id and new["id"] != task_id and new["params"] == {"prompt": "a red fox"}
 
+    def test_a_second_retry_returns_the_live_retry_until_it_ends_badly(self, client, users):
+        task_id = submit(client, users["alice"]).json()["task"]["id"]
+        client.post(f"/api/tasks/{task_id}/cancel", token=users["alice"])
+        first = client.post(f"/api/tasks/{task_id}/retry", token=users["alice"])
+        again = client.post(f"/api/tasks/{task_id}/retry", token=users["alice"])
+        assert (first.status, first.json()["deduplicated"]) == (201, False)
+        assert (again.status, again.json()["deduplicated"]) == (200, True)
+        assert again.json()["task"]["id"] == first.json()["task"]["id"]
+        client.post(f"/api/tasks/{first.json()['task']['id']}/cancel", token=users["alice"])
+        third = client.post(f"/api/tasks/{task_id}/retry", token=users["alice"])
+        assert third.status == 201 and third.json()["task"]["id"] != first.json()["task"]["id"]
+        assert len(client.get("/api/tasks", token=users["alice"]).json()["tasks"]) == 3
+
 
 class TestDedupe:
     def test_dedupe_key_and_idempotency_key_return_the_same_task(self, client, users):

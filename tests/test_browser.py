@@ -362,9 +362,19 @@ def test_cancel_refunds_a_running_task_and_retry_runs_a_failed_one_again(context
     assert task(retried)["retry_of"] == failed_id
     assert task(retried)["params"] == {"prompt": "an impossible staircase", "duration_s": 3,
                                        "fail": "the model refused"}
+    # The retry names its original; the original offers no second Retry
+    # while this one lives (the server would return this one anyway).
+    link = card(retried) + " a.retry-of"
+    assert page.is_visible(link) and page.get_attribute(link, "data-of") == failed_id
+    assert page.text_content(link) == f"retry of …{failed_id[-8:]}"
+    assert not page.is_visible(card(long_id) + " a.retry-of")
+    page.click(link)
+    page.wait_for_selector(card(failed_id) + ".fresh")     # the link leads to the original
+    page.wait_for_selector(card(failed_id) + " button.retry", state="detached")
     # It runs (and, with the same params, fails the same way); the old one stays failed.
     page.wait_for_selector(card(retried, "running"))
     page.wait_for_selector(card(retried, "failed"))
+    page.wait_for_selector(card(failed_id) + " button.retry", state="visible")
     assert page.get_attribute(card(failed_id), "data-status") == "failed"
     assert [t["id"] for t in session.get(server.url + "/api/tasks", timeout=5).json()["tasks"]] == \
         page.eval_on_selector_all(".task", "els => els.map(e => e.dataset.id)")

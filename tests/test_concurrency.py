@@ -134,3 +134,39 @@ def test_50_http_clients_with_one_key_get_one_201(tmp_path):
         listed = requests.get(server.url + "/api/tasks", timeout=10,
                               headers={"Authorization": f"Bearer {server.tokens['demo']}"}).json()
         assert len(listed["tasks"]) == 1
+
+
+def test_three_concurrent_retries_of_a_failed_task_make_one_task_and_reserve_once(tmp_path):
+    (tmp_path / "holdfast.toml").write_text("[providers.demo]\ncost = 1\nduration_s = 0.2\n")
+    with ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}) as server:
+        res = api(server, server.tokens["admin"]).post(server.url + "/api/admin/users", timeout=10,
+                                                       json={"name": "payer", "credits": 5})
+        token = res.json()["token"]
+        session = api(server, token)
+        failed = session.post(server.url + "/api/tasks", timeout=10,
+                              json={"provider": "demo", "params": {"fail": True}}).json()["task"]["id"]
+        deadline = time.time() + 60
+        while session.get(f"{server.url}/api/tasks/{failed}", timeout=10).json()["task"]["status"] != "failed":
+            assert time.time() < deadline, "the failing task never failed"
+            time.sleep(0.1)
+        barrier = threading.Barrier(3)
+
+        def retry(_):
+            own = api(server, token)       # one connection each: three tabs
+            barrier.wait()
+            res = own.post(f"{server.url}/api/tasks/{failed}/retry", timeout=30)
+            return res.status_code, res.json()["task"]["id"], res.json()["deduplicated"]
+
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(retry, range(3)))
+        assert collections.Counter(s for s, _, _ in results) == {201: 1, 200: 2}, results
+        assert len({task_id for _, task_id, _ in results}) == 1
+        assert sorted(d for _, _, d in results) == [False, True, True]
+        tasks = session.get(server.url + "/api/tasks", timeout=10).json()["tasks"]
+        assert len(tasks) == 2
+    store = SqliteStore(str(tmp_path / "holdfast.db"))
+    try:
+        payer = store.user_by_name("payer")
+        assert [r["kind"] for r in store.ledger(user_id=payer["id"]) if r["kind"] == "reserve"] == ["reserve"] * 2
+    finally:
+        store.close()

@@ -207,7 +207,8 @@ def test_migrating_an_old_database_fills_the_history_from_its_finished_tasks(tmp
     s.close()
     con = sqlite3.connect(path)
     con.executescript("DROP TABLE task_history; DROP TABLE file_expiry; DROP INDEX tasks_finished; "
-                      "DROP INDEX tasks_status_provider; DELETE FROM schema_version WHERE version > 1;")
+                      "DROP INDEX tasks_status_provider; DROP TABLE heartbeats; DROP INDEX tasks_retry_once; "
+                      "DELETE FROM schema_version WHERE version > 1;")
     con.close()
     s = SqliteStore(path)
     try:

@@ -13,7 +13,7 @@ import pytest
 from errors import (Conflict, HoldfastError, InvalidInput, NotFound, PaymentRequired, StaleLease,
                     StoreUnavailable, TooMany)
 from store import (MAX_SESSION_MESSAGES, TRANSITIONS, TERMINAL, JsonStore, PostgresStore, SqliteStore,
-                   lease_dir, task_json)
+                   dead_owners, lease_dir, process_identity, task_json)
 
 
 def submit(store, user_id, now, **kw):
@@ -331,6 +331,162 @@ class TestLeases:
         assert store.lease_owners() == ["dead"]
         assert store.release_leases(["dead"]) == 1
         assert len(store.claim("alive", now=11.0, limit=1, lease_s=30)) == 1
+
+
+def _dead_process():
+    """The identity of a process of this kernel and namespace that has ended."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=30)
+    return dict(process_identity(), pid=int(out), started="1")
+
+
+def _holder(store, owner, now):
+    [got] = [h for h in store.lease_holders(now=now) if h["owner"] == owner]
+    return got["heartbeat"]
+
+
+class TestLiveness:
+    """Whether a lease owner is alive comes from its heartbeat row, on the
+    store's clock (real time here: PostgreSQL reads its own)."""
+
+    def test_a_fresh_heartbeat_is_alive_and_one_past_its_lease_is_dead(self, store, alice):
+        me = process_identity()
+        for owner in ("fresh", "stale"):
+            submit(store, alice["id"], 1.0)
+            store.heartbeat(owner, now=time.time(), lease_s=600.0 if owner == "fresh" else 0.2, identity=me)
+            assert len(store.claim(owner, now=time.time(), limit=1, lease_s=600)) == 1
+        beat = _holder(store, "fresh", time.time())
+        assert beat["stale"] is False and beat["lease_s"] == 600.0 and beat["pid"] == os.getpid()
+        deadline = time.monotonic() + 20
+        while not _holder(store, "stale", time.time())["stale"]:
+            assert time.monotonic() < deadline, "the heartbeat never ran out"
+            time.sleep(0.05)
+        assert dead_owners(store.lease_holders(now=time.time())) == ["stale"]
+        assert dead_owners(store.lease_holders(now=time.time()), me="stale") == []
+        store.heartbeat("stale", now=time.time(), lease_s=600.0, identity=me)
+        assert dead_owners(store.lease_holders(now=time.time())) == [], "a new beat revives it"
+
+    def test_an_owner_without_a_heartbeat_is_left_to_its_lease(self, store, alice):
+        submit(store, alice["id"], 1.0)
+        store.claim("no-row", now=time.time(), limit=1, lease_s=600)
+        assert store.lease_holders(now=time.time()) == [{"owner": "no-row", "heartbeat": None}]
+        assert dead_owners(store.lease_holders(now=time.time())) == []
+
+    def test_a_gone_process_of_this_namespace_is_dead_at_once_one_of_another_is_not(self, store, alice):
+        gone = _dead_process()
+        other_ns = dict(gone, pid_ns="pid:[1]")       # a container's: its PIDs mean nothing here
+        for owner, identity in (("gone", gone), ("other-ns", other_ns), ("me", process_identity()),
+                                ("reused", dict(process_identity(), started="1"))):
+            submit(store, alice["id"], 1.0)
+            store.heartbeat(owner, now=time.time(), lease_s=600.0, identity=identity)
+            store.claim(owner, now=time.time(), limit=1, lease_s=600)
+        assert sorted(dead_owners(store.lease_holders(now=time.time()))) == ["gone", "reused"]
+
+    def test_a_clean_stop_deletes_the_row_and_heartbeats_are_not_exported(self, store, alice):
+        store.heartbeat("w", now=time.time(), lease_s=60.0, identity=process_identity())
+        submit(store, alice["id"], 1.0)
+        store.claim("w", now=time.time(), limit=1, lease_s=600)
+        assert _holder(store, "w", time.time()) is not None
+        assert "heartbeats" not in store.export_rows()
+        assert store.end_heartbeat("w") is True and store.end_heartbeat("w") is False
+        assert _holder(store, "w", time.time()) is None
+
+    def test_rows_dead_for_over_an_hour_go_at_the_next_beat(self, store, alice):
+        me = process_identity()
+        # A lease far in the past on any clock: dead for over an hour.
+        store.heartbeat("long-gone", now=time.time(), lease_s=-7300.0, identity=me)
+        store.heartbeat("recent", now=time.time(), lease_s=0.001, identity=me)
+        for owner in ("long-gone", "recent"):
+            submit(store, alice["id"], 1.0)
+            store.claim(owner, now=time.time(), limit=1, lease_s=600)
+        store.heartbeat("w", now=time.time(), lease_s=60.0, identity=me)
+        assert _holder(store, "long-gone", time.time()) is None
+        assert _holder(store, "recent", time.time())["stale"] is True
+
+
+class TestStoreClock:
+    """Whose clock a heartbeat is on."""
+
+    def test_postgresql_stamps_beats_on_its_own_clock_not_the_callers(self, pg_schema):
+        pg = PostgresStore(pg_schema.url)
+        try:
+            user = pg.create_user("alice")[0]
+            submit(pg, user["id"], 1.0)
+            # A host whose clock is an hour slow, and one an hour fast.
+            pg.heartbeat("slow", now=time.time() - 3600, lease_s=60.0, identity=process_identity())
+            pg.claim("slow", now=time.time(), limit=1, lease_s=600)
+            assert _holder(pg, "slow", time.time() + 3600)["stale"] is False
+            assert abs(_holder(pg, "slow", 0.0)["beat_at"] - time.time()) < 60
+        finally:
+            pg.close()
+
+    def test_sqlite_has_one_hosts_clock_the_callers(self, sqlite_store):
+        user = sqlite_store.create_user("alice")[0]
+        submit(sqlite_store, user["id"], 1.0)
+        sqlite_store.heartbeat("w", now=1000.0, lease_s=60.0, identity=process_identity())
+        sqlite_store.claim("w", now=1000.0, limit=1, lease_s=600)
+        assert _holder(sqlite_store, "w", 1059.0)["stale"] is False
+        assert _holder(sqlite_store, "w", 1061.0)["stale"] is True
+
+
+class TestRetry:
+    """One live retry per task, whatever the races: a second retry returns it."""
+
+    def retry(self, store, user_id, original, now, cost=0):
+        return store.submit(user_id, "demo", {"prompt": "x"}, now=now, deadline_at=now + 3600, cost=cost,
+                            retry_of=original)
+
+    def test_a_second_retry_returns_the_live_one_until_it_fails_or_is_cancelled(self, store):
+        user = store.create_user("payer", credits=10)[0]
+        original, _ = submit(store, user["id"], 1.0, cost=2)
+        store.cancel(original["id"], user["id"], now=2.0)
+        first, dedup = self.retry(store, user["id"], original["id"], 3.0, cost=2)
+        assert not dedup and first["retry_of"] == original["id"]
+        again, dedup = self.retry(store, user["id"], original["id"], 4.0, cost=2)
+        assert dedup and again["id"] == first["id"]
+        assert store.user_by_name("payer")["credit_balance"] == 8, "reserved once"
+        store.cancel(first["id"], user["id"], now=5.0)
+        second, dedup = self.retry(store, user["id"], original["id"], 6.0, cost=2)
+        assert not dedup and second["id"] not in (first["id"], original["id"])
+        assert [r["kind"] for r in store.ledger(task_id=second["id"])] == ["reserve"]
+
+    def test_concurrent_retries_of_one_task_make_one(self, store):
+        user = store.create_user("payer", credits=100)[0]
+        original, _ = submit(store, user["id"], 1.0, cost=1)
+        store.cancel(original["id"], user["id"], now=2.0)
+        barrier = threading.Barrier(8)
+        results, errors = [], []
+
+        def one(i):
+            barrier.wait()
+            try:
+                task, dedup = self.retry(store, user["id"], original["id"], 3.0 + i, cost=1)
+                results.append((task["id"], dedup))
+            except Exception as exc:      # reported below: the test fails
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert len({task_id for task_id, _ in results}) == 1
+        assert sorted(dedup for _, dedup in results) == [False] + [True] * 7
+        assert store.user_by_name("payer")["credit_balance"] == 99
+        assert len(store.list_tasks(user["id"])[0]) == 2
+
+    def test_the_index_refuses_a_second_live_retry(self, store, alice):
+        original, _ = submit(store, alice["id"], 1.0)
+        store.cancel(original["id"], alice["id"], now=2.0)
+        self.retry(store, alice["id"], original["id"], 3.0)
+        other, _ = submit(store, alice["id"], 4.0)
+        with pytest.raises(peewee.IntegrityError):
+            with store._seam(), store._write():
+                store._exec("UPDATE tasks SET retry_of = ? WHERE id = ?", (original["id"], other["id"]))
+        assert store.get_task(other["id"])["retry_of"] is None
 
 
 class TestDeadlinesAndCredits:

@@ -130,6 +130,10 @@ def test_the_sweepers_lease_queries_read_only_active_rows(sqlite_store):
     assert len(plans) == 4, plans
     for sql, plan in plans:
         assert plan.startswith("SEARCH tasks USING") and "SCAN" not in plan, (sql, plan)
+    # The sweeper's liveness check: the owners by the status index, each
+    # one's heartbeat by its key.
+    [(sql, plan)] = query_plans(sqlite_store, lambda: sqlite_store.lease_holders(now=1.0))
+    assert "SEARCH tasks USING" in plan and "SCAN tasks" not in plan and "SCAN h" not in plan, (sql, plan)
 
 
 def test_polls_back_off_with_age_from_poll_interval_to_max_poll_interval(sqlite_store, files, clock):
