@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, fields
 import bottle
 
 import metrics
-import openapi
-from accounts import RateLimiter, account_routes
+from api import openapi
+from api.accounts import RateLimiter, account_routes
+from api.streams import event_routes
+from api.web import json_error_channel, json_errors, optional_key, read_json
 from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
                     NotFound, PaymentRequired, TooMany, Unauthorized)
 from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
-from streams import event_routes
-from web import json_error_channel, json_errors, optional_key, read_json
 
 log = logging.getLogger("holdfast.app")
 HERE = os.path.dirname(os.path.abspath(__file__))
