@@ -15,8 +15,6 @@ import re
 import signal
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field, fields
 
 import bottle
 
@@ -25,8 +23,9 @@ from api import openapi
 from api.accounts import RateLimiter, account_routes
 from api.streams import event_routes
 from api.web import json_error_channel, json_errors, optional_key, read_json
-from errors import (ConfigError, Conflict, Forbidden, HoldfastError, InvalidInput,
-                    NotFound, PaymentRequired, TooMany, Unauthorized)
+from config import Config, open_everything, setup_logging
+from errors import (Conflict, Forbidden, HoldfastError, InvalidInput, NotFound, PaymentRequired, TooMany,
+                    Unauthorized)
 from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
 
 log = logging.getLogger("holdfast.app")
@@ -34,82 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
 _TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
 STATUSES = frozenset(s.value for s in TaskStatus)
-
-
-# -- configuration -------------------------------------------------------------
-
-@dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    data: str = "./data"
-    store: str = "sqlite"
-    threads: int = 8
-    admin_token: str = None
-    max_body: int = 1024 * 1024
-    sse_max_s: float = 60.0
-    sse_max_streams: int = 200     # open event streams and long polls, on top of `threads`
-    sse_max_per_user: int = 20     # of those, how many one user may hold
-    sse_keepalive_s: float = 10.0
-    session_ttl_s: float = 7200.0
-    keep_files_h: float = 72.0
-    keep_tasks_d: float = 30.0
-    log: str = "text"
-    worker_threads: int = 4
-    max_active: int = 100          # per user, unless the user row says otherwise
-    lease_s: float = 60.0          # how long a worker holds a task before others may take it
-    rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
-    rate_burst_s: float = 3.0      # a user's bucket holds rate_per_s * rate_burst_s submissions (>= 1)
-    max_sessions: int = 100        # live conversation sessions per user
-    providers: dict = field(default_factory=dict)
-
-    SECRET = ("admin_token",)
-
-    @classmethod
-    def load(cls, env=None, path=None):
-        """holdfast.toml's [server] table, then HOLDFAST_* variables over it.
-        Secrets come from the environment only."""
-        env = os.environ if env is None else env
-        path = path or env.get("HOLDFAST_CONFIG", "holdfast.toml")
-        table = {}
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as fh:
-                    table = tomllib.load(fh)
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"{path}: {exc}") from exc
-        elif "HOLDFAST_CONFIG" in env:
-            raise ConfigError(f"HOLDFAST_CONFIG names {path}, which does not exist")
-        config = cls(providers=table.get("providers", {}))
-        server = table.get("server", {})
-        for f in fields(cls):
-            if f.name == "providers":
-                continue
-            if f.name in server:
-                if f.name in cls.SECRET:
-                    raise ConfigError(f"{f.name} is a secret: set HOLDFAST_{f.name.upper()} instead")
-                config._set(f, server[f.name], f"[server] {f.name}")
-            var = "HOLDFAST_" + f.name.upper()
-            if env.get(var) not in (None, ""):
-                config._set(f, env[var], var)
-        if config.log not in ("text", "json"):
-            raise ConfigError("HOLDFAST_LOG must be text or json")
-        return config
-
-    def _set(self, f, value, where):
-        kind = type(getattr(self, f.name)) if getattr(self, f.name) is not None else str
-        try:
-            if kind is int:
-                value = int(value)
-            elif kind is float:
-                value = float(value)
-            else:
-                value = str(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and value <= 0 and f.name != "port":
-            raise ConfigError(f"{where} must be positive")
-        setattr(self, f.name, value)
 
 
 # -- the app -------------------------------------------------------------------
@@ -363,40 +286,6 @@ def service_metrics(store, hub, worker):
 
 
 # -- commands ------------------------------------------------------------------
-
-def setup_logging(kind):
-    handler = logging.StreamHandler()
-    if kind == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record):
-        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
-        out.update(getattr(record, "fields", None) or {})   # e.g. a task state change's task_id, user_id
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def open_everything(config):
-    """(store, providers, files) as config says."""
-    from providers import build_providers
-    from store import FileStore, open_store
-    os.makedirs(config.data, exist_ok=True)
-    store = open_store(config.store, config.data)
-    providers = build_providers(config.providers)
-    files = FileStore(os.path.join(config.data, "files"))
-    return store, providers, files
-
 
 def first_run_users(store, config):
     """On a new data directory: an admin and a demo user, tokens printed once."""

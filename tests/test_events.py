@@ -14,7 +14,8 @@ import time
 import pytest
 import requests
 
-from app import Config, create_app
+from app import create_app
+from config import Config
 from store import SqliteStore
 from support import ServerProcess, WSGIClient, api
 
