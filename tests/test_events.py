@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from app import create_app
+from api import create_app
 from config import Config
 from store import SqliteStore
 from support import ServerProcess, WSGIClient, api
