@@ -1,4 +1,19 @@
-"""The HTTP API (Bottle): `create_app(store, providers, config)`.
+"""The HTTP API (Bottle): `create_app(store, providers, config)` returns the app.
+
+Nothing here is global, so tests wire test stores and fake providers the same
+way app.py wires the real ones. Start reading at create_app below: it sets up
+the error handling and who the caller is, then hands each group of routes
+what it needs.
+
+    tasks.py     /api/tasks: submit, list, get, cancel, retry, result files
+    accounts.py  /api/me, /api/admin/*, /api/sessions/*; the submission rate limiter
+    streams.py   /api/events (SSE) and /api/events/poll (long polls)
+    events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
+    service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
+    web.py       the seam every route module shares: the error hook, JSON bodies, request checks
+    openapi.py   the API described as OpenAPI 3.1
+
+Nothing outside this package imports it but app.py (tests/test_layout.py).
 """
 
 import json
