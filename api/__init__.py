@@ -30,7 +30,6 @@ from .tasks import task_routes
 from .web import json_errors
 
 
-
 # -- the app -------------------------------------------------------------------
 
 def create_app(store, providers, config, *, worker=None, files=None, clock=time.time):
