@@ -1,6 +1,6 @@
 """holdfast's one exception root.
 
-Exceptions that reach HTTP carry their status and code; web.py's error hook
+Exceptions that reach HTTP carry their status and code; api/web.py's error hook
 turns them into `{"error": {"code", "message"}}`. Foreign exceptions (peewee,
 requests, json) are translated at their seam and never travel further.
 """

@@ -24,6 +24,7 @@ import random
 import sys
 import time
 
+from config import Config, open_everything, setup_logging
 from errors import HoldfastError, NotFound
 from store import TERMINAL, dead_owners, lease_owner_id
 
@@ -293,7 +294,7 @@ def import_data(store, path):
 
 
 def open_to_look(config):
-    """What app.open_everything opens, for a run that changes nothing
+    """What config.open_everything opens, for a run that changes nothing
     (--dry-run, --audit without --fix): the store read-only (no migration,
     no backup, a torn JSON journal tail left in place), no folder made."""
     from providers import build_providers
@@ -303,7 +304,6 @@ def open_to_look(config):
 
 
 def main(argv=None):
-    from app import Config, open_everything, setup_logging
     parser = argparse.ArgumentParser(prog="python recover.py", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="report only; change nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -31,7 +31,7 @@ import time
 
 from _common import BeginTimer, fmt_ms, fmt_rate, percentile, table, temp_dir
 
-from app import Config
+from config import Config
 from providers import build_providers
 from store import FileStore, SqliteStore
 from worker import Worker

@@ -122,7 +122,8 @@ def load(port, requests, clients, make_request):
 
 def profile(n=2000):
     """GET and POST through WSGI in this process, under cProfile."""
-    from app import Config, create_app
+    from api import create_app
+    from config import Config
     from providers import build_providers
     from store import FileStore
 

@@ -26,7 +26,7 @@ import time
 
 from _common import fmt_rate, percentile, table, temp_dir
 
-from app import Config
+from config import Config
 from providers import BaseProvider, Status
 from store import FileStore, SqliteStore
 from worker import Worker

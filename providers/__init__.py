@@ -8,6 +8,7 @@ nothing.
 
     base.py     Status, Output, Retry, BaseProvider (the interface)
     http.py     the requests seam, rate limit and downloads HTTP adapters share
+    net.py      where outbound requests may go, and bounded reads of answers
     demo.py     built in, no network
     comfyui.py  a ComfyUI server
     kie.py      a KIE-style jobs API

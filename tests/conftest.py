@@ -6,7 +6,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app import Config, create_app  # noqa: E402
+from api import create_app  # noqa: E402
+from config import Config  # noqa: E402
 from providers import build_providers  # noqa: E402
 from store import FileStore, JsonStore, PostgresStore, SqliteStore  # noqa: E402
 from support import WSGIClient, require  # noqa: E402

@@ -13,7 +13,8 @@ import threading
 import peewee
 import pytest
 
-from app import Config, create_app
+from api import create_app
+from config import Config
 from errors import Conflict
 from providers import build_providers
 from store import MAX_CREDITS, FileStore, SqliteStore

@@ -14,7 +14,8 @@ import time
 import pytest
 import requests
 
-from app import Config, create_app
+from api import create_app
+from config import Config
 from store import SqliteStore
 from support import ServerProcess, WSGIClient, api
 
@@ -556,7 +557,7 @@ def test_with_200_streams_open_the_api_still_answers_and_every_stream_gets_the_n
 def test_a_hub_woken_after_idling_reads_from_the_logs_end(sqlite_store):
     """Events written while no one watched are no one's news: the hub's
     first look after idling starts at the log's end, not where it slept."""
-    from events import EventHub
+    from api.events import EventHub
     alice = sqlite_store.create_user("alice")[0]
 
     def write(n):
@@ -592,7 +593,7 @@ def test_a_hub_woken_after_idling_reads_from_the_logs_end(sqlite_store):
 def test_waiters_of_one_user_share_their_reads_of_the_log(sqlite_store):
     """One event wakes every waiter of its user: they take one read's rows
     instead of each querying the log, and every one still gets the event."""
-    from events import EventHub
+    from api.events import EventHub
     alice = sqlite_store.create_user("alice")[0]
     reads = []
     real = sqlite_store.events_since

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from app import create_app
+from api import create_app
 from store import SqliteStore
 from support import WSGIClient, query_plans
 from worker import Worker

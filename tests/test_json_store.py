@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 import store as store_module
-from app import create_app
+from api import create_app
 from errors import StoreUnavailable
 from store import JsonStore, open_store
 from support import ROOT, WSGIClient

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from app import _JsonFormatter, setup_logging
+from config import _JsonFormatter, setup_logging
 from errors import StoreUnavailable
 
 TASKS = "holdfast.tasks"

@@ -10,7 +10,7 @@ import re
 import pytest
 
 import metrics
-from app import create_app
+from api import create_app
 from providers import build_providers
 from support import WSGIClient, free_port
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import openapi
+from api import openapi
 from support import ServerProcess, require
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")

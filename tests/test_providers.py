@@ -17,7 +17,8 @@ import time
 import pytest
 import requests
 
-from app import Config, create_app
+from api import create_app
+from config import Config
 from errors import ConfigError, InvalidInput
 from providers import Output, RateLimiter, build_providers, parse_retry_after
 from store import TERMINAL

@@ -102,7 +102,7 @@ class TestCleanupJob:
 
     def test_the_settings_come_from_the_config_and_the_job_is_scheduled(self, sqlite_store, providers, files,
                                                                         clock):
-        from app import Config
+        from config import Config
         config = Config.load(env={"HOLDFAST_KEEP_FILES_H": "1", "HOLDFAST_KEEP_TASKS_D": "2",
                                   "HOLDFAST_CONFIG": os.devnull})
         assert (config.keep_files_h, config.keep_tasks_d) == (1.0, 2.0)

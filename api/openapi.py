@@ -1,9 +1,9 @@
 """GET /openapi.json: holdfast's HTTP API described as OpenAPI 3.1.
 
-Written by hand, next to the routes in app.py, accounts.py and streams.py;
-tests/test_openapi.py fails when a route is missing here (or described here
-but gone), and fuzzes a real server against this description with
-schemathesis.
+Written by hand, next to the routes in tasks.py, accounts.py, streams.py and
+service.py; tests/test_openapi.py fails when a route is missing here (or
+described here but gone), and fuzzes a real server against this description
+with schemathesis.
 """
 
 VERSION = "1.0.0"

@@ -11,7 +11,7 @@ import bottle
 
 from errors import InvalidInput, NotFound, TooMany
 from store import MAX_SESSION_MESSAGES, check_session_key, iso, session_json, task_json
-from web import only_fields, query_number, read_json
+from .web import only_fields, query_number, read_json
 
 
 class RateLimiter:

@@ -9,8 +9,8 @@ import re
 import bottle
 
 from errors import HoldfastError, InvalidInput
-from events import EventHub
-from web import error_body
+from .events import EventHub
+from .web import error_body
 
 log = logging.getLogger("holdfast.app")
 

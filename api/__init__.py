@@ -1,0 +1,80 @@
+"""The HTTP API (Bottle): `create_app(store, providers, config)` returns the app.
+
+Nothing here is global, so tests wire test stores and fake providers the same
+way app.py wires the real ones. Start reading at create_app below: it sets up
+the error handling and who the caller is, then hands each group of routes
+what it needs.
+
+    tasks.py     /api/tasks: submit, list, get, cancel, retry, result files
+    accounts.py  /api/me, /api/admin/*, /api/sessions/*; the submission rate limiter
+    streams.py   /api/events (SSE) and /api/events/poll (long polls)
+    events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
+    service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
+    web.py       the seam every route module shares: the error hook, JSON bodies, request checks
+    openapi.py   the API described as OpenAPI 3.1
+
+Nothing outside this package imports it but app.py (tests/test_layout.py).
+"""
+
+import json
+import time
+
+import bottle
+
+from errors import Forbidden, Unauthorized
+
+from .accounts import RateLimiter, account_routes
+from .service import service_routes
+from .streams import event_routes
+from .tasks import task_routes
+from .web import json_errors
+
+
+# -- the app -------------------------------------------------------------------
+
+def create_app(store, providers, config, *, worker=None, files=None, clock=time.time):
+    app = bottle.Bottle(catchall=True)
+    app.install(json_errors)
+    limiter = RateLimiter(config.rate_per_s, config.rate_burst_s)
+
+    def default_error(res):
+        bottle.response.content_type = "application/json"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(res.status_code, "error")
+        message = res.body if isinstance(res.body, str) and res.status_code < 500 else "internal error"
+        if res.status_code == 404:
+            message = "no such endpoint"
+        return json.dumps({"error": {"code": code, "message": message}})
+
+    app.default_error_handler = default_error
+
+    def bearer(allow_query=False):
+        header = bottle.request.get_header("Authorization", "")
+        if header.startswith("Bearer "):
+            return header[7:].strip()
+        if allow_query:
+            return bottle.request.query.get("token") or None
+        return None
+
+    def current_user(allow_query=False):
+        token = bearer(allow_query)
+        user = store.user_by_token(token) if token else None
+        if user is None:
+            raise Unauthorized("missing or unknown token")
+        return user
+
+    def admin_user():
+        user = current_user()
+        if not user["is_admin"]:
+            raise Forbidden("admin token required")
+        return user
+
+    task_routes(app, store, providers, config, worker=worker, files=files, clock=clock,
+                current_user=current_user, limiter=limiter)
+
+    account_routes(app, store, config, clock=clock, current_user=current_user,
+                   admin_user=admin_user, limiter=limiter)
+    event_hub = event_routes(app, store, config, current_user)
+    service_routes(app, store, providers, worker=worker, clock=clock, current_user=current_user,
+                   event_hub=event_hub)
+    app.config["holdfast.events"] = event_hub
+    return app

@@ -1,0 +1,94 @@
+"""HTTP for the service itself: the providers, /healthz, /metrics,
+/openapi.json, and the page with its static files.
+"""
+
+import os
+
+import bottle
+
+import metrics
+from errors import HoldfastError, NotFound
+
+from . import openapi
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATIC = os.path.join(HERE, "static")
+
+
+def service_routes(app, store, providers, *, worker, clock, current_user, event_hub):
+    """GET /api/providers, /healthz, /metrics, /openapi.json, / and /static/*."""
+
+    @app.get("/api/providers")
+    def list_providers():
+        current_user()
+        return {"providers": [p.describe() for p in providers.values()]}
+
+    @app.get("/healthz")
+    def healthz():
+        now = clock()
+        result = {"ok": True, "store": store.name, "scheduler": "off"}
+        try:
+            store.health()
+            stats = store.stats(now)
+            result.update(queue_depth=stats["queue_depth"], oldest_active_s=stats["oldest_active_s"])
+        except HoldfastError as exc:
+            result.update(ok=False, store=f"{store.name} ({exc.message})", queue_depth=None,
+                          oldest_active_s=None)
+        if worker is not None:
+            result["scheduler"] = "running" if worker.alive() else "stopped"
+            result["ok"] = result["ok"] and worker.alive()
+        result["streams"] = event_hub.counts()
+        bottle.response.status = 200 if result["ok"] else 503
+        return result
+
+    @app.get("/metrics")
+    def prometheus():
+        # No auth, like /healthz: aggregate counts only, nothing of any user's.
+        text = metrics.REGISTRY.render([lambda: service_metrics(store, event_hub, worker)])
+        bottle.response.content_type = metrics.CONTENT_TYPE
+        bottle.response.set_header("Cache-Control", "no-store")
+        return text
+
+    @app.get("/openapi.json")
+    def openapi_json():
+        return openapi.spec()
+
+    # the page
+
+    @app.get("/")
+    def index():
+        return bottle.static_file("index.html", root=STATIC)
+
+    @app.get("/static/<path:path>")
+    def static(path):
+        res = bottle.static_file(path, root=STATIC)
+        if isinstance(res, bottle.HTTPError):
+            raise NotFound("no such file")
+        return res
+
+
+def service_metrics(store, hub, worker):
+    """GET /metrics' figures read at scrape time: tasks by provider and
+    status (one GROUP BY), open event streams, and whether the store and the
+    scheduler answer."""
+    try:
+        counts = store.task_counts()
+        up = 1
+    except HoldfastError:
+        counts, up = {}, 0
+    streams = hub.counts()
+    families = [
+        ("holdfast_tasks", "gauge", "Tasks in the store, by provider and status.",
+         [({"provider": p, "status": s}, n) for (p, s), n in sorted(counts.items())]),
+        ("holdfast_store_up", "gauge", "1 when the store answered this scrape.", [({}, up)]),
+        ("holdfast_event_streams", "gauge", "Open event streams (sse) and long polls (poll).",
+         [({"kind": k}, streams[k]) for k in ("sse", "poll")]),
+        ("holdfast_event_streams_max", "gauge", "The cap that streams and long polls share.",
+         [({}, streams["max"])]),
+        ("holdfast_start_time_seconds", "gauge", "When this process started (Unix time).",
+         [({}, metrics.START_TIME)]),
+    ]
+    if worker is not None:
+        families.append(("holdfast_scheduler_up", "gauge", "1 when the worker's scheduler runs.",
+                         [({}, int(worker.alive()))]))
+    return families

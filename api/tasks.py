@@ -1,0 +1,157 @@
+"""HTTP for tasks: submit, list, get, cancel and retry (/api/tasks/*), and a
+task's result files. Submissions take from the RateLimiter that create_app
+shares with the account routes.
+"""
+
+import os
+import re
+
+import bottle
+
+import metrics
+from errors import Conflict, InvalidInput, NotFound, PaymentRequired, TooMany
+from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
+
+from .web import optional_key, read_json
+
+_TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
+STATUSES = frozenset(s.value for s in TaskStatus)
+
+
+def task_routes(app, store, providers, config, *, worker, files, clock, current_user, limiter):
+    """POST and GET /api/tasks, GET /api/tasks/<id>, its cancel and retry, and
+    GET /api/tasks/<id>/files/<name>."""
+
+    def task_id_arg(task_id):
+        if not _TASK_ID.match(task_id):
+            raise NotFound("task not found", code="task_not_found")
+        return task_id
+
+    @app.post("/api/tasks")
+    def submit():
+        user = current_user()
+        body = read_json(config.max_body)
+        unknown = set(body) - {"provider", "params", "dedupe_key"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = body.get("provider")
+        if not isinstance(name, str):
+            raise InvalidInput("provider is required and must be a string")
+        provider = providers.get(name)
+        if provider is None:
+            raise InvalidInput(f"unknown provider {name!r}", code="unknown_provider")
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise InvalidInput("params must be an object")
+        provider.validate(params)
+        key = optional_key(body.get("dedupe_key"), "dedupe_key")
+        header_key = optional_key(bottle.request.get_header("Idempotency-Key"), "Idempotency-Key")
+        if key and header_key and key != header_key:
+            raise InvalidInput("dedupe_key and Idempotency-Key differ")
+        task, deduplicated = _submit(user, provider, params, key or header_key)
+        bottle.response.status = 200 if deduplicated else 201
+        return {"task": task_json(task), "deduplicated": deduplicated}
+
+    def _submit(user, provider, params, key, retry_of=None):
+        now = clock()
+        try:
+            task, deduplicated = store.submit(
+                user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
+                cost=provider.cost, dedupe_key=key, retry_of=retry_of,
+                max_active=user["max_active"] or config.max_active,
+                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
+        except (PaymentRequired, TooMany) as exc:
+            metrics.SUBMIT_REFUSALS.inc(exc.code)
+            raise
+        metrics.SUBMITS.inc(provider.name)
+        if deduplicated:
+            metrics.DEDUPE_HITS.inc(provider.name)
+        elif worker is not None:
+            worker.wake()
+        return task, deduplicated
+
+    @app.get("/api/tasks")
+    def list_tasks():
+        user = current_user()
+        q = bottle.request.query
+        statuses = None
+        if q.get("status"):
+            wanted = q.get("status")
+            if wanted == "active":
+                statuses = sorted(ACTIVE)
+            elif wanted == "terminal":
+                statuses = sorted(TERMINAL)
+            else:
+                statuses = wanted.split(",")
+                bad = [s for s in statuses if s not in STATUSES]
+                if bad or len(statuses) > len(STATUSES):
+                    raise InvalidInput(f"unknown status {', '.join(bad)}; use {', '.join(sorted(STATUSES))}, "
+                                       "active or terminal")
+        try:
+            limit = int(q.get("limit", 50))
+        except ValueError:
+            raise InvalidInput("limit must be an integer") from None
+        if not 1 <= limit <= 200:
+            raise InvalidInput("limit must be from 1 to 200")
+        before = q.get("before") or None
+        if before is not None and not _TASK_ID.match(before):
+            raise InvalidInput("before must be a task id (the `next` of an earlier page)")
+        tasks, cursor = store.list_tasks(user["id"], statuses=statuses, limit=limit, before=before)
+        return {"tasks": [task_json(t) for t in tasks], "next": cursor}
+
+    @app.get("/api/tasks/<task_id>")
+    def get_task(task_id):
+        user = current_user()
+        return {"task": task_json(store.get_task(task_id_arg(task_id), user["id"]))}
+
+    @app.post("/api/tasks/<task_id>/cancel")
+    def cancel(task_id):
+        user = current_user()
+        task = store.cancel(task_id_arg(task_id), user["id"], now=clock())
+        if worker is not None:
+            worker.cancel_at_provider(task)
+        if files is not None:
+            # A download of this task may have saved some files already.
+            try:
+                files.remove_unlisted(task["id"], task["files"])
+            except OSError:
+                pass        # retention's next pass removes them
+        return {"task": task_json(task)}
+
+    @app.post("/api/tasks/<task_id>/retry")
+    def retry(task_id):
+        user = current_user()
+        old = store.get_task(task_id_arg(task_id), user["id"])
+        if old["status"] not in ("failed", "cancelled"):
+            raise Conflict(f"only failed or cancelled tasks can be retried; this one is {old['status']}",
+                           code="not_retryable")
+        provider = providers.get(old["provider"])
+        if provider is None:
+            raise InvalidInput(f"provider {old['provider']!r} is no longer configured",
+                               code="unknown_provider")
+        task, deduplicated = _submit(user, provider, old["params"], old["dedupe_key"], retry_of=old["id"])
+        bottle.response.status = 200 if deduplicated else 201
+        return {"task": task_json(task), "deduplicated": deduplicated}
+
+    @app.get("/api/tasks/<task_id>/files/<name>")
+    def get_file(task_id, name):
+        user = current_user(allow_query=True)
+        task = store.get_task(task_id_arg(task_id), user["id"])
+        meta = next((f for f in task["files"] if f["name"] == name), None)
+        if meta is None or files is None:
+            raise NotFound("file not found", code="file_not_found")
+        # Where the fenced update that published it says (old tasks' entries
+        # name no lease folder).
+        path = files.entry_path(task["id"], meta)
+        if not os.path.exists(path):
+            expired = store.files_expired_at(task["id"])
+            if expired is not None:
+                raise NotFound(f"this file expired: result files are kept {config.keep_files_h:g} hours "
+                               f"after the task ends (HOLDFAST_KEEP_FILES_H); deleted at {iso(expired)}",
+                               code="file_expired")
+            raise NotFound("file not found", code="file_not_found")
+        res = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                 mimetype=meta["content_type"])
+        res.set_header("X-Content-Type-Options", "nosniff")
+        res.set_header("Cache-Control", "private, max-age=3600")
+        return res

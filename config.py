@@ -1,0 +1,129 @@
+"""Configuration and wiring: `Config` (holdfast.toml and HOLDFAST_* variables),
+the logging set-up, and opening the store, the providers and the file store.
+
+`python app.py` and `python recover.py` both start here, so neither imports
+the other.
+"""
+
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from errors import ConfigError
+
+
+# -- configuration -------------------------------------------------------------
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data: str = "./data"
+    store: str = "sqlite"
+    threads: int = 8
+    admin_token: str = None
+    max_body: int = 1024 * 1024
+    sse_max_s: float = 60.0
+    sse_max_streams: int = 200     # open event streams and long polls, on top of `threads`
+    sse_max_per_user: int = 20     # of those, how many one user may hold
+    sse_keepalive_s: float = 10.0
+    session_ttl_s: float = 7200.0
+    keep_files_h: float = 72.0
+    keep_tasks_d: float = 30.0
+    log: str = "text"
+    worker_threads: int = 4
+    max_active: int = 100          # per user, unless the user row says otherwise
+    lease_s: float = 60.0          # how long a worker holds a task before others may take it
+    rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
+    rate_burst_s: float = 3.0      # a user's bucket holds rate_per_s * rate_burst_s submissions (>= 1)
+    max_sessions: int = 100        # live conversation sessions per user
+    max_connections: int = 1000    # open HTTP connections in all (waitress's connection_limit)
+    max_connections_per_address: int = 256   # of those, from one client address
+    request_timeout_s: float = 20.0   # to send a request's headers and body
+    providers: dict = field(default_factory=dict)
+
+    SECRET = ("admin_token",)
+
+    @classmethod
+    def load(cls, env=None, path=None):
+        """holdfast.toml's [server] table, then HOLDFAST_* variables over it.
+        Secrets come from the environment only."""
+        env = os.environ if env is None else env
+        path = path or env.get("HOLDFAST_CONFIG", "holdfast.toml")
+        table = {}
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as fh:
+                    table = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+        elif "HOLDFAST_CONFIG" in env:
+            raise ConfigError(f"HOLDFAST_CONFIG names {path}, which does not exist")
+        config = cls(providers=table.get("providers", {}))
+        server = table.get("server", {})
+        for f in fields(cls):
+            if f.name == "providers":
+                continue
+            if f.name in server:
+                if f.name in cls.SECRET:
+                    raise ConfigError(f"{f.name} is a secret: set HOLDFAST_{f.name.upper()} instead")
+                config._set(f, server[f.name], f"[server] {f.name}")
+            var = "HOLDFAST_" + f.name.upper()
+            if env.get(var) not in (None, ""):
+                config._set(f, env[var], var)
+        if config.log not in ("text", "json"):
+            raise ConfigError("HOLDFAST_LOG must be text or json")
+        return config
+
+    def _set(self, f, value, where):
+        kind = type(getattr(self, f.name)) if getattr(self, f.name) is not None else str
+        try:
+            if kind is int:
+                value = int(value)
+            elif kind is float:
+                value = float(value)
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+        if kind in (int, float) and value <= 0 and f.name != "port":
+            raise ConfigError(f"{where} must be positive")
+        setattr(self, f.name, value)
+
+
+# -- wiring --------------------------------------------------------------------
+
+def setup_logging(kind):
+    handler = logging.StreamHandler()
+    if kind == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})   # e.g. a task state change's task_id, user_id
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def open_everything(config):
+    """(store, providers, files) as config says."""
+    from providers import build_providers
+    from store import FileStore, open_store
+    os.makedirs(config.data, exist_ok=True)
+    store = open_store(config.store, config.data)
+    providers = build_providers(config.providers)
+    files = FileStore(os.path.join(config.data, "files"))
+    return store, providers, files
