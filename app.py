@@ -1,7 +1,7 @@
 """`python app.py`: the entry point and its commands.
 
 With no command it serves: the port bound first, then the worker and
-recovery, and the HTTP API (api/) under waitress with httpserver.py's
+recovery, and the HTTP API (api/) under waitress with api/server.py's
 bounds. `users add` and `credits` manage accounts from the shell.
 The wiring (Config, logging, opening the store and providers) is config.py's.
 """
@@ -43,7 +43,7 @@ def first_run_users(store, config):
 
 
 def serve(config):
-    import httpserver
+    from api.server import create_server
     from recover import recover
     from worker import Worker
     setup_logging(config.log)
@@ -64,10 +64,10 @@ def serve(config):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        server = httpserver.create_server(
+        server = create_server(
             app, host=config.host, port=config.port, threads=config.threads + config.sse_max_streams,
             connection_limit=config.max_connections,
-            # Slow and greedy clients: see httpserver.py.
+            # Slow and greedy clients: see api/server.py.
             request_timeout_s=config.request_timeout_s,
             max_per_address=config.max_connections_per_address,
             channel_class=json_error_channel(config.max_body),

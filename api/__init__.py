@@ -12,6 +12,7 @@ what it needs.
     service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
     web.py       the seam every route module shares: the error hook, JSON bodies, request checks
     openapi.py   the API described as OpenAPI 3.1
+    server.py    waitress, bounded against clients that hold connections (used by app.py's serve)
 
 Nothing outside this package imports it but app.py (tests/test_layout.py).
 """
