@@ -9,7 +9,8 @@ of holdfast imports every name from here, whichever module holds it:
     sql.py       SqlStore, the SQL implementation the backends share; its
                  accounts queries (credits, admin, sessions) in sql_accounts.py,
                  retention and the audit in sql_upkeep.py, the workers'
-                 heartbeats in sql_liveness.py
+                 heartbeats in sql_liveness.py, migrations, export and
+                 import in sql_schema.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work

@@ -7,10 +7,11 @@ and plain SQL keeps every backend honest about what it does inside a
 transaction. A backend overrides only what its database does differently:
 placeholders, row locks, how a write transaction begins, named locks.
 
-Three mixins that SqlStore inherits keep this module to a readable size:
+Four mixins that SqlStore inherits keep this module to a readable size:
 sql_accounts.py (credits, admin queries, sessions), sql_upkeep.py
-(retention, the consistency audit) and sql_liveness.py (the workers'
-heartbeats). They run on the seam and helpers defined here.
+(retention, the consistency audit), sql_liveness.py (the workers'
+heartbeats) and sql_schema.py (migrations, export and import). They run on
+the seam and helpers defined here.
 """
 
 import json
@@ -23,7 +24,6 @@ import time
 from contextlib import contextmanager
 
 import peewee
-from peewee import BooleanField
 
 import metrics
 from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLease, StoreUnavailable,
@@ -31,11 +31,12 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_LEASED, _TASK_SELECT, DATA_MODELS, ERROR_CODES, MIGRATIONS, POSTED_AT, SLOT_STEP,
+from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP,
                      TASK_COLUMNS, TERMINAL, check_transition, check_user_limits, dumps, event_json,
                      external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_liveness import LivenessSql
+from .sql_schema import SchemaSql
 from .sql_upkeep import UpkeepSql
 
 log = logging.getLogger("holdfast.store")
@@ -107,7 +108,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(AccountsSql, UpkeepSql, LivenessSql, BaseStore):
+class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -198,104 +199,6 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, BaseStore):
         """Serialize the transactions that take `name` until they end.
         SQLite's BEGIN IMMEDIATE already serializes every writer; backends
         whose writers run side by side override this."""
-
-    def migrate(self):
-        with self._seam():
-            self.db.connect(reuse_if_open=True)
-            current = self.schema_version() if self.db.table_exists("schema_version") else 0
-            if current and any(version > current for version, _ in MIGRATIONS):
-                self._backup_before_migrating(current)
-            try:
-                self._migrate()
-            except Exception as exc:
-                # Each migration runs in the one transaction that records it,
-                # so a failure leaves the old schema and data as they were.
-                raise StoreUnavailable(f"migrating the schema from version {current} failed "
-                                       f"({exc}); the database is unchanged", code="migration_failed") from exc
-
-    def _backup_before_migrating(self, current):
-        """Backends that can copy themselves do so here."""
-
-    def _require_current_schema(self):
-        """For a store opened only to look (read_only): migrating would
-        change it, so an older schema is an error instead."""
-        latest = max(version for version, _ in MIGRATIONS)
-        with self._seam():
-            self.db.connect(reuse_if_open=True)
-            current = (self.schema_version() or 0) if self.db.table_exists("schema_version") else 0
-        if current < latest:
-            self.close()
-            raise StoreUnavailable(f"schema version {current}, this code needs {latest}",
-                                   code="schema_outdated")
-
-    def _migrate(self, upto=None):
-        """Apply the pending migrations (up to `upto`); return how many."""
-        applied = 0
-        with self._write():
-            self._lock("migrate")
-            if not self.db.table_exists("schema_version"):
-                current = 0
-            else:
-                current = self._one("SELECT MAX(version) FROM schema_version")[0] or 0
-            for version, step in MIGRATIONS:
-                if version > current and (upto is None or version <= upto):
-                    log.info("migrating schema to version %d", version)
-                    step(self.db)
-                    self._exec("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                               (version, time.time()))
-                    applied += 1
-        return applied
-
-    # moving everything between stores
-
-    def export_rows(self, models=DATA_MODELS):
-        """{table: [row dicts]} of every data table (`models`; the schema's
-        own and the processes' heartbeats are not data), in primary-key
-        order; the same form on every backend. One read transaction, so one
-        snapshot: a write committed meanwhile is in every table or in none."""
-        out = {}
-        # PostgreSQL's default isolation takes a snapshot per statement;
-        # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
-        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
-        with self._seam(), self.db.atomic(begin):
-            for model in models:
-                cols = [f.column_name for f in model._meta.sorted_fields]
-                order = ", ".join(f.column_name for f in model._meta.get_primary_keys())
-                rows = self._exec(f"SELECT {', '.join(cols)} FROM {model._meta.table_name} "
-                                  f"ORDER BY {order}").fetchall()
-                bools = {f.column_name for f in model._meta.sorted_fields if isinstance(f, BooleanField)}
-                out[model._meta.table_name] = [
-                    {c: (bool(v) if c in bools and v is not None else v) for c, v in zip(cols, r)}
-                    for r in rows]
-        return out
-
-    def import_rows(self, tables):
-        """Load `export_rows()` output into this store, which must be empty."""
-        with self._seam():
-            if self._one("SELECT COUNT(*) FROM users")[0] or self._one("SELECT COUNT(*) FROM tasks")[0]:
-                raise Conflict("the target store is not empty", code="store_not_empty")
-            with self._write():
-                self._insert_rows(tables)
-
-    def _insert_rows(self, tables, models=DATA_MODELS):
-        known = {m._meta.table_name: m for m in models}
-        unknown = set(tables) - set(known)
-        if unknown:
-            raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
-        for model in models:
-            cols = [f.column_name for f in model._meta.sorted_fields]
-            sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
-                   f"VALUES ({', '.join('?' * len(cols))})")
-            for row in tables.get(model._meta.table_name, []):
-                self._exec(sql, [row.get(c) for c in cols])
-        self._after_import()
-
-    def _after_import(self):
-        """Backends with sequences move them past the imported ids."""
-
-    def schema_version(self):
-        with self._seam():
-            return self._one("SELECT MAX(version) FROM schema_version")[0]
 
     def close(self):
         self.db.close()

@@ -52,8 +52,8 @@ def test_a_new_database_starts_at_the_latest_version(tmp_path):
 def test_a_migration_backs_up_first_and_applies(populated, monkeypatch):
     path, rows = populated
     latest = max(v for v, _ in store_module.MIGRATIONS)
-    # Patched in store.sql, where SqlStore reads the list.
-    monkeypatch.setattr(store_module.sql, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
+    # Patched in store.sql_schema, where SqlStore reads the list.
+    monkeypatch.setattr(store_module.sql_schema, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
     s = SqliteStore(path)
     try:
         assert s.schema_version() == latest + 1
@@ -74,7 +74,7 @@ def test_a_failed_migration_leaves_the_old_schema_and_data(populated, monkeypatc
     path, rows = populated
     latest = max(v for v, _ in store_module.MIGRATIONS)
     before = _columns(path, "tasks")
-    monkeypatch.setattr(store_module.sql, "MIGRATIONS",
+    monkeypatch.setattr(store_module.sql_schema, "MIGRATIONS",
                         store_module.MIGRATIONS + [(latest + 1, _add_column_then_fail)])
     with pytest.raises(StoreUnavailable, match="database is unchanged") as info:
         SqliteStore(path)
@@ -104,7 +104,7 @@ def test_no_migration_without_its_backup(populated, monkeypatch):
     before = _columns(path, "tasks")
     with open(os.path.join(os.path.dirname(path), "backups"), "w") as fh:
         fh.write("not a folder")
-    monkeypatch.setattr(store_module.sql, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
+    monkeypatch.setattr(store_module.sql_schema, "MIGRATIONS", store_module.MIGRATIONS + [(latest + 1, _add_column)])
     with pytest.raises(StoreUnavailable, match="nothing was migrated") as info:
         SqliteStore(path)
     assert info.value.code == "backup_failed"
