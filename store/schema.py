@@ -355,21 +355,33 @@ MAX_JSON_DEPTH = 64
 def check_json(value, what="the value"):
     """InvalidInput when `value` nests deeper than MAX_JSON_DEPTH or holds a
     number that is not finite (NaN and the infinities are not JSON)."""
-    stack = [(value, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = value.values()
-        elif isinstance(value, (list, tuple)):
-            children = value
-        else:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidInput(f"{what} holds a number that is not finite ({value!r}): "
-                                   "numbers must be finite, within about 1e308", code="invalid_json")
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise too_deep(what)
-        stack.extend((child, depth + 1) for child in children)
+    # Level by level, looking only into containers: every task write passes
+    # here (through dumps), so scalars cost one type check each.
+    level, depth = [value], 0
+    while level:
+        below = []
+        for item in level:
+            if isinstance(item, dict):
+                children = item.values()
+            elif isinstance(item, (list, tuple)):
+                children = item
+            else:
+                _check_scalar(item, what)
+                continue
+            if depth >= MAX_JSON_DEPTH:
+                raise too_deep(what)
+            for child in children:
+                if isinstance(child, (dict, list, tuple)):
+                    below.append(child)
+                elif isinstance(child, float):
+                    _check_scalar(child, what)
+        level, depth = below, depth + 1
+
+
+def _check_scalar(value, what):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{what} holds a number that is not finite ({value!r}): "
+                           "numbers must be finite, within about 1e308", code="invalid_json")
 
 
 def too_deep(what):
