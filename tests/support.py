@@ -107,6 +107,33 @@ def run_until_done(worker, clock, client, token, task_id, limit=40):
     raise AssertionError(f"task did not finish: {task}")
 
 
+
+def submit_until(stop, post, next_key, acked, unanswered, errors, pause):
+    """A client that submits task after task until `stop` is set: the load of
+    the kill -9 tests. `post(key)` sends one submission with that dedupe key;
+    answered ones go into `acked` ({key: task id}), keys that got no answer
+    (the server was killed) into `unanswered`, to be sent again after the
+    restart; an answer that is not 200, 201 or 429 goes into `errors` and
+    ends the client. `pause()` is the think time between submissions."""
+    key = None
+    while not stop.is_set():
+        key = key or next_key()
+        try:
+            res = post(key)
+        except requests.RequestException:
+            unanswered.append(key)
+            key = None
+            continue
+        if res.status_code == 429:        # a polite client waits, then tries the same key
+            time.sleep(min(float(res.headers.get("Retry-After", 1)), 1.0))
+            continue
+        if res.status_code not in (200, 201):
+            errors.append(f"{res.status_code} {res.text}")
+            return
+        acked[key] = res.json()["task"]["id"]
+        key = None
+        time.sleep(pause())
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,10 +12,9 @@ import threading
 import time
 
 import pytest
-import requests
 
 from store import FileStore, SqliteStore, open_store
-from support import ROOT, ServerProcess, api
+from support import ROOT, ServerProcess, api, submit_until
 from tests.fakes.comfyui import FakeComfyUI
 
 
@@ -145,30 +144,10 @@ def test_crash_suite_random_kills(tmp_path, backend):
 
     try:
         for round_no in range(10):
-            stop = threading.Event()
-
-            def submitter():
-                key = None
-                while not stop.is_set():
-                    key = key or f"k{next(counter)}"
-                    try:
-                        res = post(key)
-                    except requests.RequestException:
-                        unanswered.append(key)
-                        key = None
-                        continue
-                    if res.status_code == 429:        # a polite client waits, then tries the same key
-                        time.sleep(min(float(res.headers.get("Retry-After", 1)), 1.0))
-                        continue
-                    if res.status_code not in (200, 201):
-                        errors.append(f"{res.status_code} {res.text}")
-                        return
-                    acked[key] = res.json()["task"]["id"]
-                    key = None
-                    time.sleep(rng.uniform(0, 0.05))
-
-            errors = []
-            thread = threading.Thread(target=submitter)
+            stop, errors = threading.Event(), []
+            thread = threading.Thread(target=submit_until, args=(
+                stop, post, lambda: f"k{next(counter)}", acked, unanswered, errors,
+                lambda: rng.uniform(0, 0.05)))
             thread.start()
             time.sleep(rng.uniform(0.2, 1.2))
             server.kill()

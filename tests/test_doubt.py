@@ -10,13 +10,12 @@ import threading
 import time
 
 import pytest
-import requests
 
 from errors import ConfigError, InDoubt, ProviderUnavailable
 from providers import HttpProvider, build_providers
 from recover import recover
 from store import POSTED_AT, PostgresStore, SqliteStore
-from support import ServerProcess, api
+from support import ServerProcess, api, submit_until
 from test_crash import _users_add
 from test_providers import KEY_ENV, Rig, comfy_conf, kie_conf, wait_for, workflow
 from worker import Worker
@@ -329,28 +328,9 @@ def test_kill_9_while_kie_tasks_are_submitted_never_makes_a_second_job(tmp_path)
     try:
         for round_no in range(20):
             stop, errors = threading.Event(), []
-
-            def submitter():
-                key = None
-                while not stop.is_set():
-                    key = key or f"k{next(counter)}"
-                    try:
-                        res = post(key)
-                    except requests.RequestException:
-                        unanswered.append(key)
-                        key = None
-                        continue
-                    if res.status_code == 429:        # a polite client waits, then tries the same key
-                        time.sleep(min(float(res.headers.get("Retry-After", 1)), 1.0))
-                        continue
-                    if res.status_code not in (200, 201):
-                        errors.append(f"{res.status_code} {res.text}")
-                        return
-                    acked[key] = res.json()["task"]["id"]
-                    key = None
-                    time.sleep(rng.uniform(0.02, 0.15))
-
-            thread = threading.Thread(target=submitter)
+            thread = threading.Thread(target=submit_until, args=(
+                stop, post, lambda: f"k{next(counter)}", acked, unanswered, errors,
+                lambda: rng.uniform(0.02, 0.15)))
             thread.start()
             time.sleep(rng.uniform(0.2, 0.8))
             server.kill()
