@@ -589,6 +589,11 @@
 
   async function pollLoop(s, gen, sseOnSuccess) {
     let backoff = 1000;
+    // Without a cursor the server answers "from now", which is right only
+    // once: a user with no events yet has cursor 0, and a second poll "from
+    // now" would skip what happened between the two (a task created while
+    // the list loaded, and finished before the next poll, never showed).
+    let known = hf.lastSeq > 0;
     const current = () => !s.stopped && s.pollGen === gen;
     while (current()) {
       const ctrl = new AbortController();
@@ -597,7 +602,7 @@
       // After an outage ask at once (no wait): the answer proves the server
       // is back and the list can be refetched now rather than after a long poll.
       const wait = s.needResync ? 0 : POLL_WAIT_S;
-      const since = hf.lastSeq ? `since=${hf.lastSeq}&` : '';
+      const since = known || hf.lastSeq ? `since=${hf.lastSeq}&` : '';
       let data;
       try {
         data = await request(s, `/api/events/poll?${since}wait=${wait}`,
@@ -614,7 +619,10 @@
       backoff = 1000;
       const events = (data && Array.isArray(data.events)) ? data.events : [];
       for (const ev of events) if (ev && typeof ev === 'object') receiveEvent(s, ev);
-      if (data) setSeq(data.next);
+      if (data) {
+        setSeq(data.next);
+        known = true;
+      }
       if (sseOnSuccess) {
         connectSse(s);   // ends this loop; the stream resyncs when it opens
         return;

@@ -623,3 +623,42 @@ def test_past_the_stream_cap_the_page_falls_back_to_polling_and_still_updates(co
         assert page.errors == []
     finally:
         hog.close()
+
+
+# A user with no events yet has cursor 0. The page's first poll asks "from
+# now"; every later poll must resume from the cursor it got, or a task made
+# between two polls (after the list was loaded) is never shown.
+@pytest.mark.parametrize("server", [{"HOLDFAST_SSE_MAX_STREAMS": "1"}], ids=["cap-1"], indirect=True)
+def test_a_polling_page_misses_no_task_made_between_its_first_polls(context, server):
+    token = server.tokens["demo"]
+    hog = requests.get(f"{server.url}/api/events?token={token}", stream=True, timeout=10)
+    held, lists = [], []
+    try:
+        assert hog.status_code == 200 and wait_streams(server, token, 1)["sse"] == 1
+
+        def on_poll(route):
+            if "wait=0" in route.request.url:
+                route.continue_()
+            else:
+                held.append(route)      # the first long poll waits until the test lets it go
+
+        context.route("**/api/events/poll?*", on_poll)
+        page = open_page(context, server, token)
+        page.on("response", lambda res: "/api/tasks?" in res.url and lists.append(res.url))
+        deadline = time.time() + 20
+        while not held and time.time() < deadline:
+            page.wait_for_timeout(100)
+        assert held, "the page never sent its long poll"
+        # The resync after the first poll has loaded the list: the task comes after it.
+        while len(lists) < 1 and time.time() < deadline:
+            page.wait_for_timeout(100)
+        page.wait_for_timeout(500)
+        task_id = submit_api(server, token, "between two polls", duration_s=0.2)
+        while api(server, token).get(f"{server.url}/api/tasks/{task_id}", timeout=5).json()["task"][
+                "status"] != "succeeded" and time.time() < deadline:
+            time.sleep(0.1)
+        held[0].continue_()
+        page.wait_for_selector(card(task_id), timeout=10_000)
+        assert page.errors == []
+    finally:
+        hog.close()
