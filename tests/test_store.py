@@ -402,6 +402,9 @@ class TestLiveness:
             submit(store, alice["id"], 1.0)
             store.claim(owner, now=time.time(), limit=1, lease_s=600)
         store.heartbeat("w", now=time.time(), lease_s=60.0, identity=me)
+        # Past "recent"'s lease on every clock (a fast machine does the
+        # writes above in under its millisecond).
+        time.sleep(0.05)
         assert _holder(store, "long-gone", time.time()) is None
         assert _holder(store, "recent", time.time())["stale"] is True
 
