@@ -47,12 +47,8 @@ class Steps:
             # older holdfast, whose submit may have reached the provider
             # before a crash. Ask before submitting again. (A try that was
             # not sent keeps its id too, but counts failures.)
-            try:
-                status = self._ask(task, provider, now)
-            except ProviderUnavailable as exc:
-                return self._later(task, now, str(exc), retry_after=exc.retry_after)
-            if status.state != "unknown":
-                return self._found(task, provider, status, now)
+            if self._settled_by_asking(task, provider, now):
+                return
         # Still `submitting` with nothing in doubt: the last try was not sent
         # or was refused, so this is the same attempt again.
         same_try = task["step"] == SLOT_STEP and task["attempts"] > 0
@@ -127,14 +123,24 @@ class Steps:
             # now could find nothing, and a second submit would run twice.
             return self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=ask_at,
                                          polls=task["polls"])
+        if not self._settled_by_asking(task, provider, now):
+            self._lost(task, provider, now, f"{provider.name} does not know {task['external_id']}, "
+                                            "whose submit was in doubt")
+
+    def _settled_by_asking(self, task, provider, now):
+        """Ask the provider about the task's stored id. True when that
+        settled this step (the job was found and is followed, or the
+        provider did not answer and the task looks again later); False when
+        the provider does not know the job."""
         try:
             status = self._ask(task, provider, now)
         except ProviderUnavailable as exc:
-            return self._later(task, now, str(exc), retry_after=exc.retry_after)
-        if status.state != "unknown":
-            return self._found(task, provider, status, now)
-        self._lost(task, provider, now, f"{provider.name} does not know {task['external_id']}, "
-                                        "whose submit was in doubt")
+            self._later(task, now, str(exc), retry_after=exc.retry_after)
+            return True
+        if status.state == "unknown":
+            return False
+        self._found(task, provider, status, now)
+        return True
 
     def _no_second_job(self, task, provider, now, reason):
         """An in-doubt submit to a provider that takes no id from us: there
