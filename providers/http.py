@@ -152,6 +152,13 @@ class HttpProvider(BaseProvider):
     def doubt_grace_s(self):
         return self.timeout_s + DOUBT_MARGIN_S
 
+    # How the key is sent: `Authorization: <auth_scheme> <key>` (fal.ai says "Key").
+    auth_scheme = "Bearer"
+
+    def auth_headers(self):
+        """The headers that carry the key, sent only to the provider's own url."""
+        return {"Authorization": f"{self.auth_scheme} {self._api_key}"} if self._api_key else {}
+
     def _session(self):
         # One session (and connection pool) per thread: requests does not
         # promise that a Session is thread-safe.
@@ -199,10 +206,8 @@ class HttpProvider(BaseProvider):
         if limited and self._limiter is not None:
             self._limiter.acquire()
         url = path if "://" in path else self.url + path
-        headers = {}
         # The key goes only to the provider itself, never to a result host.
-        if self._api_key and (url == self.url or url.startswith(self.url + "/")):
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        headers = self.auth_headers() if url == self.url or url.startswith(self.url + "/") else {}
         with self.seam(what, health):
             resp = self._session().request(method, url, json=json, params=params, headers=headers,
                                            timeout=self.timeout_s, stream=stream, allow_redirects=True)
@@ -263,10 +268,8 @@ class HttpProvider(BaseProvider):
         MAX_REDIRECTS. (Each hop's address is checked as it connects.)"""
         seen = set()
         for _ in range(MAX_REDIRECTS + 1):
-            headers = {}
             # The key goes only to the provider itself, never to a result host.
-            if self._api_key and (url == self.url or url.startswith(self.url + "/")):
-                headers["Authorization"] = f"Bearer {self._api_key}"
+            headers = self.auth_headers() if url == self.url or url.startswith(self.url + "/") else {}
             with self.seam(what, health=False):
                 resp = self._session().get(url, headers=headers, timeout=self.timeout_s, stream=True,
                                            allow_redirects=False)
