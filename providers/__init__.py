@@ -13,6 +13,11 @@ nothing.
     comfyui.py  a ComfyUI server
     kie.py      a KIE-style jobs API
     local.py    a Python function run in the worker pool
+    replicate.py  Replicate's predictions
+    fal.py      fal.ai's queue API
+    runpod.py   RunPod serverless endpoints
+    declarative.py  `http`: any jobs API described in holdfast.toml
+    results.py  result files out of a provider's JSON output (URLs, base64)
 """
 
 import os
@@ -22,20 +27,29 @@ from errors import ConfigError
 
 from .base import BaseProvider, Output, Retry, Status
 from .comfyui import ComfyUIProvider
+from .declarative import DeclarativeProvider
 from .demo import DemoProvider, demo_png, encode_png
+from .fal import FalProvider
 from .http import HttpProvider, RateLimiter, parse_retry_after
 from .kie import KIEProvider
 from .local import LocalProvider
+from .replicate import ReplicateProvider
+from .runpod import RunPodProvider
 
-__all__ = ["BaseProvider", "ComfyUIProvider", "DemoProvider", "HttpProvider", "KIEProvider",
-           "LocalProvider", "Output", "PROVIDER_TYPES", "RateLimiter", "Retry", "Status",
-           "build_providers", "demo_png", "encode_png", "parse_retry_after"]
+__all__ = ["BaseProvider", "ComfyUIProvider", "DeclarativeProvider", "DemoProvider", "FalProvider",
+           "HttpProvider", "KIEProvider", "LocalProvider", "Output", "PROVIDER_TYPES", "RateLimiter",
+           "ReplicateProvider", "Retry", "RunPodProvider", "Status", "build_providers", "demo_png",
+           "encode_png", "parse_retry_after"]
 
 PROVIDER_TYPES = {
     "demo": DemoProvider,
     "comfyui": ComfyUIProvider,
     "kie": KIEProvider,
     "local": LocalProvider,
+    "replicate": ReplicateProvider,
+    "fal": FalProvider,
+    "runpod": RunPodProvider,
+    "http": DeclarativeProvider,
 }
 
 

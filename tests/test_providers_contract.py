@@ -20,11 +20,18 @@ from worker import Worker
 try:
     from tests.fakes import local as local_fns
     from tests.fakes.comfyui import FakeComfyUI
+    from tests.fakes.fal import FakeFal
     from tests.fakes.kie import FakeKIE
+    from tests.fakes.replicate import FakeReplicate
+    from tests.fakes.runpod import FakeRunPod
 except ImportError:  # plain `pytest` puts tests/, not the repo root, on sys.path
     from fakes import local as local_fns
     from fakes.comfyui import FakeComfyUI
+    from fakes.fal import FakeFal
     from fakes.kie import FakeKIE
+    from fakes.replicate import FakeReplicate
+    from fakes.runpod import FakeRunPod
+from test_adapters import kie_as_http
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {"KIE_TEST_KEY": "test-key"}
@@ -130,7 +137,80 @@ class LocalHarness(Harness):
         return {"counter": str(tmp_path / f"n{uuid.uuid4().hex}"), "fail_times": 1}
 
 
-SUBMITTING = [ComfyHarness, KIEHarness, DemoHarness]     # submit/poll adapters
+class ReplicateHarness(Harness):
+    name = "replicate"
+
+    def __init__(self):
+        self.fake = FakeReplicate(job_seconds=0.05).start()
+
+    def conf(self):
+        return {"type": "replicate", "url": self.fake.url, "api_key_env": "KIE_TEST_KEY", "timeout_s": 2,
+                "poll_interval_s": 0.05}
+
+    def good(self, tmp_path):
+        return {"version": "5c7d5dc6dd8b", "input": {"prompt": "fox"}}
+
+    refused = {"version": "5c7d5dc6dd8b", "input": "not an object"}
+
+    def failing(self, tmp_path):
+        return {"model": "owner/model", "input": {"prompt": "x", "fail": True}}
+
+    unknown_id = "no-such-prediction"
+
+
+class FalHarness(Harness):
+    name = "fal"
+
+    def __init__(self):
+        self.fake = FakeFal(job_seconds=0.05).start()
+
+    def conf(self):
+        return {"type": "fal", "url": self.fake.url, "api_key_env": "KIE_TEST_KEY", "timeout_s": 2,
+                "poll_interval_s": 0.05}
+
+    def good(self, tmp_path):
+        return {"model": "fal-ai/flux/dev", "input": {"prompt": "fox"}}
+
+    refused = {"model": "fal-ai/flux/dev", "input": "not an object"}
+
+    def failing(self, tmp_path):
+        return {"model": "fal-ai/flux/dev", "input": {"prompt": "x", "fail": True}}
+
+    unknown_id = "no-such-request"
+
+
+class RunPodHarness(Harness):
+    name = "runpod"
+
+    def __init__(self):
+        self.fake = FakeRunPod(job_seconds=0.05).start()
+
+    def conf(self):
+        return {"type": "runpod", "url": self.fake.url, "endpoint": self.fake.endpoint,
+                "api_key_env": "KIE_TEST_KEY", "timeout_s": 2, "poll_interval_s": 0.05}
+
+    def good(self, tmp_path):
+        return {"input": {"prompt": "fox"}}
+
+    refused = {"input": "not an object"}
+
+    def failing(self, tmp_path):
+        return {"input": {"prompt": "x", "fail": True}}
+
+    unknown_id = "no-such-job"
+
+
+class HttpHarness(KIEHarness):
+    """`http`, described as KIE (README's table), against the KIE fake."""
+
+    name = "http"
+
+    def conf(self):
+        return {**kie_as_http(self.fake), "timeout_s": 2, "poll_interval_s": 0.05}
+
+
+SUBMITTING = [ComfyHarness, KIEHarness, DemoHarness, ReplicateHarness, FalHarness, RunPodHarness,
+              HttpHarness]     # submit/poll adapters
 EVERY = SUBMITTING + [LocalHarness]
 
 
