@@ -100,6 +100,8 @@ class DeclarativeProvider(HttpProvider):
         self._template(where, section["path"], job=key != "submit")
         if section.get("body") is not None:
             self._template(where, section["body"], job=key != "submit")
+        if key != "submit" and "{id}" not in json.dumps([section["path"], section.get("body")]):
+            raise ConfigError(f"{where}: the path or body must name the job with {{id}}")
         for name in ("id_path", "state_path", "result_urls", "error_path", "step_path", "progress_path"):
             if name in section:
                 self._paths(f"[{key}] {name}", section[name])

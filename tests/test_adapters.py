@@ -335,6 +335,7 @@ def _without(table, section, key):
     (lambda t: {**t, "submit": {**t["submit"], "idpath": "x"}}, "unknown setting 'idpath'"),
     (lambda t: {**t, "submit": {**t["submit"], "path": "/x/{id}"}}, "{id} is not known before the submit"),
     (lambda t: {**t, "submit": {**t["submit"], "body": {"m": "{model}"}}}, "placeholders are"),
+    (lambda t: {**t, "status": {**t["status"], "path": "/jobs"}}, "must name the job with {id}"),
     (lambda t: {**t, "status": {**t["status"], "states": {"success": "done"}}}, "use one of queued"),
     (lambda t: _without(t, "status", "result_urls"), "needs result_urls"),
     (lambda t: {**t, "status": {**t["status"], "state_path": "data..state"}}, "is not a JSON path"),
