@@ -180,17 +180,36 @@ def test_a_429_is_sent_again_only_after_its_retry_after(spec, sqlite_store, file
         assert spec.submits(fake) == 2 and len(fake.created) == 1
 
 
-@pytest.mark.parametrize("fault", ["slow_creates", "drop_creates"])
+FAULT_SEEN = {"slow_creates": "slow create", "drop_creates": "dropped create", "lost_creates": "lost create"}
+# The KIE fake has no "made the job, then a 502" (its 5xx come before any work).
+DOUBTS = [(s, f) for s in SPECS for f in FAULT_SEEN if not (s.fake_cls is FakeKIE and f == "lost_creates")]
+
+
+@pytest.mark.parametrize("spec, fault", DOUBTS, ids=[f"{s.name}-{f}" for s, f in DOUBTS])
 def test_a_submit_in_doubt_makes_at_most_one_job(spec, fault, sqlite_store, files, clock):
-    """The job is made, its answer comes after the timeout or never: the
-    provider chose the id, so there is nothing to ask about; the task fails
-    submission_in_doubt and the provider has one job, not two."""
+    """The job is made, its answer comes after the timeout, never, or as a
+    gateway's 502: the provider chose the id, so there is nothing to ask
+    about; the task fails submission_in_doubt and the provider has one job,
+    not two."""
     with spec.fake(job_seconds=0.05, slow_seconds=1.5, **{fault: 1}) as fake:
         rig = rig_for(spec, fake, sqlite_store, files, clock, timeout_s=0.5)
         task = rig.run(rig.submit("p", spec.params()))
         assert task["status"] == "failed" and task["error"]["code"] == "submission_in_doubt", task
-        wait_for(lambda: fake.faults["slow create" if fault == "slow_creates" else "dropped create"] == 1)
+        wait_for(lambda: fake.faults[FAULT_SEEN[fault]] == 1)
         assert len(fake.created) == 1 and spec.submits(fake) == 1
+
+
+def test_a_refused_poll_waits_its_retry_after_and_never_submits_again(spec, sqlite_store, files, clock):
+    with spec.fake(job_seconds=0.05) as fake:
+        rig = rig_for(spec, fake, sqlite_store, files, clock)
+        task_id = rig.submit("p", spec.params())
+        assert rig.step(task_id)["status"] == "running"
+        fake.rate_limit_next(1, retry_after=9)
+        asked_at = max(clock(), rig.task(task_id)["next_poll_at"])
+        refused = rig.step(task_id)
+        assert fake.faults["429"] == 1 and refused["next_poll_at"] >= asked_at + 9, refused
+        task = rig.run(task_id)
+        assert task["status"] == "succeeded" and len(fake.created) == 1 == spec.submits(fake), task
 
 
 def test_on_doubt_resubmit_sends_it_again(spec, sqlite_store, files, clock):

@@ -14,6 +14,8 @@ Faults, for the next API requests, before any work:
 Faults of the submit alone, each for the next N of them:
   slow_creates    make the job, then answer after `slow_seconds`
   drop_creates    make the job, then close the connection unanswered
+  lost_creates    make the job, then answer `lost_status` (502: a gateway
+                  that lost the answer)
 A job fails when `fail_input(input)` (default: input {"fail": true}).
 """
 
@@ -60,7 +62,7 @@ class JobsFake(FakeServer):
     api_prefix = "/v"
 
     def __init__(self, api_key="test-key", *, job_seconds=0.3, outputs=1, fail_input=_default_fail_input,
-                 slow_creates=0, drop_creates=0, slow_seconds=2.0):
+                 slow_creates=0, drop_creates=0, slow_seconds=2.0, lost_creates=0, lost_status=502):
         super().__init__()
         self.api_key = api_key
         self.job_seconds = job_seconds
@@ -69,6 +71,8 @@ class JobsFake(FakeServer):
         self.slow_creates = slow_creates
         self.drop_creates = drop_creates
         self.slow_seconds = slow_seconds
+        self.lost_creates = lost_creates
+        self.lost_status = lost_status
         self.jobs = {}
         self.created = []
         self.created_inputs = []
@@ -131,14 +135,20 @@ class JobsFake(FakeServer):
             self.created_at.append(job.created)
             slow = self.slow_creates > 0
             drop = not slow and self.drop_creates > 0
+            lost = not slow and not drop and self.lost_creates > 0
             if slow:
                 self.slow_creates -= 1
                 self.faults["slow create"] += 1
             elif drop:
                 self.drop_creates -= 1
                 self.faults["dropped create"] += 1
+            elif lost:
+                self.lost_creates -= 1
+                self.faults["lost create"] += 1
         if drop:
             return DROP
+        if lost:
+            return Response(self.lost_status, b"<html>502 Bad Gateway</html>", {"Content-Type": "text/html"})
         if slow:
             self._stopping.wait(self.slow_seconds)
         return answer(job)
