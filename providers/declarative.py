@@ -47,9 +47,8 @@ MAX_STEP = 200
 
 SECTIONS = {
     "submit": {"required": ("path", "id_path"), "optional": {"method": "POST", "body": None}},
-    "status": {"required": ("path", "state_path", "states"),
-               "optional": {"method": "GET", "result_urls": None, "error_path": None, "step_path": None,
-                            "progress_path": None}},
+    "status": {"required": ("path", "state_path", "states", "result_urls"),
+               "optional": {"method": "GET", "error_path": None, "step_path": None, "progress_path": None}},
     "cancel": {"required": ("path",), "optional": {"method": "POST", "body": None}},
 }
 
@@ -113,8 +112,8 @@ class DeclarativeProvider(HttpProvider):
             for theirs, ours in states.items():
                 if ours not in STATES:
                     raise ConfigError(f"{where}: states.{theirs} = {ours!r}: use one of {', '.join(STATES)}")
-            if "succeeded" in states.values() and not section["result_urls"]:
-                raise ConfigError(f"{where} needs result_urls (where the result links are)")
+            if "succeeded" not in states.values():
+                raise ConfigError(f"{where}: states must say which of the provider's states is \"succeeded\"")
         return section
 
     def _template(self, where, value, job):
@@ -143,7 +142,10 @@ class DeclarativeProvider(HttpProvider):
                 raise ConfigError(f"{self._where}: headers.{header} looks like a secret; secrets come from the "
                                   f"environment: put it in headers_env (header = \"VARIABLE\")")
         headers.update(plain)
-        for header, var in (self.config["headers_env"] or {}).items():
+        secret = self.config["headers_env"] or {}
+        if not isinstance(secret, dict):
+            raise ConfigError(f"{self._where}: headers_env must be a table (header = \"VARIABLE\")")
+        for header, var in secret.items():
             if not isinstance(var, str) or not var:
                 raise ConfigError(f"{self._where}: headers_env.{header} must name an environment variable")
             if not env.get(var):
@@ -243,6 +245,8 @@ class DeclarativeProvider(HttpProvider):
         message = _first_text(body, self.message_path)
         code = _get(body, self.code_path) if self.code_path else []
         code = code[0] if code else None
+        if isinstance(code, str) and code.strip().lstrip("-").isdigit():
+            code = int(code)        # "200" and 200 say the same
         if resp.status_code >= 400:
             if not unknown_ok:
                 raise ProviderRejected(f"{self.name} refused {what}: "
