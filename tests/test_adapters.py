@@ -23,6 +23,7 @@ import requests
 from api import create_app
 from errors import ConfigError, InvalidInput
 from providers import build_providers
+from recover import recover
 from support import ROOT, WSGIClient, free_port
 from test_providers import PNG_MAGIC, Rig, kie_conf, wait_for
 from worker import Worker
@@ -196,6 +197,38 @@ def test_a_submit_in_doubt_makes_at_most_one_job(spec, fault, sqlite_store, file
         task = rig.run(rig.submit("p", spec.params()))
         assert task["status"] == "failed" and task["error"]["code"] == "submission_in_doubt", task
         wait_for(lambda: fake.faults[FAULT_SEEN[fault]] == 1)
+        assert len(fake.created) == 1 and spec.submits(fake) == 1
+
+
+def test_a_submit_a_crash_cut_off_is_in_doubt_at_recovery_and_not_sent_again(spec, sqlite_store, files, clock,
+                                                                            monkeypatch):
+    """The provider answered with its id, then the process died before the
+    id was stored: recovery finds the task by its mark, fails it
+    submission_in_doubt, and no later look makes a second job."""
+    with spec.fake(job_seconds=0.05) as fake:
+        rig = rig_for(spec, fake, sqlite_store, files, clock)
+        provider = rig.providers["p"]
+        real_submit = provider.submit
+
+        class Crash(BaseException):
+            pass
+
+        def submit_then_die(task, now):
+            real_submit(task, now)
+            raise Crash()
+
+        monkeypatch.setattr(provider, "submit", submit_then_die)
+        task_id = rig.submit("p", spec.params())
+        with pytest.raises(Crash):
+            rig.worker.run_once(clock())
+        monkeypatch.setattr(provider, "submit", real_submit)
+        assert rig.task(task_id)["external_id"] is None and len(fake.created) == 1
+        clock.advance(rig.worker.lease_s + 1)
+        report = recover(sqlite_store, rig.providers, now=clock(), files=files)
+        assert report["submissions_in_doubt"] == [task_id]
+        assert rig.task(task_id)["error"]["code"] == "submission_in_doubt"
+        clock.advance(600)
+        rig.worker.run_once(clock())
         assert len(fake.created) == 1 and spec.submits(fake) == 1
 
 
