@@ -192,8 +192,9 @@ def test_a_submit_in_doubt_makes_at_most_one_job(spec, fault, sqlite_store, file
     gateway's 502: the provider chose the id, so there is nothing to ask
     about; the task fails submission_in_doubt and the provider has one job,
     not two."""
-    with spec.fake(job_seconds=0.05, slow_seconds=1.5, **{fault: 1}) as fake:
-        rig = rig_for(spec, fake, sqlite_store, files, clock, timeout_s=0.5)
+    # A timeout of 1 s: on a loaded machine a healthy answer must not look like a lost one.
+    with spec.fake(job_seconds=0.05, slow_seconds=2.5, **{fault: 1}) as fake:
+        rig = rig_for(spec, fake, sqlite_store, files, clock, timeout_s=1.0)
         task = rig.run(rig.submit("p", spec.params()))
         assert task["status"] == "failed" and task["error"]["code"] == "submission_in_doubt", task
         wait_for(lambda: fake.faults[FAULT_SEEN[fault]] == 1)
@@ -246,9 +247,9 @@ def test_a_refused_poll_waits_its_retry_after_and_never_submits_again(spec, sqli
 
 
 def test_on_doubt_resubmit_sends_it_again(spec, sqlite_store, files, clock):
-    with spec.fake(job_seconds=0.05, slow_seconds=1.5, slow_creates=1) as fake:
-        rig = rig_for(spec, fake, sqlite_store, files, clock, timeout_s=0.5, on_doubt="resubmit")
-        task = rig.run(rig.submit("p", spec.params()))
+    with spec.fake(job_seconds=0.05, slow_seconds=2.5, slow_creates=1) as fake:
+        rig = rig_for(spec, fake, sqlite_store, files, clock, timeout_s=1.0, on_doubt="resubmit")
+        task = rig.run(rig.submit("p", spec.params()), limit_s=30)
         assert task["status"] == "succeeded" and task["attempts"] == 2, task
         assert len(fake.created) == 2 and task["external_id"] == fake.created[-1]
 
@@ -326,20 +327,20 @@ def test_replicate_outputs_of_every_shape_are_saved(shape, names, sqlite_store, 
 
 
 def test_replicate_shows_the_last_log_line_as_the_step(sqlite_store, files, clock):
-    with FakeReplicate(job_seconds=3) as fake:
+    with FakeReplicate(job_seconds=9) as fake:     # processing from 3 s to 9 s
         rig = rig_for(SPECS[0], fake, sqlite_store, files, clock)
         task_id = rig.submit("p", {"version": "v", "input": {}})
-        task = wait_for(lambda: (t := rig.step(task_id))["step"].startswith("50%") and t)
+        task = wait_for(lambda: (t := rig.step(task_id))["step"].startswith("50%") and t, timeout=20)
         assert task["step"] == "50%|#####     | 1/2" and task["progress"] == 0.5
 
 
 def test_fal_shows_the_queue_position_and_reads_an_error_from_the_response(sqlite_store, files, clock):
-    with FakeFal(job_seconds=3, error_in_status=False) as fake:
+    with FakeFal(job_seconds=9, error_in_status=False) as fake:     # in the queue for 3 s
         rig = rig_for(SPECS[1], fake, sqlite_store, files, clock)
         task_id = rig.submit("p", {"model": "fal-ai/flux/dev", "input": {"prompt": "x", "fail": True}})
         assert rig.step(task_id)["step"] == "submitted"
         assert rig.step(task_id)["step"] == "in queue, position 2"
-        task = rig.run(task_id)
+        task = rig.run(task_id, limit_s=30)
         assert task["status"] == "failed" and task["error"]["message"] == "fal: the fake model refused the prompt"
         assert fake.requests[f"GET /fal-ai/flux/requests/{task['external_id']}"] == 1
 
