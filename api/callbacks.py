@@ -34,10 +34,10 @@ ADOPT_LEASE_S = 30.0              # held for one write; a crash in between frees
 def callback_routes(app, store, providers, *, worker, clock):
     owner = f"{lease_owner_id()}:callbacks"
 
-    @app.post("/api/callbacks/<provider_name>/<token>")
-    def provider_callback(provider_name, token):
+    @app.post("/api/callbacks/<provider>/<token>")
+    def provider_callback(provider, token):
         now = clock()
-        provider = providers.get(provider_name)
+        provider_name, provider = provider, providers.get(provider)
         task_id = task_of(token)
         if provider is None or not provider.callbacks or task_id is None:
             raise _unknown()
