@@ -261,3 +261,29 @@ def test_a_bad_public_url_is_one_line_and_exit_2(tmp_path, value):
     assert proc.returncode == 2
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "HOLDFAST_PUBLIC_URL" in lines[0], lines
+
+
+def test_a_callback_naming_a_job_kie_does_not_know_adopts_nothing_and_the_real_one_still_can(holdfast):
+    with FakeKIE(job_seconds=6.0, drop_creates=1) as kie:       # calls back when the test says
+        hf = holdfast(kie, timeout_s=1, callback_grace_s=60)
+        task_id = hf.submit("p")
+        wait_until = time.monotonic() + 15
+        while not (kie.created and "waiting" in hf.server.read_log()):
+            assert time.monotonic() < wait_until, hf.server.read_log()
+            time.sleep(0.05)
+        job = kie.created[0]
+        ghost = {"code": 200, "data": {"taskId": "ghost-job", "state": "success"}}
+        assert kie.send_callback(job, body=ghost) == 200      # only KIE could ask: the token is right
+        end = time.monotonic() + 15
+        while "does not know" not in hf.server.read_log():
+            assert time.monotonic() < end, hf.server.read_log()
+            time.sleep(0.05)
+        task = hf.task(task_id)
+        assert task["status"] == "queued" and task["external_id"] is None, task
+        assert kie.requests[RECORD] == 1      # KIE was asked about the ghost, and said 404
+        # The real job's callback, once it ends, is adopted as before.
+        time.sleep(max(0.0, 6.2 - (time.time() - kie._tasks[job].created)))
+        assert kie.send_callback(job, retries=5) == 200
+        task = hf.done([task_id], timeout=20)[0]
+        assert task["status"] == "succeeded" and task["external_id"] == job
+        assert len(kie.created) == kie.requests[CREATE] == 1

@@ -31,7 +31,8 @@ choosing (ComfyUI) the provider is asked about it once the request can no
 longer be on its way (`doubt_grace_s` after it was sent), and only a job it
 does not know is submitted again, as a new attempt up to `retries`. Without
 one (KIE) the task fails `submission_in_doubt`, refunded, unless the
-provider says `on_doubt = "resubmit"`.
+provider says `on_doubt = "resubmit"`; with callbacks on, first it waits
+`callback_grace_s` for a callback to name its job (callbacks.py).
 """
 
 import logging
