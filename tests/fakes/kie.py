@@ -75,8 +75,8 @@ class FakeKIE(FakeServer):
     the end, `callback_copies` times (a duplicate), signed as KIE signs
     them when `callback_key` is set (X-Webhook-Timestamp, X-Webhook-Signature
     = base64 HMAC-SHA256 of "taskId.timestamp"). An answer that is not 2xx
-    is sent again, up to `callback_retries` more times, after its
-    Retry-After (at most 2 s). `send_callback()` sends one now, forged at
+    is sent again (5xx, 429, no answer), up to `callback_retries` more
+    times, after its Retry-After (at most 2 s). `send_callback()` sends one now, forged at
     will. Records: `callbacks_sent` ([(taskId, url, status or error)]).
 
     Faults drawn (for paths starting with one of `fault_paths`, default the
@@ -216,8 +216,8 @@ class FakeKIE(FakeServer):
                 result = type(exc).__name__
             with self._lock:
                 self.callbacks_sent.append((task_id, url, result))
-            if isinstance(result, int) and 200 <= result < 300:
-                break
+            if isinstance(result, int) and result < 500 and result != 429:
+                break       # done, or refused for good: only 5xx, 429 and no answer are sent again
             if attempt < retries and self._stopping.wait(wait):
                 break
         return result
