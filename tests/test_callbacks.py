@@ -44,6 +44,7 @@ class Holdfast:
         if public:
             env["HOLDFAST_PUBLIC_URL"] = f"http://127.0.0.1:{port}/"
         self.server = ServerProcess(tmp_path, env=env, port=port).start()
+        self._again = (tmp_path, env, port)
         self.url = self.server.url
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {self.server.tokens['demo']}"
@@ -70,6 +71,12 @@ class Holdfast:
 
     def done(self, task_ids, timeout):
         return self.wait(task_ids, lambda t: t["status"] in TERMINAL, timeout)
+
+    def kill_and_restart(self):
+        """kill -9, then the same server again on the same port and data."""
+        self.server.kill()
+        tmp_path, env, port = self._again
+        self.server = ServerProcess(tmp_path, env=env, port=port).start()
 
     def stop(self):
         self.server.stop()
@@ -292,4 +299,22 @@ def test_a_callback_naming_a_job_kie_does_not_know_adopts_nothing_and_the_real_o
         assert kie.send_callback(job, retries=5) == 200
         task = hf.done([task_id], timeout=20)[0]
         assert task["status"] == "succeeded" and task["external_id"] == job
+        assert len(kie.created) == kie.requests[CREATE] == 1
+
+
+def test_a_kill_9_during_the_grace_period_neither_fails_the_task_nor_makes_a_second_job(holdfast):
+    # The callback comes while holdfast is down or starting: KIE's sender
+    # tries again on no answer, here every half second for 20 s.
+    with FakeKIE(job_seconds=8.0, drop_creates=1, callbacks=True, callback_retries=40) as kie:
+        hf = holdfast(kie, timeout_s=1, callback_grace_s=60)
+        task_id = hf.submit("p")
+        end = time.monotonic() + 15
+        while "waiting" not in hf.server.read_log():
+            assert time.monotonic() < end, hf.server.read_log()
+            time.sleep(0.05)
+        hf.kill_and_restart()
+        # Recovery looked at the submit in doubt and left it waiting.
+        assert hf.task(task_id)["status"] == "queued"
+        task = hf.done([task_id], timeout=40)[0]
+        assert task["status"] == "succeeded" and task["external_id"] == kie.created[0], task
         assert len(kie.created) == kie.requests[CREATE] == 1
