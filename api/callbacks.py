@@ -73,9 +73,12 @@ def _adopt(store, task, job, owner, now):
                             headers={"Retry-After": "1"})
     state = held["state"] or {}
     if held["external_id"] is not None or POSTED_AT not in state or ADOPTED in state:
-        # Recorded or adopted meanwhile: hand it back as it was.
-        store.reschedule(held["id"], token=held["lease_token"], next_poll_at=now, polls=held["polls"])
-        if held["external_id"] not in (None, job) or state.get(ADOPTED, job) != job:
+        # Recorded, adopted or resubmitted meanwhile: hand it back, due now
+        # only if the callback is about the job it follows.
+        same = job in (held["external_id"], state.get(ADOPTED))
+        store.reschedule(held["id"], token=held["lease_token"], next_poll_at=now if same else held["next_poll_at"],
+                         polls=held["polls"])
+        if not same:
             raise _unknown()
         return
     log.info("task %s: a callback from %s names job %s for its submit in doubt", held["id"], held["provider"], job)

@@ -318,3 +318,91 @@ def test_a_kill_9_during_the_grace_period_neither_fails_the_task_nor_makes_a_sec
         task = hf.done([task_id], timeout=40)[0]
         assert task["status"] == "succeeded" and task["external_id"] == kie.created[0], task
         assert len(kie.created) == kie.requests[CREATE] == 1
+
+
+# -- the route's decisions, in-process (no worker: a stub counts the wake-ups) ------
+
+class _Wakes:
+    def __init__(self):
+        self.count = 0
+
+    def wake(self):
+        self.count += 1
+
+
+class TestRouteInProcess:
+    @pytest.fixture
+    def rig(self, sqlite_store, config, clock):
+        from api import create_app
+        from providers import build_providers
+        from support import WSGIClient
+        providers = build_providers({"kie": {"type": "kie", "url": "http://127.0.0.1:9",
+                                             "api_key_env": "KIE_TEST_KEY"}}, env=KEY_ENV)
+        wakes = _Wakes()
+        client = WSGIClient(create_app(sqlite_store, providers, config, worker=wakes, clock=clock))
+        user = sqlite_store.create_user("alice")[0]
+        return sqlite_store, client, wakes, user, clock
+
+    def _task(self, store, user, now, *, external_id=None, posted=True, status="queued"):
+        from providers.callbacks import new_token
+        task, _ = store.submit(user["id"], "kie", {"model": "m", "input": {}}, now=now, deadline_at=now + 3600)
+        token, digest = new_token(task["id"])
+        held = store.claim_task(task["id"], "w", now=now, lease_s=30)
+        changes = {"external_id": external_id} if external_id else {}
+        if status != "queued" or changes:
+            store.update(task["id"], token=held["lease_token"], now=now, status=status, **changes)
+        state = {"callback_hash": digest, **({"posted_at": now} if posted else {})}
+        store.reschedule(task["id"], token=held["lease_token"], next_poll_at=now + 300, polls=0, state=state)
+        return task["id"], token
+
+    def _post(self, client, token, job):
+        return client.post(f"/api/callbacks/kie/{token}", {"code": 200, "data": {"taskId": job}})
+
+    def _seen(self, store, task_id):
+        t = store.get_task(task_id)
+        return t["status"], t["external_id"], t["state"], t["next_poll_at"], t["version"]
+
+    def test_a_submit_in_doubt_records_the_named_job_once(self, rig):
+        store, client, wakes, user, clock = rig
+        now = clock()
+        task_id, token = self._task(store, user, now)
+        version = store.get_task(task_id)["version"]
+        assert self._post(client, token, "job-1").status == 200
+        got = store.get_task(task_id)
+        assert got["state"]["adopted_job"] == "job-1" and got["next_poll_at"] == now
+        assert got["version"] == version and got["lease_owner"] is None and wakes.count == 1
+        assert self._post(client, token, "job-1").status == 200         # the same callback again
+        seen = self._seen(store, task_id)
+        res = self._post(client, token, "job-2")                        # another job: not this task's
+        assert res.status == 404 and res.json()["error"]["code"] == "callback_not_found"
+        assert self._seen(store, task_id) == seen
+
+    def test_a_task_a_worker_holds_gets_503_and_no_change(self, rig):
+        store, client, wakes, user, clock = rig
+        task_id, token = self._task(store, user, clock())
+        store.claim_task(task_id, "worker", now=clock(), lease_s=30)
+        seen = self._seen(store, task_id)
+        res = self._post(client, token, "job-1")
+        assert res.status == 503 and res.headers["retry-after"] == "1"
+        assert self._seen(store, task_id) == seen and wakes.count == 0
+
+    def test_a_running_task_is_due_now_only_for_its_own_job(self, rig):
+        store, client, wakes, user, clock = rig
+        task_id, token = self._task(store, user, clock(), external_id="job-1", status="running")
+        seen = self._seen(store, task_id)
+        assert self._post(client, token, "job-9").status == 404
+        assert self._seen(store, task_id) == seen and wakes.count == 0
+        assert self._post(client, token, "job-1").status == 200
+        assert store.get_task(task_id)["next_poll_at"] == clock() and wakes.count == 1
+
+    def test_a_task_not_in_doubt_or_ended_is_404(self, rig):
+        store, client, wakes, user, clock = rig
+        waiting, token = self._task(store, user, clock(), posted=False)   # nothing was sent
+        seen = self._seen(store, waiting)
+        assert self._post(client, token, "job-1").status == 404
+        assert self._seen(store, waiting) == seen
+        ended, token = self._task(store, user, clock())
+        store.cancel(ended, user["id"], now=clock())
+        seen = self._seen(store, ended)
+        assert self._post(client, token, "job-1").status == 404
+        assert self._seen(store, ended) == seen and wakes.count == 0
