@@ -20,7 +20,6 @@ its job: such a task waits `callback_grace_s` for one before it fails.
 import base64
 import hashlib
 import hmac
-
 import os
 from urllib.parse import urlsplit
 
@@ -133,7 +132,7 @@ class KIEProvider(HttpProvider):
     def _check_signature(self, headers, job, now):
         stamp = headers.get("X-Webhook-Timestamp") or ""
         given = headers.get("X-Webhook-Signature") or ""
-        if not stamp.isdigit() or len(stamp) > 12:
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
             raise Unauthorized("the callback carries no valid X-Webhook-Timestamp", code="bad_signature")
         if abs(now - int(stamp)) > CALLBACK_TOLERANCE_S:
             raise Unauthorized("the callback's timestamp is too far from now", code="bad_signature")

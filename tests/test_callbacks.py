@@ -406,3 +406,45 @@ class TestRouteInProcess:
         seen = self._seen(store, ended)
         assert self._post(client, token, "job-1").status == 404
         assert self._seen(store, ended) == seen and wakes.count == 0
+
+
+# -- the provider's side: its settings and KIE's signature scheme -----------------------
+
+def _kie(**table):
+    from providers import build_providers
+    conf = {"type": "kie", "url": "http://127.0.0.1:9", "api_key_env": "KIE_TEST_KEY", **table}
+    return build_providers({"kie": conf}, env=KEY_ENV)["kie"]
+
+
+def test_callback_settings_are_checked_when_the_table_is_loaded():
+    from errors import ConfigError
+    assert _kie().callback_grace_s == 300 and _kie(callback_grace_s=5).callback_grace_s == 5
+    with pytest.raises(ConfigError, match="KIE_NOPE .callback_key_env. is not set"):
+        _kie(callback_key_env="KIE_NOPE")
+    with pytest.raises(ConfigError, match="callback_grace_s must be a positive number"):
+        _kie(callback_grace_s=0)
+    with pytest.raises(ConfigError, match="looks like a secret"):
+        _kie(callback_key="whk-secret")
+
+
+def test_kie_signature_is_base64_hmac_sha256_of_task_id_dot_timestamp():
+    import base64
+    import hmac as hmac_
+    from errors import Unauthorized
+    kie = _kie(callback_key_env="KIE_CALLBACK_KEY")
+    now = 1_760_000_000
+    sig = base64.b64encode(hmac_.new(b"whk-secret", b"job-7.1760000000", hashlib.sha256).digest()).decode()
+    body = {"code": 200, "msg": "ok", "data": {"taskId": "job-7", "state": "success"}}
+    headers = {"X-Webhook-Timestamp": "1760000000", "X-Webhook-Signature": sig}
+    assert kie.callback_job(headers, body, now) == "job-7"
+    assert kie.callback_job(headers, body, now + 299) == "job-7"
+    for bad in ({**headers, "X-Webhook-Signature": sig[:-4] + "AAA="}, {**headers, "X-Webhook-Timestamp": "1760000001"},
+                {"X-Webhook-Timestamp": "1760000000"}, {}):
+        with pytest.raises(Unauthorized):
+            kie.callback_job(bad, body, now)
+    with pytest.raises(Unauthorized):
+        kie.callback_job(headers, body, now + 301)       # a recorded callback played again later
+    with pytest.raises(Unauthorized):                     # signed for another job
+        kie.callback_job(headers, {"data": {"taskId": "job-8"}}, now)
+    # Unsigned, when no key is configured: the path's token is the check.
+    assert _kie().callback_job({}, body, now) == "job-7"
