@@ -10,6 +10,7 @@ import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 from errors import ConfigError
 
@@ -42,6 +43,7 @@ class Config:
     max_connections: int = 1000    # open HTTP connections in all (waitress's connection_limit)
     max_connections_per_address: int = 256   # of those, from one client address
     request_timeout_s: float = 20.0   # to send a request's headers and body
+    public_url: str = None         # how providers reach this server: set, KIE submits carry a callBackUrl
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -75,6 +77,8 @@ class Config:
                 config._set(f, env[var], var)
         if config.log not in ("text", "json"):
             raise ConfigError("HOLDFAST_LOG must be text or json")
+        if config.public_url is not None:
+            config.public_url = _public_url(config.public_url)
         return config
 
     def _set(self, f, value, where):
@@ -91,6 +95,21 @@ class Config:
         if kind in (int, float) and value <= 0 and f.name != "port":
             raise ConfigError(f"{where} must be positive")
         setattr(self, f.name, value)
+
+
+def _public_url(value):
+    """HOLDFAST_PUBLIC_URL without its trailing slash: an http(s) URL with a
+    host and nothing after the path, since callback paths are appended."""
+    try:
+        parts = urlsplit(value)
+        parts.port       # raises for a port that is not a number
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or any(c.isspace() for c in value)):
+        raise ConfigError(f"HOLDFAST_PUBLIC_URL must be an http(s) URL like https://holdfast.example.com, "
+                          f"not {value[:200]!r}")
+    return value.rstrip("/")
 
 
 # -- wiring --------------------------------------------------------------------

@@ -8,6 +8,7 @@ what it needs.
     tasks.py     /api/tasks: submit, list, get, cancel, retry, result files
     accounts.py  /api/me, /api/admin/*, /api/sessions/*; the submission rate limiter
     streams.py   /api/events (SSE) and /api/events/poll (long polls)
+    callbacks.py /api/callbacks/{provider}/{token}: providers' word that a job changed (no bearer auth)
     events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
     service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
     web.py       the seam every route module shares: the error hook, JSON bodies, request checks
@@ -25,6 +26,7 @@ import bottle
 from errors import Forbidden, Unauthorized
 
 from .accounts import RateLimiter, account_routes
+from .callbacks import callback_routes
 from .service import service_routes
 from .streams import event_routes
 from .tasks import task_routes
@@ -75,6 +77,7 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     account_routes(app, store, config, clock=clock, current_user=current_user,
                    admin_user=admin_user, limiter=limiter)
     event_hub = event_routes(app, store, config, current_user)
+    callback_routes(app, store, providers, worker=worker, clock=clock)
     service_routes(app, store, providers, worker=worker, clock=clock, current_user=current_user,
                    event_hub=event_hub)
     app.config["holdfast.events"] = event_hub

@@ -1,7 +1,7 @@
 """GET /openapi.json: holdfast's HTTP API described as OpenAPI 3.1.
 
-Written by hand, next to the routes in tasks.py, accounts.py, streams.py and
-service.py; tests/test_openapi.py fails when a route is missing here (or
+Written by hand, next to the routes in tasks.py, accounts.py, streams.py,
+callbacks.py and service.py; tests/test_openapi.py fails when a route is missing here (or
 described here but gone), and fuzzes a real server against this description
 with schemathesis.
 """
@@ -233,6 +233,29 @@ PATHS = {
                                 "pattern": "^((1?[0-9]|2[0-4])(\\.[0-9]{1,3})?|25(\\.0{1,3})?)?$"},
                      "description": "seconds, at most 25"}],
             errors=("400",)),
+    },
+    "/api/callbacks/{provider}/{token}": {
+        "post": _op(
+            "A provider's callback (KIE's `callBackUrl`, sent when HOLDFAST_PUBLIC_URL is set): no bearer "
+            "token; checked by the per-task token in the path and, when the provider's table names "
+            "`callback_key_env`, by KIE's signature (`X-Webhook-Timestamp`, `X-Webhook-Signature` = base64 "
+            "HMAC-SHA256 of `taskId.timestamp`, within 5 minutes). A hint only: the body is read for its "
+            "taskId alone, and holdfast asks the provider for the job's state itself. Unknown, replayed "
+            "(the task ended) or mismatched callbacks are 404, a bad signature 401; neither changes anything",
+            {"200": _json(_obj(["ok"], {"ok": {"const": True}}), "noted: the task's next poll is due now"),
+             "503": {**_error("the task is held by a worker for a moment: send it again"),
+                     "headers": {"Retry-After": {"schema": {"type": "string"}}}}},
+            security=None, tags=("callbacks",),
+            params=[{"name": "provider", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "token", "in": "path", "required": True,
+                     "schema": {"type": "string"}, "description": "`<task id>.<random>`, from the callback URL"},
+                    {"name": "X-Webhook-Timestamp", "in": "header", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "X-Webhook-Signature", "in": "header", "required": False,
+                     "schema": {"type": "string"}}],
+            body={"type": "object", "description": "the provider's job record, e.g. KIE's "
+                  "`{\"code\", \"msg\", \"data\": {\"taskId\", \"state\", ...}}`; at most 64 KiB"},
+            errors=("400", "401", "404", "413")),
     },
     "/api/me": {
         "get": _op("The caller, their credits and limits", {"200": _json(_ref("Me"))}, tags=("accounts",)),

@@ -12,6 +12,7 @@ nothing.
     demo.py     built in, no network
     comfyui.py  a ComfyUI server
     kie.py      a KIE-style jobs API
+    callbacks.py  the per-task token of a provider's callback URL, kept hashed
     local.py    a Python function run in the worker pool
     replicate.py  Replicate's predictions
     fal.py      fal.ai's queue API

@@ -97,6 +97,10 @@ class BaseProvider:
     # The worker runs the job itself through run() (local functions) instead
     # of submit() and poll().
     runs_in_worker = False
+    # The provider can call holdfast back when a job ends (KIE's callBackUrl):
+    # submit() then finds the URL in task["callback_url"], and
+    # callback_job() checks what arrives there.
+    callbacks = False
 
     # Every key a provider's table may have, with its default. Unknown keys
     # are a ConfigError: a typo must not silently mean "no limit".
@@ -202,6 +206,13 @@ class BaseProvider:
         """Ask about `task["external_id"]`; return a Status. `unknown` means
         the provider does not know the job (it may be submitted again).
         ProviderUnavailable when the provider cannot answer now."""
+        raise NotImplementedError
+
+    def callback_job(self, headers, body, now):
+        """(callbacks adapters) The job id a callback to holdfast names,
+        once its signature checks out: Unauthorized when it does not,
+        InvalidInput when the body names no job. Nothing else in the body
+        is trusted."""
         raise NotImplementedError
 
     def run(self, task, report):

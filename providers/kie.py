@@ -8,12 +8,23 @@ KIE cannot take an id from holdfast, so a createTask whose answer was lost
 (a timeout) may leave a job at KIE that holdfast never learns about: such a
 submit is InDoubt, and the worker fails the task `submission_in_doubt`
 rather than pay for a second job (unless `on_doubt = "resubmit"`).
+
+With HOLDFAST_PUBLIC_URL set, createTask carries a `callBackUrl` and KIE
+calls it when the job ends (api/callbacks.py). With `callback_key_env`,
+each callback must carry KIE's signature (docs.kie.ai, "Webhook Security
+Verification"): `X-Webhook-Signature` = base64(HMAC-SHA256(key, taskId +
+"." + X-Webhook-Timestamp)). A callback also lets a submit in doubt find
+its job: such a task waits `callback_grace_s` for one before it fails.
 """
 
+import base64
+import hashlib
+import hmac
 import os
 from urllib.parse import urlsplit
 
-from errors import InDoubt, InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable
+from errors import (ConfigError, InDoubt, InvalidInput, InvalidResult, ProviderRejected, ProviderUnavailable,
+                    Unauthorized)
 
 from .base import Output, Status
 from .http import REFUSED, HttpProvider
@@ -26,12 +37,31 @@ from .net import parse_json
 _TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
 _REFUSED_CODES = REFUSED | {455}
 _QUEUED = ("waiting", "queuing")
+# A signed callback older or newer than this is refused: a recorded one
+# cannot be played again later.
+CALLBACK_TOLERANCE_S = 300
 
 
 class KIEProvider(HttpProvider):
     type = "kie"
-    defaults = {**HttpProvider.defaults, "url": "https://api.kie.ai"}
+    callbacks = True
+    defaults = {**HttpProvider.defaults, "url": "https://api.kie.ai",
+                "callback_key_env": None,     # the variable holding KIE's webhookHmacKey
+                "callback_grace_s": 300.0}    # a submit in doubt waits this long for a callback
     required = ("api_key_env",)
+
+    def __init__(self, name, config=None, env=None):
+        super().__init__(name, config, env)
+        env = os.environ if env is None else env
+        self._number("callback_grace_s", positive=True)
+        self._callback_key = None
+        var = self.config["callback_key_env"]
+        if var is not None:
+            if not isinstance(var, str) or not var:
+                raise ConfigError(f"provider {name}: callback_key_env must name an environment variable")
+            self._callback_key = env.get(var)
+            if not self._callback_key:
+                raise ConfigError(f"provider {name}: the environment variable {var} (callback_key_env) is not set")
 
     def validate(self, params):
         super().validate(params)
@@ -46,8 +76,10 @@ class KIEProvider(HttpProvider):
 
     def submit(self, task, now):
         params = task["params"]
-        data = self._answer(self.call("POST", "/api/v1/jobs/createTask", what="createTask",
-                                      json={"model": params["model"], "input": params["input"]}),
+        body = {"model": params["model"], "input": params["input"]}
+        if task.get("callback_url"):
+            body["callBackUrl"] = task["callback_url"]
+        data = self._answer(self.call("POST", "/api/v1/jobs/createTask", what="createTask", json=body),
                             "createTask")
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if task_id is None or task_id == "":
@@ -82,6 +114,31 @@ class KIEProvider(HttpProvider):
             return Status.failed(str(message)[:2000])
         # generating, or a state newer than this adapter: the job is alive.
         return Status.running(str(state or "generating")[:60], _progress(data.get("progress")))
+
+    def callback_job(self, headers, body, now):
+        data = body.get("data")
+        job = None
+        if isinstance(data, dict):
+            job = data.get("taskId", data.get("task_id"))
+        if job is None:
+            job = body.get("taskId")
+        if isinstance(job, bool) or not isinstance(job, (str, int)) or not 0 < len(str(job)) <= 255:
+            raise InvalidInput("the callback names no taskId", code="invalid_callback")
+        job = str(job)
+        if self._callback_key is not None:
+            self._check_signature(headers, job, now)
+        return job
+
+    def _check_signature(self, headers, job, now):
+        stamp = headers.get("X-Webhook-Timestamp") or ""
+        given = headers.get("X-Webhook-Signature") or ""
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
+            raise Unauthorized("the callback carries no valid X-Webhook-Timestamp", code="bad_signature")
+        if abs(now - int(stamp)) > CALLBACK_TOLERANCE_S:
+            raise Unauthorized("the callback's timestamp is too far from now", code="bad_signature")
+        mac = hmac.new(self._callback_key.encode(), f"{job}.{stamp}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(base64.b64encode(mac), given.strip().encode("ascii", "replace")):
+            raise Unauthorized("the callback's signature does not match", code="bad_signature")
 
     def _success(self, data):
         raw = data.get("resultJson")

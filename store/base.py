@@ -203,6 +203,14 @@ class BaseStore:
         Returns how many became due."""
         raise NotImplementedError
 
+    def poll_now(self, task_id, *, now):
+        """Make an active (queued or running) task's next look due at `now`,
+        leased or not (a worker holding it sets its own next look when its
+        step ends): a provider said the job changed. No version bump, no
+        event. True when the task is active; False, changing nothing, when it
+        ended or does not exist."""
+        raise NotImplementedError
+
     def stray_reservations(self):
         """Finished tasks whose credits are still `reserved`."""
         raise NotImplementedError

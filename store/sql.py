@@ -666,6 +666,11 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                               "AND provider = ? AND lease_owner IS NULL AND state LIKE ? AND state NOT LIKE ?",
                               (now, now, provider, _FAILURES, _POSTED)).rowcount
 
+    def poll_now(self, task_id, *, now):
+        with self._seam(), self._write():
+            return self._exec("UPDATE tasks SET next_poll_at = ? WHERE id = ? "
+                              "AND status IN ('queued', 'running')", (now, task_id)).rowcount == 1
+
     def stray_reservations(self):
         with self._seam():
             rows = self._exec(_TASK_SELECT + " WHERE credits = 'reserved' "

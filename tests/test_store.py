@@ -581,6 +581,29 @@ class TestSubmitsInDoubt:
         assert {t["id"] for t in store.claim("w3", now=20.0, limit=10, lease_s=30)} >= set(backed_off)
         assert store.wake_backoff("demo", now=20.0) == 0
 
+    def test_poll_now_makes_an_active_task_due_and_leaves_ended_and_unknown_ones_alone(self, store, alice):
+        queued = self._parked(store, alice["id"], 10.0, state={"posted_at": 10.0}, next_poll_at=300.0)
+        running = self._parked(store, alice["id"], 10.0, next_poll_at=300.0, status="running")
+        leased = self._parked(store, alice["id"], 10.0, next_poll_at=300.0, status="running")
+        held = store.claim_task(leased, "w2", now=20.0, lease_s=30)
+        ended, _ = submit(store, alice["id"], 10.0)
+        store.cancel(ended["id"], alice["id"], now=11.0)
+        before = {t: row(store, t) for t in (queued, running, leased, ended["id"])}
+
+        assert store.poll_now(queued, now=20.0) is True
+        assert store.poll_now(running, now=20.0) is True
+        assert store.poll_now(leased, now=20.0) is True
+        assert store.poll_now(ended["id"], now=20.0) is False
+        assert store.poll_now("t_no_such_task", now=20.0) is False
+        for task_id in (queued, running, leased):
+            got = row(store, task_id)
+            assert got == {**before[task_id], "next_poll_at": 20.0}
+        assert row(store, ended["id"]) == before[ended["id"]]
+        # Due, so claimed at once; the one leased stays its holder's until
+        # the lease ends, and the holder's write still counts.
+        assert {t["id"] for t in store.claim("w3", now=20.0, limit=10, lease_s=30)} == {queued, running}
+        store.reschedule(leased, token=held["lease_token"], next_poll_at=50.0, polls=1)
+
     @pytest.mark.parametrize("job_id", ["j" * 256, "ab\x00cd", "\ud800"], ids=["256 chars", "NUL", "surrogate"])
     def test_a_job_id_the_store_cannot_keep_is_refused_alike_everywhere(self, store, alice, job_id):
         task, _ = submit(store, alice["id"], 10.0)

@@ -4,6 +4,8 @@
                  sweep, cleanup), the pool, leases, shutdown; start here
     steps.py     Steps: one step of one claimed task (submit, run, poll,
                  save the results, finish, look again later)
+    callbacks.py Callbacks: a submit's callback token; a submit in doubt that
+                 waits for a provider's callback to name its job
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
@@ -29,7 +31,8 @@ choosing (ComfyUI) the provider is asked about it once the request can no
 longer be on its way (`doubt_grace_s` after it was sent), and only a job it
 does not know is submitted again, as a new attempt up to `retries`. Without
 one (KIE) the task fails `submission_in_doubt`, refunded, unless the
-provider says `on_doubt = "resubmit"`.
+provider says `on_doubt = "resubmit"`; with callbacks on, first it waits
+`callback_grace_s` for a callback to name its job (callbacks.py).
 """
 
 import logging
@@ -46,6 +49,7 @@ import metrics
 from errors import Conflict, HoldfastError, StaleLease, StoreUnavailable
 from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 
+from .callbacks import Callbacks
 from .steps import Steps
 
 log = logging.getLogger("holdfast.worker")
@@ -55,13 +59,13 @@ STOP_GRACE_S = 2.0         # at shutdown, how long running steps may take to end
 CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
 
 
-class Worker(Steps):
+class Worker(Steps, Callbacks):
     """Claims due tasks and moves each one step (steps.py); sweeps deadlines
     and dead workers' leases; keeps retention. One per process."""
 
     def __init__(self, store, providers, files, *, owner=None, lease_s=60.0, batch=50,
                  threads=4, tick_s=0.5, sweep_s=5.0, clock=time.time, keep_files_h=72.0,
-                 keep_tasks_d=30.0, keep_events_s=EVENTS_KEEP_S, cleanup_s=300.0):
+                 keep_tasks_d=30.0, keep_events_s=EVENTS_KEEP_S, cleanup_s=300.0, public_url=None):
         self.store = store
         self.providers = providers
         self.files = files
@@ -76,6 +80,7 @@ class Worker(Steps):
         self.keep_tasks_s = keep_tasks_d * 86400.0
         self.keep_events_s = keep_events_s
         self.cleanup_s = cleanup_s
+        self.public_url = public_url      # set: submits carry a callback URL (worker/callbacks.py)
         self.scheduler = None
         self.pool = None
         self._inflight = 0     # pool jobs submitted and not ended, and dispatch's reservation

@@ -53,6 +53,7 @@ class Steps:
         # or was refused, so this is the same attempt again.
         same_try = task["step"] == SLOT_STEP and task["attempts"] > 0
         attempts = task["attempts"] if same_try else task["attempts"] + 1
+        state, url = self._callback_for(task, provider, state)
         # Marked as sent, and committed, before it is: a crash from here on
         # leaves a submit in doubt that the next owner will not repeat blindly.
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
@@ -62,7 +63,7 @@ class Steps:
             return self._wait_for_slot(task, provider, now)
         try:
             with metrics.provider_call(provider.name, "submit"):
-                external_id = provider.submit(held, now)
+                external_id = provider.submit(dict(held, callback_url=url) if url else held, now)
         except ProviderRejected as exc:
             return self._finish(held, now, "failed", error=(exc.code, exc.message))
         except InDoubt as exc:
@@ -109,14 +110,18 @@ class Steps:
             ask_at = task["state"][POSTED_AT] + provider.doubt_grace_s
             return self._later(task, now, f"{reason}; in doubt, {provider.name} is asked about "
                                f"{task['external_id']} {ask_at - now:.0f}s from now", retry_after=ask_at - now)
+        if self._awaits_callback(task, provider):
+            return self._await_callback(task, provider, now, reason)
         return self._no_second_job(task, provider, now, reason)
 
     def _doubtful(self, task, provider, now):
         """A queued task whose last submit was sent and never recorded: an
         in-doubt answer, or a crash in the middle."""
         if not (provider.client_ids and task["external_id"] is not None):
-            return self._no_second_job(task, provider, now, "its submit was interrupted before the answer "
-                                       "was recorded")
+            reason = "its submit was interrupted before the answer was recorded"
+            if self._awaits_callback(task, provider):
+                return self._await_callback(task, provider, now, reason)
+            return self._no_second_job(task, provider, now, reason)
         ask_at = task["state"][POSTED_AT] + provider.doubt_grace_s
         if now < ask_at:
             # The request may still be on its way, or being handled: a look
@@ -156,14 +161,16 @@ class Steps:
             message += f" ({task['attempts']} attempt(s) made, retries = {provider.retries})"
         self._finish(task, now, "failed", error=("submission_in_doubt", message[:2000]))
 
-    def _found(self, task, provider, status, now):
-        """The provider has the job whose submit went unrecorded: follow it."""
+    def _found(self, task, provider, status, now, **changes):
+        """The provider has the job whose submit went unrecorded: follow it.
+        `changes`: more to record with that (the job's id, when a callback
+        named it)."""
         log.info("task %s: found %s at %s under %s", task["id"], status.state, provider.name,
                  task["external_id"])
         self._answered(task, provider, now)
         task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
                                  step="recovered", next_poll_at=now,
-                                 state=_without(task["state"], POSTED_AT, "failures"))
+                                 state=_without(task["state"], POSTED_AT, "failures"), **changes)
         return self._apply(task, provider, status, now)
 
     def _answered(self, task, provider, now):

@@ -4,7 +4,9 @@ No recording of the real service exists; shapes follow DESIGN.md and KIE's
 public documentation (docs.kie.ai, "Get Task Details").
 """
 
+import base64
 import hashlib
+import hmac
 import json
 import random
 import threading
@@ -12,6 +14,8 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+
+import requests
 
 from . import DROP, FakeServer, Response, json_response, png_bytes
 
@@ -31,6 +35,7 @@ class _Task:
     fails: bool
     outputs: int
     expired: bool = False
+    callback_url: str = ""
 
     @property
     def done_at(self):
@@ -61,7 +66,18 @@ class FakeKIE(FakeServer):
     `job_seconds` each, then `success` (resultJson '{"resultUrls": [...]}'
     pointing at /files/) or `fail` (failCode "500", failMsg set) when
     `fail_input(input)` is true (default: input {"fail": true} or prompt
-    "fail"). `callBackUrl` is stored in `param` but never called.
+    "fail"). `callBackUrl` is stored in `param`; it is called only with
+    `callbacks=True`.
+
+    Callbacks (`callbacks=True`): when a job ends, POST its record (the
+    recordInfo answer: {"code", "msg", "data": {"taskId", "state", ...}})
+    to the callBackUrl its createTask gave, `callback_delay` seconds after
+    the end, `callback_copies` times (a duplicate), signed as KIE signs
+    them when `callback_key` is set (X-Webhook-Timestamp, X-Webhook-Signature
+    = base64 HMAC-SHA256 of "taskId.timestamp"). An answer that is not 2xx
+    is sent again (5xx, 429, no answer), up to `callback_retries` more
+    times, after its Retry-After (at most 2 s). `send_callback()` sends one now, forged at
+    will. Records: `callbacks_sent` ([(taskId, url, status or error)]).
 
     Faults drawn (for paths starting with one of `fault_paths`, default the
     API only) by one draw of a seeded random.Random per request:
@@ -102,8 +118,15 @@ class FakeKIE(FakeServer):
                  rate_limit_once=False, retry_after=1, link_ttl=None, expired_status=404,
                  dead_outputs=(), fail_input=_default_fail_input, http_errors=False,
                  fault_paths=("/api/",), poll_delay=0.0, null_data_polls=0, result_urls=None,
-                 slow_creates=0, drop_creates=0, create_delay=0.0, task_ids=None, error_status=500):
+                 slow_creates=0, drop_creates=0, create_delay=0.0, task_ids=None, error_status=500,
+                 callbacks=False, callback_key=None, callback_delay=0.0, callback_copies=1, callback_retries=5):
         super().__init__()
+        self.callbacks = callbacks
+        self.callback_key = callback_key
+        self.callback_delay = callback_delay
+        self.callback_copies = callback_copies
+        self.callback_retries = callback_retries
+        self.callbacks_sent = []
         # result_urls(task) -> the resultUrls of a successful task; default
         # this fake's own /files/ links.
         self.result_urls = result_urls
@@ -152,6 +175,58 @@ class FakeKIE(FakeServer):
             self._rate_limited = n
             self._retry_after = retry_after
             self._refuse_status = status
+
+    def callback_urls(self):
+        """{taskId: the callBackUrl its createTask gave}."""
+        with self._lock:
+            return {t.task_id: t.callback_url for t in self._tasks.values()}
+
+    def send_callback(self, task_id, url=None, *, key=..., body=None, timestamp=None, retries=0):
+        """POST a callback about `task_id` to `url` (default: its callBackUrl)
+        now: its record as body unless `body` is given, signed with `key`
+        (default callback_key; None: unsigned). Returns the last answer's
+        status (or the error's name), recorded in `callbacks_sent`."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+        url = url or task.callback_url
+        if body is None:
+            body = json.loads(self._record_info(task_id).body)
+        key = self.callback_key if key is ... else key
+        # A signer signs the taskId its body names.
+        data = body.get("data") if isinstance(body, dict) else None
+        signed = data.get("taskId") if isinstance(data, dict) and data.get("taskId") else task_id
+        result = None
+        for attempt in range(retries + 1):
+            headers = {"Content-Type": "application/json"}
+            if key is not None:
+                stamp = str(int(time.time()) if timestamp is None else timestamp)
+                mac = hmac.new(key.encode(), f"{signed}.{stamp}".encode(), hashlib.sha256).digest()
+                headers.update({"X-Webhook-Timestamp": stamp,
+                                "X-Webhook-Signature": base64.b64encode(mac).decode()})
+            wait = 0.5
+            try:
+                resp = requests.post(url, data=json.dumps(body), headers=headers, timeout=(2, 5),
+                                     allow_redirects=False)
+                result = resp.status_code
+                try:
+                    wait = min(2.0, float(resp.headers.get("Retry-After", wait)))
+                except ValueError:
+                    pass
+            except requests.RequestException as exc:
+                result = type(exc).__name__
+            with self._lock:
+                self.callbacks_sent.append((task_id, url, result))
+            if isinstance(result, int) and result < 500 and result != 429:
+                break       # done, or refused for good: only 5xx, 429 and no answer are sent again
+            if attempt < retries and self._stopping.wait(wait):
+                break
+        return result
+
+    def _call_back_when_done(self, task):
+        if self._stopping.wait(max(0.0, task.done_at - time.time()) + self.callback_delay):
+            return
+        for _ in range(self.callback_copies):
+            self.send_callback(task.task_id, retries=self.callback_retries)
 
     def jobs_per(self, key="prompt"):
         """Counter: input[key] -> jobs created with it."""
@@ -241,7 +316,8 @@ class FakeKIE(FakeServer):
             now = time.time()
             task = _Task(task_id=self.task_ids(), model=body["model"], input=body["input"],
                          param=json.dumps(param), created=now, seconds=self.job_seconds,
-                         fails=bool(self.fail_input(body["input"])), outputs=self.outputs)
+                         fails=bool(self.fail_input(body["input"])), outputs=self.outputs,
+                         callback_url=param["callBackUrl"] if isinstance(param["callBackUrl"], str) else "")
             self._tasks[task.task_id] = task
             self.created.append(task.task_id)
             self.created_inputs.append(body["input"])
@@ -256,6 +332,9 @@ class FakeKIE(FakeServer):
             elif drop:
                 self.drop_creates -= 1
                 self.faults["dropped create"] += 1
+        if self.callbacks and task.callback_url:
+            threading.Thread(target=self._call_back_when_done, args=(task,), daemon=True,
+                             name="FakeKIE-callback").start()
         if drop:
             return DROP
         wait = self.slow_seconds if slow else self.create_delay
