@@ -289,6 +289,9 @@ class ObjectStore(FileStore):
         base = f"{self.prefix}{task_id}/"
         keys, folders = self._list(base, "/")
         names = {k[len(base):] for k in keys} | {f[len(base):].rstrip("/") for f in folders}
+        # A lease whose upload a crash cut short has no object, only the
+        # upload: its folder is unlisted all the same, as on disk.
+        names |= {key[len(base):].split("/")[0] for key, _ in self._uploads(base)}
         named = {meta.get("dir") or meta["name"] for meta in listed}
         return sorted(n for n in names if n not in named)
 
