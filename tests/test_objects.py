@@ -273,6 +273,15 @@ def test_recover_aborts_an_upload_a_crash_cut_short(moto_server, bucket, files, 
     assert uploads(moto_server, bucket) == [] and keys(moto_server, bucket) == []
 
 
+def test_a_cut_short_upload_is_an_unlisted_copy_the_task_end_removes(moto_server, bucket, files):
+    s3 = moto_server.client()
+    meta = files.save(TASK, "a.png", [b"published"], max_bytes=100, scope="_lease2")
+    s3.create_multipart_upload(Bucket=bucket, Key=f"files/{TASK}/_lease1/big.bin")
+    assert files.unlisted(TASK, [meta]) == ["_lease1"]
+    assert files.remove_unlisted(TASK, [meta]) == ["_lease1"]
+    assert uploads(moto_server, bucket) == [] and keys(moto_server, bucket) == [f"files/{TASK}/_lease2/a.png"]
+
+
 def test_export_and_import_carry_the_file_list(moto_server, bucket, files, sqlite_store, clock, tmp_path):
     with FakeKIE(job_seconds=0.05) as kie:
         rig, task, token = _finished_task(sqlite_store, files, clock, kie)
@@ -380,7 +389,7 @@ def test_an_upload_killed_halfway_leaves_no_object_under_the_final_key(moto_serv
         assert task["status"] == "succeeded", task
         [meta] = task["files"]
         assert meta["sha256"] == hashlib.sha256(data).hexdigest() and slow.requests == 2
-        # The cut-short upload went with the task's other unlisted copies.
+        # The cut-short upload is gone: the restart's recovery aborted it.
         [key] = keys(moto_server, bucket)
         assert key.startswith(f"files/{task_id}/_lease") and key.endswith("/big.bin") and key != cut["Key"]
         assert uploads(moto_server, bucket) == []
