@@ -243,6 +243,33 @@ def test_retention_removes_objects_and_says_the_file_expired(moto_server, bucket
     assert res.status == 404 and res.json()["error"]["code"] == "file_expired"
 
 
+def test_an_unreachable_bucket_is_a_503_and_a_later_try(moto_server, bucket, files, sqlite_store, clock,
+                                                       tmp_path):
+    """Nothing listens at the bucket's address: a download answers 503 at
+    once (bounded, no traceback), and a result the worker cannot store is
+    tried again later and saved once the bucket is back."""
+    from support import free_port
+    config = Config(files=f"s3://{bucket}/files", s3_endpoint=f"http://127.0.0.1:{free_port()}",
+                    s3_addressing="path")
+    down = ObjectStore(bucket, "files", client=s3_client(config, moto_server.KEYS), presign_s=None)
+    with FakeKIE(job_seconds=0.05) as kie:
+        rig, task, token = _finished_task(sqlite_store, files, clock, kie)
+        app = create_app(sqlite_store, rig.providers, Config(data=str(tmp_path)), files=down, clock=clock)
+        [meta] = task["files"]
+        started = time.monotonic()
+        res = WSGIClient(app, token).get(f"/api/tasks/{task['id']}/files/{meta['name']}")
+        assert res.status == 503 and res.json()["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - started < 30
+
+        rig.files = rig.worker.files = down
+        task_id = rig.submit("kie", {"model": "m", "input": {}})
+        stuck = wait_for(lambda: (t := rig.step(task_id))["state"].get("last_error") and t, timeout=60)
+        assert stuck["status"] == "running" and stuck["files"] == []
+        rig.worker.files = files
+        done = rig.run(task_id)
+    assert done["status"] == "succeeded" and files.sha256_of(task_id, done["files"][0]) == done["files"][0]["sha256"]
+
+
 # -- recover.py ------------------------------------------------------------------
 
 def test_the_audit_checks_objects_and_fixes_strays(moto_server, bucket, files, sqlite_store, clock):
