@@ -150,33 +150,60 @@ def test_a_committed_object_is_never_replaced(moto_server, bucket, files, size):
     assert keys(moto_server, bucket) == [f"files/{TASK}/_lease2/a.png"] and uploads(moto_server, bucket) == []
 
 
+class Copies(http.server.ThreadingHTTPServer):
+    """A result link whose every download has other bytes ("copy 1",
+    "copy 2", ...), so that whose copy was kept shows."""
+
+    def __init__(self):
+        self.served = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.served += 1
+                body = f"copy {server.served}".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/x.png"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 def test_a_stale_worker_cannot_replace_a_committed_object(moto_server, bucket, files, sqlite_store, clock):
     """Worker A holds the task; its lease runs out and B takes it over and
-    publishes the result. A, still running, downloads and uploads it too:
-    its copy goes under its own lease's key, the store refuses to publish
-    it, and A removes it. The published object is untouched."""
-    with FakeKIE(job_seconds=0.05) as kie:
-        rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie)})
-        task_id = rig.submit("kie", {"model": "m", "input": {}})
-        rig.worker.run_once(clock())
-        wait_for(lambda: time.time() > kie._tasks[rig.task(task_id)["external_id"]].done_at)
-        clock.advance(1)
-        [stale] = sqlite_store.claim("test:1:w", now=clock(), limit=5, lease_s=1)
-        clock.advance(5)
-        Worker(sqlite_store, rig.providers, files, clock=clock, owner="test:2:w").run_once(clock())
-        task = rig.task(task_id)
-        assert task["status"] == "succeeded" and task["files"][0]["dir"] != f"_lease{stale['lease_token']}"
-        [meta] = task["files"]
-        key = files.entry_path(task_id, meta)
-        before = moto_server.client().head_object(Bucket=bucket, Key=key)
-        downloads = sum(n for path, n in kie.requests.items() if path.startswith("/files/"))
+    publishes the result. A, still running, downloads and uploads it too
+    (other bytes): its copy goes under its own lease's key, the store
+    refuses to publish it, and A removes it. The published object keeps
+    B's bytes."""
+    copies = Copies()
+    try:
+        with FakeKIE(job_seconds=0.05, result_urls=lambda task: [copies.url]) as kie:
+            rig = Rig(sqlite_store, files, clock, {"kie": kie_conf(kie, allow_private_results=True)})
+            task_id = rig.submit("kie", {"model": "m", "input": {}})
+            rig.worker.run_once(clock())
+            wait_for(lambda: time.time() > kie._tasks[rig.task(task_id)["external_id"]].done_at)
+            clock.advance(1)
+            [stale] = sqlite_store.claim("test:1:w", now=clock(), limit=5, lease_s=1)
+            clock.advance(5)
+            Worker(sqlite_store, rig.providers, files, clock=clock, owner="test:2:w").run_once(clock())
+            task = rig.task(task_id)
+            assert task["status"] == "succeeded" and task["files"][0]["dir"] != f"_lease{stale['lease_token']}"
+            [meta] = task["files"]
+            assert meta["sha256"] == hashlib.sha256(b"copy 1").hexdigest()
 
-        rig.worker.process(stale, clock())
+            rig.worker.process(stale, clock())
 
-        assert sum(n for path, n in kie.requests.items() if path.startswith("/files/")) == downloads + 1
-    after = moto_server.client().head_object(Bucket=bucket, Key=key)
-    assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
-    assert rig.task(task_id)["files"] == [meta] and files.sha256_of(task_id, meta) == meta["sha256"]
+            assert copies.served == 2            # A did download (and upload) its copy
+    finally:
+        copies.shutdown()
+    key = files.entry_path(task_id, meta)
+    assert rig.task(task_id)["files"] == [meta] and b"".join(files.open(task_id, meta)[0]) == b"copy 1"
     assert keys(moto_server, bucket) == [key] and uploads(moto_server, bucket) == []
 
 
