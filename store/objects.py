@@ -21,6 +21,7 @@ import base64
 import hashlib
 import os
 import re
+import time
 from contextlib import contextmanager
 
 from errors import ConfigError, Conflict, InvalidInput, NotFound
@@ -33,6 +34,7 @@ PART_BYTES = 8 << 20
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _DELETE_BATCH = 1000        # DeleteObjects takes at most 1000 keys
+SEEN_S = 60.0               # how long task_ids' listing answers `unlisted`
 
 
 class ObjectStoreError(OSError):
@@ -131,6 +133,7 @@ class ObjectStore(FileStore):
         self.client = client
         self.presign_s = presign_s
         self.part_bytes = part_bytes
+        self._seen = (float("-inf"), {})     # see task_ids
 
     # -- names -----------------------------------------------------------------
 
@@ -274,8 +277,20 @@ class ObjectStore(FileStore):
         return found
 
     def task_ids(self):
-        _, folders = self._list(self.prefix, "/")
-        return sorted(t for t in (f[len(self.prefix):].rstrip("/") for f in folders) if _TASK_ID.match(t))
+        """See FileStore.task_ids. One listing of the whole prefix (a page
+        per 1000 objects), whose contents `unlisted` then uses for a minute:
+        the pass that follows (retention's, the audit's) asks about every
+        finished task, and a LIST per task and pass would cost a request
+        per task every five minutes. Only finished tasks are asked about,
+        whose lists never change: a copy made after the listing is found
+        by the next pass, and nothing listed is ever taken for a stray."""
+        seen = {}
+        for key in self._list(self.prefix)[0] + [k for k, _ in self._uploads(self.prefix)]:
+            task, _, rest = key[len(self.prefix):].partition("/")
+            if _TASK_ID.match(task) and rest:
+                seen.setdefault(task, set()).add(rest.split("/")[0])
+        self._seen = (time.monotonic(), seen)
+        return sorted(seen)
 
     def partial_files(self):
         """Multipart uploads a crash interrupted, as `key?uploadId=...`."""
@@ -286,18 +301,22 @@ class ObjectStore(FileStore):
         _abort(self, key, upload)
 
     def unlisted(self, task_id, listed):
+        at, seen = self._seen
+        named = {meta.get("dir") or meta["name"] for meta in listed}
+        if time.monotonic() - at < SEEN_S and task_id in seen:
+            return sorted(n for n in seen[task_id] if n not in named)
         base = f"{self.prefix}{task_id}/"
         keys, folders = self._list(base, "/")
         names = {k[len(base):] for k in keys} | {f[len(base):].rstrip("/") for f in folders}
         # A lease whose upload a crash cut short has no object, only the
         # upload: its folder is unlisted all the same, as on disk.
         names |= {key[len(base):].split("/")[0] for key, _ in self._uploads(base)}
-        named = {meta.get("dir") or meta["name"] for meta in listed}
         return sorted(n for n in names if n not in named)
 
     def discard(self, task_id, name):
         if not _TASK_ID.match(task_id) or not (_LEASE_DIR.match(name) or _FILE_NAME.match(name)):
             return
+        self._seen[1].get(task_id, set()).discard(name)
         base = f"{self.prefix}{task_id}/{name}"
         if _LEASE_DIR.match(name):
             self._delete_under(base + "/")
@@ -306,6 +325,7 @@ class ObjectStore(FileStore):
 
     def remove_task(self, task_id):
         if _TASK_ID.match(task_id):
+            self._seen[1].pop(task_id, None)
             self._delete_under(f"{self.prefix}{task_id}/")
 
     def _delete_under(self, prefix):

@@ -6,6 +6,7 @@ round of real servers, three servers on one PostgreSQL database and one
 bucket."""
 
 import calendar
+import collections
 import hashlib
 import http.server
 import os
@@ -295,6 +296,21 @@ def test_an_unreachable_bucket_is_a_503_and_a_later_try(moto_server, bucket, fil
         rig.worker.files = files
         done = rig.run(task_id)
     assert done["status"] == "succeeded" and files.sha256_of(task_id, done["files"][0]) == done["files"][0]["sha256"]
+
+
+def test_a_retention_pass_lists_the_bucket_once_not_once_per_task(moto_server, bucket, files, sqlite_store,
+                                                                  clock):
+    with FakeKIE(job_seconds=0.05) as kie:
+        rig, first, _ = _finished_task(sqlite_store, files, clock, kie)
+        for _ in range(5):
+            assert rig.run(rig.submit("kie", {"model": "m", "input": {}}))["status"] == "succeeded"
+    moto_server.client().put_object(Bucket=bucket, Key=f"files/{first['id']}/_lease99/x.png", Body=b"stray")
+    calls = collections.Counter()
+    files.client.meta.events.register("before-call.s3.*", lambda model, **kw: calls.update([model.name]))
+    done = Worker(sqlite_store, rig.providers, files, clock=clock).cleanup()
+    assert done["copies"] == 1 and len(keys(moto_server, bucket)) == 6
+    # One listing for the pass, one to remove the stray's folder.
+    assert calls["ListObjectsV2"] == 2 and calls["ListMultipartUploads"] == 2, calls
 
 
 # -- recover.py ------------------------------------------------------------------
