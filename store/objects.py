@@ -19,6 +19,7 @@ PostgreSQL; it is imported when the store is opened.
 
 import base64
 import hashlib
+import logging
 import os
 import re
 import time
@@ -34,12 +35,16 @@ PART_BYTES = 8 << 20
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _DELETE_BATCH = 1000        # DeleteObjects takes at most 1000 keys
+log = logging.getLogger("holdfast.files")
 SEEN_S = 60.0               # how long task_ids' listing answers `unlisted`
 
 
 class ObjectStoreError(OSError):
     """The bucket could not be reached or refused a call. An OSError, so
-    that callers treat it as they treat a disk that fails."""
+    that callers treat it as they treat a disk that fails; `transient`:
+    the worker tries a save again later, as after a full disk."""
+
+    transient = True
 
 
 def parse_files_url(value):
@@ -318,10 +323,15 @@ class ObjectStore(FileStore):
             return
         self._seen[1].get(task_id, set()).discard(name)
         base = f"{self.prefix}{task_id}/{name}"
-        if _LEASE_DIR.match(name):
-            self._delete_under(base + "/")
-        else:
-            self._delete([base])
+        try:
+            if _LEASE_DIR.match(name):
+                self._delete_under(base + "/")
+            else:
+                self._delete([base])
+        except ObjectStoreError as exc:
+            # An unlisted copy is never served; the end of its task, or
+            # retention's next pass, removes it once the bucket answers.
+            log.warning("could not remove %s of task %s yet: %s", name, task_id, exc)
 
     def remove_task(self, task_id):
         if _TASK_ID.match(task_id):

@@ -272,7 +272,7 @@ def test_retention_removes_objects_and_says_the_file_expired(moto_server, bucket
 
 
 def test_an_unreachable_bucket_is_a_503_and_a_later_try(moto_server, bucket, files, sqlite_store, clock,
-                                                       tmp_path):
+                                                       tmp_path, caplog):
     """Nothing listens at the bucket's address: a download answers 503 at
     once (bounded, no traceback), and a result the worker cannot store is
     tried again later and saved once the bucket is back."""
@@ -293,6 +293,8 @@ def test_an_unreachable_bucket_is_a_503_and_a_later_try(moto_server, bucket, fil
         task_id = rig.submit("kie", {"model": "m", "input": {}})
         stuck = wait_for(lambda: (t := rig.step(task_id))["state"].get("last_error") and t, timeout=60)
         assert stuck["status"] == "running" and stuck["files"] == []
+        assert stuck["state"]["last_error"].startswith("cannot save 0.png"), stuck["state"]
+        assert not [r for r in caplog.records if r.exc_info], "one line, not a traceback"
         rig.worker.files = files
         done = rig.run(task_id)
     assert done["status"] == "succeeded" and files.sha256_of(task_id, done["files"][0]) == done["files"][0]["sha256"]
