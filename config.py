@@ -134,7 +134,7 @@ def open_everything(config):
     from providers import build_providers
     from store import open_files, open_store
     os.makedirs(config.data, exist_ok=True)
+    files = open_files(config)      # first: a bucket set up wrong stops us before any migration
     store = open_store(config.store, config.data)
     providers = build_providers(config.providers)
-    files = open_files(config)
     return store, providers, files

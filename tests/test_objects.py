@@ -102,6 +102,23 @@ def test_a_bad_files_setting_stops_the_server_with_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "HOLDFAST_FILES" in proc.stderr, proc.stderr
 
 
+def test_boto3_is_imported_only_for_a_bucket_with_a_hint_when_missing(tmp_path):
+    import subprocess
+    import sys
+    local = subprocess.run([sys.executable, "-c", "import sys, app, recover, store, config, worker; "
+                            "print('boto3' in sys.modules, 'botocore' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert local.stdout.split() == ["False", "False"], local.stderr
+    (tmp_path / "boto3").mkdir()
+    (tmp_path / "boto3" / "__init__.py").write_text("raise ImportError('No module named boto3')\n")
+    env = {**os.environ, "HOLDFAST_DATA": str(tmp_path / "data"), "HOLDFAST_FILES": "s3://bucket/prefix",
+           "PYTHONPATH": str(tmp_path), "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "pip install boto3" in proc.stderr
+
+
 def test_a_large_file_goes_up_in_parts_and_appears_only_when_whole(moto_server, bucket, files):
     data = os.urandom(12 * MiB)
     seen = {}
