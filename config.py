@@ -44,6 +44,11 @@ class Config:
     max_connections_per_address: int = 256   # of those, from one client address
     request_timeout_s: float = 20.0   # to send a request's headers and body
     public_url: str = None         # how providers reach this server: set, KIE submits carry a callBackUrl
+    files: str = "local"           # or s3://bucket/prefix (store/objects.py)
+    s3_endpoint: str = None        # e.g. http://127.0.0.1:9000 for MinIO; AWS S3 when unset
+    s3_addressing: str = "auto"    # path, virtual, or auto (boto3 picks)
+    s3_presign: int = 1            # 1: downloads redirect to a presigned link; 0: holdfast streams them
+    s3_presign_s: float = 300.0    # how long such a link works
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -79,6 +84,12 @@ class Config:
             raise ConfigError("HOLDFAST_LOG must be text or json")
         if config.public_url is not None:
             config.public_url = _public_url(config.public_url)
+        from store.objects import parse_files_url
+        parse_files_url(config.files)
+        if config.s3_addressing not in ("auto", "path", "virtual"):
+            raise ConfigError("HOLDFAST_S3_ADDRESSING must be auto, path or virtual")
+        if config.s3_presign not in (0, 1):
+            raise ConfigError("HOLDFAST_S3_PRESIGN must be 0 or 1")
         return config
 
     def _set(self, f, value, where):
@@ -92,7 +103,7 @@ class Config:
                 value = str(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and value <= 0 and f.name != "port":
+        if kind in (int, float) and value <= 0 and f.name not in ("port", "s3_presign"):
             raise ConfigError(f"{where} must be positive")
         setattr(self, f.name, value)
 
@@ -140,9 +151,9 @@ class _JsonFormatter(logging.Formatter):
 def open_everything(config):
     """(store, providers, files) as config says."""
     from providers import build_providers
-    from store import FileStore, open_store
+    from store import open_files, open_store
     os.makedirs(config.data, exist_ok=True)
+    files = open_files(config)      # first: a bucket set up wrong stops us before any migration
     store = open_store(config.store, config.data)
     providers = build_providers(config.providers)
-    files = FileStore(os.path.join(config.data, "files"))
     return store, providers, files

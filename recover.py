@@ -16,7 +16,6 @@ back up, truncate and create nothing (an older schema is an error instead).
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -96,10 +95,7 @@ def recover(store, providers, *, now, files=None, dry_run=False, worker=None):
     report["partial_files_in_use"] = in_use
     if not dry_run:
         for path in partial:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass        # its download finished (renamed it) after we looked
+            files.discard_partial(path)
 
     report["changed"] = not dry_run and bool(
         report["leases_released"] or report["submissions_reconciled"] or report["failed_past_deadline"]
@@ -159,15 +155,14 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
                 lost, wrong = [], []
                 for meta in listed:
                     try:
-                        path = files.entry_path(task_id, meta)
-                        size = os.path.getsize(path)
+                        size = files.size_of(task_id, meta)
                     except (OSError, HoldfastError):
                         lost.append(meta["name"])
                         continue
                     if size != meta.get("size"):
                         wrong.append(meta["name"])
                     else:
-                        present.append((task_id, meta, path))
+                        present.append((task_id, meta))
                 if lost or wrong:
                     missing.append({"task_id": task_id, "missing": lost, "wrong_size": wrong})
             if len(page) < 1000:
@@ -176,9 +171,9 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
         total = len(present)
         if sample is not None and sample < total:
             present = sorted(rng.sample(present, sample), key=lambda p: (p[0], p[1]["name"]))
-        for task_id, meta, path in present:
+        for task_id, meta in present:
             checked.append(f"{task_id}/{meta['name']}")
-            digest = _sha256(path)
+            digest = files.sha256_of(task_id, meta)
             if digest is not None and digest != meta.get("sha256"):
                 corrupt.append({"task_id": task_id, "name": meta["name"], "sha256": digest,
                                 "expected": meta.get("sha256")})
@@ -234,17 +229,6 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
     return report
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None         # deleted by retention meanwhile
-    return digest.hexdigest()
-
-
 def audit_summary(report):
     settled = " (settled)" if report["reservations_settled"] else ""
     deleted = " (deleted)" if report["orphans_deleted"] else ""
@@ -298,9 +282,9 @@ def open_to_look(config):
     (--dry-run, --audit without --fix): the store read-only (no migration,
     no backup, a torn JSON journal tail left in place), no folder made."""
     from providers import build_providers
-    from store import FileStore, open_store
+    from store import open_files, open_store
     store = open_store(config.store, config.data, read_only=True)
-    return store, build_providers(config.providers), FileStore(os.path.join(config.data, "files"), create=False)
+    return store, build_providers(config.providers), open_files(config, create=False)
 
 
 def main(argv=None):

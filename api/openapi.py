@@ -201,7 +201,10 @@ PATHS = {
         "get": _op("A stored result file, with its content type; 404 `file_expired` once retention "
                    "deleted it (HOLDFAST_KEEP_FILES_H after the task ended)",
                    {"200": {"description": "the file", "content": {"*/*": {
-                       "schema": {"type": "string", "format": "binary"}}}}},
+                       "schema": {"type": "string", "format": "binary"}}}},
+                    "302": {"description": "with HOLDFAST_FILES=s3://...: a presigned link to the file "
+                                           "in the bucket, valid HOLDFAST_S3_PRESIGN_S seconds",
+                            "headers": {"Location": {"schema": {"type": "string"}}}}},
                    security=_BEARER_OR_QUERY,
                    params=[TASK_ID, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
                            TOKEN_QUERY],

@@ -9,7 +9,7 @@ import re
 import bottle
 
 import metrics
-from errors import Conflict, InvalidInput, NotFound, PaymentRequired, TooMany
+from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StoreUnavailable, TooMany
 from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
 
 from .web import optional_key, read_json
@@ -142,16 +142,45 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
             raise NotFound("file not found", code="file_not_found")
         # Where the fenced update that published it says (old tasks' entries
         # name no lease folder).
-        path = files.entry_path(task["id"], meta)
-        if not os.path.exists(path):
+        try:
+            there = files.exists(task["id"], meta)
+        except OSError as exc:
+            raise StoreUnavailable(f"the file store is unavailable: {exc}") from None
+        if not there:
             expired = store.files_expired_at(task["id"])
             if expired is not None:
                 raise NotFound(f"this file expired: result files are kept {config.keep_files_h:g} hours "
                                f"after the task ends (HOLDFAST_KEEP_FILES_H); deleted at {iso(expired)}",
                                code="file_expired")
             raise NotFound("file not found", code="file_not_found")
+        if files.remote:
+            return _object_response(files, task["id"], meta)
+        path = files.entry_path(task["id"], meta)
         res = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                  mimetype=meta["content_type"])
         res.set_header("X-Content-Type-Options", "nosniff")
         res.set_header("Cache-Control", "private, max-age=3600")
         return res
+
+
+def _object_response(files, task_id, meta):
+    """A file in a bucket: a redirect to a short-lived presigned link (the
+    caller was authorised above; the link names this one object), or, with
+    HOLDFAST_S3_PRESIGN=0, its bytes streamed through here."""
+    try:
+        if files.presign_s:
+            res = bottle.HTTPResponse(status=302)
+            res.set_header("Location", files.link(task_id, meta))
+            res.set_header("Cache-Control", "no-store")     # the link runs out; the route does not
+            return res
+        chunks, size = files.open(task_id, meta)
+    except FileNotFoundError:
+        raise NotFound("file not found", code="file_not_found") from None
+    except OSError as exc:
+        raise StoreUnavailable(f"the file store is unavailable: {exc}") from None
+    res = bottle.HTTPResponse(body=chunks, status=200)
+    res.set_header("Content-Type", meta["content_type"])
+    res.set_header("Content-Length", str(size))
+    res.set_header("X-Content-Type-Options", "nosniff")
+    res.set_header("Cache-Control", "private, max-age=3600")
+    return res

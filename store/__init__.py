@@ -15,6 +15,8 @@ of holdfast imports every name from here, whichever module holds it:
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
     files.py     FileStore, the result files
+    objects.py   ObjectStore, the result files in an S3-compatible bucket, and
+                 open_files, which chooses (HOLDFAST_FILES)
 """
 
 import logging
@@ -25,6 +27,7 @@ from errors import ConfigError, InvalidInput, StoreUnavailable
 from .base import BaseStore
 from .files import CONTENT_TYPES, FileStore, lease_dir, no_space, safe_file_name
 from .jsonfile import JsonStore
+from .objects import ObjectStore, open_files
 from .postgres import PostgresStore
 from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MODELS, MAX_CREDITS,
                      MAX_EXTERNAL_ID, MAX_JSON_DEPTH, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE,
@@ -45,7 +48,7 @@ __all__ = [
     "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User", "check_json", "check_session_key",
     "check_transition", "check_user_limits", "dead_owners", "dumps", "event_json",
     "external_id_problem", "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id",
-    "new_task_id", "no_space", "open_store", "process_identity", "safe_file_name", "session_json",
+    "new_task_id", "no_space", "ObjectStore", "open_files", "open_store", "process_identity", "safe_file_name", "session_json",
     "stuck_reasons", "task_json", "too_deep",
 ]
 

@@ -58,7 +58,10 @@ def no_space(exc):
 
 class FileStore:
     """Result files under data/files/<task id>/[<lease dir>/]<name>, written
-    atomically (temporary file, fsync, rename) with their size and sha256."""
+    atomically (temporary file, fsync, rename) with their size and sha256.
+    store/objects.py's ObjectStore keeps them in a bucket instead."""
+
+    remote = False      # files are served from `path`; an ObjectStore's are not
 
     def __init__(self, root, *, create=True):
         self.root = os.path.abspath(root)
@@ -79,6 +82,35 @@ class FileStore:
     def entry_path(self, task_id, meta):
         """The path of one of a task's `files` entries."""
         return self.path(task_id, meta["name"], meta.get("dir"))
+
+    def exists(self, task_id, meta):
+        """True while the file a `files` entry names is there."""
+        return os.path.exists(self.entry_path(task_id, meta))
+
+    def size_of(self, task_id, meta):
+        """The stored size of an entry's file; OSError when it is gone."""
+        return os.path.getsize(self.entry_path(task_id, meta))
+
+    def sha256_of(self, task_id, meta):
+        """The sha256 of an entry's bytes as read back now; None if gone."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.entry_path(task_id, meta), "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            return None         # deleted by retention meanwhile
+        return digest.hexdigest()
+
+    def open(self, task_id, meta):
+        """(an iterator over an entry's bytes, its size); OSError when gone."""
+        fh = open(self.entry_path(task_id, meta), "rb")   # noqa: SIM115 (closed by the iterator)
+
+        def chunks():
+            with fh:
+                while chunk := fh.read(1 << 16):
+                    yield chunk
+        return chunks(), os.fstat(fh.fileno()).st_size
 
     def save(self, task_id, name, chunks, *, max_bytes, content_type=None, scope=None):
         """Write `chunks` (an iterable of bytes) as the task's file `name`,
@@ -135,6 +167,13 @@ class FileStore:
         for folder, _, names in os.walk(self.root):
             found += [os.path.join(folder, n) for n in names if n.endswith(".part")]
         return sorted(found)
+
+    def discard_partial(self, ref):
+        """Delete one of `partial_files`; one finished meanwhile is no error."""
+        try:
+            os.unlink(ref)
+        except FileNotFoundError:
+            pass        # its download finished (renamed it) after we looked
 
     def unlisted(self, task_id, listed):
         """What the task's folder holds that its `files` entries `listed` do

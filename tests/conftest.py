@@ -132,3 +132,13 @@ def client(app):
 def users(sqlite_store):
     """Two ordinary users, alice and bob: {name: token}."""
     return {name: sqlite_store.create_user(name)[1] for name in ("alice", "bob")}
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the whole run (tests/test_objects.py)."""
+    from support import MotoServer, moto_available
+    require(moto_available(), "needs moto[server] and boto3: pip install -r requirements-dev.txt")
+    server = MotoServer().start()
+    yield server
+    server.stop()

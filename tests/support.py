@@ -260,3 +260,71 @@ def query_plans(sqlite_store, *calls):
         conn.set_trace_callback(None)
     return [(sql, " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
             for sql in statements if " tasks " in sql + " " and not sql.startswith(("EXPLAIN", "BEGIN"))]
+
+
+def moto_available():
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class MotoServer:
+    """moto's S3-protocol server (`python -m moto.server`) on 127.0.0.1 and
+    a free port, for the object store's tests: no MinIO binary can be
+    installed where these tests run."""
+
+    KEYS = {"AWS_ACCESS_KEY_ID": "holdfast-test", "AWS_SECRET_ACCESS_KEY": "holdfast-test-secret",
+            "AWS_REGION": "us-east-1"}
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.proc = None
+        self.buckets = 0
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=30):
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("moto's server exited")
+            try:
+                requests.get(self.url + "/moto-api/", timeout=1)
+                return self
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError("moto's server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.KEYS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.KEYS["AWS_SECRET_ACCESS_KEY"])
+
+    def new_bucket(self):
+        """A fresh, empty bucket's name: each test has its own."""
+        self.buckets += 1
+        name = f"hf-test-{os.getpid()}-{self.buckets}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self, bucket, prefix="files", **extra):
+        """The variables that point a holdfast process at `bucket`."""
+        return {**self.KEYS, "HOLDFAST_FILES": f"s3://{bucket}/{prefix}", "HOLDFAST_S3_ENDPOINT": self.url,
+                "HOLDFAST_S3_ADDRESSING": "path", **extra}

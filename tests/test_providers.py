@@ -105,8 +105,7 @@ class Rig:
 
     def file_bytes(self, task_id, name):
         meta = next(f for f in self.store.get_task(task_id)["files"] if f["name"] == name)
-        with open(self.files.entry_path(task_id, meta), "rb") as fh:
-            return fh.read()
+        return b"".join(self.files.open(task_id, meta)[0])     # on disk or in a bucket
 
 
 @pytest.fixture

@@ -400,12 +400,13 @@ class Steps:
                     # The folder went while we wrote: the task ended (cancelled,
                     # past its deadline) and its files were removed.
                     raise Conflict(f"the task ended while {name} was being saved", code="task_finished") from None
-                if not no_space(exc):
+                if not (no_space(exc) or getattr(exc, "transient", False)):
                     raise
                 # A full disk: the next try is after a backoff, by which time
-                # retention or an operator may have made room.
+                # retention or an operator may have made room. So for a
+                # bucket that cannot be reached (store/objects.py).
                 metrics.DOWNLOADS.inc(provider.name, "retry")
-                self._later(task, now, f"cannot save {name}: {exc.strerror}", quiet=True)
+                self._later(task, now, f"cannot save {name}: {exc.strerror or exc}", quiet=True)
                 return False
         if saved and lost:
             self._finish(task, now, "partial", files=saved,
