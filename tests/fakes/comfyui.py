@@ -222,7 +222,8 @@ class FakeComfyUI(FakeServer):
     `ws_kill_after_progress` (after that many progress messages of a job,
     every socket is cut without a close frame and `websocket` turns False),
     `kill_sockets()`. Records: `ws_connections`, `ws_refused`, `ws_sent`
-    (Counter by message type, "binary" for preview frames).
+    (Counter by message type, "binary" for preview frames), `finished_at`
+    (prompt_id -> when its history entry was written).
 
     `stop()` then `start()` is an outage: same port, state kept, the running
     job resumes. `restart()` is a ComfyUI restart: queue, history and cache
@@ -239,6 +240,7 @@ class FakeComfyUI(FakeServer):
         self.ws_refused = 0
         self.ws_sent = Counter()
         self._sockets = {}  # client id -> _Socket
+        self.finished_at = {}  # prompt_id -> time.time() its history entry was written
         self.slow_posts = slow_posts
         self.slow_seconds = slow_seconds
         self.fail_next = 0
@@ -279,6 +281,11 @@ class FakeComfyUI(FakeServer):
             self._cv.notify_all()
         if self._worker:
             self._worker.join(timeout=5)
+
+    def ws_connections_now(self):
+        """How many WebSockets are open now."""
+        with self._cv:
+            return len(self._sockets)
 
     def kill_sockets(self):
         """Cut every WebSocket at once, without a close frame (a crash, a
@@ -540,6 +547,7 @@ class FakeComfyUI(FakeServer):
             kind, data = entry["status"]["messages"][-1]
             self._send(client_id, kind, data)
         self._history[job.prompt_id] = entry
+        self.finished_at[job.prompt_id] = time.time()
         self._running = None
         self._send(None, "status", {"status": self._queue_info()})
         if client_id is not None:
