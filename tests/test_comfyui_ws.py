@@ -134,6 +134,24 @@ def test_a_long_poll_interval_still_ends_the_task_soon_after_comfyui_says_it_end
     assert history == 1, fake.requests
 
 
+@pytest.mark.parametrize("failing", [False, True], ids=["execution_success", "execution_error"])
+def test_without_the_final_executing_the_end_message_alone_ends_the_task_early(run, fake, failing):
+    # ComfyUI drops messages: here every `executing`, the null one included.
+    fake.ws_drop = {"executing"}
+    fake.job_seconds = 1.0
+    fake.fail_next = int(failing)
+    hf = run(fake, poll_interval_s=120, max_poll_interval_s=120)
+    started = time.monotonic()
+    task_id = hf.submit()
+    done = hf.wait(task_id, lambda t: t["status"] in ("succeeded", "failed"), 60)
+    assert time.monotonic() - started < 60
+    assert done["status"] == ("failed" if failing else "succeeded")
+    if failing:
+        assert done["error"]["code"] == "provider_rejected" and "fake failure" in done["error"]["message"]
+    ended = "execution_error" if failing else "execution_success"
+    assert fake.ws_sent[ended] == 1 and fake.ws_sent["executing"] == 0
+
+
 def test_when_the_socket_dies_mid_job_the_task_still_ends_through_polling(run, fake, caplog):
     caplog.set_level(logging.INFO, "holdfast")
     fake.ws_kill_after_progress = 3

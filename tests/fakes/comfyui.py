@@ -221,9 +221,10 @@ class FakeComfyUI(FakeServer):
     answers 404, like a proxy that does not pass WebSockets),
     `ws_kill_after_progress` (after that many progress messages of a job,
     every socket is cut without a close frame and `websocket` turns False),
-    `kill_sockets()`. Records: `ws_connections`, `ws_refused`, `ws_sent`
-    (Counter by message type, "binary" for preview frames), `finished_at`
-    (prompt_id -> when its history entry was written).
+    `ws_drop` (a set of message types never sent), `kill_sockets()`.
+    Records: `ws_connections`, `ws_refused`, `ws_sent` (Counter by message
+    type, "binary" for preview frames), `finished_at` (prompt_id -> when its
+    history entry was written).
 
     `stop()` then `start()` is an outage: same port, state kept, the running
     job resumes. `restart()` is a ComfyUI restart: queue, history and cache
@@ -236,6 +237,7 @@ class FakeComfyUI(FakeServer):
         self.progress_steps = progress_steps
         self.websocket = websocket
         self.ws_kill_after_progress = None
+        self.ws_drop = set()  # message types never sent (ComfyUI drops messages)
         self.ws_connections = 0
         self.ws_refused = 0
         self.ws_sent = Counter()
@@ -492,6 +494,8 @@ class FakeComfyUI(FakeServer):
     def _send(self, client_id, kind, data):
         """One JSON message to `client_id`'s socket (None: to every socket).
         Called with self._cv held."""
+        if kind in self.ws_drop:
+            return
         targets = list(self._sockets.values()) if client_id is None else [self._sockets.get(client_id)]
         for conn in targets:
             if conn is not None and conn.send(json.dumps({"type": kind, "data": data})):
