@@ -6,6 +6,7 @@ SQLite store; the API is asked in-process."""
 
 import logging
 import re
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from config import Config
 from fakes.comfyui import FakeComfyUI
 from providers import build_providers
 from store import FileStore, SqliteStore
-from support import WSGIClient
+from support import ServerProcess, WSGIClient, api
 from worker import Worker
 
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
@@ -191,3 +192,52 @@ def test_websocket_false_in_the_table_opens_no_socket(run):
         task_id = hf.submit()
         hf.wait(task_id, lambda t: t["status"] == "succeeded", 30)
         assert fake.ws_connections == 0 and fake.ws_refused == 0 and fake.requests["/ws"] == 0
+
+
+def test_the_server_follows_the_socket_and_closes_it_on_sigterm(tmp_path, fake):
+    """`python app.py` as users run it: the worker it starts opens the
+    socket, progress reaches GET /api/tasks/{id}, the end comes before the
+    two-minute poll, and SIGTERM closes the socket on the way out."""
+    (tmp_path / "holdfast.toml").write_text(
+        f'[providers.comfy]\ntype = "comfyui"\nurl = "{fake.url}"\npoll_interval_s = 120\n'
+        'max_poll_interval_s = 120\ntimeout_s = 5\n')
+    server = ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}).start()
+    try:
+        session = api(server, server.tokens["demo"])
+        res = session.post(server.url + "/api/tasks", json={"provider": "comfy", "params": {"workflow": WORKFLOW}},
+                           timeout=10)
+        assert res.status_code == 201, res.text
+        task_id = res.json()["task"]["id"]
+        started, steps = time.monotonic(), set()
+        while time.monotonic() - started < 60:
+            task = session.get(f"{server.url}/api/tasks/{task_id}", timeout=10).json()["task"]
+            if task["step"] and STEP.match(task["step"]):
+                steps.add(task["step"])
+            if task["status"] == "succeeded":
+                break
+            time.sleep(0.05)
+        assert task["status"] == "succeeded", task
+        assert steps and fake.ws_connections == 1 and fake.ws_connections_now() == 1
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    deadline = time.monotonic() + 10
+    while fake.ws_connections_now() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Closed with a close frame by the server, not torn down by its exit.
+    assert fake.ws_connections_now() == 0 and fake.ws_closed_cleanly == 1
+
+
+def test_stopping_the_worker_closes_the_socket_and_ends_its_thread(run, fake):
+    hf = run(fake)
+    deadline = time.monotonic() + 20
+    while not fake.ws_connections_now() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.ws_connections_now() == 1
+    hf.worker.stop()
+    deadline = time.monotonic() + 10
+    while fake.ws_connections_now() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.ws_connections_now() == 0 and fake.ws_closed_cleanly == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("holdfast-ws-") and t.is_alive()]
+    assert fake.ws_connections == 1, "nothing reconnects after the stop"

@@ -222,7 +222,8 @@ class FakeComfyUI(FakeServer):
     `ws_kill_after_progress` (after that many progress messages of a job,
     every socket is cut without a close frame and `websocket` turns False),
     `ws_drop` (a set of message types never sent), `kill_sockets()`.
-    Records: `ws_connections`, `ws_refused`, `ws_sent` (Counter by message
+    Records: `ws_connections`, `ws_refused`, `ws_closed_cleanly` (closed
+    by the client with a close frame), `ws_sent` (Counter by message
     type, "binary" for preview frames), `finished_at` (prompt_id -> when its
     history entry was written).
 
@@ -240,6 +241,7 @@ class FakeComfyUI(FakeServer):
         self.ws_drop = set()  # message types never sent (ComfyUI drops messages)
         self.ws_connections = 0
         self.ws_refused = 0
+        self.ws_closed_cleanly = 0  # sockets the client closed with a close frame
         self.ws_sent = Counter()
         self._sockets = {}  # client id -> _Socket
         self.finished_at = {}  # prompt_id -> time.time() its history entry was written
@@ -487,6 +489,7 @@ class FakeComfyUI(FakeServer):
         with self._cv:
             if self._sockets.get(client_id) is conn:
                 del self._sockets[client_id]
+            self.ws_closed_cleanly += conn.protocol.close_rcvd is not None
 
     def _queue_info(self):
         return {"exec_info": {"queue_remaining": len(self._pending) + (self._running is not None)}}
