@@ -10,8 +10,11 @@ REPORT_EVERY_S per job (the latest wins), and says a job ended on
 `executing` with node null, which ComfyUI sends once the job is in its
 history. `execution_success`, `execution_error` and `execution_interrupted`
 come just before the history is written, so they count as the end only if
-that `executing` does not follow within END_GRACE_S. Binary frames (preview
-images) and other messages are ignored.
+that `executing` does not follow within END_GRACE_S. A job whose end was
+told and that the adapter's poll has not yet seen in the history (a poll
+that read it a moment too early, then scheduled the next one as usual) is
+told once more REMIND_S later. Binary frames (preview images) and other
+messages are ignored.
 
 Everything here is a hint: ComfyUI drops messages (while nobody is
 connected, or when a socket is slow), so /history and /queue, polled as
@@ -37,6 +40,8 @@ PING_S = 20.0               # a ping this often; no pong within as long closes t
 CLOSE_S = 2.0
 REPORT_EVERY_S = 0.5        # progress reports per job: at most two a second
 END_GRACE_S = 1.0
+REMIND_S = 2.0
+STEADY_S = 30.0             # a connection that lasted this long starts the backoff over
 READ_S = 0.5                # the longest the reading thread waits before it looks at its timers
 BACKOFF_S = (1, 2, 4, 8, 15, 30, 60)
 MAX_WATCHED = 10_000        # jobs remembered; the oldest are forgotten first
@@ -105,12 +110,14 @@ class ProgressSocket:
                  if isinstance(v, dict) and isinstance(v.get("class_type"), str)}
         with self._lock:
             self._jobs[str(prompt_id)] = {"task": task_id, "nodes": nodes, "step": None, "progress": None,
-                                          "reported": None, "at": None, "ended": None, "done": False}
+                                          "reported": None, "at": None, "ended": None, "done": False,
+                                          "remind": None}
             self._jobs.move_to_end(str(prompt_id))
             while len(self._jobs) > MAX_WATCHED:
                 self._jobs.popitem(last=False)
 
     def forget(self, prompt_id):
+        """The adapter saw the job end in the history: nothing more to tell."""
         with self._lock:
             self._jobs.pop(str(prompt_id), None)
 
@@ -150,7 +157,8 @@ class ProgressSocket:
                     self.url, open_timeout=self.open_timeout, ping_interval=PING_S, ping_timeout=PING_S,
                     close_timeout=CLOSE_S, max_size=MAX_MESSAGE_BYTES, max_queue=MAX_QUEUE,
                     # Provider traffic never goes through environment proxies
-                    # (README); the address is the provider's own.
+                    # (README); the address is the provider's own, which its
+                    # address policy always allows.
                     proxy=None)
             except Exception as exc:   # refused, timed out, not a WebSocket (404): all mean "poll"
                 failures += 1
@@ -158,10 +166,10 @@ class ProgressSocket:
             else:
                 self._conn = conn
                 self.connects += 1
+                connected = self._clock()
                 if self._told is not None:
                     log.info("%s: live progress over %s works again", self.name, self.url)
                     self._told = None
-                failures = 0
                 try:
                     # As a context manager, which newer websockets expect of
                     # a connection they opened.
@@ -176,7 +184,9 @@ class ProgressSocket:
                         conn.close()
                     except Exception:
                         pass
-                failures = max(failures, 1)
+                # One that keeps closing soon after it opens backs off as a
+                # refused one does.
+                failures = 1 if self._clock() - connected >= STEADY_S else failures + 1
             delay = BACKOFF_S[min(failures, len(BACKOFF_S)) - 1] * random.uniform(0.8, 1.2)
             self._stop.wait(delay)
 
@@ -206,6 +216,8 @@ class ProgressSocket:
         with self._lock:
             for job in self._jobs.values():
                 if job["done"]:
+                    if job["remind"] is not None:
+                        wait = min(wait, job["remind"] - now)
                     continue
                 if job["ended"] is not None:
                     wait = min(wait, job["ended"] + END_GRACE_S - now)
@@ -256,9 +268,12 @@ class ProgressSocket:
         with self._lock:
             for job in self._jobs.values():
                 if job["done"]:
+                    if job["remind"] is not None and now >= job["remind"]:
+                        job["remind"] = None
+                        done.append(job["task"])
                     continue
                 if job["ended"] is not None and now >= job["ended"] + END_GRACE_S:
-                    job["done"] = True
+                    job["done"], job["remind"] = True, now + REMIND_S
                     done.append(job["task"])
                     continue
                 state = (job["step"], job["progress"])

@@ -221,7 +221,10 @@ class FakeComfyUI(FakeServer):
     answers 404, like a proxy that does not pass WebSockets),
     `ws_kill_after_progress` (after that many progress messages of a job,
     every socket is cut without a close frame and `websocket` turns False),
-    `ws_drop` (a set of message types never sent), `kill_sockets()`.
+    `ws_drop` (a set of message types never sent), `ws_end_before_history`
+    (seconds: the final `executing` comes that long before the job leaves
+    the queue for the history, a poll in between finds it running),
+    `kill_sockets()`.
     Records: `ws_connections`, `ws_refused`, `ws_closed_cleanly` (closed
     by the client with a close frame), `ws_sent` (Counter by message
     type, "binary" for preview frames), `finished_at` (prompt_id -> when its
@@ -239,6 +242,7 @@ class FakeComfyUI(FakeServer):
         self.websocket = websocket
         self.ws_kill_after_progress = None
         self.ws_drop = set()  # message types never sent (ComfyUI drops messages)
+        self.ws_end_before_history = 0  # seconds between the final executing and the history entry
         self.ws_connections = 0
         self.ws_refused = 0
         self.ws_closed_cleanly = 0  # sockets the client closed with a close frame
@@ -547,6 +551,13 @@ class FakeComfyUI(FakeServer):
         """The end as ComfyUI tells it: executed and execution_success (or an
         error) before the history entry is written, executing null after."""
         client_id = job.extra.get("client_id")
+        early = client_id is not None and self.ws_end_before_history
+        if early:
+            self._send(client_id, "executing", {"node": None, "prompt_id": job.prompt_id})
+            # The lock is let go meanwhile: /queue shows the job running, /history knows nothing.
+            until = time.monotonic() + self.ws_end_before_history
+            while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
+                self._cv.wait(left)
         if client_id is not None:
             for node_id, output in entry["outputs"].items():
                 self._send(client_id, "executed", {"node": node_id, "display_node": node_id, "output": output,
@@ -557,7 +568,7 @@ class FakeComfyUI(FakeServer):
         self.finished_at[job.prompt_id] = time.time()
         self._running = None
         self._send(None, "status", {"status": self._queue_info()})
-        if client_id is not None:
+        if client_id is not None and not early:
             self._send(client_id, "executing", {"node": None, "prompt_id": job.prompt_id})
 
     # -- execution -----------------------------------------------------------
