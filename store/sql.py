@@ -668,8 +668,8 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
 
     def poll_now(self, task_id, *, now):
         with self._seam(), self._write():
-            return self._exec("UPDATE tasks SET next_poll_at = ? WHERE id = ? AND status IN ('queued', 'running')",
-                              (now, task_id)).rowcount == 1
+            return self._exec("UPDATE tasks SET next_poll_at = ? WHERE id = ? "
+                              "AND status IN ('queued', 'running')", (now, task_id)).rowcount == 1
 
     def note_progress(self, task_id, *, step, progress, now):
         with self._seam(), self._write():
