@@ -4,6 +4,7 @@ socket dies or never works. Real servers on 127.0.0.1: the fake ComfyUI
 (HTTP and its WebSocket on one port) and the worker's threads, on a real
 SQLite store; the API is asked in-process."""
 
+import json
 import logging
 import re
 import threading
@@ -13,8 +14,9 @@ import pytest
 
 from api import create_app
 from config import Config
-from fakes.comfyui import FakeComfyUI
+from fakes.comfyui import FIXTURES, FakeComfyUI
 from providers import build_providers
+from providers.comfyui_ws import ProgressSocket
 from store import FileStore, SqliteStore
 from support import ServerProcess, WSGIClient, api
 from worker import Worker
@@ -90,6 +92,10 @@ def fake():
     server = FakeComfyUI(job_seconds=3.0, progress_steps=20).start()
     yield server
     server.stop()
+
+
+def fixture_messages():
+    return FIXTURES["ws_messages"]
 
 
 def _progress_steps(tasks):
@@ -264,3 +270,38 @@ def test_stopping_the_worker_closes_the_socket_and_ends_its_thread(run, fake):
     assert fake.ws_connections_now() == 0 and fake.ws_closed_cleanly == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("holdfast-ws-") and t.is_alive()]
     assert fake.ws_connections == 1, "nothing reconnects after the stop"
+
+
+def test_the_messages_a_real_comfyui_sent_end_each_of_its_jobs_once_and_move_no_progress():
+    """The socket's reading, fed what a real ComfyUI 0.3.64 sent
+    (tests/fixtures/comfyui/ws_messages.json: successes, a cached run, an
+    interruption, an error; `progress_state`, which is not `progress`),
+    then an old ComfyUI's `progress` that names neither prompt nor node."""
+    recorded = fixture_messages()
+    prompts = list(dict.fromkeys(m["data"]["prompt_id"] for m in recorded if "prompt_id" in m["data"]))
+    progress, done, now = [], [], [100.0]
+    sock = ProgressSocket("comfy", "http://127.0.0.1:1", "c", on_progress=lambda *a: progress.append(a),
+                          on_done=done.append, open_timeout=1, websockets=None, clock=lambda: now[0])
+    for n, prompt_id in enumerate(prompts):
+        sock.watch(prompt_id, f"t{n}", WORKFLOW)
+    for message in recorded:
+        sock._handle(json.dumps({"type": message["type"], "data": message["data"]}))
+        sock._report()
+    now[0] += 10
+    sock._report()
+    ended = {m["data"]["prompt_id"] for m in recorded if m["type"] == "executing" and m["data"]["node"] is None}
+    assert len(ended) == 5
+    # Told once at the end, and once more as a reminder: nothing here is a
+    # poll that saw the job in its history and forgot it.
+    assert sorted(done) == sorted(2 * [f"t{prompts.index(p)}" for p in ended])
+    assert progress == []
+
+    sock.watch("old", "t-old", WORKFLOW)
+    sock._handle(json.dumps({"type": "execution_start", "data": {"prompt_id": "old"}}))
+    sock._handle(json.dumps({"type": "progress", "data": {"value": 3, "max": 20}}))
+    sock._handle(json.dumps({"type": "progress",
+                             "data": {"value": 4, "max": 20, "node": "1", "prompt_id": "old"}}))
+    sock._handle(b"\x00\x00\x00\x01 not text".decode("latin-1"))
+    sock._report()
+    assert progress == [("t-old", "EmptyImage 4/20", 0.2)]
+    assert sock.latest("old") == ("EmptyImage 4/20", 0.2)
