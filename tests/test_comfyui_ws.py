@@ -299,9 +299,14 @@ def test_the_messages_a_real_comfyui_sent_end_each_of_its_jobs_once_and_move_no_
     sock.watch("old", "t-old", WORKFLOW)
     sock._handle(json.dumps({"type": "execution_start", "data": {"prompt_id": "old"}}))
     sock._handle(json.dumps({"type": "progress", "data": {"value": 3, "max": 20}}))
-    sock._handle(json.dumps({"type": "progress",
-                             "data": {"value": 4, "max": 20, "node": "1", "prompt_id": "old"}}))
-    sock._handle(b"\x00\x00\x00\x01 not text".decode("latin-1"))
     sock._report()
-    assert progress == [("t-old", "EmptyImage 4/20", 0.2)]
-    assert sock.latest("old") == ("EmptyImage 4/20", 0.2)
+    for value in (4, 5):      # within half a second of the last report: the latest wins
+        sock._handle(json.dumps({"type": "progress",
+                                 "data": {"value": value, "max": 20, "node": "1", "prompt_id": "old"}}))
+        sock._handle("not JSON")
+        sock._report()
+    assert progress == [("t-old", "generating 3/20", 0.15)]
+    now[0] += 0.5
+    sock._report()
+    assert progress[1:] == [("t-old", "EmptyImage 5/20", 0.25)]
+    assert sock.latest("old") == ("EmptyImage 5/20", 0.25)
