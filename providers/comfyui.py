@@ -195,6 +195,8 @@ class ComfyUIProvider(HttpProvider):
         prompt_id = task.get("external_id")
         if not prompt_id:
             return
+        if self._socket is not None:
+            self._socket.forget(prompt_id)
         self.call("POST", "/queue", what="cancel", json={"delete": [prompt_id]})
         # /interrupt stops whatever runs (older ComfyUI ignores prompt_id):
         # only when the running job is ours.

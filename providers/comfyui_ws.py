@@ -134,9 +134,10 @@ class ProgressSocket:
         self._thread.start()
         return self
 
-    def stop(self, timeout=CLOSE_S):
-        """Close the socket and end the thread (waiting at most `timeout`:
-        a connect under way ends by its own open_timeout, in a daemon thread)."""
+    def stop(self, timeout=1.0):
+        """Close the socket and end the thread, waiting at most `timeout`
+        (a shutdown must be quick): a connect or a close handshake still
+        under way ends by its own timeout, in a daemon thread."""
         self._stop.set()
         conn = self._conn
         if conn is not None:
