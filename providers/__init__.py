@@ -11,6 +11,7 @@ nothing.
     net.py      where outbound requests may go, and bounded reads of answers
     demo.py     built in, no network
     comfyui.py  a ComfyUI server
+    comfyui_ws.py  ComfyUI's WebSocket: live progress, an early word that a job ended
     kie.py      a KIE-style jobs API
     callbacks.py  the per-task token of a provider's callback URL, kept hashed
     local.py    a Python function run in the worker pool

@@ -219,6 +219,17 @@ class BaseProvider:
         """(runs_in_worker adapters) Do the job here; return its Outputs."""
         raise NotImplementedError
 
+    def listen(self, on_progress, on_done):
+        """Start hearing what the provider pushes (ComfyUI's socket), in a
+        thread of the adapter's: `on_progress(task_id, step, progress)` and
+        `on_done(task_id)` (the job ended: poll it now). Hints only, the
+        poll stays the truth. True if it listens; False when the provider
+        pushes nothing."""
+        return False
+
+    def unlisten(self):
+        """Stop what listen() started."""
+
     def cancel(self, task):
         """Best effort: stop the job at the provider."""
 

@@ -5,14 +5,21 @@ ComfyUI answers `{}` from /history for a job that is still pending or
 running *and* for one it never heard of or forgot in a restart. Only /queue
 tells them apart, and a job may move from the queue to the history between
 the two looks, so the history is read again before calling a job unknown.
+
+With the `websockets` package, listen() opens ComfyUI's socket
+(comfyui_ws.py) for live progress and an early word that a job ended;
+every prompt carries this process's client id so that its messages come
+to that socket. Without it, or without a working socket, tasks are polled
+as before.
 """
 
 import uuid
 from urllib.parse import quote, urlencode
 
-from errors import InvalidInput, ProviderRejected, ProviderUnavailable
+from errors import ConfigError, InvalidInput, ProviderRejected, ProviderUnavailable
 
 from .base import Output, Status
+from .comfyui_ws import ProgressSocket, websockets_module
 from .http import HttpProvider
 from .net import parse_json
 
@@ -22,7 +29,34 @@ MAX_MESSAGE = 2000
 class ComfyUIProvider(HttpProvider):
     type = "comfyui"
     client_ids = True
-    defaults = {**HttpProvider.defaults, "client_id": "holdfast"}
+    defaults = {**HttpProvider.defaults, "client_id": "holdfast",
+                "websocket": True}      # live progress over ComfyUI's socket, when it works
+
+    def __init__(self, name, config=None, env=None):
+        super().__init__(name, config, env)
+        if not isinstance(self.config["websocket"], bool):
+            raise ConfigError(f"provider {name}: websocket must be true or false")
+        # ComfyUI sends a prompt's messages to the one socket of its client
+        # id, and a second socket with the same id takes them from the
+        # first: each process has an id of its own.
+        self.client_id = f"{self.config['client_id']}-{uuid.uuid4().hex[:12]}"
+        self._socket = None
+
+    def listen(self, on_progress, on_done):
+        if not self.websocket or self._socket is not None:
+            return False
+        websockets = websockets_module()
+        if websockets is None:
+            return False
+        self._socket = ProgressSocket(self.name, self.url, self.client_id, on_progress=on_progress,
+                                      on_done=on_done, open_timeout=self.timeout_s,
+                                      websockets=websockets).start()
+        return True
+
+    def unlisten(self):
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            socket.stop()
 
     def validate(self, params):
         super().validate(params)
@@ -43,6 +77,10 @@ class ComfyUIProvider(HttpProvider):
 
     def submit(self, task, now):
         prompt_id = task["external_id"]
+        socket = self._socket
+        if socket is not None:
+            # Before the POST: ComfyUI may start the job before it answers.
+            socket.watch(prompt_id, task["id"], task["params"]["workflow"])
         resp = self.call("POST", "/prompt", what="submit", json={
             "prompt": task["params"]["workflow"], "prompt_id": prompt_id, "client_id": self.client_id})
         if resp.status_code != 200:
@@ -50,6 +88,8 @@ class ComfyUIProvider(HttpProvider):
         body = self.json_of(resp, "submit")
         # An old ComfyUI ignores prompt_id and picks its own: keep what it says.
         given = body.get("prompt_id") if isinstance(body, dict) else None
+        if socket is not None and given and str(given) != prompt_id:
+            socket.watch(str(given), task["id"], task["params"]["workflow"])
         return str(given or prompt_id)
 
     def _refusal(self, resp):
@@ -83,13 +123,17 @@ class ComfyUIProvider(HttpProvider):
         if entry is None:
             running, pending = self._queue()
             if prompt_id in running:
-                return Status.running("generating")
+                # What the socket said last, so a poll does not undo it.
+                heard = self._socket.latest(prompt_id) if self._socket is not None else None
+                return Status.running(*(heard or ("generating",)))
             if prompt_id in pending:
                 ahead = pending.index(prompt_id) + len(running)
                 return Status.queued(f"waiting ({ahead} ahead)" if ahead else "waiting")
             entry = self._history(prompt_id)
             if entry is None:
                 return Status.unknown()
+        if self._socket is not None:
+            self._socket.forget(prompt_id)
         return self._status(prompt_id, entry)
 
     def _history(self, prompt_id):
@@ -151,6 +195,8 @@ class ComfyUIProvider(HttpProvider):
         prompt_id = task.get("external_id")
         if not prompt_id:
             return
+        if self._socket is not None:
+            self._socket.forget(prompt_id)
         self.call("POST", "/queue", what="cancel", json={"delete": [prompt_id]})
         # /interrupt stops whatever runs (older ComfyUI ignores prompt_id):
         # only when the running job is ours.

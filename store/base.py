@@ -211,6 +211,14 @@ class BaseStore:
         ended or does not exist."""
         raise NotImplementedError
 
+    def note_progress(self, task_id, *, step, progress, now):
+        """Set a running task's `step` and `progress` from outside any lease
+        (ComfyUI's live progress), bumping its version and writing its
+        `updated` event in one transaction, as update() does. False, and
+        nothing written, when the task is not running, does not exist, or
+        already says exactly that."""
+        raise NotImplementedError
+
     def stray_reservations(self):
         """Finished tasks whose credits are still `reserved`."""
         raise NotImplementedError

@@ -671,6 +671,19 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             return self._exec("UPDATE tasks SET next_poll_at = ? WHERE id = ? "
                               "AND status IN ('queued', 'running')", (now, task_id)).rowcount == 1
 
+    def note_progress(self, task_id, *, step, progress, now):
+        with self._seam(), self._write():
+            row = self._one(_TASK_SELECT + " WHERE id = ? AND status = 'running'" + self.for_update, (task_id,))
+            if row is None:
+                return False
+            task = self._task(row)
+            if (task["step"], task["progress"]) == (step, progress):
+                return False
+            # The task's lease token is presented as it is now: these hints
+            # come from outside any lease and never move one.
+            self._apply(task, task["lease_token"], now, False, {"step": step, "progress": progress})
+            return True
+
     def stray_reservations(self):
         with self._seam():
             rows = self._exec(_TASK_SELECT + " WHERE credits = 'reserved' "

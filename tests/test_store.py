@@ -808,3 +808,59 @@ class TestAccounts:
         assert store.purge_sessions(now=110.5) == 1                # b expired, a was written later
         assert store.delete_session(user["id"], "a", now=110.9) is True
         assert store.purge_sessions(now=1000.0) == 0
+
+
+class TestProviderHints:
+    """What a provider pushes (ComfyUI's socket) reaches a task outside any
+    lease: its progress, and a poll made due at once."""
+
+    def _running(self, store, user_id, now, *, next_poll_at):
+        task, _ = submit(store, user_id, now)
+        held = store.claim_task(task["id"], "w", now=now, lease_s=30)
+        store.update(task["id"], token=held["lease_token"], now=now, status="running", step="submitted",
+                     progress=0.0, next_poll_at=next_poll_at, release=True)
+        return task["id"]
+
+    def test_note_progress_changes_a_running_task_with_its_event_and_moves_no_lease(self, store, alice):
+        task_id = self._running(store, alice["id"], 10.0, next_poll_at=40.0)
+        held = store.claim_task(task_id, "w2", now=11.0, lease_s=30)
+        before = row(store, task_id)
+        assert store.note_progress(task_id, step="KSampler 3/20", progress=0.15, now=12.0) is True
+        got = row(store, task_id)
+        assert (got["step"], got["progress"], got["updated_at"]) == ("KSampler 3/20", 0.15, 12.0)
+        assert got["version"] == before["version"] + 1
+        assert {k: got[k] for k in ("lease_owner", "lease_token", "lease_expires_at", "next_poll_at")} == \
+            {k: before[k] for k in ("lease_owner", "lease_token", "lease_expires_at", "next_poll_at")}
+        assert store.task_events(task_id)[-1][1] == "updated"
+        seq, text = store.events_since(alice["id"], 0)[-1]
+        assert json.loads(text)["task"]["step"] == "KSampler 3/20"
+        # The lease holder's own write still goes through: nothing was taken from it.
+        store.update(task_id, token=held["lease_token"], now=13.0, step="KSampler 4/20", progress=0.2)
+
+    def test_note_progress_writes_nothing_when_nothing_changed_or_the_task_is_not_running(self, store, alice):
+        task_id = self._running(store, alice["id"], 10.0, next_poll_at=40.0)
+        assert store.note_progress(task_id, step="KSampler 3/20", progress=0.15, now=11.0)
+        events, version = len(store.task_events(task_id)), row(store, task_id)["version"]
+        assert store.note_progress(task_id, step="KSampler 3/20", progress=0.15, now=12.0) is False
+        queued, _ = submit(store, alice["id"], 10.0)
+        assert store.note_progress(queued["id"], step="KSampler 1/20", progress=0.05, now=12.0) is False
+        assert store.note_progress("t_missing", step="x", progress=0.5, now=12.0) is False
+        store.cancel(task_id, alice["id"], now=13.0)
+        ended = row(store, task_id)
+        assert store.note_progress(task_id, step="KSampler 9/20", progress=0.45, now=14.0) is False
+        assert row(store, task_id) == ended and row(store, queued["id"])["step"] == queued["step"]
+        assert len(store.task_events(task_id)) == events + 1 and ended["version"] == version + 1
+
+    def test_poll_now_makes_an_active_task_due_without_an_event_and_not_an_ended_one(self, store, alice):
+        task_id = self._running(store, alice["id"], 10.0, next_poll_at=400.0)
+        before = row(store, task_id)
+        assert store.claim("w2", now=20.0, limit=10, lease_s=30) == []
+        assert store.poll_now(task_id, now=20.0) is True
+        got = row(store, task_id)
+        assert got["next_poll_at"] == 20.0
+        assert got["version"] == before["version"] and len(store.task_events(task_id)) == 2
+        assert [t["id"] for t in store.claim("w2", now=20.0, limit=10, lease_s=30)] == [task_id]
+        assert store.poll_now("t_missing", now=21.0) is False
+        store.cancel(task_id, alice["id"], now=22.0)
+        assert store.poll_now(task_id, now=23.0) is False
+        assert row(store, task_id)["next_poll_at"] is None

@@ -6,6 +6,8 @@
                  save the results, finish, look again later)
     callbacks.py Callbacks: a submit's callback token; a submit in doubt that
                  waits for a provider's callback to name its job
+    live.py      Hints: what providers push (ComfyUI's progress, a job's
+                 end) into the store, and the poll it makes due at once
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
@@ -50,6 +52,7 @@ from errors import Conflict, HoldfastError, StaleLease, StoreUnavailable
 from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 
 from .callbacks import Callbacks
+from .live import Hints
 from .steps import Steps
 
 log = logging.getLogger("holdfast.worker")
@@ -94,6 +97,7 @@ class Worker(Steps, Callbacks):
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
         self.last_tick = None
+        self.hints = Hints(store, providers, wake=self.wake, clock=clock)
 
     # -- running in the background -------------------------------------------
 
@@ -119,11 +123,13 @@ class Worker(Steps, Callbacks):
         self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="heartbeat")
         self.scheduler.start()
+        self.hints.start()
 
     def stop(self, wait=True):
         """Claim nothing more; with `wait`, let every running step end first."""
         with self._lock:
             self._stopping = True
+        self.hints.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=wait)
             self.scheduler = None

@@ -55,6 +55,9 @@ class Response:
     status: int = 200
     body: bytes = b""    # or an iterable of bytes, written as it comes (a huge or dripping answer)
     headers: dict = field(default_factory=dict)
+    # upgrade(socket, raw request bytes): the connection is handed over (a
+    # WebSocket) and closed when this returns; nothing else is sent.
+    upgrade: object = None
 
 
 # A handler's answer that sends nothing and closes the connection: the
@@ -88,6 +91,11 @@ class _Handler(BaseHTTPRequestHandler):
             # A bug in a fake must be loud, not a hang.
             traceback.print_exc(file=sys.stderr)
             response = Response(500, b"fake server error", {"Content-Type": "text/plain"})
+        if response.upgrade is not None:
+            self.close_connection = True
+            raw = self.requestline + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+            response.upgrade(self.connection, (raw + "\r\n").encode("latin-1"))
+            return
         if response is DROP:
             self.close_connection = True
             try:

@@ -9,7 +9,9 @@ import copy
 import json
 import os
 import random
+import socket
 import string
+import struct
 import threading
 import time
 import uuid
@@ -176,6 +178,7 @@ class _Job:
     outputs: list
     interrupted: bool = False
     started_ms: int = 0
+    steps_sent: int = 0
 
     def item(self):
         """The job as /queue and /history show it."""
@@ -207,14 +210,45 @@ class FakeComfyUI(FakeServer):
     included), `requests` (Counter by path), `deletes` (prompt_ids named by
     POST /queue {"delete"}, in order), `restarts`, `files`.
 
+    WebSocket `/ws?clientId=` on the same port, as ComfyUI's: `status` to
+    every socket; for a prompt submitted with a client id, to that id's
+    socket (a new socket with the same id takes over, as in ComfyUI):
+    `execution_start`, `execution_cached`, `executing` (the first node),
+    `progress_steps` times `progress` {value, max, prompt_id, node} spread
+    over the job, each followed by a binary preview frame, `executed`,
+    then `execution_success` (or `_error`, `_interrupted`), the history
+    entry, and `executing` with node null. Knobs: `websocket` (False: /ws
+    answers 404, like a proxy that does not pass WebSockets),
+    `ws_kill_after_progress` (after that many progress messages of a job,
+    every socket is cut without a close frame and `websocket` turns False),
+    `ws_drop` (a set of message types never sent), `ws_end_before_history`
+    (seconds: the final `executing` comes that long before the job leaves
+    the queue for the history, a poll in between finds it running),
+    `kill_sockets()`.
+    Records: `ws_connections`, `ws_refused`, `ws_closed_cleanly` (closed
+    by the client with a close frame), `ws_sent` (Counter by message
+    type, "binary" for preview frames), `finished_at` (prompt_id -> when its
+    history entry was written).
+
     `stop()` then `start()` is an outage: same port, state kept, the running
     job resumes. `restart()` is a ComfyUI restart: queue, history and cache
     are gone, output files stay.
     """
 
-    def __init__(self, job_seconds=0.2, slow_posts=0, slow_seconds=2.0):
+    def __init__(self, job_seconds=0.2, slow_posts=0, slow_seconds=2.0, progress_steps=4, websocket=True):
         super().__init__()
         self.job_seconds = job_seconds
+        self.progress_steps = progress_steps
+        self.websocket = websocket
+        self.ws_kill_after_progress = None
+        self.ws_drop = set()  # message types never sent (ComfyUI drops messages)
+        self.ws_end_before_history = 0  # seconds between the final executing and the history entry
+        self.ws_connections = 0
+        self.ws_refused = 0
+        self.ws_closed_cleanly = 0  # sockets the client closed with a close frame
+        self.ws_sent = Counter()
+        self._sockets = {}  # client id -> _Socket
+        self.finished_at = {}  # prompt_id -> time.time() its history entry was written
         self.slow_posts = slow_posts
         self.slow_seconds = slow_seconds
         self.fail_next = 0
@@ -250,10 +284,25 @@ class FakeComfyUI(FakeServer):
 
     def stop(self):
         super().stop()
+        self.kill_sockets()
         with self._cv:
             self._cv.notify_all()
         if self._worker:
             self._worker.join(timeout=5)
+
+    def ws_connections_now(self):
+        """How many WebSockets are open now."""
+        with self._cv:
+            return len(self._sockets)
+
+    def kill_sockets(self):
+        """Cut every WebSocket at once, without a close frame (a crash, a
+        network cut)."""
+        with self._cv:
+            sockets = list(self._sockets.values())
+            self._sockets.clear()
+        for sock in sockets:
+            sock.kill()
 
     def hold(self):
         """Let jobs start but not finish until release()."""
@@ -294,6 +343,8 @@ class FakeComfyUI(FakeServer):
         with self._cv:
             self.requests[req.path] += 1
         route = (req.method, req.path)
+        if route == ("GET", "/ws"):
+            return self._ws(req)
         if route == ("POST", "/prompt"):
             return self._post_prompt(req)
         if route == ("GET", "/prompt"):
@@ -417,6 +468,109 @@ class FakeComfyUI(FakeServer):
         return Response(200, data, {"Content-Type": "image/png",
                                     "Content-Disposition": f'filename="{filename}"'})
 
+    # -- WebSocket -------------------------------------------------------------
+
+    def _ws(self, req):
+        with self._cv:
+            if not self.websocket or req.headers.get("upgrade", "").lower() != "websocket":
+                self.ws_refused += 1
+                return None
+        client_id = req.query.get("clientId") or uuid.uuid4().hex
+        return Response(101, upgrade=lambda sock, raw: self._serve_socket(sock, raw, client_id))
+
+    def _serve_socket(self, sock, raw, client_id):
+        conn = _Socket(sock, raw)
+        if not conn.open:
+            return
+        with self._cv:
+            old = self._sockets.pop(client_id, None)
+            self._sockets[client_id] = conn
+            self.ws_connections += 1
+            self._send(client_id, "status", {"status": self._queue_info(), "sid": client_id})
+        if old is not None:
+            old.kill()
+        conn.serve(self._stopping)
+        with self._cv:
+            if self._sockets.get(client_id) is conn:
+                del self._sockets[client_id]
+            self.ws_closed_cleanly += conn.protocol.close_rcvd is not None
+
+    def _queue_info(self):
+        return {"exec_info": {"queue_remaining": len(self._pending) + (self._running is not None)}}
+
+    def _send(self, client_id, kind, data):
+        """One JSON message to `client_id`'s socket (None: to every socket).
+        Called with self._cv held."""
+        if kind in self.ws_drop:
+            return
+        targets = list(self._sockets.values()) if client_id is None else [self._sockets.get(client_id)]
+        for conn in targets:
+            if conn is not None and conn.send(json.dumps({"type": kind, "data": data})):
+                self.ws_sent[kind] += 1
+
+    def _send_preview(self, client_id):
+        conn = self._sockets.get(client_id)
+        # ComfyUI's PREVIEW_IMAGE frame: event 1, image type 1 (JPEG), the image.
+        if conn is not None and conn.send(struct.pack(">II", 1, 1) + b"\xff\xd8\xff\xe0fake preview"):
+            self.ws_sent["binary"] += 1
+
+    def _job_started(self, job):
+        client_id = job.extra.get("client_id")
+        self._send(None, "status", {"status": self._queue_info()})
+        if client_id is None:
+            return
+        pid = job.prompt_id
+        self._send(client_id, "execution_start", {"prompt_id": pid, "timestamp": job.started_ms})
+        self._send(client_id, "execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": job.started_ms})
+        node = self._progress_node(job)
+        self._send(client_id, "executing", {"node": node, "display_node": node, "prompt_id": pid})
+
+    @staticmethod
+    def _progress_node(job):
+        """The node whose progress bar moves: the first that is not an output."""
+        return next((n for n in job.prompt if n not in job.outputs), job.outputs[0])
+
+    def _progress(self, job, done_steps):
+        """Send the progress messages of steps up to `done_steps`."""
+        client_id = job.extra.get("client_id")
+        while job.steps_sent < done_steps:
+            job.steps_sent += 1
+            if client_id is None:
+                continue
+            self._send(client_id, "progress", {"value": job.steps_sent, "max": self.progress_steps,
+                                               "prompt_id": job.prompt_id, "node": self._progress_node(job)})
+            self._send_preview(client_id)
+            if self.ws_kill_after_progress is not None and job.steps_sent >= self.ws_kill_after_progress:
+                self.websocket = False
+                sockets = list(self._sockets.values())
+                self._sockets.clear()
+                for conn in sockets:
+                    conn.kill()
+
+    def _job_ended(self, job, entry):
+        """The end as ComfyUI tells it: executed and execution_success (or an
+        error) before the history entry is written, executing null after."""
+        client_id = job.extra.get("client_id")
+        early = client_id is not None and self.ws_end_before_history
+        if early:
+            self._send(client_id, "executing", {"node": None, "prompt_id": job.prompt_id})
+            # The lock is let go meanwhile: /queue shows the job running, /history knows nothing.
+            until = time.monotonic() + self.ws_end_before_history
+            while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
+                self._cv.wait(left)
+        if client_id is not None:
+            for node_id, output in entry["outputs"].items():
+                self._send(client_id, "executed", {"node": node_id, "display_node": node_id, "output": output,
+                                                   "prompt_id": job.prompt_id})
+            kind, data = entry["status"]["messages"][-1]
+            self._send(client_id, kind, data)
+        self._history[job.prompt_id] = entry
+        self.finished_at[job.prompt_id] = time.time()
+        self._running = None
+        self._send(None, "status", {"status": self._queue_info()})
+        if client_id is not None and not early:
+            self._send(client_id, "executing", {"node": None, "prompt_id": job.prompt_id})
+
     # -- execution -----------------------------------------------------------
 
     def _work(self):
@@ -432,16 +586,23 @@ class FakeComfyUI(FakeServer):
                     self._running = job
                     job.started_ms = _now_ms()
                     self.runs[job.prompt_id] += 1
-                deadline = time.monotonic() + self.job_seconds
+                    self._job_started(job)
+                began = time.monotonic()
+                deadline = began + self.job_seconds
+                step_s = self.job_seconds / max(1, self.progress_steps)
                 while not self._stopping.is_set() and self._running is job and not job.interrupted:
-                    remaining = deadline - time.monotonic()
+                    now = time.monotonic()
+                    if self.progress_steps:
+                        self._progress(job, min(self.progress_steps, int((now - began) / step_s)))
+                    remaining = deadline - now
                     if remaining <= 0 and not self._held:
                         break
+                    if remaining > 0 and self.progress_steps:
+                        remaining = min(remaining, step_s)
                     self._cv.wait(remaining if remaining > 0 else None)
                 if self._stopping.is_set() or self._running is not job:
                     continue  # stopped (the job resumes on start()) or lost to restart()
-                self._history[job.prompt_id] = self._run(job)
-                self._running = None
+                self._job_ended(job, self._run(job))
                 self._cv.notify_all()
 
     def _run(self, job):
@@ -515,3 +676,76 @@ class FakeComfyUI(FakeServer):
             meta[node_id] = {"node_id": node_id, "display_node": node_id, "parent_node": None,
                              "real_node_id": node_id}
         return outputs, meta
+
+
+class _Socket:
+    """The server side of one WebSocket, on the `websockets` package's
+    sans-I/O protocol (so framing, pings and the close handshake are a
+    real implementation's): the fake's threads send, serve() reads."""
+
+    def __init__(self, sock, raw_request):
+        from websockets.server import ServerProtocol
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.protocol = ServerProtocol(max_size=1 << 20)
+        self.protocol.receive_data(raw_request)
+        request = self.protocol.events_received()[0]
+        response = self.protocol.accept(request)
+        self.protocol.send_response(response)
+        self.open = response.status_code == 101
+        sock.settimeout(5.0)
+        with self.lock:
+            self._flush()
+
+    def _flush(self):
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+
+    def send(self, message):
+        """Send text (str) or a binary frame (bytes); False once closed."""
+        with self.lock:
+            if not self.open:
+                return False
+            try:
+                if isinstance(message, str):
+                    self.protocol.send_text(message.encode())
+                else:
+                    self.protocol.send_binary(message)
+                self._flush()
+            except Exception:
+                self.open = False
+                return False
+            return True
+
+    def kill(self):
+        with self.lock:
+            self.open = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def serve(self, stopping):
+        """Read (answering pings, the close handshake) until the end."""
+        while self.open and not stopping.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            with self.lock:
+                if data:
+                    self.protocol.receive_data(data)
+                else:
+                    self.protocol.receive_eof()
+                self.protocol.events_received()
+                try:
+                    self._flush()
+                except OSError:
+                    break
+                if not data or self.protocol.close_expected():
+                    break
+        with self.lock:
+            self.open = False
