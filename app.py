@@ -49,7 +49,8 @@ def serve(config):
     setup_logging(config.log)
     store, providers, files = open_everything(config)
     worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
-                    keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d)
+                    keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d,
+                    webhooks=config.webhook_settings())
     signalled = []
     try:
         first_run_users(store, config)

@@ -1,0 +1,337 @@
+"""Webhooks out: a real receiver on 127.0.0.1 counts what it is sent and
+checks every signature with `standardwebhooks` (the specification's
+reference library), never with holdfast's own code."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from config import Config
+from support import ServerProcess
+from worker.deliver import Deliverer
+
+HANG = "hang"
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every request. `answer(req,
+    n)` (n: how many requests with this webhook-id came before) returns
+    (status, headers) or HANG: no answer until the receiver stops."""
+
+    def __init__(self, answer=None):
+        self.requests = []
+        self.answer = answer or (lambda req, n: (200, {}))
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                req = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                       "body": body, "at": time.time(), "status": None}
+                with receiver.lock:
+                    n = sum(1 for r in receiver.requests if r["headers"].get("webhook-id") == req["headers"].get("webhook-id"))
+                    receiver.requests.append(req)
+                decision = receiver.answer(req, n)
+                if decision == HANG:
+                    receiver.released.wait(120)
+                    return
+                status, headers = decision
+                req["status"] = status
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path="/hook"):
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def stop(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.requests)
+
+    def accepted(self, secret):
+        """{task id: [webhook-id of each 2xx-answered finished message]},
+        each verified by standardwebhooks with `secret`."""
+        out = {}
+        for req in self.snapshot():
+            if req["status"] is None or not 200 <= req["status"] < 300:
+                continue
+            msg = Webhook(secret).verify(req["body"], req["headers"])
+            if msg["type"] == "task.finished":
+                out.setdefault(msg["data"]["task"]["id"], []).append(req["headers"]["webhook-id"])
+        return out
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(answer=None):
+        r = Receiver(answer)
+        made.append(r)
+        return r
+    yield make
+    for r in made:
+        r.stop()
+
+
+def wait_for(check, timeout, what, step=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+FAST_RETRIES = {"HOLDFAST_WEBHOOK_ALLOW_PRIVATE": "1", "HOLDFAST_WEBHOOK_RETRY_SCALE": "0.001",
+                "HOLDFAST_WEBHOOK_TIMEOUT_S": "1.5"}
+
+
+class Api:
+    def __init__(self, server, token):
+        self.base, self.headers = server.url, {"Authorization": f"Bearer {token}"}
+
+    def post(self, path, body=None):
+        return requests.post(self.base + path, json=body or {}, headers=self.headers, timeout=10)
+
+    def get(self, path):
+        return requests.get(self.base + path, headers=self.headers, timeout=10)
+
+    def submit(self, url, **extra):
+        r = self.post("/api/tasks", {"provider": "demo", "params": {"prompt": "x", "duration_s": 0.1},
+                                     "webhook": url, **extra})
+        assert r.status_code == 201, r.text
+        return r.json()["task"]["id"]
+
+    def secret(self):
+        return self.get("/api/webhooks/secret").json()["secrets"][-1]["secret"]
+
+    def deliveries(self, task_id):
+        return self.get(f"/api/webhooks/deliveries?task_id={task_id}").json()["deliveries"]
+
+
+# -- submit-time checks --------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest/meta-data/",
+                                 "http://localhost/x", "http://[::1]/x", "http://10.0.0.7/x",
+                                 "ftp://example.com/x", "https://user:pw@example.com/x", "not a url", 42])
+def test_a_webhook_to_a_private_or_odd_target_is_refused_and_changes_nothing(client, users, url):
+    c = client.as_user(users["alice"])
+    r = c.post("/api/tasks", {"provider": "demo", "params": {}, "webhook": url})
+    assert r.status == 400, r.body
+    assert r.json()["error"]["code"] == "invalid_webhook"
+    assert c.get("/api/tasks").json()["tasks"] == []
+
+
+@pytest.mark.parametrize("events", [[], ["finished", "exploded"], "finished", [1]])
+def test_bad_webhook_events_are_refused(client, users, events):
+    c = client.as_user(users["alice"])
+    r = c.post("/api/tasks", {"provider": "demo", "params": {}, "webhook": "http://93.184.215.14/x",
+                              "webhook_events": events})
+    assert r.status == 400 and r.json()["error"]["code"] == "invalid_webhook_events"
+    r = c.post("/api/tasks", {"provider": "demo", "params": {}, "webhook_events": ["finished"]})
+    assert r.status == 400 and r.json()["error"]["code"] == "invalid_webhook_events"
+    assert c.get("/api/tasks").json()["tasks"] == []
+
+
+def test_private_targets_pass_with_the_allow_setting(sqlite_store, providers, worker, files, clock, users):
+    from api import create_app
+    from support import WSGIClient
+    app = create_app(sqlite_store, providers, Config(webhook_allow_private="1"), worker=worker, files=files,
+                     clock=clock)
+    c = WSGIClient(app, users["alice"])
+    r = c.post("/api/tasks", {"provider": "demo", "params": {}, "webhook": "http://127.0.0.1:9/hook"})
+    assert r.status == 201, r.body
+
+
+def test_the_sender_checks_the_address_again_at_connect(sqlite_store, receiver):
+    """A URL that passed the check at submit but now resolves to loopback
+    (DNS rebinding) is not connected to without the allow setting."""
+    rec = receiver()
+    user, _ = sqlite_store.create_user("carol")
+    now = time.time()
+    sqlite_store.submit(user["id"], "demo", {}, now=now, deadline_at=now + 60,
+                        webhook={"url": rec.url(), "events": ["created"]})
+    sender = Deliverer(sqlite_store, owner="t:1", timeout_s=2)
+    [d] = sqlite_store.claim_deliveries("t:1", now=now, limit=5, lease_s=10, per_target=2)
+    assert sender.send(d) == "retry"
+    assert rec.snapshot() == []
+    [shown] = sqlite_store.deliveries(user["id"])
+    assert "loopback" in shown["last_error"]
+
+
+# -- signatures and rotation -----------------------------------------------------------
+
+def test_both_secrets_verify_during_a_rotation_overlap(sqlite_store, receiver):
+    rec = receiver()
+    user, _ = sqlite_store.create_user("carol")
+    now = time.time()
+    endpoint, old = sqlite_store.add_webhook_endpoint(user["id"], rec.url(), ["created"], now=now)
+    new = sqlite_store.rotate_webhook_secret(user["id"], endpoint["id"], now=now, overlap_s=3600)
+    sqlite_store.submit(user["id"], "demo", {"prompt": "x"}, now=now, deadline_at=now + 60)
+    sender = Deliverer(sqlite_store, owner="t:1", allow_private=True, timeout_s=5)
+    [d] = sqlite_store.claim_deliveries("t:1", now=now, limit=5, lease_s=10, per_target=2)
+    assert sender.send(d) == "succeeded"
+    [req] = rec.snapshot()
+    assert len(req["headers"]["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        msg = Webhook(secret).verify(req["body"], req["headers"])
+        assert msg["type"] == "task.created" and msg["data"]["task"]["status"] == "queued"
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "QUJD" * 8).verify(req["body"], req["headers"])
+    # After the overlap only the new secret signs.
+    later = now + 3601
+    sqlite_store.submit(user["id"], "demo", {"prompt": "y"}, now=later, deadline_at=later + 60)
+    [d] = sqlite_store.claim_deliveries("t:1", now=later, limit=5, lease_s=10, per_target=2)
+    sender.send(d)
+    req = rec.snapshot()[-1]
+    Webhook(new).verify(req["body"], req["headers"])
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(req["body"], req["headers"])
+
+
+# -- a real server ------------------------------------------------------------------------
+
+def test_one_finished_delivery_per_task_across_500_timeout_and_429(tmp_path, receiver):
+    """Each task's finish is answered 500, then not at all (the attempt
+    times out), then 429 with Retry-After, then 200: the receiver accepts
+    exactly one finished message per task, with one webhook-id throughout."""
+    plan = [(500, {}), HANG, (429, {"Retry-After": "3"}), (200, {})]
+    rec = receiver(lambda req, n: plan[min(n, 3)])
+    with ServerProcess(tmp_path / "d", env=FAST_RETRIES) as server:
+        api = Api(server, server.tokens["demo"])
+        ids = [api.submit(rec.url()) for _ in range(3)]
+        secret = api.secret()
+        wait_for(lambda: len(rec.accepted(secret)) == 3, 60, "three finished deliveries")
+        time.sleep(1.0)
+        accepted = rec.accepted(secret)
+        assert sorted(accepted) == sorted(ids)
+        assert all(len(v) == 1 for v in accepted.values()), accepted
+        for task_id in ids:
+            [d] = api.deliveries(task_id)
+            assert d["state"] == "succeeded" and d["attempts"] == 4, d
+            assert [a["status"] for a in d["log"]] == [500, None, 429, 200]
+            assert "timed out" in d["log"][1]["error"]
+            sent = [r for r in rec.snapshot() if r["headers"]["webhook-id"] == d["id"]]
+            assert len(sent) == 4
+            # Retry-After said 3 s; the schedule alone would have waited under 2.2 s.
+            assert sent[3]["at"] - sent[2]["at"] >= 2.9
+        # Another user's task is a 404, like a missing one.
+        _, other = _add_user(server, "mallory")
+        assert Api(server, other).get(f"/api/webhooks/deliveries?task_id={ids[0]}").status_code == 404
+
+
+def _add_user(server, name):
+    r = requests.post(server.url + "/api/admin/users", json={"name": name},
+                      headers={"Authorization": f"Bearer {server.tokens['admin']}"}, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["user"], r.json()["token"]
+
+
+def test_a_410_disables_the_endpoint(tmp_path, receiver):
+    rec = receiver(lambda req, n: (410, {}))
+    with ServerProcess(tmp_path / "d", env=FAST_RETRIES) as server:
+        admin = Api(server, server.tokens["admin"])
+        r = admin.post("/api/admin/users/demo/webhooks", {"url": rec.url(), "events": ["finished"]})
+        assert r.status_code == 201, r.text
+        assert r.json()["secret"].startswith("whsec_")
+        api = Api(server, server.tokens["demo"])
+        first = _submit_plain(api)
+        wait_for(lambda: rec.snapshot(), 30, "the first delivery")
+        endpoints = wait_for(lambda: [e for e in admin.get("/api/admin/users/demo/webhooks").json()["endpoints"]
+                                      if e["disabled_at"]], 10, "the endpoint disabled")
+        assert "410" in endpoints[0]["disabled_reason"]
+        [d] = api.deliveries(first)
+        assert d["state"] == "failed" and d["last_status"] == 410
+        second = _submit_plain(api)
+        wait_for(lambda: api.get(f"/api/tasks/{second}").json()["task"]["status"] == "succeeded", 30,
+                 "the second task")
+        time.sleep(1.0)
+        assert api.deliveries(second) == []
+        assert len(rec.snapshot()) == 1
+
+
+def _submit_plain(api):
+    r = api.post("/api/tasks", {"provider": "demo", "params": {"prompt": "x", "duration_s": 0.1}})
+    assert r.status_code == 201, r.text
+    return r.json()["task"]["id"]
+
+
+def test_exactly_one_finished_delivery_per_task_across_kill_9(tmp_path, receiver):
+    """The server is killed (SIGKILL) while tasks have finished and their
+    deliveries are unanswered or not yet sent; after a restart every task's
+    finish reaches the receiver under one webhook-id, none is lost and none
+    is made up."""
+    dead = threading.Event()
+    rec = receiver(lambda req, n: HANG if not dead.is_set() else (200, {}))
+    env = {**FAST_RETRIES, "HOLDFAST_WEBHOOK_TIMEOUT_S": "6", "HOLDFAST_WEBHOOK_THREADS": "2",
+           "HOLDFAST_WEBHOOK_PER_ENDPOINT": "2"}
+    server = ServerProcess(tmp_path / "d", env=env).start()
+    try:
+        api = Api(server, server.tokens["demo"])
+        secret = api.secret()
+        ids = [api.submit(rec.url()) for _ in range(8)]
+        wait_for(lambda: all(api.get(f"/api/tasks/{t}").json()["task"]["status"] == "succeeded" for t in ids),
+                 60, "all tasks finished")
+        wait_for(lambda: len(rec.snapshot()) >= 2, 20, "deliveries in flight")
+        server.kill()
+        dead.set()
+        assert len({r["headers"]["webhook-id"] for r in rec.snapshot()}) < len(ids)   # some never sent
+        server = ServerProcess(tmp_path / "d", env=env, port=server.port)
+        server.tokens = {"demo": api.headers["Authorization"][7:]}
+        server.start()
+        wait_for(lambda: len(rec.accepted(secret)) == len(ids), 60, "every finished delivery")
+        time.sleep(1.0)
+        accepted = rec.accepted(secret)
+        assert sorted(accepted) == sorted(ids)
+        assert all(len(v) == 1 for v in accepted.values()), accepted
+        # Every message the receiver ever saw is one of those (a resend
+        # after the kill carries the same webhook-id).
+        finished_ids = {v[0] for v in accepted.values()}
+        assert {r["headers"]["webhook-id"] for r in rec.snapshot()} == finished_ids
+    finally:
+        server.stop()
+
+
+def test_a_receiver_that_never_answers_slows_no_other_task(tmp_path, receiver):
+    slow = receiver(lambda req, n: HANG)
+    fast = receiver()
+    env = {**FAST_RETRIES, "HOLDFAST_WEBHOOK_TIMEOUT_S": "15"}
+    with ServerProcess(tmp_path / "d", env=env) as server:
+        api = Api(server, server.tokens["demo"])
+        secret = api.secret()
+        for _ in range(12):
+            api.submit(slow.url())
+        wait_for(lambda: len(slow.snapshot()) >= 2, 20, "the slow receiver holding deliveries")
+        started = time.time()
+        ids = [api.submit(fast.url()) for _ in range(6)]
+        wait_for(lambda: len(fast.accepted(secret)) == 6, 12, "the fast receiver's deliveries")
+        took = time.time() - started
+        # Under the slow receiver's 15 s timeout: nobody waited for it.
+        assert took < 12
+        assert sorted(fast.accepted(secret)) == sorted(ids)
+        # Its own deliveries wait behind its in-flight cap (2), not more.
+        assert len(slow.snapshot()) == 2
