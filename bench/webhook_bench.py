@@ -11,6 +11,13 @@ at once, each its own port: its own in-flight cap). Submissions go in from
 8 threads. The figure is finished deliveries over the time from the first
 to the last arrival, while the tasks themselves are finishing; with it,
 the time from a task's `finished_at` to its delivery's arrival (p50, p99).
+There the tasks' own pace (the demo provider's steps) bounds the figure.
+
+    .venv/bin/python bench/webhook_bench.py --backlog [--tasks 1000]
+
+measures the sender alone: the tasks are finished first, straight in an
+SQLite store, and a Deliverer (threads and cap as above) then sends the
+backlog of finished deliveries; the figure is how fast it drains.
 """
 
 import argparse
@@ -115,6 +122,42 @@ def run(args):
                      f"{args.threads} sender threads"], rows)
 
 
+def backlog(args):
+    from store import SqliteStore
+    from worker.deliver import Deliverer
+    receivers = [Receiver() for _ in range(args.receivers)]
+    with temp_dir("webhooks-backlog") as data:
+        store = SqliteStore(os.path.join(data, "holdfast.db"))
+        user, _ = store.create_user("bench")
+        now = time.time()
+        for i in range(args.tasks):
+            task, _ = store.submit(user["id"], "demo", {"i": i}, now=now, deadline_at=now + 3600,
+                                   webhook={"url": receivers[i % len(receivers)].url, "events": ["finished"]})
+            store.update(task["id"], token=None, now=now, status="running")
+            store.update(task["id"], token=None, now=now, status="succeeded")
+        sender = Deliverer(store, owner="bench:1", threads=args.threads, per_target=args.per_endpoint,
+                           allow_private=True)
+        sender.start()
+        started = time.time()
+        try:
+            while time.time() - started < args.timeout:
+                sender.tick()       # as the worker's `deliver` job does, every 0.25 s
+                if sum(len(r.arrivals) for r in receivers) >= args.tasks:
+                    break
+                time.sleep(0.25)
+        finally:
+            sender.stop()
+            took = time.time() - started
+            store.close()
+    for r in receivers:
+        r.stop()
+    got = sum(len(r.arrivals) for r in receivers)
+    table(["", f"backlog: {args.receivers} receiver(s), {args.per_endpoint} in flight each, "
+               f"{args.threads} sender threads"],
+          [["deliveries received", f"{got} of {args.tasks}"], ["took", f"{took:.1f} s"],
+           ["deliveries per second", f"{got / took:.0f}"]])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000)
@@ -122,7 +165,9 @@ def main():
     parser.add_argument("--per-endpoint", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600)
-    run(parser.parse_args())
+    parser.add_argument("--backlog", action="store_true", help="the sender alone, on finished tasks")
+    args = parser.parse_args()
+    (backlog if args.backlog else run)(args)
 
 
 if __name__ == "__main__":
