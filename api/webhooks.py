@@ -124,6 +124,7 @@ def webhook_routes(app, store, config, *, clock, current_user, admin_user):
         user = store.user_by_name(name)
         endpoint, secret = store.add_webhook_endpoint(user["id"], url, events, now=clock())
         bottle.response.status = 201
+        bottle.response.set_header("Cache-Control", "no-store")
         return {"endpoint": endpoint_json(endpoint), "secret": secret}
 
     @app.delete("/api/admin/users/<name>/webhooks/<endpoint_id>")
@@ -151,4 +152,6 @@ def webhook_routes(app, store, config, *, clock, current_user, admin_user):
 
 
 def _secrets(rows):
+    # Answers that carry secrets are not for any cache.
+    bottle.response.set_header("Cache-Control", "no-store")
     return [{"secret": r["secret"], "expires_at": iso(r["expires_at"])} for r in rows]

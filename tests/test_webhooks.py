@@ -335,3 +335,91 @@ def test_a_receiver_that_never_answers_slows_no_other_task(tmp_path, receiver):
         assert sorted(fast.accepted(secret)) == sorted(ids)
         # Its own deliveries wait behind its in-flight cap (2), not more.
         assert len(slow.snapshot()) == 2
+
+
+# -- the HTTP surface ---------------------------------------------------------------------
+
+PUBLIC = "http://93.184.215.14/hook"     # an address literal: no DNS, and nothing is sent here
+
+
+def test_deliveries_are_listed_retried_and_kept_to_their_owner(client, users, sqlite_store, clock):
+    alice, bob = client.as_user(users["alice"]), client.as_user(users["bob"])
+    r = alice.post("/api/tasks", {"provider": "demo", "params": {}, "webhook": PUBLIC,
+                                  "webhook_events": ["created", "finished"]})
+    assert r.status == 201, r.body
+    task_id = r.json()["task"]["id"]
+    [d] = alice.get("/api/webhooks/deliveries", query={"task_id": task_id}).json()["deliveries"]
+    assert (d["type"], d["state"], d["attempts"], d["url"]) == ("task.created", "pending", 0, PUBLIC)
+    assert d["next_try_at"] is not None
+    assert alice.get("/api/webhooks/deliveries").json()["deliveries"] == [d]
+    assert bob.get("/api/webhooks/deliveries", query={"task_id": task_id}).status == 404
+    assert bob.get("/api/webhooks/deliveries").json()["deliveries"] == []
+    assert bob.post(f"/api/webhooks/deliveries/{d['id']}/retry").status == 404
+    assert alice.post("/api/webhooks/deliveries/msg_nope/retry").status == 404
+    [claimed] = sqlite_store.claim_deliveries("t:1", now=clock(), limit=5, lease_s=60, per_target=2)
+    r = alice.post(f"/api/webhooks/deliveries/{d['id']}/retry")
+    assert r.status == 409 and r.json()["error"]["code"] == "delivery_in_flight"
+    sqlite_store.finish_delivery(d["id"], token=claimed["lease_token"], now=clock(), outcome="failed",
+                                 status=500, error="the receiver answered 500")
+    r = alice.post(f"/api/webhooks/deliveries/{d['id']}/retry")
+    assert r.status == 200 and r.json()["delivery"]["state"] == "pending"
+    assert r.json()["delivery"]["log"][0]["status"] == 500
+
+
+def test_admins_manage_endpoints_and_secrets_are_shown_once(client, users, sqlite_store):
+    _, admin_token = sqlite_store.create_user("root", admin=True)
+    admin, alice = client.as_user(admin_token), client.as_user(users["alice"])
+    path = "/api/admin/users/alice/webhooks"
+    assert alice.post(path, {"url": PUBLIC}).status == 403
+    for bad, code in (({"url": "http://169.254.169.254/"}, "invalid_webhook"),
+                      ({"url": PUBLIC, "events": ["nope"]}, "invalid_webhook_events"),
+                      ({"url": PUBLIC, "colour": "red"}, "invalid_input")):
+        r = admin.post(path, bad)
+        assert r.status == 400 and r.json()["error"]["code"] == code, r.body
+    assert admin.get(path).json()["endpoints"] == []
+    assert admin.post("/api/admin/users/nobody/webhooks", {"url": PUBLIC}).status == 404
+    r = admin.post(path, {"url": PUBLIC, "events": ["finished", "created"]})
+    assert r.status == 201 and r.headers["cache-control"] == "no-store"
+    endpoint, secret = r.json()["endpoint"], r.json()["secret"]
+    assert endpoint["events"] == ["created", "finished"] and secret.startswith("whsec_")
+    listed = admin.get(path).json()
+    assert listed["endpoints"] == [endpoint] and secret not in json.dumps(listed)
+    r = admin.post(f"{path}/{endpoint['id']}/rotate").json()
+    assert [s["secret"] for s in r["secrets"]] == [secret, r["secret"]]
+    assert admin.post(f"{path}/{endpoint['id']}/enable").json()["endpoint"]["disabled_at"] is None
+    assert admin.request("DELETE", f"{path}/{endpoint['id']}").status == 200
+    assert admin.request("DELETE", f"{path}/{endpoint['id']}").status == 404
+    assert admin.get(path).json()["endpoints"] == []
+
+
+def test_the_command_line_adds_lists_and_rotates_endpoints(tmp_path):
+    import subprocess
+    import sys
+    from support import ROOT
+    env = {**__import__("os").environ, "HOLDFAST_DATA": str(tmp_path)}
+    env.pop("HOLDFAST_CONFIG", None)
+
+    def app(*args):
+        return subprocess.run([sys.executable, f"{ROOT}/app.py", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert app("users", "add", "eve").returncode == 0
+    added = app("webhooks", "add", "eve", PUBLIC, "--events", "created,finished")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines()[1].startswith("whsec_")
+    assert "created,finished" in app("webhooks", "list", "eve").stdout
+    refused = app("webhooks", "add", "eve", "http://127.0.0.1:9/x")
+    assert refused.returncode == 2 and "loopback" in refused.stderr
+    assert app("webhooks", "rotate", "eve", "1").stdout.startswith("whsec_")
+    assert app("webhooks", "secret", "eve").stdout.startswith("whsec_")
+
+
+def test_the_task_secret_is_made_once_and_rotates_with_an_overlap(client, users):
+    alice = client.as_user(users["alice"])
+    first = alice.get("/api/webhooks/secret").json()["secrets"]
+    assert len(first) == 1 and first[0]["secret"].startswith("whsec_") and first[0]["expires_at"] is None
+    assert alice.get("/api/webhooks/secret").json()["secrets"] == first
+    r = alice.post("/api/webhooks/secret/rotate").json()
+    assert [s["secret"] for s in r["secrets"]] == [first[0]["secret"], r["secret"]]
+    assert r["secrets"][0]["expires_at"] is not None
+    assert client.as_user(users["bob"]).get("/api/webhooks/secret").json()["secrets"][0]["secret"] not in (
+        first[0]["secret"], r["secret"])
