@@ -423,3 +423,23 @@ def test_the_task_secret_is_made_once_and_rotates_with_an_overlap(client, users)
     assert r["secrets"][0]["expires_at"] is not None
     assert client.as_user(users["bob"]).get("/api/webhooks/secret").json()["secrets"][0]["secret"] not in (
         first[0]["secret"], r["secret"])
+
+
+def test_two_servers_on_one_postgresql_never_send_a_delivery_twice(tmp_path, receiver, pg_schema):
+    """Both processes claim from one outbox (FOR UPDATE SKIP LOCKED and a
+    lease): a receiver that always answers 200 gets each message once."""
+    rec = receiver()
+    env = {**FAST_RETRIES, "HOLDFAST_STORE": pg_schema.url, "HOLDFAST_RATE_PER_S": "1000"}
+    with ServerProcess(tmp_path / "a", env=env) as a, ServerProcess(tmp_path / "b", env=env) as b:
+        token = a.tokens["demo"]
+        apis = [Api(a, token), Api(b, token)]
+        secret = apis[0].secret()
+        ids = [apis[i % 2].submit(rec.url(), webhook_events=["created", "running", "finished"])
+               for i in range(30)]
+        wait_for(lambda: len(rec.accepted(secret)) == len(ids), 60, "every finished delivery")
+        wait_for(lambda: len(rec.snapshot()) >= 3 * len(ids), 30, "every delivery")
+        time.sleep(1.0)
+        seen = [r["headers"]["webhook-id"] for r in rec.snapshot()]
+        assert len(seen) == len(set(seen)) == 3 * len(ids)
+        for r in rec.snapshot():
+            Webhook(secret).verify(r["body"], r["headers"])
