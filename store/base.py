@@ -459,7 +459,7 @@ class BaseStore:
         raise NotImplementedError
 
     def deliveries(self, user_id, task_id=None, *, limit=200):
-        """The user's deliveries (of one task), oldest first."""
+        """The user's newest `limit` deliveries (of one task), oldest first."""
         raise NotImplementedError
 
     def get_delivery(self, user_id, delivery_id):

@@ -315,8 +315,9 @@ class WebhooksSql:
             sql += " AND task_id = ?"
             args.append(task_id)
         with self._seam():
-            rows = self._exec(sql + " ORDER BY created_at, id LIMIT ?", (*args, limit)).fetchall()
-        return [self._delivery(r) for r in rows]
+            # The newest `limit`, shown oldest first.
+            rows = self._exec(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [self._delivery(r) for r in reversed(rows)]
 
     def get_delivery(self, user_id, delivery_id):
         with self._seam():

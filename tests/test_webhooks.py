@@ -3,6 +3,9 @@ checks every signature with `standardwebhooks` (the specification's
 reference library), never with holdfast's own code."""
 
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +15,7 @@ import requests
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from config import Config
-from support import ServerProcess
+from support import ServerProcess, require
 from worker.deliver import Deliverer
 
 HANG = "hang"
@@ -23,8 +26,9 @@ class Receiver:
     n)` (n: how many requests with this webhook-id came before) returns
     (status, headers) or HANG: no answer until the receiver stops."""
 
-    def __init__(self, answer=None):
+    def __init__(self, answer=None, tls=None):
         self.requests = []
+        self.scheme = "https" if tls else "http"
         self.answer = answer or (lambda req, n: (200, {}))
         self.lock = threading.Lock()
         self.released = threading.Event()
@@ -55,11 +59,15 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path="/hook"):
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}{path}"
 
     def stop(self):
         self.released.set()
@@ -87,8 +95,8 @@ class Receiver:
 def receiver():
     made = []
 
-    def make(answer=None):
-        r = Receiver(answer)
+    def make(answer=None, tls=None):
+        r = Receiver(answer, tls)
         made.append(r)
         return r
     yield make
@@ -181,6 +189,33 @@ def test_the_sender_checks_the_address_again_at_connect(sqlite_store, receiver):
     assert rec.snapshot() == []
     [shown] = sqlite_store.deliveries(user["id"])
     assert "loopback" in shown["last_error"]
+
+
+def test_https_receivers_are_verified_against_their_certificate(sqlite_store, receiver, tmp_path,
+                                                                  monkeypatch):
+    require(shutil.which("openssl") is not None, "needs the openssl command (to make a certificate)")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    rec = receiver(tls=(cert, key))
+    user, _ = sqlite_store.create_user("carol")
+    now = time.time()
+    sqlite_store.submit(user["id"], "demo", {}, now=now, deadline_at=now + 60,
+                        webhook={"url": rec.url(), "events": ["created"]})
+    # Not trusted: the handshake fails and nothing is sent.
+    untrusting = Deliverer(sqlite_store, owner="t:1", allow_private=True, timeout_s=5)
+    [d] = sqlite_store.claim_deliveries("t:1", now=now, limit=5, lease_s=10, per_target=2)
+    assert untrusting.send(d) == "retry"
+    assert "CERTIFICATE_VERIFY_FAILED" in sqlite_store.deliveries(user["id"])[0]["last_error"]
+    assert all(r["status"] is None for r in rec.snapshot())
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    trusting = Deliverer(sqlite_store, owner="t:1", allow_private=True, timeout_s=5)
+    [d] = sqlite_store.claim_deliveries("t:1", now=now + 3600, limit=5, lease_s=10, per_target=2)
+    assert trusting.send(d) == "succeeded"
+    secret = sqlite_store.task_webhook_secrets(user["id"], now=now)[0]["secret"]
+    [req] = [r for r in rec.snapshot() if r["status"] == 200]
+    assert Webhook(secret).verify(req["body"], req["headers"])["type"] == "task.created"
 
 
 # -- signatures and rotation -----------------------------------------------------------
