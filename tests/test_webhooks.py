@@ -478,3 +478,16 @@ def test_two_servers_on_one_postgresql_never_send_a_delivery_twice(tmp_path, rec
         assert len(seen) == len(set(seen)) == 3 * len(ids)
         for r in rec.snapshot():
             Webhook(secret).verify(r["body"], r["headers"])
+
+
+def test_a_retried_task_reports_to_the_same_webhook(client, users):
+    alice = client.as_user(users["alice"])
+    r = alice.post("/api/tasks", {"provider": "demo", "params": {}, "webhook": PUBLIC,
+                                  "webhook_events": ["created"]})
+    first = r.json()["task"]["id"]
+    assert alice.post(f"/api/tasks/{first}/cancel").status == 200
+    r = alice.post(f"/api/tasks/{first}/retry")
+    assert r.status == 201, r.body
+    retry = r.json()["task"]["id"]
+    [d] = alice.get("/api/webhooks/deliveries", query={"task_id": retry}).json()["deliveries"]
+    assert (d["type"], d["url"]) == ("task.created", PUBLIC)

@@ -102,6 +102,8 @@ class Deliverer:
 
     def start(self):
         self._stop.clear()
+        with self._lock:
+            self._busy = {}     # what a stop() cancelled is in flight no more
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-webhook")
         self._watchdog = threading.Thread(target=self._watch_loop, name="holdfast-webhook-watchdog", daemon=True)
         self._watchdog.start()
