@@ -2,7 +2,8 @@
 
 With no command it serves: the port bound first, then the worker and
 recovery, and the HTTP API (api/) under waitress with api/server.py's
-bounds. `users add` and `credits` manage accounts from the shell.
+bounds. `users add` and `credits` manage accounts from the shell, and
+`webhooks` a user's default webhook endpoints and signing secrets.
 The wiring (Config, logging, opening the store and providers) is config.py's.
 """
 
@@ -50,7 +51,7 @@ def serve(config):
     store, providers, files = open_everything(config)
     worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
                     keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d,
-                    public_url=config.public_url)
+                    public_url=config.public_url, webhooks=config.webhook_settings())
     signalled = []
     try:
         first_run_users(store, config)
@@ -112,6 +113,55 @@ def serve(config):
     os._exit(0)
 
 
+def _webhook_commands(sub):
+    hooks = sub.add_parser("webhooks", help="a user's default webhook endpoints and signing secrets")
+    acts = hooks.add_subparsers(dest="action", required=True)
+    add = acts.add_parser("add", help="add an endpoint; prints its secret (shown only now)")
+    add.add_argument("name")
+    add.add_argument("url")
+    add.add_argument("--events", default="finished", help="comma-separated: created,running,progress,finished")
+    acts.add_parser("list", help="the user's endpoints").add_argument("name")
+    for action, what in (("rotate", "a new secret for an endpoint (the old one signs too for a while)"),
+                         ("remove", "remove an endpoint"), ("enable", "enable an endpoint again (after a 410)")):
+        one = acts.add_parser(action, help=what)
+        one.add_argument("name")
+        one.add_argument("endpoint_id", type=int)
+    secret = acts.add_parser("secret", help="the secret that signs the user's tasks' own webhook URLs")
+    secret.add_argument("name")
+    secret.add_argument("--rotate", action="store_true", help="make a new one (the old one signs for a while)")
+
+
+def webhooks_command(store, config, args):
+    """`python app.py webhooks ...`: the admin API's endpoint calls, from the shell."""
+    from api.webhooks import check_webhook_url
+    from store import webhook_events
+    user = store.user_by_name(args.name)
+    now = time.time()
+    if args.action == "add":
+        url = check_webhook_url(args.url, config.webhooks_private_ok)
+        endpoint, secret = store.add_webhook_endpoint(user["id"], url, webhook_events(args.events.split(",")),
+                                                      now=now)
+        print(f"endpoint {endpoint['id']}: {url} ({','.join(endpoint['events'])})")
+        print(secret)
+    elif args.action == "list":
+        for e in store.webhook_endpoints(user["id"]):
+            state = f"disabled: {e['disabled_reason']}" if e["disabled_at"] else "enabled"
+            print(f"{e['id']}\t{e['url']}\t{','.join(e['events'])}\t{state}")
+    elif args.action == "rotate":
+        print(store.rotate_webhook_secret(user["id"], args.endpoint_id, now=now,
+                                          overlap_s=config.webhook_secret_overlap_s))
+    elif args.action == "remove":
+        store.remove_webhook_endpoint(user["id"], args.endpoint_id, now=now)
+    elif args.action == "enable":
+        store.set_webhook_endpoint_enabled(user["id"], args.endpoint_id, True, now=now)
+    elif args.rotate:
+        print(store.rotate_webhook_secret(user["id"], now=now, overlap_s=config.webhook_secret_overlap_s))
+    else:
+        for s in store.task_webhook_secrets(user["id"], now=now):
+            print(s["secret"])
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python app.py", description="holdfast: durable AI-generation jobs")
     sub = parser.add_subparsers(dest="command")
@@ -127,6 +177,7 @@ def main(argv=None):
     grant = sub.add_parser("credits", help="grant credits to a user (-N takes them away)")
     grant.add_argument("name")
     grant.add_argument("amount", help="+N or -N")
+    _webhook_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "credits" and not re.match(r"^[+-]?[0-9]{1,13}$", args.amount):
         parser.error(f"amount must be an integer like +10 or -3, not {args.amount!r}")
@@ -137,6 +188,8 @@ def main(argv=None):
         setup_logging(config.log)
         store, _, _ = open_everything(config)
         try:
+            if args.command == "webhooks":
+                return webhooks_command(store, config, args)
             if args.command == "credits":
                 user = store.grant(store.user_by_name(args.name)["id"], int(args.amount), now=time.time())
                 print(f"{user['name']}: balance {user['credit_balance']}")

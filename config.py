@@ -49,6 +49,12 @@ class Config:
     s3_addressing: str = "auto"    # path, virtual, or auto (boto3 picks)
     s3_presign: int = 1            # 1: downloads redirect to a presigned link; 0: holdfast streams them
     s3_presign_s: float = 300.0    # how long such a link works
+    webhook_allow_private: str = "0"  # 1: webhooks may reach loopback, private and link-local addresses
+    webhook_timeout_s: float = 15.0   # one delivery attempt in all (at most 15)
+    webhook_retry_scale: float = 1.0  # multiplies the retry schedule (tests shorten it)
+    webhook_threads: int = 8          # deliveries in flight per process
+    webhook_per_endpoint: int = 2     # of those, to one receiver (scheme, host, port)
+    webhook_secret_overlap_s: float = 86400.0   # a rotated secret keeps signing this long
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -106,6 +112,16 @@ class Config:
         if kind in (int, float) and value <= 0 and f.name not in ("port", "s3_presign"):
             raise ConfigError(f"{where} must be positive")
         setattr(self, f.name, value)
+
+    @property
+    def webhooks_private_ok(self):
+        return self.webhook_allow_private.strip().lower() in ("1", "true", "yes")
+
+    def webhook_settings(self):
+        """The Deliverer's settings (worker/deliver.py)."""
+        return {"threads": self.webhook_threads, "per_target": self.webhook_per_endpoint,
+                "timeout_s": self.webhook_timeout_s, "retry_scale": self.webhook_retry_scale,
+                "allow_private": self.webhooks_private_ok}
 
 
 def _public_url(value):

@@ -10,6 +10,7 @@ what it needs.
     streams.py   /api/events (SSE) and /api/events/poll (long polls)
     callbacks.py /api/callbacks/{provider}/{token}: providers' word that a job changed (no bearer auth)
     events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
+    webhooks.py  /api/webhooks/* and admins' /api/admin/users/<name>/webhooks; webhook URL checks
     service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
     web.py       the seam every route module shares: the error hook, JSON bodies, request checks
     openapi.py   the API described as OpenAPI 3.1
@@ -30,6 +31,7 @@ from .callbacks import callback_routes
 from .service import service_routes
 from .streams import event_routes
 from .tasks import task_routes
+from .webhooks import webhook_routes
 from .web import json_errors
 
 
@@ -76,6 +78,7 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
 
     account_routes(app, store, config, clock=clock, current_user=current_user,
                    admin_user=admin_user, limiter=limiter)
+    webhook_routes(app, store, config, clock=clock, current_user=current_user, admin_user=admin_user)
     event_hub = event_routes(app, store, config, current_user)
     callback_routes(app, store, providers, worker=worker, clock=clock)
     service_routes(app, store, providers, worker=worker, clock=clock, current_user=current_user,

@@ -97,7 +97,14 @@ SCHEMAS = {
     "SubmitRequest": _obj(["provider"], {
         "provider": {"type": "string", "examples": ["demo"]},
         "params": {"type": "object", "examples": [{"prompt": "a red fox"}]},
-        "dedupe_key": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}}),
+        "dedupe_key": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
+        "webhook": {"type": "string", "format": "uri", "maxLength": 2000,
+                    "description": "http(s) URL that receives this task's events (see `webhooks`); a host "
+                                   "that resolves to a loopback, private or link-local address is refused "
+                                   "(invalid_webhook) unless HOLDFAST_WEBHOOK_ALLOW_PRIVATE=1"},
+        "webhook_events": {"type": "array", "minItems": 1, "uniqueItems": True,
+                           "items": {"enum": ["created", "running", "progress", "finished"]},
+                           "default": ["finished"]}}),
     "TaskAnswer": _obj(["task", "deduplicated"], {"task": _ref("Task"), "deduplicated": {"type": "boolean"}}),
     "OneTask": _obj(["task"], {"task": _ref("Task")}),
     "TaskPage": _obj(["tasks", "next"], {"tasks": {"type": "array", "items": _ref("Task")},
@@ -359,6 +366,112 @@ PATHS = {
 }
 
 
+# -- webhooks out ----------------------------------------------------------------
+
+_ENDPOINT_ID = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string",
+                                                                               "pattern": "^[0-9]{1,12}$"}}
+_USER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_EVENTS = {"type": "array", "items": {"enum": ["created", "running", "progress", "finished"]}}
+_SECRETS = {"type": "array", "items": _obj(["secret", "expires_at"], {
+    "secret": {"type": "string", "pattern": "^whsec_"}, "expires_at": _NULLABLE_TIME})}
+SCHEMAS.update({
+    "Delivery": _obj(
+        ["id", "task_id", "endpoint_id", "url", "type", "state", "attempts", "last_status", "last_error",
+         "log", "next_try_at", "created_at", "updated_at"], {
+            "id": {"type": "string", "description": "the message's `webhook-id`, the same at every attempt"},
+            "task_id": {"type": "string"}, "endpoint_id": {"type": ["integer", "null"]},
+            "url": {"type": "string"},
+            "type": {"enum": ["task.created", "task.running", "task.progress", "task.finished"]},
+            "state": {"enum": ["pending", "succeeded", "failed", "cancelled"]},
+            "attempts": {"type": "integer"}, "last_status": {"type": ["integer", "null"]},
+            "last_error": {"type": ["string", "null"]},
+            "log": {"type": "array", "description": "the latest attempts", "items": _obj(
+                ["at", "status", "error", "took_ms"], {"at": {"type": "string"},
+                                                       "status": {"type": ["integer", "null"]},
+                                                       "error": {"type": ["string", "null"]},
+                                                       "took_ms": {"type": ["integer", "null"]}})},
+            "next_try_at": _NULLABLE_TIME, "created_at": {"type": "string"}, "updated_at": {"type": "string"}}),
+    "Endpoint": _obj(["id", "url", "events", "created_at", "disabled_at", "disabled_reason"], {
+        "id": {"type": "integer"}, "url": {"type": "string"}, "events": _EVENTS,
+        "created_at": {"type": "string"}, "disabled_at": _NULLABLE_TIME,
+        "disabled_reason": {"type": ["string", "null"]}}),
+    "WebhookMessage": _obj(["type", "timestamp", "data"], {
+        "type": {"enum": ["task.created", "task.running", "task.progress", "task.finished"]},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "data": _obj(["task"], {"task": _ref("Task")})}),
+})
+PATHS.update({
+    "/api/webhooks/deliveries": {
+        "get": _op("The caller's webhook deliveries (of one task with task_id), oldest first",
+                   {"200": _json(_obj(["deliveries"], {"deliveries": {"type": "array",
+                                                                      "items": _ref("Delivery")}}))},
+                   tags=("webhooks",), errors=("404",),
+                   params=[{"name": "task_id", "in": "query", "schema": {"type": "string"}}]),
+    },
+    "/api/webhooks/deliveries/{delivery_id}/retry": {
+        "post": _op("Send a delivery again (a new round of tries, the same webhook-id)",
+                    {"200": _json(_obj(["delivery"], {"delivery": _ref("Delivery")}))}, tags=("webhooks",),
+                    params=[{"name": "delivery_id", "in": "path", "required": True,
+                             "schema": {"type": "string"}}], errors=("404", "409")),
+    },
+    "/api/webhooks/secret": {
+        "get": _op("The secrets that sign the caller's tasks' own webhook URLs (made at first use)",
+                   {"200": _json(_obj(["secrets"], {"secrets": _SECRETS}))}, tags=("webhooks",)),
+    },
+    "/api/webhooks/secret/rotate": {
+        "post": _op("A new task webhook secret; the old ones sign too until HOLDFAST_WEBHOOK_SECRET_OVERLAP_S",
+                    {"200": _json(_obj(["secret", "secrets"], {"secret": {"type": "string"},
+                                                               "secrets": _SECRETS}))}, tags=("webhooks",)),
+    },
+    "/api/admin/users/{name}/webhooks": {
+        "get": _op("A user's default webhook endpoints", {"200": _json(_obj(["endpoints"], {
+            "endpoints": {"type": "array", "items": _ref("Endpoint")}}))}, tags=("admin",), params=[_USER_NAME],
+                   errors=("403", "404")),
+        "post": _op("Add a default endpoint for every task of the user; its secret is shown only here",
+                    {"201": _json(_obj(["endpoint", "secret"], {"endpoint": _ref("Endpoint"),
+                                                                "secret": {"type": "string"}}), "created")},
+                    tags=("admin",), params=[_USER_NAME],
+                    body=_obj(["url"], {"url": {"type": "string", "format": "uri", "maxLength": 2000},
+                                        "events": {**_EVENTS, "minItems": 1, "default": ["finished"]}}),
+                    errors=(*BODY_TOO, "403", "404", "409")),
+    },
+    "/api/admin/users/{name}/webhooks/{endpoint_id}": {
+        "delete": _op("Remove an endpoint (its pending deliveries are cancelled)",
+                      {"200": _json(_obj(["removed"], {"removed": {"type": "boolean"}}))}, tags=("admin",),
+                      params=[_USER_NAME, _ENDPOINT_ID], errors=("403", "404")),
+    },
+    "/api/admin/users/{name}/webhooks/{endpoint_id}/rotate": {
+        "post": _op("A new secret for the endpoint, shown only here; the old one signs too for the overlap",
+                    {"200": _json(_obj(["secret", "secrets"], {"secret": {"type": "string"},
+                                                               "secrets": _SECRETS}))}, tags=("admin",),
+                    params=[_USER_NAME, _ENDPOINT_ID], errors=("403", "404")),
+    },
+    "/api/admin/users/{name}/webhooks/{endpoint_id}/enable": {
+        "post": _op("Enable an endpoint again (after a 410 Gone)",
+                    {"200": _json(_obj(["endpoint"], {"endpoint": _ref("Endpoint")}))}, tags=("admin",),
+                    params=[_USER_NAME, _ENDPOINT_ID], errors=("403", "404")),
+    },
+})
+WEBHOOKS = {
+    f"task.{kind}": {"post": {
+        "summary": summary,
+        "description": "Standard Webhooks 1.0. Headers: `webhook-id` (the same at every attempt: dedupe on "
+                       "it), `webhook-timestamp` (Unix seconds of the attempt), `webhook-signature` "
+                       "(`v1,` + base64 HMAC-SHA256 of `id.timestamp.body` with the secret's base64-decoded "
+                       "bytes, one per live secret, space-separated). Answer 2xx within 15 s; other "
+                       "answers and timeouts are tried again for about a day (429 and 503 after "
+                       "`Retry-After`); 410 disables the endpoint.",
+        "parameters": [{"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                       for h in ("webhook-id", "webhook-timestamp", "webhook-signature")],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("WebhookMessage")}}},
+        "responses": {"2XX": {"description": "received"},
+                      "410": {"description": "gone: disable this endpoint"}}}}
+    for kind, summary in (("created", "A task was accepted"), ("running", "A task's provider has it"),
+                          ("progress", "A running task's step or progress changed (at most once a second)"),
+                          ("finished", "A task ended: succeeded, partial, failed or cancelled"))
+}
+
+
 def spec():
     """The OpenAPI document (a new dict each call)."""
     import copy
@@ -368,6 +481,7 @@ def spec():
                  "description": "Durable AI-generation jobs. Every error is "
                                 "`{\"error\": {\"code\", \"message\"}}` with a 4xx status."},
         "paths": copy.deepcopy(PATHS),
+        "webhooks": copy.deepcopy(WEBHOOKS),
         "components": {
             "schemas": copy.deepcopy(SCHEMAS),
             "responses": {f"E{code}": response for code, response in copy.deepcopy(ERRORS).items()},

@@ -13,6 +13,7 @@ from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StoreUnava
 from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
 
 from .web import optional_key, read_json
+from .webhooks import task_webhook
 
 _TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
 STATUSES = frozenset(s.value for s in TaskStatus)
@@ -31,7 +32,7 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
     def submit():
         user = current_user()
         body = read_json(config.max_body)
-        unknown = set(body) - {"provider", "params", "dedupe_key"}
+        unknown = set(body) - {"provider", "params", "dedupe_key", "webhook", "webhook_events"}
         if unknown:
             raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
         name = body.get("provider")
@@ -48,18 +49,19 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         header_key = optional_key(bottle.request.get_header("Idempotency-Key"), "Idempotency-Key")
         if key and header_key and key != header_key:
             raise InvalidInput("dedupe_key and Idempotency-Key differ")
-        task, deduplicated = _submit(user, provider, params, key or header_key)
+        webhook = task_webhook(body, config)
+        task, deduplicated = _submit(user, provider, params, key or header_key, webhook=webhook)
         bottle.response.status = 200 if deduplicated else 201
         return {"task": task_json(task), "deduplicated": deduplicated}
 
-    def _submit(user, provider, params, key, retry_of=None):
+    def _submit(user, provider, params, key, retry_of=None, webhook=None):
         now = clock()
         try:
             task, deduplicated = store.submit(
                 user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
                 cost=provider.cost, dedupe_key=key, retry_of=retry_of,
                 max_active=user["max_active"] or config.max_active,
-                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now))
+                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now), webhook=webhook)
         except (PaymentRequired, TooMany) as exc:
             metrics.SUBMIT_REFUSALS.inc(exc.code)
             raise
@@ -129,7 +131,9 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         if provider is None:
             raise InvalidInput(f"provider {old['provider']!r} is no longer configured",
                                code="unknown_provider")
-        task, deduplicated = _submit(user, provider, old["params"], old["dedupe_key"], retry_of=old["id"])
+        # The retry reports to the same webhook URL as the task it repeats.
+        task, deduplicated = _submit(user, provider, old["params"], old["dedupe_key"], retry_of=old["id"],
+                                     webhook=store.task_webhook(old["id"]))
         bottle.response.status = 200 if deduplicated else 201
         return {"task": task_json(task), "deduplicated": deduplicated}
 

@@ -10,7 +10,8 @@ of holdfast imports every name from here, whichever module holds it:
                  accounts queries (credits, admin, sessions) in sql_accounts.py,
                  retention and the audit in sql_upkeep.py, the workers'
                  heartbeats in sql_liveness.py, migrations, export and
-                 import in sql_schema.py
+                 import in sql_schema.py, webhooks out (endpoints, secrets,
+                 the outbox of deliveries) in sql_webhooks.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
@@ -37,6 +38,8 @@ from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MOD
                      dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
                      new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
 from .sql import SqlStore
+from .sql_webhooks import (DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, delivery_json, endpoint_json,
+                           webhook_events)
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "external_id_problem", "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id",
     "new_task_id", "no_space", "ObjectStore", "open_files", "open_store", "process_identity", "safe_file_name", "session_json",
     "stuck_reasons", "task_json", "too_deep",
+    "DEFAULT_WEBHOOK_EVENTS", "WEBHOOK_EVENTS", "delivery_json", "endpoint_json", "webhook_events",
 ]
 
 log = logging.getLogger("holdfast.store")

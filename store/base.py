@@ -57,7 +57,7 @@ class BaseStore:
 
     # tasks
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None):
         """Create a queued task, or find the user's live task with this
         dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
         user with a balance (PaymentRequired when too low), refuses a user at
@@ -71,7 +71,9 @@ class BaseStore:
         this one retries), a live retry of that task (one not failed or
         cancelled) is found and returned the same way, (task, True), so
         concurrent retries of one task make one task and reserve once; a
-        unique index on retry_of over live tasks backs this up."""
+        unique index on retry_of over live tasks backs this up. `webhook`
+        ({"url", "events"}, checked by the caller) is the task's own webhook
+        URL, stored with it (see the webhooks section below)."""
         raise NotImplementedError
 
     def get_task(self, task_id, user_id=None):
@@ -394,4 +396,94 @@ class BaseStore:
 
     def existing_task_ids(self, task_ids):
         """The subset of `task_ids` that are tasks in the store."""
+        raise NotImplementedError
+
+    # webhooks out
+    #
+    # Every change of a task that a receiver asked for (`created`, `running`:
+    # a change into running, `progress`: a running task's step or progress,
+    # `finished`: a terminal status) writes one delivery row per receiver in
+    # the transaction of the change: the task's own URL (submit's `webhook`)
+    # and each of the user's enabled default endpoints. A delivery is a dict:
+    # id (its `webhook-id`), user_id, task_id, endpoint_id (None: the task's
+    # URL), url, target (scheme://host:port), type (`task.<event>`), payload
+    # (the body, fixed when written), state (pending, succeeded, failed,
+    # cancelled), attempts, tries (of this round), last_status, last_error,
+    # log ([{at, status, error, took_ms}], the latest 20), next_try_at and
+    # the lease (lease_owner, lease_expires_at, lease_token). A `progress`
+    # delivery not tried yet takes the newer state instead of a new row; a
+    # new one is due no sooner than a second after the last one was written.
+
+    def add_webhook_endpoint(self, user_id, url, events=None, *, now):
+        """A default endpoint (events default ["finished"]) and its first
+        secret: (endpoint dict, secret). The secret is shown only here.
+        Conflict (too_many_endpoints) past MAX_ENDPOINTS per user."""
+        raise NotImplementedError
+
+    def webhook_endpoints(self, user_id):
+        """The user's endpoints: [{id, user_id, url, events, created_at,
+        disabled_at, disabled_reason}], oldest first."""
+        raise NotImplementedError
+
+    def webhook_endpoint(self, user_id, endpoint_id):
+        """One of the user's endpoints; NotFound otherwise."""
+        raise NotImplementedError
+
+    def remove_webhook_endpoint(self, user_id, endpoint_id, *, now):
+        """Remove an endpoint and its secrets; its pending deliveries are
+        cancelled. NotFound if it is not the user's."""
+        raise NotImplementedError
+
+    def set_webhook_endpoint_enabled(self, user_id, endpoint_id, enabled, *, now, reason=None):
+        """Enable or disable an endpoint (disabling cancels its pending
+        deliveries); the endpoint. NotFound if it is not the user's."""
+        raise NotImplementedError
+
+    def rotate_webhook_secret(self, user_id, endpoint_id=None, *, now, overlap_s):
+        """A new secret for the endpoint (None: the user's task secret); the
+        live ones keep signing until `now + overlap_s`. Returns the secret."""
+        raise NotImplementedError
+
+    def webhook_secrets(self, user_id, endpoint_id=None, *, now):
+        """The live secrets [{secret, expires_at}], oldest first."""
+        raise NotImplementedError
+
+    def task_webhook_secrets(self, user_id, *, now):
+        """The live secrets of the user's tasks' own URLs, one made if none."""
+        raise NotImplementedError
+
+    def task_webhook(self, task_id):
+        """The task's own {"url", "events", "disabled_at"}, or None."""
+        raise NotImplementedError
+
+    def claim_deliveries(self, owner, *, now, limit, lease_s, per_target, busy=None):
+        """Lease up to `limit` pending deliveries due at `now` (oldest due
+        first), at most `per_target` per receiver counting `busy` ({target:
+        deliveries this process has in flight}). Each comes with `secrets`,
+        the live secrets that sign it; attempts and tries are counted at the
+        claim. A delivery is held by one owner at a time, across processes;
+        once its lease runs out another may take it (a crash mid-send sends
+        it again, under the same id)."""
+        raise NotImplementedError
+
+    def finish_delivery(self, delivery_id, *, token, now, outcome, status=None, error=None,
+                        next_try_at=None, took_s=None):
+        """Record an attempt: outcome succeeded, retry (pending again at
+        next_try_at), failed (given up) or gone (410: the endpoint, or the
+        task's URL, is disabled and its pending deliveries cancelled).
+        False, changing nothing, when `token` is no longer the lease's."""
+        raise NotImplementedError
+
+    def deliveries(self, user_id, task_id=None, *, limit=200):
+        """The user's newest `limit` deliveries (of one task), oldest first."""
+        raise NotImplementedError
+
+    def get_delivery(self, user_id, delivery_id):
+        """One of the user's deliveries; NotFound otherwise."""
+        raise NotImplementedError
+
+    def retry_delivery(self, user_id, delivery_id, *, now):
+        """Send a delivery again now, in a new round of tries. NotFound if it
+        is not the user's; Conflict while it is being sent
+        (delivery_in_flight) or its endpoint is disabled (endpoint_disabled)."""
         raise NotImplementedError

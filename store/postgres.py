@@ -207,7 +207,8 @@ class PostgresStore(SqlStore):
         return self._sequence
 
     def _after_import(self):
-        for table, column in (("users", "id"), ("events", "seq"), ("ledger", "id")):
+        for table, column in (("users", "id"), ("events", "seq"), ("ledger", "id"),
+                              ("webhook_endpoints", "id"), ("webhook_secrets", "id")):
             self._exec(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
                        f"COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)")
 

@@ -240,9 +240,96 @@ class FileExpiry(_Base):
         table_name = "file_expiry"
 
 
+class WebhookEndpoint(_Base):
+    """A user's default webhook endpoint: every task of the user reports
+    the `events` (JSON list) it names here. `disabled_at` is set when the
+    receiver answered 410 Gone (or an admin disabled it): nothing more is
+    written for it until it is enabled again."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    url = TextField()
+    events = TextField()
+    created_at = DoubleField()
+    disabled_at = DoubleField(null=True)
+    disabled_reason = TextField(null=True)
+
+    class Meta:
+        table_name = "webhook_endpoints"
+
+
+class WebhookSecret(_Base):
+    """Signing secrets (`whsec_` + base64), kept as they are: holdfast signs
+    with them, so a hash would not do. `endpoint_id` NULL: the user's secret
+    for the `webhook` URLs of single tasks. A rotated secret keeps signing
+    until `expires_at`, so receivers can switch over without losing one."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    endpoint_id = IntegerField(null=True, index=True)
+    secret = CharField()
+    created_at = DoubleField()
+    expires_at = DoubleField(null=True)
+
+    class Meta:
+        table_name = "webhook_secrets"
+
+
+class TaskWebhook(_Base):
+    """A task's own `webhook` URL and the events it wants (JSON list)."""
+
+    task_id = CharField(primary_key=True)
+    user_id = IntegerField()
+    url = TextField()
+    events = TextField()
+    disabled_at = DoubleField(null=True)
+
+    class Meta:
+        table_name = "task_webhooks"
+
+
+class WebhookDelivery(_Base):
+    """The outbox: one row per message to one receiver, written in the
+    transaction of the task change it reports. `id` is the message's
+    `webhook-id`, the same at every attempt; `payload` is the body, fixed
+    when written. `state`: pending, succeeded, failed (gave up) or
+    cancelled (its endpoint was disabled). A sender holds a row with a
+    lease (owner, expiry, token) while it sends; `tries` counts the attempts
+    of the current round (a manual retry starts a new one), `attempts` all
+    of them, and `log` (JSON) the latest attempts' times, status codes and
+    errors."""
+
+    id = CharField(primary_key=True)
+    user_id = IntegerField()
+    task_id = CharField(index=True)
+    endpoint_id = IntegerField(null=True)
+    url = TextField()
+    target = CharField()          # scheme://host:port, for the per-receiver in-flight cap
+    type = CharField()
+    payload = TextField()
+    state = CharField()
+    attempts = IntegerField(default=0)
+    tries = IntegerField(default=0)
+    last_status = IntegerField(null=True)
+    last_error = TextField(null=True)
+    log = TextField(default="[]")
+    next_try_at = DoubleField(null=True)
+    lease_owner = CharField(null=True)
+    lease_expires_at = DoubleField(null=True)
+    lease_token = IntegerField(default=0)
+    created_at = DoubleField()
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "webhook_deliveries"
+        indexes = ((("state", "next_try_at"), False),)
+
+
 # Version 1's tables; later migrations add theirs.
 MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
 DATA_MODELS = [User, Task, Event, Ledger, Session, TaskHistory, FileExpiry]
+WEBHOOK_MODELS = [WebhookEndpoint, WebhookSecret, TaskWebhook, WebhookDelivery]
+DATA_MODELS += WEBHOOK_MODELS
 # Tables that describe the processes using this store, not data: an export
 # leaves them out (the processes they name do not move with the data).
 LOCAL_MODELS = [Heartbeat]
@@ -302,8 +389,14 @@ def _migration_5(db):
         "WHERE retry_of IS NOT NULL AND status NOT IN ('failed', 'cancelled')")
 
 
+def _migration_6(db):
+    """Webhooks out: endpoints, signing secrets, tasks' own URLs, the outbox."""
+    with db.bind_ctx(WEBHOOK_MODELS):
+        db.create_tables(WEBHOOK_MODELS)
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
-              (5, _migration_5)]
+              (5, _migration_5), (6, _migration_6)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

@@ -7,10 +7,11 @@ and plain SQL keeps every backend honest about what it does inside a
 transaction. A backend overrides only what its database does differently:
 placeholders, row locks, how a write transaction begins, named locks.
 
-Four mixins that SqlStore inherits keep this module to a readable size:
+Five mixins that SqlStore inherits keep this module to a readable size:
 sql_accounts.py (credits, admin queries, sessions), sql_upkeep.py
 (retention, the consistency audit), sql_liveness.py (the workers'
-heartbeats) and sql_schema.py (migrations, export and import). They run on
+heartbeats), sql_schema.py (migrations, export and import) and
+sql_webhooks.py (webhooks out: endpoints, secrets, the outbox). They run on
 the seam and helpers defined here.
 """
 
@@ -38,6 +39,7 @@ from .sql_accounts import AccountsSql
 from .sql_liveness import LivenessSql
 from .sql_schema import SchemaSql
 from .sql_upkeep import UpkeepSql
+from .sql_webhooks import WebhooksSql
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
@@ -108,7 +110,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
+class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -306,7 +308,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
     # tasks
 
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None):
         task_id = new_task_id(now)
         params_text = dumps(params)
         if admit is not None:
@@ -317,7 +319,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                     with self._write():
                         return self._submit(task_id, user_id, provider, params, params_text, now,
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
-                                            max_queued, admit)
+                                            max_queued, admit, webhook)
                 except peewee.IntegrityError:
                     # Another transaction took the dedupe key, or made the
                     # live retry, between our check and our insert (possible
@@ -328,7 +330,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             raise StoreUnavailable("could not settle a dedupe race")
 
     def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
-                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None):
+                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None, webhook=None):
         self._lock(f"user:{user_id}")
         if dedupe_key is not None:
             row = self._one(
@@ -388,6 +390,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
         self._exec(f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES "
                    f"({', '.join('?' * len(TASK_COLUMNS))})", row)
         self._event(task, "created", now)
+        self._webhook_submit(task, webhook, now)
         self._note_change(task, None)
         return task, False
 
@@ -499,6 +502,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
         if cur.rowcount != 1:
             raise StaleLease(f"task {task['id']} changed under us")
         self._event(task, "finished" if new in TERMINAL else "updated", now)
+        self._webhook_change(task, old, changes, now)
         if new != old:
             self._note_change(task, old)
         return task

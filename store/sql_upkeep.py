@@ -55,6 +55,8 @@ class UpkeepSql:
             events = self._exec(f"DELETE FROM events WHERE task_id IN ({marks}) "
                                 "AND seq < (SELECT MAX(seq) FROM events)", ids).rowcount
             self._exec(f"DELETE FROM file_expiry WHERE task_id IN ({marks})", ids)
+            self._exec(f"DELETE FROM task_webhooks WHERE task_id IN ({marks})", ids)
+            self._exec(f"DELETE FROM webhook_deliveries WHERE task_id IN ({marks})", ids)
             tasks = self._exec(f"DELETE FROM tasks WHERE id IN ({marks})", ids).rowcount
         return tasks, events
 

@@ -148,6 +148,9 @@ def test_export_from_sqlite_imports_into_postgresql(tmp_path, pg_schema):
     sqlite.put_session(user["id"], "chat", messages=[{"role": "user", "content": "hi"}], data={"n": 1},
                        now=300.0, ttl_s=1e9)
     sqlite.mark_files_expired([task["id"]], now=300.0)
+    sqlite.add_webhook_endpoint(user["id"], "https://hooks.example.com/a", ["finished"], now=300.0)
+    sqlite.submit(user["id"], "demo", {}, now=300.0, deadline_at=1e10,
+                  webhook={"url": "https://hooks.example.com/t", "events": ["created"]})
     sqlite.close()
     dump = tmp_path / "dump.json"
     env = {**os.environ, "HOLDFAST_DATA": str(tmp_path)}
@@ -168,6 +171,8 @@ def test_export_from_sqlite_imports_into_postgresql(tmp_path, pg_schema):
         task, _ = pg.submit(pg.user_by_name("alice")["id"], "demo", {}, now=300.0, deadline_at=1e10, cost=2)
         assert pg.last_seq() == max(e["seq"] for e in original["events"]) + 1
         assert collections.Counter(r["kind"] for r in pg.export_rows()["ledger"])["reserve"] == 6
+        endpoint, _ = pg.add_webhook_endpoint(user["id"], "https://hooks.example.com/b", None, now=400.0)
+        assert endpoint["id"] == 2
     finally:
         pg.close()
 

@@ -139,6 +139,9 @@ def test_export_from_sqlite_import_into_json_export_again_is_identical(crashed, 
         store.put_session(alice, "chat", messages=[{"role": "user", "content": "hi"}], data={"n": 1},
                           now=time.time(), ttl_s=3600)
         store.mark_files_expired([crashed["late"]], now=time.time())
+        store.add_webhook_endpoint(alice, "https://hooks.example.com/a", ["finished"], now=time.time())
+        store.submit(alice, "demo", {"prompt": "w"}, now=time.time(), deadline_at=time.time() + 60,
+                     webhook={"url": "https://hooks.example.com/t", "events": ["created"]})
     finally:
         store.close()
     first = tmp_path / "first.json"

@@ -864,3 +864,142 @@ class TestProviderHints:
         store.cancel(task_id, alice["id"], now=22.0)
         assert store.poll_now(task_id, now=23.0) is False
         assert row(store, task_id)["next_poll_at"] is None
+
+
+class TestWebhookOutbox:
+    """Webhooks out: the delivery rows are written with the change they
+    report, claimed with a lease, and kept to the owner."""
+
+    HOOK = {"url": "https://hooks.example.com/in", "events": ["created", "running", "progress", "finished"]}
+
+    def types(self, store, user_id, task_id):
+        return [(d["type"], d["state"]) for d in store.deliveries(user_id, task_id)]
+
+    def test_each_change_writes_its_delivery_in_its_own_transaction(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0, webhook=self.HOOK)
+        store.update(task["id"], token=None, now=2.0, status="running")
+        store.update(task["id"], token=None, now=3.0, progress=0.5)
+        store.update(task["id"], token=None, now=4.0, status="succeeded")
+        assert self.types(store, alice["id"], task["id"]) == [
+            ("task.created", "pending"), ("task.running", "pending"), ("task.progress", "pending"),
+            ("task.finished", "pending")]
+        body = json.loads(store.deliveries(alice["id"], task["id"])[-1]["payload"])
+        assert body["type"] == "task.finished" and body["data"]["task"]["status"] == "succeeded"
+        assert set(body) == {"type", "timestamp", "data"}
+
+    def test_a_refused_change_writes_no_delivery(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"], "events": ["finished"]})
+        claimed = store.claim("w1", now=2.0, limit=1, lease_s=10)[0]
+        store.claim_task(task["id"], "w2", now=20.0, lease_s=10)      # taken over: w1's lease is stale
+        with pytest.raises(StaleLease):
+            store.update(task["id"], token=claimed["lease_token"], now=21.0, status="failed",
+                         error={"code": "internal", "message": "x"})
+        assert store.deliveries(alice["id"], task["id"]) == []
+        store.cancel(task["id"], alice["id"], now=22.0)
+        assert self.types(store, alice["id"], task["id"]) == [("task.finished", "pending")]
+
+    def test_default_events_are_finished_only_and_endpoints_get_every_task(self, store, alice):
+        endpoint, secret = store.add_webhook_endpoint(alice["id"], "https://a.example.com/h", ["created"], now=1.0)
+        assert secret.startswith("whsec_") and endpoint["events"] == ["created"]
+        task, _ = submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"]})
+        store.update(task["id"], token=None, now=2.0, status="running")
+        store.update(task["id"], token=None, now=3.0, status="succeeded")
+        got = [(d["type"], d["endpoint_id"]) for d in store.deliveries(alice["id"], task["id"])]
+        assert got == [("task.created", endpoint["id"]), ("task.finished", None)]
+
+    def test_progress_is_coalesced_latest_state_wins_and_spaced_a_second(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"], "events": ["progress"]})
+        store.update(task["id"], token=None, now=2.0, status="running")
+        for i, p in enumerate((0.1, 0.2, 0.3)):
+            store.update(task["id"], token=None, now=2.1 + i / 10, progress=p)
+        [d] = store.deliveries(alice["id"], task["id"])
+        assert json.loads(d["payload"])["data"]["task"]["progress"] == 0.3
+        [claimed] = store.claim_deliveries("s1", now=2.5, limit=5, lease_s=10, per_target=2)
+        store.update(task["id"], token=None, now=2.6, progress=0.4)
+        second = store.deliveries(alice["id"], task["id"])[1]
+        assert second["id"] != claimed["id"] and second["next_try_at"] >= 3.1 - 1e-9
+        assert store.claim_deliveries("s1", now=2.7, limit=5, lease_s=10, per_target=2) == []
+
+    def test_a_lease_keeps_one_sender_and_a_lost_one_resends_the_same_message(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"], "events": ["created"]})
+        [first] = store.claim_deliveries("s1", now=2.0, limit=5, lease_s=10, per_target=2)
+        assert store.claim_deliveries("s2", now=5.0, limit=5, lease_s=10, per_target=2) == []
+        [again] = store.claim_deliveries("s2", now=13.0, limit=5, lease_s=10, per_target=2)
+        assert again["id"] == first["id"] and again["attempts"] == 2
+        # The first sender's late outcome is refused; the second's counts.
+        assert not store.finish_delivery(first["id"], token=first["lease_token"], now=14.0, outcome="succeeded",
+                                         status=200)
+        assert store.finish_delivery(again["id"], token=again["lease_token"], now=14.0, outcome="retry",
+                                     status=500, error="x", next_try_at=20.0)
+        [d] = store.deliveries(alice["id"])
+        assert (d["state"], d["last_status"], d["next_try_at"]) == ("pending", 500, 20.0)
+
+    def test_concurrent_claims_never_share_a_delivery(self, store, alice):
+        for i in range(30):
+            submit(store, alice["id"], 1.0, params={"prompt": str(i)},
+                   webhook={"url": f"https://h{i % 5}.example.com/x", "events": ["created"]})
+        got, errors = [], []
+
+        def claim(name):
+            try:
+                for _ in range(10):
+                    got.extend(d["id"] for d in store.claim_deliveries(name, now=2.0, limit=3, lease_s=60,
+                                                                     per_target=10))
+            except StoreUnavailable as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=claim, args=(f"s{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(got) == len(set(got)) == 30
+
+    def test_the_per_receiver_cap_passes_over_a_busy_receiver(self, store, alice):
+        for i in range(4):
+            submit(store, alice["id"], 1.0 + i, params={"prompt": str(i)},
+                   webhook={"url": "https://slow.example.com/x", "events": ["created"]})
+        submit(store, alice["id"], 9.0, webhook={"url": "https://fast.example.com/x", "events": ["created"]})
+        got = store.claim_deliveries("s1", now=10.0, limit=2, lease_s=60, per_target=2,
+                                     busy={"https://slow.example.com:443": 2})
+        assert [d["target"] for d in got] == ["https://fast.example.com:443"]
+
+    def test_410_disables_the_endpoint_and_cancels_its_pending_deliveries(self, store, alice):
+        endpoint, _ = store.add_webhook_endpoint(alice["id"], "https://a.example.com/h", ["created"], now=1.0)
+        submit(store, alice["id"], 1.0, params={"prompt": "a"})
+        submit(store, alice["id"], 1.0, params={"prompt": "b"})
+        d = store.claim_deliveries("s1", now=2.0, limit=1, lease_s=10, per_target=2)[0]
+        store.finish_delivery(d["id"], token=d["lease_token"], now=3.0, outcome="gone", status=410)
+        assert store.webhook_endpoint(alice["id"], endpoint["id"])["disabled_at"] == 3.0
+        assert sorted(x["state"] for x in store.deliveries(alice["id"])) == ["cancelled", "failed"]
+        submit(store, alice["id"], 4.0, params={"prompt": "c"})
+        assert len(store.deliveries(alice["id"])) == 2
+        with pytest.raises(Conflict):
+            store.retry_delivery(alice["id"], d["id"], now=5.0)
+        store.set_webhook_endpoint_enabled(alice["id"], endpoint["id"], True, now=6.0)
+        assert store.retry_delivery(alice["id"], d["id"], now=7.0)["state"] == "pending"
+
+    def test_rotation_keeps_both_secrets_for_the_overlap(self, store, alice):
+        endpoint, old = store.add_webhook_endpoint(alice["id"], "https://a.example.com/h", None, now=1.0)
+        new = store.rotate_webhook_secret(alice["id"], endpoint["id"], now=10.0, overlap_s=100)
+        assert [s["secret"] for s in store.webhook_secrets(alice["id"], endpoint["id"], now=50.0)] == [old, new]
+        assert [s["secret"] for s in store.webhook_secrets(alice["id"], endpoint["id"], now=111.0)] == [new]
+        task_secrets = store.task_webhook_secrets(alice["id"], now=1.0)
+        assert len(task_secrets) == 1 and task_secrets[0]["secret"] not in (old, new)
+
+    def test_another_users_deliveries_are_not_found(self, store, alice):
+        bob = store.create_user("bob")[0]
+        submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"], "events": ["created"]})
+        [d] = store.deliveries(alice["id"])
+        assert store.deliveries(bob["id"]) == []
+        with pytest.raises(NotFound):
+            store.retry_delivery(bob["id"], d["id"], now=2.0)
+        with pytest.raises(NotFound):
+            store.get_delivery(bob["id"], d["id"])
+
+    def test_retention_takes_a_tasks_deliveries_with_it(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0, webhook={"url": self.HOOK["url"], "events": ["finished"]})
+        store.update(task["id"], token=None, now=2.0, status="running")
+        store.update(task["id"], token=None, now=3.0, status="succeeded")
+        store.delete_finished([task["id"]], before=10.0)
+        assert store.deliveries(alice["id"]) == [] and store.task_webhook(task["id"]) is None

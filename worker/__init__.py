@@ -8,6 +8,8 @@
                  waits for a provider's callback to name its job
     live.py      Hints: what providers push (ComfyUI's progress, a job's
                  end) into the store, and the poll it makes due at once
+    deliver.py   Deliverer: sends the webhooks outbox's deliveries in a
+                 pool of its own (the `deliver` job claims them)
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
@@ -53,6 +55,7 @@ from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 
 from .callbacks import Callbacks
 from .live import Hints
+from .deliver import Deliverer
 from .steps import Steps
 
 log = logging.getLogger("holdfast.worker")
@@ -68,7 +71,8 @@ class Worker(Steps, Callbacks):
 
     def __init__(self, store, providers, files, *, owner=None, lease_s=60.0, batch=50,
                  threads=4, tick_s=0.5, sweep_s=5.0, clock=time.time, keep_files_h=72.0,
-                 keep_tasks_d=30.0, keep_events_s=EVENTS_KEEP_S, cleanup_s=300.0, public_url=None):
+                 keep_tasks_d=30.0, keep_events_s=EVENTS_KEEP_S, cleanup_s=300.0, public_url=None,
+                 webhooks=None):
         self.store = store
         self.providers = providers
         self.files = files
@@ -98,6 +102,8 @@ class Worker(Steps, Callbacks):
         self._identity = None
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
+        # Webhooks out: Deliverer's settings (config.webhook_settings).
+        self.deliverer = Deliverer(store, owner=self.owner, clock=clock, **(webhooks or {}))
 
     # -- running in the background -------------------------------------------
 
@@ -115,6 +121,9 @@ class Worker(Steps, Callbacks):
         self.scheduler.add_job(self._safe(self.dispatch), "interval", seconds=self.tick_s,
                                id="dispatch")
         self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+        self.deliverer.start()
+        self.scheduler.add_job(self._safe(self.deliverer.tick), "interval", seconds=min(self.tick_s, 0.25),
+                               id="deliver")
         self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
         self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="renew")
@@ -136,6 +145,7 @@ class Worker(Steps, Callbacks):
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
+        self.deliverer.stop(wait=wait)
         # Without a row, this owner's leases are left to run out, never
         # released early: a pool thread may still be finishing one.
         try:
