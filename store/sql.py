@@ -31,8 +31,8 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP,
-                     TASK_COLUMNS, TERMINAL, check_transition, check_user_limits, dumps, event_json,
+from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
+                     TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps, event_json,
                      external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_liveness import LivenessSql
@@ -248,10 +248,10 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
     # users
 
     def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
-                    max_active=None, rate_per_s=None):
+                    max_active=None, rate_per_s=None, max_priority=None):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise InvalidInput("user name must be 1-64 letters, digits, '_', '.' or '-'")
-        check_user_limits(credits, max_active, rate_per_s)
+        check_user_limits(credits, max_active, rate_per_s, max_priority)
         if token is not None and len(token) < 16:
             raise InvalidInput("a chosen token must be at least 16 characters")
         token = token or "hf_" + secrets.token_urlsafe(32)
@@ -261,9 +261,9 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                 with self._write():
                     self._exec(
                         "INSERT INTO users (name, token_hash, is_admin, credit_balance, max_active, "
-                        "rate_per_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "rate_per_s, created_at, max_priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, hash_token(token), bool(admin), credits, max_active,
-                         None if rate_per_s is None else float(rate_per_s), now))
+                         None if rate_per_s is None else float(rate_per_s), now, max_priority))
                     if credits:
                         user_id = self._one("SELECT id FROM users WHERE name = ?", (name,))[0]
                         self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
@@ -272,12 +272,13 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                 raise Conflict(f"user {name!r} exists", code="user_exists") from exc
         return self.user_by_name(name), token
 
-    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at"
+    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at, max_priority"
 
     def _user(self, row):
         if row is None:
             return None
-        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at")
+        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at",
+                "max_priority")
         user = dict(zip(keys, row))
         user["is_admin"] = bool(user["is_admin"])
         return user
@@ -294,6 +295,14 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             raise NotFound("user not found", code="user_not_found")
         return user
 
+    def set_max_priority(self, name, max_priority):
+        check_user_limits(max_priority=max_priority)
+        with self._seam(), self._write():
+            if self._exec("UPDATE users SET max_priority = ? WHERE name = ?",
+                          (max_priority, name)).rowcount != 1:
+                raise NotFound("user not found", code="user_not_found")
+        return self.user_by_name(name)
+
     def count_users(self):
         with self._seam():
             return self._one("SELECT COUNT(*) FROM users")[0]
@@ -306,7 +315,8 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
     # tasks
 
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, priority=0):
+        check_priority(priority)
         task_id = new_task_id(now)
         params_text = dumps(params)
         if admit is not None:
@@ -317,7 +327,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                     with self._write():
                         return self._submit(task_id, user_id, provider, params, params_text, now,
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
-                                            max_queued, admit)
+                                            max_queued, admit, priority)
                 except peewee.IntegrityError:
                     # Another transaction took the dedupe key, or made the
                     # live retry, between our check and our insert (possible
@@ -328,7 +338,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             raise StoreUnavailable("could not settle a dedupe race")
 
     def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
-                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None):
+                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None, priority=0):
         self._lock(f"user:{user_id}")
         if dedupe_key is not None:
             row = self._one(
@@ -380,7 +390,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             "credits": credits, "retry_of": retry_of, "created_at": now, "updated_at": now,
             "started_at": None, "finished_at": None, "deadline_at": deadline_at, "version": 1,
             "next_poll_at": now, "polls": 0, "lease_owner": None, "lease_expires_at": None,
-            "lease_token": 0, "state": None,
+            "lease_token": 0, "state": None, "priority": priority,
         }
         row = [task[c] for c in TASK_COLUMNS]
         row[TASK_COLUMNS.index("params")] = params_text
@@ -576,13 +586,43 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                     "SELECT COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
                     "(status = 'running' OR (status = 'queued' AND step = ?))",
                     (task["provider"], task_id, SLOT_STEP))[0]
-                if busy >= limit:
+                if busy >= limit or not self._next_in_line(task, limit - busy, now):
                     return None
             return self._apply(task, token, now, False, changes)
 
     def _slot_lock(self, provider):
         """Serialize slot decisions for `provider` until the transaction ends."""
         self._lock("slot:" + provider)
+
+    # The order in which tasks waiting for a provider's slots get them: each
+    # task's turn is how many slots its user would hold with it (the ones
+    # held now, plus its rank among the user's waiting tasks, higher priority
+    # first), so users take turns, the one holding fewest first; at the same
+    # turn, higher priority, then the task waiting longest. Waiting: queued,
+    # holding no slot, and due or parked by a refused take_slot (tasks
+    # sitting out a backoff or a doubt grace are not in line).
+    _LINE = ("SELECT id FROM (SELECT w.id, w.priority, w.created_at, COALESCE(h.n, 0) + ROW_NUMBER() OVER "
+             "(PARTITION BY w.user_id ORDER BY w.priority DESC, w.created_at, w.id) AS turn FROM tasks w "
+             "LEFT JOIN (SELECT user_id, COUNT(*) AS n FROM tasks WHERE provider = ? AND (status = 'running' "
+             "OR (status = 'queued' AND step = ?)) GROUP BY user_id) h ON h.user_id = w.user_id "
+             "WHERE w.status = 'queued' AND w.provider = ? AND (w.step IS NULL OR w.step <> ?) "
+             "AND (w.next_poll_at <= ? OR w.step = ? OR w.id = ?)) line "
+             "ORDER BY turn, priority DESC, created_at, id LIMIT ?")
+
+    def _next_in_line(self, task, free, now):
+        """Whether `task` is among the first `free` tasks in line for its
+        provider's slots (inside take_slot's transaction, under the slot
+        lock). When it is not, the ones that are become due now, so a slot
+        it leaves free is taken at the next tick, not a poll interval later."""
+        first = [r[0] for r in self._exec(self._LINE, (
+            task["provider"], SLOT_STEP, task["provider"], SLOT_STEP, now, SLOT_WAIT_STEP, task["id"],
+            free)).fetchall()]
+        if not first or task["id"] in first:
+            return True
+        marks = ", ".join("?" * len(first))
+        self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({marks}) AND next_poll_at > ?",
+                   (now, *first, now))
+        return False
 
     def renew_lease(self, task_id, *, token, expires_at):
         with self._seam(), self._write():

@@ -14,14 +14,14 @@ import metrics
 from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import POSTED_AT, SLOT_STEP, TERMINAL, external_id_problem, lease_dir, no_space, safe_file_name
+from store import POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP, TERMINAL, external_id_problem, lease_dir, no_space, safe_file_name
 
 log = logging.getLogger("holdfast.worker")
 
 # Transient failures (provider down, a download that broke) retry on this
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
-WAITING_FOR_SLOT = "waiting for a slot"
+WAITING_FOR_SLOT = SLOT_WAIT_STEP
 WAKE_EVERY_S = 1.0         # at most one wake_backoff per provider this often, per process
 
 
