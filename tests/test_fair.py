@@ -1,0 +1,152 @@
+"""Fair under load, on real servers with real workers: one user's burst at a
+provider with `concurrency = 2` does not starve another user, across
+processes on one PostgreSQL database too; priorities order one user's own
+tasks; an overloaded worker stretches old tasks' polls, not fresh ones'."""
+
+import time
+from datetime import datetime
+
+import pytest
+
+from support import ServerProcess, api
+
+TERMINAL = ("succeeded", "partial", "failed", "cancelled")
+BURST_CONFIG = """
+[providers.demo]
+concurrency = 2
+duration_s = 1.0
+poll_interval_s = 0.2
+max_poll_interval_s = 0.5
+"""
+
+
+def ts(value):
+    return None if value is None else datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def make_user(server, name, **limits):
+    admin = api(server, server.tokens["admin"])
+    res = admin.post(server.url + "/api/admin/users", timeout=10,
+                     json={"name": name, "max_active": 1000, "rate_per_s": 1000, **limits})
+    assert res.status_code == 201, res.text
+    return api(server, res.json()["token"])
+
+
+def submit(session, url, **body):
+    res = session.post(url + "/api/tasks", timeout=10, json={"provider": "demo", **body})
+    assert res.status_code == 201, res.text
+    return res.json()["task"]
+
+
+def tasks_of(session, url):
+    res = session.get(url + "/api/tasks", params={"limit": 200}, timeout=10)
+    assert res.status_code == 200, res.text
+    return {t["id"]: t for t in res.json()["tasks"]}
+
+
+def wait_for(check, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def burst_then_two(alice, alice_url, bob, bob_url):
+    """alice queues 30 one-second tasks, bob 2 right after; returns when
+    bob's are done and alice has 10 finished: (alice's tasks, bob's)."""
+    a_ids = [submit(alice, alice_url, params={"prompt": f"a{i}"})["id"] for i in range(30)]
+    b_ids = [submit(bob, bob_url, params={"prompt": f"b{i}"})["id"] for i in range(2)]
+
+    def done():
+        a, b = tasks_of(alice, alice_url), tasks_of(bob, bob_url)
+        finished = [t for t in a.values() if t["status"] in TERMINAL]
+        if all(b[i]["status"] in TERMINAL for i in b_ids) and len(finished) >= 10:
+            return [a[i] for i in a_ids], [b[i] for i in b_ids]
+        return None
+    return wait_for(done, 120, "bob's two tasks and ten of alice's")
+
+
+def check_fair(a_tasks, b_tasks):
+    assert all(t["status"] == "succeeded" for t in b_tasks), b_tasks
+    first = b_tasks[0]
+    wait = ts(first["started_at"]) - ts(first["created_at"])
+    tenth = sorted(ts(t["finished_at"]) for t in a_tasks if t["finished_at"])[9]
+    b_done = max(ts(t["finished_at"]) for t in b_tasks)
+    assert wait <= 2.0, f"bob's first task waited {wait:.2f} s to start"
+    assert b_done < tenth, f"bob's last finished {b_done - tenth:+.2f} s after alice's tenth"
+    return wait
+
+
+def test_a_burst_of_one_user_does_not_starve_another(tmp_path):
+    (tmp_path / "holdfast.toml").write_text(BURST_CONFIG)
+    with ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}) as server:
+        alice, bob = make_user(server, "alice"), make_user(server, "bob")
+        a_tasks, b_tasks = burst_then_two(alice, server.url, bob, server.url)
+        wait = check_fair(a_tasks, b_tasks)
+        print(f"bob's first task waited {wait:.2f} s")
+
+
+def test_fair_share_holds_across_two_processes_on_postgresql(tmp_path, pg_schema):
+    (tmp_path / "holdfast.toml").write_text(BURST_CONFIG)
+    env = {"HOLDFAST_STORE": pg_schema.url, "HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}
+    servers = []
+    try:
+        for n in range(2):
+            servers.append(ServerProcess(tmp_path / f"node{n}", env=env).start())
+        admin_at = next(s for s in servers if "admin" in s.tokens)
+        for s in servers:
+            s.tokens.setdefault("admin", admin_at.tokens["admin"])
+        alice, bob = make_user(servers[0], "alice"), make_user(servers[0], "bob")
+        # alice submits to one process, bob to the other; both workers claim.
+        a_tasks, b_tasks = burst_then_two(alice, servers[0].url, bob, servers[1].url)
+        wait = check_fair(a_tasks, b_tasks)
+        print(f"bob's first task waited {wait:.2f} s")
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_higher_priority_task_of_one_user_starts_next(tmp_path):
+    (tmp_path / "holdfast.toml").write_text(BURST_CONFIG)
+    with ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}) as server:
+        alice = make_user(server, "alice", max_priority=5)
+        low = [submit(alice, server.url, params={"prompt": f"p0-{i}"})["id"] for i in range(20)]
+        # Above the maximum, or not an integer: a 400 that creates nothing.
+        for priority, code in ((6, "priority_not_allowed"), ("5", "invalid_priority"),
+                               (5.0, "invalid_priority"), (True, "invalid_priority")):
+            res = alice.post(server.url + "/api/tasks", timeout=10,
+                             json={"provider": "demo", "priority": priority})
+            assert res.status_code == 400 and res.json()["error"]["code"] == code, (priority, res.text)
+        assert len(tasks_of(alice, server.url)) == 20
+        high = submit(alice, server.url, params={"prompt": "p5"}, priority=5)
+        assert high["priority"] == 5
+        started_before = {i for i, t in tasks_of(alice, server.url).items() if t["started_at"]}
+
+        def high_started():
+            tasks = tasks_of(alice, server.url)
+            return tasks if tasks[high["id"]]["started_at"] else None
+        tasks = wait_for(high_started, 60, "the priority-5 task to start")
+        # Of the tasks that had not started when it was submitted, it is
+        # first. The two running ones started together, so both slots may
+        # come free together: one priority-0 task may start in the same
+        # moment (its started_at is when its step began, a moment earlier).
+        at = ts(tasks[high["id"]]["started_at"])
+        later = [i for i in low if i not in started_before and tasks[i]["started_at"]
+                 and ts(tasks[i]["started_at"]) < at]
+        assert len(later) <= 1 and all(at - ts(tasks[i]["started_at"]) < 0.5 for i in later), (
+            f"{len(later)} priority-0 task(s) started before the priority-5 one",
+            [(tasks[i]["created_at"], tasks[i]["started_at"]) for i in [high["id"], *later]])
+        assert len(started_before) <= 3, started_before
+        assert tasks[low[0]]["priority"] == 0
+
+        # An admin raises or lowers the maximum.
+        admin = api(server, server.tokens["admin"])
+        res = admin.patch(server.url + "/api/admin/users/alice", json={"max_priority": 0}, timeout=10)
+        assert res.status_code == 200 and res.json()["user"]["max_priority"] == 0, res.text
+        res = alice.post(server.url + "/api/tasks", json={"provider": "demo", "priority": 1}, timeout=10)
+        assert res.status_code == 400 and res.json()["error"]["code"] == "priority_not_allowed"
+        res = admin.patch(server.url + "/api/admin/users/nobody", json={"max_priority": 1}, timeout=10)
+        assert res.status_code == 404
