@@ -90,10 +90,18 @@ class BaseStore:
         """(tasks newest first, cursor for the next page or None)."""
         raise NotImplementedError
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
         """Lease up to `limit` due tasks (next_poll_at <= now, no live lease)
-        to `owner`. Each claim increments the task's lease_token; the returned
-        tasks carry the new token, which every later write must present."""
+        to `owner`, the longest due first; with `fresh_first` (the worker's
+        slow-down), a running task's turn is put off by its age, so
+        submissions and young tasks go first. Each claim increments the
+        task's lease_token; the returned tasks carry the new token, which
+        every later write must present."""
+        raise NotImplementedError
+
+    def poll_lag(self, *, now):
+        """How late (seconds) the longest-due unleased active task is at
+        `now`; 0 when none is due."""
         raise NotImplementedError
 
     def update(self, task_id, *, token, now, release=False, **changes):

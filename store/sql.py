@@ -437,14 +437,18 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
         tasks = [self._task(r) for r in rows[:limit]]
         return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
         marks = ", ".join("?" * len(statuses))
+        # Fresh first: a running task's turn is put off by its age, so
+        # submissions and young tasks go before old ones that are due as long.
+        order, params = (("next_poll_at + CASE WHEN status = 'running' THEN ? - COALESCE(started_at, "
+                          "created_at) ELSE 0 END", (now,)) if fresh_first else ("next_poll_at", ()))
         with self._seam(), self._write():
             rows = self._exec(
                 _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
                 "AND (lease_owner IS NULL OR lease_expires_at < ?) "
-                f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
-                (*statuses, now, now, limit)).fetchall()
+                f"ORDER BY {order} LIMIT ?{self.skip_locked}",
+                (*statuses, now, now, *params, limit)).fetchall()
             tasks = []
             for row in rows:
                 task = self._task(row)
@@ -455,6 +459,13 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
                            "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
                 tasks.append(task)
         return tasks
+
+    def poll_lag(self, *, now):
+        with self._seam():
+            oldest = self._one("SELECT MIN(next_poll_at) FROM tasks WHERE status IN ('queued', 'running') "
+                               "AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)",
+                               (now, now))[0]
+        return 0.0 if oldest is None else now - oldest
 
     def _task_for_update(self, task_id):
         """The task, its row locked until the transaction ends; NotFound."""

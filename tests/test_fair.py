@@ -6,9 +6,10 @@ tasks; an overloaded worker stretches old tasks' polls, not fresh ones'."""
 import time
 from datetime import datetime
 
-import pytest
+import requests
 
 from support import ServerProcess, api
+from tests.fakes.kie import FakeKIE
 
 TERMINAL = ("succeeded", "partial", "failed", "cancelled")
 BURST_CONFIG = """
@@ -150,3 +151,70 @@ def test_a_higher_priority_task_of_one_user_starts_next(tmp_path):
         assert res.status_code == 400 and res.json()["error"]["code"] == "priority_not_allowed"
         res = admin.patch(server.url + "/api/admin/users/nobody", json={"max_priority": 1}, timeout=10)
         assert res.status_code == 404
+
+
+class PollLog(FakeKIE):
+    """The fake KIE, noting when each of its jobs was polled."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.polled = {}
+
+    def _watched_record_info(self, task_id):
+        with self._lock:
+            self.polled.setdefault(task_id, []).append(time.time())
+        return super()._watched_record_info(task_id)
+
+
+def test_behind_on_polls_fresh_tasks_are_polled_on_time_and_old_ones_stretch(tmp_path):
+    # Each poll takes 0.2 s and the worker has 2 threads: about 10 polls a
+    # second, for 60 tasks that each ask for one every 0.2 s.
+    kie = PollLog(api_key="slow-key", job_seconds=600, poll_delay=0.2).start()
+    (tmp_path / "holdfast.toml").write_text(f"""
+[providers.kie]
+type = "kie"
+url = "{kie.url}"
+api_key_env = "HOLDFAST_TEST_KIE_KEY"
+poll_interval_s = 0.2
+max_poll_interval_s = 0.2
+timeout_s = 5
+""")
+    env = {"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml"), "HOLDFAST_TEST_KIE_KEY": "slow-key",
+           "HOLDFAST_WORKER_THREADS": "2"}
+    try:
+        with ServerProcess(tmp_path, env=env) as server:
+            alice = make_user(server, "alice")
+            admin = api(server, server.tokens["admin"])
+            old = [submit(alice, server.url, provider="kie", params={"model": "m", "input": {"prompt": f"old {i}"}})["id"]
+                   for i in range(60)]
+
+            def slowed():
+                health = requests.get(server.url + "/healthz", timeout=10).json()
+                return health if health.get("slow_down", {}).get("active") else None
+            health = wait_for(slowed, 60, "/healthz to show the slow-down")
+            assert health["ok"] and health["slow_down"]["poll_lag_s"] > 0.6, health
+            metrics_text = requests.get(server.url + "/metrics", timeout=10).text
+            assert "holdfast_slow_down 1" in metrics_text
+
+            # Old tasks, polled while behind, wait several intervals for their next poll.
+            def stretched():
+                rows = admin.get(server.url + "/api/admin/tasks", params={"limit": 500}, timeout=10).json()
+                ahead = [ts(r["next_poll_at"]) - ts(rows["now"]) for r in rows["tasks"]
+                         if r["task"]["id"] in old and r["next_poll_at"]]
+                return max(ahead, default=0) > 0.6
+            wait_for(stretched, 60, "an old task's next poll to be stretched")
+
+            fresh = submit(alice, server.url, provider="kie", params={"model": "m", "input": {"prompt": "fresh"}})
+
+            def first_poll():
+                task = tasks_of(alice, server.url)[fresh["id"]]
+                polls = kie.polled.get(task["external_id"] or "")
+                return (task, polls[0]) if polls else None
+            task, polled_at = wait_for(first_poll, 60, "the fresh task's first poll")
+            started, created = ts(task["started_at"]), ts(task["created_at"])
+            assert started - created < 2.0, f"the fresh task waited {started - created:.2f} s to be submitted"
+            assert polled_at - started < 2.0, f"its first poll came {polled_at - started:.2f} s after its start"
+            # Meanwhile the oldest tasks are polled far less often than every 0.2 s.
+            assert server.proc.poll() is None
+    finally:
+        kie.stop()

@@ -4,6 +4,8 @@
                  sweep, cleanup), the pool, leases, shutdown; start here
     steps.py     Steps: one step of one claimed task (submit, run, poll,
                  save the results, finish, look again later)
+    slowdown.py  SlowDown: behind on polls, young tasks first and old
+                 tasks' polls stretched, until it catches up
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
@@ -46,6 +48,7 @@ import metrics
 from errors import Conflict, HoldfastError, StaleLease, StoreUnavailable
 from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 
+from .slowdown import SlowDown
 from .steps import Steps
 
 log = logging.getLogger("holdfast.worker")
@@ -89,6 +92,7 @@ class Worker(Steps):
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
         self.last_tick = None
+        self.slow_down = SlowDown(max(tick_s, min((p.poll_interval_s for p in providers.values()), default=2.0)))
 
     # -- running in the background -------------------------------------------
 
@@ -214,7 +218,8 @@ class Worker(Steps):
             self._inflight += room
         tasks = []
         try:
-            tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s)
+            tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s,
+                                     fresh_first=self.slow_down.active)
         finally:
             with self._idle:
                 self._inflight -= room - len(tasks)
@@ -222,6 +227,7 @@ class Worker(Steps):
         # A full claim means more may be due: the pool asks for the next
         # batch as it drains, not half a second later at the next tick.
         self._backlog = len(tasks) == room
+        self.slow_down.after_claim(self.store, tasks, self._backlog, now, self.tick_s)
         metrics.claimed(tasks, now)
         for n, task in enumerate(tasks):
             try:

@@ -475,7 +475,9 @@ class Steps:
         """The first poll after poll_interval_s, then a tenth of the task's age,
         up to max_poll_interval_s: quick jobs feel live, long ones cost little."""
         age = now - (task["started_at"] or now)
-        return min(provider.max_poll_interval_s, max(provider.poll_interval_s, age / 10))
+        interval = min(provider.max_poll_interval_s, max(provider.poll_interval_s, age / 10))
+        # Behind on polls: old tasks wait longer, so young ones are polled on time.
+        return interval * self.slow_down.stretch(task, provider, now)
 
 
 def _recovered(task):
