@@ -134,9 +134,9 @@ class BaseStore:
 
         Scarce slots are shared fairly: with more tasks waiting than slots
         free, a free slot goes only to a task among the first in line (see
-        SqlStore._LINE: the user holding fewest of the provider's slots
-        first, then higher priority, then the one waiting longest), and a
-        task refused for that makes those first in line due at once. With
+        SqlStore._next_in_line: the user holding fewest of the provider's
+        slots first, then higher priority, then the one waiting longest),
+        and a task refused for that makes those first in line due at once. With
         slots to spare every task gets one. StaleLease, Conflict, NotFound."""
         raise NotImplementedError
 

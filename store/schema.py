@@ -316,6 +316,11 @@ def _migration_7(db):
                                ("users", "max_priority", "INTEGER")):
         if column not in {c.name for c in db.get_columns(table)}:
             db.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+    # The line for a provider's scarce slots (SqlStore._next_in_line), read
+    # from the index alone. Only queued tasks are in it, and their step
+    # changes a few times at most: polls of running tasks never touch it.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_line ON tasks (provider, user_id, priority, created_at, "
+                   "step, status) WHERE status = 'queued'")
 
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),

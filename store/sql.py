@@ -593,11 +593,12 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
             if limit is not None and not holds:
                 self._slot_lock(task["provider"])
-                busy = self._one(
-                    "SELECT COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
-                    "(status = 'running' OR (status = 'queued' AND step = ?))",
-                    (task["provider"], task_id, SLOT_STEP))[0]
-                if busy >= limit or not self._next_in_line(task, limit - busy, now):
+                held = dict(self._exec(
+                    "SELECT user_id, COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
+                    "(status = 'running' OR (status = 'queued' AND step = ?)) GROUP BY user_id",
+                    (task["provider"], task_id, SLOT_STEP)).fetchall())
+                busy = sum(held.values())
+                if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
                     return None
             return self._apply(task, token, now, False, changes)
 
@@ -605,34 +606,49 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, BaseStore):
         """Serialize slot decisions for `provider` until the transaction ends."""
         self._lock("slot:" + provider)
 
-    # The order in which tasks waiting for a provider's slots get them: each
-    # task's turn is how many slots its user would hold with it (the ones
-    # held now, plus its rank among the user's waiting tasks, higher priority
-    # first), so users take turns, the one holding fewest first; at the same
-    # turn, higher priority, then the task waiting longest. Waiting: queued,
-    # holding no slot, and due or parked by a refused take_slot (tasks
-    # sitting out a backoff or a doubt grace are not in line).
-    _LINE = ("SELECT id FROM (SELECT w.id, w.priority, w.created_at, COALESCE(h.n, 0) + ROW_NUMBER() OVER "
-             "(PARTITION BY w.user_id ORDER BY w.priority DESC, w.created_at, w.id) AS turn FROM tasks w "
-             "LEFT JOIN (SELECT user_id, COUNT(*) AS n FROM tasks WHERE provider = ? AND (status = 'running' "
-             "OR (status = 'queued' AND step = ?)) GROUP BY user_id) h ON h.user_id = w.user_id "
-             "WHERE w.status = 'queued' AND w.provider = ? AND (w.step IS NULL OR w.step <> ?) "
-             "AND (w.next_poll_at <= ? OR w.step = ? OR w.id = ?)) line "
-             "ORDER BY turn, priority DESC, created_at, id LIMIT ?")
+    # Waiting for a provider's slot: queued and not holding one. The line
+    # (see _next_in_line) reads these through the partial index tasks_line
+    # (migration 7) alone, never the rows.
+    _WAITING = "status = 'queued' AND provider = ? AND (step IS NULL OR step <> ?)"
 
-    def _next_in_line(self, task, free, now):
-        """Whether `task` is among the first `free` tasks in line for its
-        provider's slots (inside take_slot's transaction, under the slot
-        lock). When it is not, the ones that are become due now, so a slot
-        it leaves free is taken at the next tick, not a poll interval later."""
-        first = [r[0] for r in self._exec(self._LINE, (
-            task["provider"], SLOT_STEP, task["provider"], SLOT_STEP, now, SLOT_WAIT_STEP, task["id"],
-            free)).fetchall()]
-        if not first or task["id"] in first:
+    def _next_in_line(self, task, held, free, now):
+        """Whether `task` may take one of its provider's `free` slots, inside
+        take_slot's transaction, under the slot lock; `held`: {user id: slots
+        held}. With no more waiting than free, yes. Otherwise users take
+        turns: the next slot goes to the user holding fewest, then the one
+        whose best waiting task has the higher priority, then the one
+        waiting longest; within a user, higher priority, then the oldest
+        task. When `task` is not among those first in line, they become due
+        now, so the slot it leaves free is taken at the next tick rather
+        than a poll interval later."""
+        provider = task["provider"]
+        rows = self._exec(f"SELECT user_id, MAX(priority), MIN(created_at), COUNT(*) FROM tasks "
+                          f"WHERE {self._WAITING} GROUP BY user_id", (provider, SLOT_STEP)).fetchall()
+        if sum(r[3] for r in rows) <= free:
             return True
-        marks = ", ".join("?" * len(first))
-        self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({marks}) AND next_poll_at > ?",
-                   (now, *first, now))
+        line = {user: [held.get(user, 0), -priority, since, n] for user, priority, since, n in rows}
+        turns = {}
+        for _ in range(free):
+            user = min(line, key=lambda u: line[u][:3])
+            turns[user] = turns.get(user, 0) + 1
+            line[user][0] += 1
+            line[user][3] -= 1
+            if not line[user][3]:
+                del line[user]
+        mine = turns.get(task["user_id"], 0)
+        if mine and self._one(
+                f"SELECT COUNT(*) FROM tasks WHERE {self._WAITING} AND user_id = ? AND (priority > ? OR "
+                "(priority = ? AND (created_at < ? OR (created_at = ? AND id < ?))))",
+                (provider, SLOT_STEP, task["user_id"], task["priority"], task["priority"], task["created_at"],
+                 task["created_at"], task["id"]))[0] < mine:
+            return True
+        for user, n in turns.items():
+            # Only those parked by a refusal or never tried: a task sitting
+            # out a backoff keeps its schedule.
+            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE "
+                       f"{self._WAITING} AND user_id = ? AND (step IS NULL OR step = ?) "
+                       "ORDER BY priority DESC, created_at, id LIMIT ?) AND next_poll_at > ?",
+                       (now, provider, SLOT_STEP, user, SLOT_WAIT_STEP, n, now))
         return False
 
     def renew_lease(self, task_id, *, token, expires_at):

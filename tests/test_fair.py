@@ -212,6 +212,8 @@ timeout_s = 5
                 return (task, polls[0]) if polls else None
             task, polled_at = wait_for(first_poll, 60, "the fresh task's first poll")
             started, created = ts(task["started_at"]), ts(task["created_at"])
+            print(f"fresh task: submitted after {started - created:.2f} s, first poll {polled_at - started:.2f} s "
+                  "after that")
             assert started - created < 2.0, f"the fresh task waited {started - created:.2f} s to be submitted"
             assert polled_at - started < 2.0, f"its first poll came {polled_at - started:.2f} s after its start"
             # Meanwhile the oldest tasks are polled far less often than every 0.2 s.
