@@ -28,11 +28,12 @@ from .jsonfile import JsonStore
 from .postgres import PostgresStore
 from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MODELS, MAX_CREDITS,
                      MAX_EXTERNAL_ID, MAX_JSON_DEPTH, MAX_SESSION_MESSAGES, MAX_USER_ACTIVE, MAX_USER_RATE,
-                     MAX_PRIORITY, MIGRATIONS, MODELS, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event,
+                     MIGRATIONS, MODELS, POSTED_AT, SLOT_STEP, TASK_COLUMNS, TERMINAL, TRANSITIONS, Event,
                      FileExpiry, Heartbeat, Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus,
-                     User, check_json, check_priority, check_session_key, check_transition, check_user_limits, dead_owners,
+                     User, check_json, check_session_key, check_transition, check_user_limits, dead_owners,
                      dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
                      new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
+from .schema import MAX_PRIORITY, SLOT_WAIT_STEP, check_priority
 from .sql import SqlStore
 from .sqlite import SqliteStore
 
@@ -40,13 +41,14 @@ __all__ = [
     "ACTIVE", "BACKENDS", "BaseStore", "CONTENT_TYPES", "DATA_MODELS", "DEDUPE_IGNORED",
     "ERROR_CODES", "Event", "FileExpiry", "FileStore", "Heartbeat", "JsonStore", "LOCAL_MODELS",
     "Ledger", "MAX_CREDITS", "MAX_EXTERNAL_ID", "MAX_JSON_DEPTH", "MAX_SESSION_MESSAGES",
-    "MAX_PRIORITY", "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS", "POSTED_AT",
-    "PostgresStore", "SLOT_STEP", "SLOT_WAIT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore", "TASK_COLUMNS", "TERMINAL",
-    "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User", "check_json", "check_priority", "check_session_key",
+    "MAX_USER_ACTIVE", "MAX_USER_RATE", "MIGRATIONS", "MODELS", "POSTED_AT", "PostgresStore",
+    "SLOT_STEP", "SchemaVersion", "Session", "SqlStore", "SqliteStore", "TASK_COLUMNS", "TERMINAL",
+    "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User", "check_json", "check_session_key",
     "check_transition", "check_user_limits", "dead_owners", "dumps", "event_json",
     "external_id_problem", "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id",
     "new_task_id", "no_space", "open_store", "process_identity", "safe_file_name", "session_json",
     "stuck_reasons", "task_json", "too_deep",
+    "MAX_PRIORITY", "SLOT_WAIT_STEP", "check_priority",
 ]
 
 log = logging.getLogger("holdfast.store")

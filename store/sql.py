@@ -32,7 +32,8 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 from .base import BaseStore
 from .files import lease_dir
 from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
-                     TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps, event_json,
+                     TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps,
+                     event_json,
                      external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_liveness import LivenessSql

@@ -92,7 +92,8 @@ class Worker(Steps):
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
         self.last_tick = None
-        self.slow_down = SlowDown(max(tick_s, min((p.poll_interval_s for p in providers.values()), default=2.0)))
+        shortest = min((p.poll_interval_s for p in providers.values()), default=2.0)
+        self.slow_down = SlowDown(max(tick_s, shortest))
 
     # -- running in the background -------------------------------------------
 

@@ -14,7 +14,8 @@ import metrics
 from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP, TERMINAL, external_id_problem, lease_dir, no_space, safe_file_name
+from store import (POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP, TERMINAL, external_id_problem, lease_dir, no_space,
+                   safe_file_name)
 
 log = logging.getLogger("holdfast.worker")
 
