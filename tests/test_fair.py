@@ -3,6 +3,7 @@ provider with `concurrency = 2` does not starve another user, across
 processes on one PostgreSQL database too; priorities order one user's own
 tasks; an overloaded worker stretches old tasks' polls, not fresh ones'."""
 
+import logging
 import time
 from datetime import datetime
 
@@ -221,3 +222,23 @@ timeout_s = 5
             assert server.proc.poll() is None
     finally:
         kie.stop()
+
+
+def test_the_slow_down_logs_once_when_it_starts_and_once_when_it_ends(caplog):
+    from worker.slowdown import SlowDown
+    mode = SlowDown(0.5)
+    with caplog.at_level(logging.INFO, logger="holdfast.worker"):
+        for now, lag in enumerate((0.2, 1.0, 1.6, 3.0, 9.0, 2.0, 0.8, 0.4, 0.1, 0.0, 1.4)):
+            mode.observe(lag, float(now))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "slowing down" in lines[0] and "caught up" in lines[1], lines
+    assert not mode.active and mode.describe() == {"active": False, "since": None, "poll_lag_s": 1.4}
+
+    # Only while on, and only old running tasks: fresh ones and queued ones keep their interval.
+    class Provider:
+        poll_interval_s = 0.5
+    mode.observe(5.0, 100.0)
+    old = {"status": "running", "started_at": 0.0, "created_at": 0.0}
+    assert mode.stretch(old, Provider, 20.0) == 4.0 and mode.stretch(old, Provider, 1000.0) == 8.0
+    assert mode.stretch({**old, "started_at": 18.0}, Provider, 20.0) == 1.0
+    assert mode.stretch({**old, "status": "queued"}, Provider, 20.0) == 1.0
