@@ -174,6 +174,8 @@ def main(argv=None):
                      help="active tasks at once (default: the server's)")
     add.add_argument("--rate", type=float, default=None,
                      help="submissions per second (default: the server's)")
+    add.add_argument("--max-priority", type=int, default=None,
+                     help="the highest task priority the user may give (default: 0)")
     grant = sub.add_parser("credits", help="grant credits to a user (-N takes them away)")
     grant.add_argument("name")
     grant.add_argument("amount", help="+N or -N")
@@ -195,7 +197,8 @@ def main(argv=None):
                 print(f"{user['name']}: balance {user['credit_balance']}")
             else:
                 _, token = store.create_user(args.name, admin=args.admin, credits=args.credits,
-                                             max_active=args.max_active, rate_per_s=args.rate)
+                                             max_active=args.max_active, rate_per_s=args.rate,
+                                             max_priority=args.max_priority)
                 print(token)
         finally:
             store.close()

@@ -88,7 +88,7 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
     def user_json(user):
         return {"name": user["name"], "admin": user["is_admin"], "credits": credits_of(user),
                 "max_active": user["max_active"], "rate_per_s": user["rate_per_s"],
-                "created_at": iso(user["created_at"])}
+                "max_priority": user["max_priority"] or 0, "created_at": iso(user["created_at"])}
 
     @app.get("/api/me")
     def me():
@@ -97,6 +97,7 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
         return {"user": {"name": user["name"], "admin": user["is_admin"]}, "credits": credits_of(user),
                 "limits": {"max_active": user["max_active"] or config.max_active,
                            "rate_per_s": rate, "burst": limiter.capacity(rate),
+                           "max_priority": user["max_priority"] or 0,
                            "max_body": config.max_body, "max_sessions": config.max_sessions,
                            "session_messages": MAX_SESSION_MESSAGES, "session_ttl_s": config.session_ttl_s,
                            "message_chars": MAX_MESSAGE_CHARS, "session_data_bytes": MAX_SESSION_DATA},
@@ -108,17 +109,27 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
     def admin_create_user():
         admin_user()
         body = read_json(config.max_body)
-        only_fields(body, {"name", "credits", "admin", "max_active", "rate_per_s"})
+        only_fields(body, {"name", "credits", "admin", "max_active", "rate_per_s", "max_priority"})
         if not isinstance(body.get("name"), str):
             raise InvalidInput("name is required and must be a string")
         if not isinstance(body.get("admin", False), bool):
             raise InvalidInput("admin must be true or false")
         user, token = store.create_user(body["name"], admin=body.get("admin", False),
                                         credits=body.get("credits"), max_active=body.get("max_active"),
-                                        rate_per_s=body.get("rate_per_s"), now=clock())
+                                        rate_per_s=body.get("rate_per_s"), now=clock(),
+                                        max_priority=body.get("max_priority"))
         bottle.response.status = 201
         bottle.response.set_header("Cache-Control", "no-store")
         return {"user": user_json(user), "token": token}
+
+    @app.route("/api/admin/users/<name>", method="PATCH")
+    def admin_change_user(name):
+        admin_user()
+        body = read_json(config.max_body)
+        only_fields(body, {"max_priority"})
+        if "max_priority" not in body:
+            raise InvalidInput("max_priority is required: an integer from 0 (the default) up")
+        return {"user": user_json(store.set_max_priority(name, body["max_priority"]))}
 
     @app.post("/api/admin/users/<name>/credits")
     def admin_grant(name):

@@ -74,7 +74,7 @@ SCHEMAS = {
     "Task": _obj(
         ["id", "provider", "status", "step", "progress", "dedupe_key", "params", "external_id",
          "attempts", "files", "error", "cost", "credits", "retry_of", "created_at", "updated_at",
-         "started_at", "finished_at", "deadline_at", "version"], {
+         "started_at", "finished_at", "deadline_at", "version", "priority"], {
             "id": {"type": "string"}, "provider": {"type": "string"},
             "status": {"enum": ["queued", "running", "succeeded", "partial", "failed", "cancelled"]},
             "step": {"type": ["string", "null"]},
@@ -93,7 +93,8 @@ SCHEMAS = {
             "updated_at": {"type": "string", "format": "date-time"},
             "started_at": _NULLABLE_TIME, "finished_at": _NULLABLE_TIME,
             "deadline_at": {"type": "string", "format": "date-time"},
-            "version": {"type": "integer", "minimum": 1}}),
+            "version": {"type": "integer", "minimum": 1},
+            "priority": {"type": "integer"}}),
     "SubmitRequest": _obj(["provider"], {
         "provider": {"type": "string", "examples": ["demo"]},
         "params": {"type": "object", "examples": [{"prompt": "a red fox"}]},
@@ -104,7 +105,12 @@ SCHEMAS = {
                                    "(invalid_webhook) unless HOLDFAST_WEBHOOK_ALLOW_PRIVATE=1"},
         "webhook_events": {"type": "array", "minItems": 1, "uniqueItems": True,
                            "items": {"enum": ["created", "running", "progress", "finished"]},
-                           "default": ["finished"]}}),
+                           "default": ["finished"]},
+        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000, "default": 0,
+                     "description": "higher first among the caller's own tasks waiting for a provider's "
+                                    "slots (users share scarce slots fairly before priority counts); "
+                                    "at most the caller's max_priority (GET /api/me), else 400 "
+                                    "priority_not_allowed"}}),
     "TaskAnswer": _obj(["task", "deduplicated"], {"task": _ref("Task"), "deduplicated": {"type": "boolean"}}),
     "OneTask": _obj(["task"], {"task": _ref("Task")}),
     "TaskPage": _obj(["tasks", "next"], {"tasks": {"type": "array", "items": _ref("Task")},
@@ -127,7 +133,10 @@ SCHEMAS = {
         "scheduler": {"enum": ["running", "stopped", "off"]},
         "queue_depth": {"type": ["integer", "null"]}, "oldest_active_s": {"type": ["number", "null"]},
         "streams": _obj(["sse", "poll", "max"], {"sse": {"type": "integer"}, "poll": {"type": "integer"},
-                                                 "max": {"type": "integer"}})}),
+                                                 "max": {"type": "integer"}}),
+        "slow_down": {"type": "object", "description": "whether this process's worker is behind on polls "
+                      "and stretches the polls of its oldest running tasks (active), since when, and how "
+                      "late the oldest due poll was at the last tick (poll_lag_s)"}}),
     "Message": _obj(["role", "content"], {
         "role": {"enum": ["system", "user", "assistant", "tool"]},
         "content": {"type": "string", "maxLength": 16000}}),
@@ -138,10 +147,10 @@ SCHEMAS = {
         "expires_at": {"type": "string", "format": "date-time"}}),
     "SessionAnswer": _obj(["session", "dropped"], {"session": _ref("Session"),
                                                    "dropped": {"type": "integer", "minimum": 0}}),
-    "User": _obj(["name", "admin", "credits", "max_active", "rate_per_s", "created_at"], {
+    "User": _obj(["name", "admin", "credits", "max_active", "rate_per_s", "max_priority", "created_at"], {
         "name": {"type": "string"}, "admin": {"type": "boolean"}, "credits": _ref("Credits"),
         "max_active": {"type": ["integer", "null"]}, "rate_per_s": {"type": ["number", "null"]},
-        "created_at": _NULLABLE_TIME}),
+        "max_priority": {"type": "integer"}, "created_at": _NULLABLE_TIME}),
     "Event": _obj(["seq", "task_id", "type", "task"], {
         "seq": {"type": "integer"}, "task_id": {"type": "string"},
         "type": {"enum": ["created", "updated", "finished"]}, "task": _ref("Task")}),
@@ -307,8 +316,19 @@ PATHS = {
                                          "max_active": {"type": ["integer", "null"], "minimum": 1,
                                                         "maximum": 100_000},
                                          "rate_per_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
-                                                        "maximum": 10_000}}),
+                                                        "maximum": 10_000},
+                                         "max_priority": {"type": ["integer", "null"], "minimum": 0,
+                                                          "maximum": 1000}}),
                     errors=(*BODY_TOO, "403", "409")),
+    },
+    "/api/admin/users/{name}": {
+        "patch": _op("Change a user's max_priority: the highest priority their tasks may have",
+                     {"200": _json(_obj(["user"], {"user": _ref("User")}))},
+                     tags=("admin",),
+                     params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                     body=_obj(["max_priority"], {"max_priority": {"type": ["integer", "null"], "minimum": 0,
+                                                                   "maximum": 1000}}),
+                     errors=(*BODY_TOO, "403", "404")),
     },
     "/api/admin/users/{name}/credits": {
         "post": _op("Grant credits (negative takes them away, never below zero)",

@@ -37,6 +37,7 @@ def service_routes(app, store, providers, *, worker, clock, current_user, event_
         if worker is not None:
             result["scheduler"] = "running" if worker.alive() else "stopped"
             result["ok"] = result["ok"] and worker.alive()
+            result["slow_down"] = worker.slow_down.describe()
         result["streams"] = event_hub.counts()
         bottle.response.status = 200 if result["ok"] else 503
         return result
@@ -91,4 +92,8 @@ def service_metrics(store, hub, worker):
     if worker is not None:
         families.append(("holdfast_scheduler_up", "gauge", "1 when the worker's scheduler runs.",
                          [({}, int(worker.alive()))]))
+        families.append(("holdfast_slow_down", "gauge", "1 while the worker is behind on polls and "
+                         "stretches old tasks' polls (see /healthz).", [({}, int(worker.slow_down.active))]))
+        families.append(("holdfast_poll_behind_seconds", "gauge", "How late the longest-due poll was at the "
+                         "worker's last claim.", [({}, worker.slow_down.lag_s)]))
     return families

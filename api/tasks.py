@@ -10,7 +10,7 @@ import bottle
 
 import metrics
 from errors import Conflict, InvalidInput, NotFound, PaymentRequired, StoreUnavailable, TooMany
-from store import ACTIVE, TERMINAL, TaskStatus, iso, task_json
+from store import ACTIVE, TERMINAL, TaskStatus, check_priority, iso, task_json
 
 from .web import optional_key, read_json
 from .webhooks import task_webhook
@@ -32,7 +32,7 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
     def submit():
         user = current_user()
         body = read_json(config.max_body)
-        unknown = set(body) - {"provider", "params", "dedupe_key", "webhook", "webhook_events"}
+        unknown = set(body) - {"provider", "params", "dedupe_key", "webhook", "webhook_events", "priority"}
         if unknown:
             raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
         name = body.get("provider")
@@ -45,23 +45,34 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         if not isinstance(params, dict):
             raise InvalidInput("params must be an object")
         provider.validate(params)
+        priority = _priority(user, body.get("priority", 0))
         key = optional_key(body.get("dedupe_key"), "dedupe_key")
         header_key = optional_key(bottle.request.get_header("Idempotency-Key"), "Idempotency-Key")
         if key and header_key and key != header_key:
             raise InvalidInput("dedupe_key and Idempotency-Key differ")
         webhook = task_webhook(body, config)
-        task, deduplicated = _submit(user, provider, params, key or header_key, webhook=webhook)
+        task, deduplicated = _submit(user, provider, params, key or header_key, webhook=webhook,
+                                     priority=priority)
         bottle.response.status = 200 if deduplicated else 201
         return {"task": task_json(task), "deduplicated": deduplicated}
 
-    def _submit(user, provider, params, key, retry_of=None, webhook=None):
+    def _priority(user, priority):
+        check_priority(priority)
+        allowed = user["max_priority"] or 0
+        if priority > allowed:
+            raise InvalidInput(f"priority {priority} is above your maximum of {allowed} (an admin sets "
+                               "max_priority)", code="priority_not_allowed")
+        return priority
+
+    def _submit(user, provider, params, key, retry_of=None, webhook=None, priority=0):
         now = clock()
         try:
             task, deduplicated = store.submit(
                 user["id"], provider.name, params, now=now, deadline_at=now + provider.max_wait_s,
                 cost=provider.cost, dedupe_key=key, retry_of=retry_of,
                 max_active=user["max_active"] or config.max_active,
-                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now), webhook=webhook)
+                max_queued=provider.max_queued, admit=lambda: limiter.take(user, now), webhook=webhook,
+                priority=priority)
         except (PaymentRequired, TooMany) as exc:
             metrics.SUBMIT_REFUSALS.inc(exc.code)
             raise
@@ -131,9 +142,11 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         if provider is None:
             raise InvalidInput(f"provider {old['provider']!r} is no longer configured",
                                code="unknown_provider")
-        # The retry reports to the same webhook URL as the task it repeats.
+        # The retry reports to the same webhook URL as the task it repeats, with
+        # the old task's priority as far as the user may still give it.
+        priority = min(old["priority"], user["max_priority"] or 0)
         task, deduplicated = _submit(user, provider, old["params"], old["dedupe_key"], retry_of=old["id"],
-                                     webhook=store.task_webhook(old["id"]))
+                                     webhook=store.task_webhook(old["id"]), priority=priority)
         bottle.response.status = 200 if deduplicated else 201
         return {"task": task_json(task), "deduplicated": deduplicated}
 

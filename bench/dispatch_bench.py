@@ -54,6 +54,7 @@ def build(path, finished):
             created = now - 86400 * 30 + i * (86400 * 29 / finished)
             failed = i % 20 == 0
             row = {c: None for c in TASK_COLUMNS}
+            row["priority"] = 0
             row.update(id=f"t_00{i:024d}", user_id=1 + i % 100, provider="demo",
                        status="failed" if failed else "succeeded", step="failed" if failed else "done",
                        progress=None if failed else 1.0, params='{"prompt":"a red fox"}',

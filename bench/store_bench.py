@@ -68,6 +68,7 @@ class Raw:
         task_id = f"t_{self.count:026d}"
         params = json.dumps({"prompt": f"a red fox {self.count}"})
         row = {c: None for c in TASK_COLUMNS}
+        row["priority"] = 0
         row.update(id=task_id, user_id=1, provider="demo", status="queued", dedupe_key=key, params=params,
                    attempts=0, files="[]", cost=0, credits="none", created_at=self.now,
                    updated_at=self.now, deadline_at=self.now + 7200, version=1, next_poll_at=self.now,

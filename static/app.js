@@ -801,6 +801,7 @@
       el: el('li', 'task'),
       status: el('span', 'status'),
       provider: el('span', 'provider'),
+      priority: el('span', 'priority'),
       id: el('code', 'id'),
       time: el('time', 'created'),
       prompt: el('p', 'prompt'),
@@ -828,7 +829,7 @@
     card.retryOf.href = '#';
     card.retryOf.hidden = true;
     const head = el('div', 'task-head');
-    head.append(card.status, card.provider, card.id, card.retryOf, card.time);
+    head.append(card.status, card.provider, card.priority, card.id, card.retryOf, card.time);
     card.progressRow.append(card.bar, card.step, card.meta);
     card.el.append(head, card.prompt, card.progressRow, card.error, card.files, card.actions, card.note);
     card.note.hidden = true;
@@ -848,6 +849,11 @@
     card.status.textContent = status;
     card.status.className = `status s-${STATUSES.includes(status) ? status : 'unknown'}`;
     card.provider.textContent = String(task.provider || '');
+    // A small badge only when the priority is not the default.
+    const priority = Number.isInteger(task.priority) ? task.priority : 0;
+    card.priority.hidden = priority === 0;
+    card.priority.textContent = priority > 0 ? `priority +${priority}` : `priority ${priority}`;
+    card.priority.title = 'higher runs first among your own tasks waiting for a slot';
     card.id.textContent = shortId(task.id);
     card.id.title = task.id;
     const retryOf = typeof task.retry_of === 'string' ? task.retry_of : '';

@@ -31,13 +31,19 @@ class BaseStore:
 
     # users
     def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
-                    max_active=None, rate_per_s=None):
+                    max_active=None, rate_per_s=None, max_priority=None):
         """Create a user; return (user dict, token). The token (a new random
         one unless given) is shown only here: the store keeps its hash.
         `credits` (None: no credit limit) starts the balance with a `grant`
         ledger row; `max_active` and `rate_per_s` (None: the server's
-        defaults) are the user's own limits. Conflict if the name is taken,
-        InvalidInput for a bad name or limit."""
+        defaults) are the user's own limits; `max_priority` (None: 0) the
+        highest priority the user may give a task. Conflict if the name is
+        taken, InvalidInput for a bad name or limit."""
+        raise NotImplementedError
+
+    def set_max_priority(self, name, max_priority):
+        """Set the highest priority the user may give a task (None: 0).
+        Returns the user; NotFound (user_not_found), InvalidInput."""
         raise NotImplementedError
 
     def user_by_token(self, token):
@@ -57,8 +63,11 @@ class BaseStore:
 
     # tasks
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None):
-        """Create a queued task, or find the user's live task with this
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None,
+               priority=0):
+        """Create a queued task (`priority`: an integer within
+        +-MAX_PRIORITY, InvalidInput otherwise; the caller holds it to the
+        user's max_priority), or find the user's live task with this
         dedupe_key. Returns (task, deduplicated). Reserves `cost` credits from a
         user with a balance (PaymentRequired when too low), refuses a user at
         `max_active` active tasks (TooMany, code too_many_active) and a
@@ -84,10 +93,18 @@ class BaseStore:
         """(tasks newest first, cursor for the next page or None)."""
         raise NotImplementedError
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
         """Lease up to `limit` due tasks (next_poll_at <= now, no live lease)
-        to `owner`. Each claim increments the task's lease_token; the returned
-        tasks carry the new token, which every later write must present."""
+        to `owner`, the longest due first; with `fresh_first` (the worker's
+        slow-down), a running task's turn is put off by its age, so
+        submissions and young tasks go first. Each claim increments the
+        task's lease_token; the returned tasks carry the new token, which
+        every later write must present."""
+        raise NotImplementedError
+
+    def poll_lag(self, *, now):
+        """How late (seconds) the longest-due unleased active task is at
+        `now`; 0 when none is due."""
         raise NotImplementedError
 
     def update(self, task_id, *, token, now, release=False, **changes):
@@ -116,7 +133,14 @@ class BaseStore:
         with step SLOT_STEP. The count and the change happen in one write
         transaction, serialized per provider, so the limit holds across
         threads and processes. Returns the changed task, or None (nothing
-        changed) when every slot is taken. StaleLease, Conflict, NotFound."""
+        changed) when every slot is taken.
+
+        Scarce slots are shared fairly: with more tasks waiting than slots
+        free, a free slot goes only to a task among the first in line (see
+        SqlStore._next_in_line: the user holding fewest of the provider's
+        slots first, then higher priority, then the one waiting longest),
+        and a task refused for that makes those first in line due at once. With
+        slots to spare every task gets one. StaleLease, Conflict, NotFound."""
         raise NotImplementedError
 
     def renew_lease(self, task_id, *, token, expires_at):

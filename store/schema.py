@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from enum import Enum
 
-from peewee import (AutoField, BooleanField, CharField, CompositeKey,
+from peewee import (SQL, AutoField, BooleanField, CharField, CompositeKey,
                     DoubleField, IntegerField, Model, TextField)
 
 from errors import Conflict, InvalidInput
@@ -55,6 +55,9 @@ DEDUPE_IGNORED = ("failed", "cancelled")
 # A queued task whose step is this holds one of its provider's slots: its
 # submit is under way, or in doubt after a crash (see take_slot).
 SLOT_STEP = "submitting"
+# A queued task's step after take_slot refused it: it waits in line for a
+# slot (see SqlStore._next_in_line).
+SLOT_WAIT_STEP = "waiting for a slot"
 # The worker's mark in a queued task's `state`: when its last submit was sent
 # (written, and committed, before the request). Present while that submit
 # may have made a job nobody has heard of; in_doubt() finds tasks by it.
@@ -99,6 +102,7 @@ class User(_Base):
     max_active = IntegerField(null=True)       # None: the server default
     rate_per_s = DoubleField(null=True)
     created_at = DoubleField()
+    max_priority = IntegerField(null=True)     # None: 0, no task above the default
 
     class Meta:
         table_name = "users"
@@ -133,6 +137,8 @@ class Task(_Base):
     lease_expires_at = DoubleField(null=True)
     lease_token = IntegerField(default=0)
     state = TextField(null=True)   # the provider adapter's private JSON
+    # Higher first, within the user's share of a provider's scarce slots.
+    priority = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         table_name = "tasks"
@@ -395,8 +401,23 @@ def _migration_6(db):
         db.create_tables(WEBHOOK_MODELS)
 
 
+def _migration_7(db):
+    """Priorities: a task's, and the highest a user may give. A database
+    made by migration 1 of this code has them already (it builds the
+    current models)."""
+    for table, column, ddl in (("tasks", "priority", "INTEGER NOT NULL DEFAULT 0"),
+                               ("users", "max_priority", "INTEGER")):
+        if column not in {c.name for c in db.get_columns(table)}:
+            db.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+    # The line for a provider's scarce slots (SqlStore._next_in_line), read
+    # from the index alone. Only queued tasks are in it, and their step
+    # changes a few times at most: polls of running tasks never touch it.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_line ON tasks (provider, user_id, priority, created_at, "
+                   "step, status) WHERE status = 'queued'")
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
-              (5, _migration_5), (6, _migration_6)]
+              (5, _migration_5), (6, _migration_6), (7, _migration_7)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.
@@ -506,6 +527,7 @@ def task_json(task):
         "created_at": iso(task["created_at"]), "updated_at": iso(task["updated_at"]),
         "started_at": iso(task["started_at"]), "finished_at": iso(task["finished_at"]),
         "deadline_at": iso(task["deadline_at"]), "version": task["version"],
+        "priority": task["priority"],
     }
 
 
@@ -520,6 +542,7 @@ MAX_CREDITS = 10 ** 9            # a balance or a grant; inside a 32-bit INTEGER
 MAX_USER_ACTIVE = 100_000
 MAX_USER_RATE = 10_000.0
 MAX_SESSION_MESSAGES = 40
+MAX_PRIORITY = 1000              # a task's priority and a user's maximum lie within +-this
 _SESSION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 
@@ -527,8 +550,10 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_user_limits(credits=None, max_active=None, rate_per_s=None):
+def check_user_limits(credits=None, max_active=None, rate_per_s=None, max_priority=None):
     """InvalidInput unless each given limit is in range (None: not set)."""
+    if max_priority is not None and (not _is_int(max_priority) or not 0 <= max_priority <= MAX_PRIORITY):
+        raise InvalidInput(f"max_priority must be an integer from 0 to {MAX_PRIORITY}")
     if credits is not None and (not _is_int(credits) or not 0 <= credits <= MAX_CREDITS):
         raise InvalidInput(f"credits must be an integer from 0 to {MAX_CREDITS}")
     if max_active is not None and (not _is_int(max_active) or not 1 <= max_active <= MAX_USER_ACTIVE):
@@ -536,6 +561,13 @@ def check_user_limits(credits=None, max_active=None, rate_per_s=None):
     if rate_per_s is not None and (isinstance(rate_per_s, bool) or not isinstance(rate_per_s, (int, float))
                                    or not 0 < rate_per_s <= MAX_USER_RATE):
         raise InvalidInput(f"rate_per_s must be a number above 0 and at most {MAX_USER_RATE:g}")
+
+
+def check_priority(priority):
+    """InvalidInput unless `priority` is an integer within +-MAX_PRIORITY."""
+    if not _is_int(priority) or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidInput(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}",
+                           code="invalid_priority")
 
 
 def check_session_key(key):

@@ -32,8 +32,9 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP,
-                     TASK_COLUMNS, TERMINAL, check_transition, check_user_limits, dumps, event_json,
+from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
+                     TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps,
+                     event_json,
                      external_id_problem, hash_token, history_day, new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_liveness import LivenessSql
@@ -250,10 +251,10 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
     # users
 
     def create_user(self, name, *, admin=False, credits=None, token=None, now=None,
-                    max_active=None, rate_per_s=None):
+                    max_active=None, rate_per_s=None, max_priority=None):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise InvalidInput("user name must be 1-64 letters, digits, '_', '.' or '-'")
-        check_user_limits(credits, max_active, rate_per_s)
+        check_user_limits(credits, max_active, rate_per_s, max_priority)
         if token is not None and len(token) < 16:
             raise InvalidInput("a chosen token must be at least 16 characters")
         token = token or "hf_" + secrets.token_urlsafe(32)
@@ -263,9 +264,9 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
                 with self._write():
                     self._exec(
                         "INSERT INTO users (name, token_hash, is_admin, credit_balance, max_active, "
-                        "rate_per_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "rate_per_s, created_at, max_priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, hash_token(token), bool(admin), credits, max_active,
-                         None if rate_per_s is None else float(rate_per_s), now))
+                         None if rate_per_s is None else float(rate_per_s), now, max_priority))
                     if credits:
                         user_id = self._one("SELECT id FROM users WHERE name = ?", (name,))[0]
                         self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
@@ -274,12 +275,13 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
                 raise Conflict(f"user {name!r} exists", code="user_exists") from exc
         return self.user_by_name(name), token
 
-    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at"
+    _USER_COLS = "id, name, is_admin, credit_balance, max_active, rate_per_s, created_at, max_priority"
 
     def _user(self, row):
         if row is None:
             return None
-        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at")
+        keys = ("id", "name", "is_admin", "credit_balance", "max_active", "rate_per_s", "created_at",
+                "max_priority")
         user = dict(zip(keys, row))
         user["is_admin"] = bool(user["is_admin"])
         return user
@@ -296,6 +298,14 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             raise NotFound("user not found", code="user_not_found")
         return user
 
+    def set_max_priority(self, name, max_priority):
+        check_user_limits(max_priority=max_priority)
+        with self._seam(), self._write():
+            if self._exec("UPDATE users SET max_priority = ? WHERE name = ?",
+                          (max_priority, name)).rowcount != 1:
+                raise NotFound("user not found", code="user_not_found")
+        return self.user_by_name(name)
+
     def count_users(self):
         with self._seam():
             return self._one("SELECT COUNT(*) FROM users")[0]
@@ -308,7 +318,9 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
     # tasks
 
     def submit(self, user_id, provider, params, *, now, deadline_at, cost=0,
-               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None):
+               dedupe_key=None, retry_of=None, max_active=None, max_queued=None, admit=None, webhook=None,
+               priority=0):
+        check_priority(priority)
         task_id = new_task_id(now)
         params_text = dumps(params)
         if admit is not None:
@@ -319,7 +331,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
                     with self._write():
                         return self._submit(task_id, user_id, provider, params, params_text, now,
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
-                                            max_queued, admit, webhook)
+                                            max_queued, admit, webhook, priority)
                 except peewee.IntegrityError:
                     # Another transaction took the dedupe key, or made the
                     # live retry, between our check and our insert (possible
@@ -330,7 +342,8 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             raise StoreUnavailable("could not settle a dedupe race")
 
     def _submit(self, task_id, user_id, provider, params, params_text, now, deadline_at,
-                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None, webhook=None):
+                cost, dedupe_key, retry_of, max_active, max_queued=None, admit=None, webhook=None,
+                priority=0):
         self._lock(f"user:{user_id}")
         if dedupe_key is not None:
             row = self._one(
@@ -382,7 +395,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             "credits": credits, "retry_of": retry_of, "created_at": now, "updated_at": now,
             "started_at": None, "finished_at": None, "deadline_at": deadline_at, "version": 1,
             "next_poll_at": now, "polls": 0, "lease_owner": None, "lease_expires_at": None,
-            "lease_token": 0, "state": None,
+            "lease_token": 0, "state": None, "priority": priority,
         }
         row = [task[c] for c in TASK_COLUMNS]
         row[TASK_COLUMNS.index("params")] = params_text
@@ -430,14 +443,18 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
         tasks = [self._task(r) for r in rows[:limit]]
         return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running")):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
         marks = ", ".join("?" * len(statuses))
+        # Fresh first: a running task's turn is put off by its age, so
+        # submissions and young tasks go before old ones that are due as long.
+        order, params = (("next_poll_at + CASE WHEN status = 'running' THEN ? - COALESCE(started_at, "
+                          "created_at) ELSE 0 END", (now,)) if fresh_first else ("next_poll_at", ()))
         with self._seam(), self._write():
             rows = self._exec(
                 _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
                 "AND (lease_owner IS NULL OR lease_expires_at < ?) "
-                f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
-                (*statuses, now, now, limit)).fetchall()
+                f"ORDER BY {order} LIMIT ?{self.skip_locked}",
+                (*statuses, now, now, *params, limit)).fetchall()
             tasks = []
             for row in rows:
                 task = self._task(row)
@@ -448,6 +465,13 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
                            "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
                 tasks.append(task)
         return tasks
+
+    def poll_lag(self, *, now):
+        with self._seam():
+            oldest = self._one("SELECT MIN(next_poll_at) FROM tasks WHERE status IN ('queued', 'running') "
+                               "AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)",
+                               (now, now))[0]
+        return 0.0 if oldest is None else now - oldest
 
     def _task_for_update(self, task_id):
         """The task, its row locked until the transaction ends; NotFound."""
@@ -576,17 +600,63 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
             if limit is not None and not holds:
                 self._slot_lock(task["provider"])
-                busy = self._one(
-                    "SELECT COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
-                    "(status = 'running' OR (status = 'queued' AND step = ?))",
-                    (task["provider"], task_id, SLOT_STEP))[0]
-                if busy >= limit:
+                held = dict(self._exec(
+                    "SELECT user_id, COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
+                    "(status = 'running' OR (status = 'queued' AND step = ?)) GROUP BY user_id",
+                    (task["provider"], task_id, SLOT_STEP)).fetchall())
+                busy = sum(held.values())
+                if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
                     return None
             return self._apply(task, token, now, False, changes)
 
     def _slot_lock(self, provider):
         """Serialize slot decisions for `provider` until the transaction ends."""
         self._lock("slot:" + provider)
+
+    # Waiting for a provider's slot: queued and not holding one. The line
+    # (see _next_in_line) reads these through the partial index tasks_line
+    # (migration 7) alone, never the rows.
+    _WAITING = "status = 'queued' AND provider = ? AND (step IS NULL OR step <> ?)"
+
+    def _next_in_line(self, task, held, free, now):
+        """Whether `task` may take one of its provider's `free` slots, inside
+        take_slot's transaction, under the slot lock; `held`: {user id: slots
+        held}. With no more waiting than free, yes. Otherwise users take
+        turns: the next slot goes to the user holding fewest, then the one
+        whose best waiting task has the higher priority, then the one
+        waiting longest; within a user, higher priority, then the oldest
+        task. When `task` is not among those first in line, they become due
+        now, so the slot it leaves free is taken at the next tick rather
+        than a poll interval later."""
+        provider = task["provider"]
+        rows = self._exec(f"SELECT user_id, MAX(priority), MIN(created_at), COUNT(*) FROM tasks "
+                          f"WHERE {self._WAITING} GROUP BY user_id", (provider, SLOT_STEP)).fetchall()
+        if sum(r[3] for r in rows) <= free:
+            return True
+        line = {user: [held.get(user, 0), -priority, since, n] for user, priority, since, n in rows}
+        turns = {}
+        for _ in range(free):
+            user = min(line, key=lambda u: line[u][:3])
+            turns[user] = turns.get(user, 0) + 1
+            line[user][0] += 1
+            line[user][3] -= 1
+            if not line[user][3]:
+                del line[user]
+        mine = turns.get(task["user_id"], 0)
+        if mine and self._one(
+                f"SELECT COUNT(*) FROM tasks WHERE {self._WAITING} AND user_id = ? AND (priority > ? OR "
+                "(priority = ? AND (created_at < ? OR (created_at = ? AND id < ?))))",
+                (provider, SLOT_STEP, task["user_id"], task["priority"], task["priority"], task["created_at"],
+                 task["created_at"], task["id"]))[0] < mine:
+            return True
+        for user, n in turns.items():
+            # Only those parked by a refusal or never tried: a task sitting
+            # out a backoff keeps its schedule.
+            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE "
+                       f"{self._WAITING} AND user_id = ? AND (step IS NULL OR step = ?) "
+                       "ORDER BY priority DESC, created_at, id LIMIT ?) AND next_poll_at > ?",
+                       (now, provider, SLOT_STEP, user, SLOT_WAIT_STEP, n, now))
+        return False
 
     def renew_lease(self, task_id, *, token, expires_at):
         with self._seam(), self._write():

@@ -106,11 +106,15 @@ class SchemaSql:
         if unknown:
             raise InvalidInput(f"unknown tables in the data: {sorted(unknown)}")
         for model in models:
-            cols = [f.column_name for f in model._meta.sorted_fields]
+            fields = model._meta.sorted_fields
+            cols = [f.column_name for f in fields]
+            # Data exported before a column existed takes the column's default.
+            defaults = [f.default if f.default is not None and not callable(f.default) else None
+                        for f in fields]
             sql = (f"INSERT INTO {model._meta.table_name} ({', '.join(cols)}) "
                    f"VALUES ({', '.join('?' * len(cols))})")
             for row in tables.get(model._meta.table_name, []):
-                self._exec(sql, [row.get(c) for c in cols])
+                self._exec(sql, [row.get(c, d) for c, d in zip(cols, defaults)])
         self._after_import()
 
     def _after_import(self):

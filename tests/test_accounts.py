@@ -436,7 +436,8 @@ class TestAdmin:
         assert res.status == 201 and res.headers["cache-control"] == "no-store"
         body = res.json()
         assert body["user"] == {"name": "carol", "admin": False, "credits": {"balance": 25, "reserved": 0},
-                                "max_active": 3, "rate_per_s": 2.5, "created_at": body["user"]["created_at"]}
+                                "max_active": 3, "rate_per_s": 2.5, "max_priority": 0,
+                                "created_at": body["user"]["created_at"]}
         token = body["token"]
         me = w.client.get("/api/me", token=token).json()
         assert me["user"] == {"name": "carol", "admin": False}

@@ -144,6 +144,8 @@ EXPECTED = {
     "holdfast_event_streams_max": ("gauge", set()),
     "holdfast_store_up": ("gauge", set()),
     "holdfast_scheduler_up": ("gauge", set()),
+    "holdfast_slow_down": ("gauge", set()),
+    "holdfast_poll_behind_seconds": ("gauge", set()),
 }
 
 

@@ -1003,3 +1003,77 @@ class TestWebhookOutbox:
         store.update(task["id"], token=None, now=3.0, status="succeeded")
         store.delete_finished([task["id"]], before=10.0)
         assert store.deliveries(alice["id"]) == [] and store.task_webhook(task["id"]) is None
+
+
+# -- fair share of a provider's scarce slots --------------------------------------
+
+def _held(store, now=100.0):
+    """{task id: task} of every due task, claimed (each with its lease token)."""
+    return {t["id"]: t for t in store.claim("w:1:aa", now=now, limit=100, lease_s=60)}
+
+
+def _take(store, task, limit, now=100.0):
+    return store.take_slot(task["id"], token=task["lease_token"], now=now, limit=limit, step="submitting")
+
+
+def test_a_scarce_slot_goes_to_the_user_holding_fewest_not_the_oldest_task(store, alice):
+    bob = store.create_user("bob")[0]
+    a = [submit(store, alice["id"], float(i))[0]["id"] for i in range(1, 6)]
+    held = _held(store)
+    assert _take(store, held[a[0]], 2) and _take(store, held[a[1]], 2)
+    b = submit(store, bob["id"], 10.0)[0]["id"]
+    held.update(_held(store))
+    store.cancel(a[0], alice["id"], now=100.0)      # one of alice's two slots comes free
+    # alice's oldest waiting task asks first, but bob holds none and alice one.
+    assert _take(store, held[a[2]], 2) is None
+    assert row(store, b)["next_poll_at"] <= 100.0, "the one first in line is due at once"
+    assert _take(store, held[b], 2)["step"] == "submitting"
+    # Both hold one now: no slot is free for anyone.
+    assert _take(store, held[a[3]], 2) is None
+
+
+def test_fair_share_comes_before_priority_across_users(store, alice):
+    bob = store.create_user("bob")[0]
+    a = [submit(store, alice["id"], float(i), priority=9)[0]["id"] for i in range(1, 4)]
+    held = _held(store)
+    assert _take(store, held[a[0]], 2) and _take(store, held[a[1]], 2)
+    b = submit(store, bob["id"], 10.0)[0]["id"]
+    held.update(_held(store))
+    store.cancel(a[0], alice["id"], now=100.0)
+    assert _take(store, held[a[2]], 2) is None
+    assert _take(store, held[b], 2) is not None
+
+
+def test_within_one_user_higher_priority_takes_the_next_slot(store, alice):
+    low = [submit(store, alice["id"], float(i))[0]["id"] for i in range(1, 6)]
+    high = submit(store, alice["id"], 10.0, priority=5)[0]
+    assert high["priority"] == 5 and task_json(high)["priority"] == 5
+    held = _held(store)
+    assert _take(store, held[low[1]], 1) is None, "the priority-5 task is first in line"
+    assert _take(store, held[high["id"]], 1) is not None
+    assert _take(store, held[low[0]], 1) is None, "and holds the one slot"
+
+
+def test_with_slots_to_spare_any_waiting_task_takes_one(store, alice):
+    bob = store.create_user("bob")[0]
+    a = [submit(store, alice["id"], float(i))[0]["id"] for i in range(1, 4)]
+    submit(store, bob["id"], 10.0)
+    held = _held(store)
+    # Four waiting, five free: order does not matter.
+    assert _take(store, held[a[2]], 5) is not None
+    assert _take(store, held[a[1]], 5) is not None
+    # Two waiting (alice's oldest, bob's), two free: alice's takes one.
+    assert _take(store, held[a[0]], 4) is not None
+
+
+def test_a_priority_out_of_range_or_not_an_integer_is_refused(store, alice):
+    for bad in (1001, -1001, 1.5, "5", True, None):
+        with pytest.raises(InvalidInput):
+            submit(store, alice["id"], 1.0, priority=bad)
+    assert store.list_tasks(alice["id"])[0] == []
+    user = store.set_max_priority("alice", 7)
+    assert user["max_priority"] == 7 and store.user_by_name("alice")["max_priority"] == 7
+    with pytest.raises(InvalidInput):
+        store.set_max_priority("alice", -1)
+    with pytest.raises(NotFound):
+        store.set_max_priority("nobody", 1)

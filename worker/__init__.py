@@ -10,6 +10,8 @@
                  end) into the store, and the poll it makes due at once
     deliver.py   Deliverer: sends the webhooks outbox's deliveries in a
                  pool of its own (the `deliver` job claims them)
+    slowdown.py  SlowDown: behind on polls, young tasks first and old
+                 tasks' polls stretched, until it catches up
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
@@ -56,6 +58,7 @@ from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 from .callbacks import Callbacks
 from .live import Hints
 from .deliver import Deliverer
+from .slowdown import SlowDown
 from .steps import Steps
 
 log = logging.getLogger("holdfast.worker")
@@ -104,6 +107,8 @@ class Worker(Steps, Callbacks):
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
         # Webhooks out: Deliverer's settings (config.webhook_settings).
         self.deliverer = Deliverer(store, owner=self.owner, clock=clock, **(webhooks or {}))
+        shortest = min((p.poll_interval_s for p in providers.values()), default=2.0)
+        self.slow_down = SlowDown(max(tick_s, shortest))
 
     # -- running in the background -------------------------------------------
 
@@ -235,7 +240,8 @@ class Worker(Steps, Callbacks):
             self._inflight += room
         tasks = []
         try:
-            tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s)
+            tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s,
+                                     fresh_first=self.slow_down.active)
         finally:
             with self._idle:
                 self._inflight -= room - len(tasks)
@@ -243,6 +249,7 @@ class Worker(Steps, Callbacks):
         # A full claim means more may be due: the pool asks for the next
         # batch as it drains, not half a second later at the next tick.
         self._backlog = len(tasks) == room
+        self.slow_down.after_claim(self.store, tasks, self._backlog, now, self.tick_s)
         metrics.claimed(tasks, now)
         for n, task in enumerate(tasks):
             try:

@@ -14,14 +14,15 @@ import metrics
 from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
 from providers import Retry, Status
-from store import POSTED_AT, SLOT_STEP, TERMINAL, external_id_problem, lease_dir, no_space, safe_file_name
+from store import (POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP, TERMINAL, external_id_problem, lease_dir, no_space,
+                   safe_file_name)
 
 log = logging.getLogger("holdfast.worker")
 
 # Transient failures (provider down, a download that broke) retry on this
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
-WAITING_FOR_SLOT = "waiting for a slot"
+WAITING_FOR_SLOT = SLOT_WAIT_STEP
 WAKE_EVERY_S = 1.0         # at most one wake_backoff per provider this often, per process
 
 
@@ -483,7 +484,9 @@ class Steps:
         """The first poll after poll_interval_s, then a tenth of the task's age,
         up to max_poll_interval_s: quick jobs feel live, long ones cost little."""
         age = now - (task["started_at"] or now)
-        return min(provider.max_poll_interval_s, max(provider.poll_interval_s, age / 10))
+        interval = min(provider.max_poll_interval_s, max(provider.poll_interval_s, age / 10))
+        # Behind on polls: old tasks wait longer, so young ones are polled on time.
+        return interval * self.slow_down.stretch(task, provider, now)
 
 
 def _recovered(task):

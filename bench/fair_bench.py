@@ -1,0 +1,103 @@
+"""What the fair share of scarce slots costs: take_slot's line (who is
+first in line for a provider's free slot) against a claim of 50 due tasks.
+
+    .venv/bin/python bench/fair_bench.py [--waiting 200,1000,10000] [--rounds 5]
+
+One SQLite file per size: 4 users' tasks waiting at a provider with
+`concurrency = 2`, one slot held and one free, so every take_slot reads the
+line. Interleaved round by round:
+
+  claim 50 due        SqliteStore.claim(limit=50), as dispatch_bench measures it
+  take_slot (line)    a take of the free slot by a task that is not first in
+                      line: lock, count, the line query, the wake of those
+                      first, refused (nothing else changes, so it repeats)
+  the line alone      what fairness adds to a take of a free slot: the
+                      line's queries for the task first in line (all in
+                      one transaction, rolled back)
+
+Bounded: a few seconds per size.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+from _common import fmt_rate, rounds, table, temp_dir
+
+from store import SqliteStore
+
+
+class _Undo(Exception):
+    pass
+
+
+def build(path, waiting):
+    store = SqliteStore(path)
+    users = [store.create_user(f"u{i}", max_active=100_000, rate_per_s=10_000)[0] for i in range(4)]
+    now = time.time()
+    for i in range(waiting):
+        store.submit(users[i % 4]["id"], "demo", {"prompt": f"w{i}"}, now=now - waiting + i,
+                     deadline_at=now + 7200)
+    held = store.claim("bench", now=now, limit=1, lease_s=3600)[0]
+    assert store.take_slot(held["id"], token=held["lease_token"], now=now, limit=2, step="submitting")
+    return store, held["user_id"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--waiting", default="200,1000,10000")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.waiting.split(",")]
+    if not all(10 <= n <= 100_000 for n in sizes) or not 1 <= args.rounds <= 20:
+        parser.error("--waiting sizes 10..100000, --rounds 1..20")
+    rows = []
+    with temp_dir("fair") as tmp:
+        for size in sizes:
+            store, held_by = build(os.path.join(tmp, f"w{size}.db"), size)
+            later = time.time() + 1
+            tasks = {t["id"]: t for t in store.claim("bench", now=later, limit=size, lease_s=3600)}
+            order = sorted(tasks.values(), key=lambda t: t["created_at"])
+            # u0 holds the slot (with its oldest task): u1's oldest is first
+            # in line, and the newest waiting task is not.
+            first, last = order[0], order[-1]
+
+            def claim(n):
+                for _ in range(n):
+                    got = store.claim("bench2", now=later + 10_000, limit=50, lease_s=-1.0)
+                assert len(got) == 50, len(got)
+
+            def refused(n):
+                for _ in range(n):
+                    got = store.take_slot(last["id"], token=last["lease_token"], now=later, limit=2,
+                                          step="submitting")
+                assert got is None
+
+            def granted(n):
+                try:
+                    with store._seam(), store._write():
+                        task = store._task_for_update(first["id"])
+                        for _ in range(n):
+                            assert store._next_in_line(task, {held_by: 1}, 1, later)
+                        raise _Undo
+                except _Undo:
+                    pass
+
+            cases = {"claim 50 due": claim, "take_slot, refused by the line": refused,
+                     "the line alone (granted)": granted}
+            for fn in cases.values():
+                fn(5)
+            r = rounds(cases, 50, args.rounds)
+            base = statistics.median(r["claim 50 due"])
+            for name in cases:
+                rate = statistics.median(r[name])
+                rows.append([f"{size:,} waiting: {name}", fmt_rate(rate), f"{1000 / rate:.3f}",
+                             f"{100 * base / rate:.1f}%"])
+            store.close()
+    table(["per call", "ops/s", "ms", "% of a claim of 50"], rows,
+          f"Fair slot line vs claim of 50 (SQLite), {args.rounds} interleaved rounds, medians")
+
+
+if __name__ == "__main__":
+    main()
