@@ -36,7 +36,6 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
@@ -88,6 +87,8 @@ class Worker(Steps):
         self._stopping = False    # claim nothing more
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
+        self._wakeup = threading.Event()
+        self._waker = None
         self.last_tick = None
 
     # -- running in the background -------------------------------------------
@@ -114,11 +115,33 @@ class Worker(Steps):
         self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
                                id="heartbeat")
         self.scheduler.start()
+        self._wakeup.clear()
+        self._waker = threading.Thread(target=self._wake_loop, args=(self._safe(self.dispatch),),
+                                       name="holdfast-wake", daemon=True)
+        self._waker.start()
+
+    def _wake_loop(self, dispatch):
+        """Dispatch whenever wake() asks (a submit, a freed pool thread with
+        a backlog). Asking APScheduler instead (wakeup() and modify() of the
+        dispatch job) cost a fifth of the worker's CPU under load, and a
+        tick still running made it log "maximum number of running
+        instances reached"; its interval job stays for what falls due."""
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            if self._stopping:
+                return
+            dispatch()
 
     def stop(self, wait=True):
         """Claim nothing more; with `wait`, let every running step end first."""
         with self._lock:
             self._stopping = True
+        self._wakeup.set()
+        if self._waker is not None:
+            if wait:
+                self._waker.join()
+            self._waker = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=wait)
             self.scheduler = None
@@ -167,16 +190,10 @@ class Worker(Steps):
         return self.scheduler is not None and self.scheduler.running
 
     def wake(self):
-        """Look for due tasks now rather than at the next tick."""
-        scheduler = self.scheduler
-        if scheduler is not None and scheduler.running:
-            try:
-                scheduler.wakeup()
-            except Exception:   # shutting down: the next start will find the task
-                pass
-            job = scheduler.get_job("dispatch")
-            if job is not None:
-                job.modify(next_run_time=_utcnow())
+        """Look for due tasks now rather than at the next tick. Wakes
+        that come while a dispatch runs make one more, not one each."""
+        if self._waker is not None:
+            self._wakeup.set()
 
     def _safe(self, fn):
         def run():
@@ -437,6 +454,3 @@ class Worker(Steps):
         except Exception as exc:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
 
-
-def _utcnow():
-    return datetime.now(timezone.utc)
