@@ -81,9 +81,11 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
     """/api/me, /api/admin/* and /api/sessions/*."""
 
     def credits_of(user):
-        if user["credit_balance"] is None:
+        # Read now: the caller's user may be a second old (api/__init__.py).
+        balance = store.user_by_name(user["name"])["credit_balance"]
+        if balance is None:
             return None
-        return {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
+        return {"balance": balance, "reserved": store.reserved_credits(user["id"])}
 
     def user_json(user):
         return {"name": user["name"], "admin": user["is_admin"], "credits": credits_of(user),
