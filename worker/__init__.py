@@ -89,6 +89,8 @@ class Worker(Steps):
         self._identity = None
         self._wakeup = threading.Event()
         self._waker = None
+        self._refill = self._safe(self.dispatch)
+        self._refilling = threading.local()
         self.last_tick = None
 
     # -- running in the background -------------------------------------------
@@ -192,7 +194,7 @@ class Worker(Steps):
     def wake(self):
         """Look for due tasks now rather than at the next tick. Wakes
         that come while a dispatch runs make one more, not one each."""
-        if self._waker is not None:
+        if self._waker is not None and not self._wakeup.is_set():
             self._wakeup.set()
 
     def _safe(self, fn):
@@ -277,7 +279,18 @@ class Worker(Steps):
             self._idle.notify_all()
             refill = self._backlog and not self._stopping
         if refill:
-            self.wake()
+            # Here, in the pool thread just freed: handing the claim to
+            # another thread cost a wake-up per step (15% of the CPU under
+            # load, py-spy --gil), and this thread would wait for it anyway.
+            # A step that ended before its callback was added calls this
+            # inside a dispatch: that one goes to the wake thread instead.
+            if getattr(self._refilling, "on", False):
+                return self.wake()
+            self._refilling.on = True
+            try:
+                self._refill()
+            finally:
+                self._refilling.on = False
 
     def _run_pooled(self, task):
         # The step's own clock: the task may have been claimed a moment ago.
