@@ -4,6 +4,7 @@ scheduler tick), polls back off with a task's age, and a provider's bug
 costs one task a retry, never the worker."""
 
 import logging
+import threading
 import time
 
 import pytest
@@ -139,6 +140,44 @@ def test_wakes_during_a_dispatch_make_one_more_dispatch_and_no_scheduler_warning
     # 100 wakes over about 0.3 s of 50 ms claims: a handful of dispatches.
     assert 1 <= store.claims <= 20, store.claims
     assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text
+
+
+class _ClaimThreads:
+    """The store, noting which thread made each claim that found tasks."""
+
+    def __init__(self, store):
+        self.store = store
+        self.threads = []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claim(self, *args, **kwargs):
+        tasks = self.store.claim(*args, **kwargs)
+        if tasks:
+            self.threads.append(threading.current_thread().name)
+        return tasks
+
+
+def test_a_pool_thread_freed_with_a_backlog_claims_its_next_task_itself(sqlite_store, files):
+    """Under load every step ends with a claim for the thread it freed: made
+    in that thread, not handed to another one to wake up and make."""
+    ids = _queued(sqlite_store, 30)
+    store = _ClaimThreads(sqlite_store)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, threads=2,
+                    tick_s=3600, sweep_s=3600)
+    worker.start()
+    try:
+        worker.wake()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(sqlite_store.get_task(i)["status"] != "running" for i in ids):
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert all(sqlite_store.get_task(i)["status"] == "running" for i in ids)
+    refills = [name for name in store.threads if name.startswith("holdfast-task")]
+    # The first claim is the wake's; the pool's own make up most of the rest.
+    assert len(refills) >= len(store.threads) // 2, store.threads
 
 
 def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):
