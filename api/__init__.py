@@ -26,6 +26,8 @@ import bottle
 
 from errors import Forbidden, Unauthorized
 
+from store import hash_token
+
 from .accounts import RateLimiter, account_routes
 from .callbacks import callback_routes
 from .service import service_routes
@@ -33,6 +35,9 @@ from .streams import event_routes
 from .tasks import task_routes
 from .webhooks import webhook_routes
 from .web import json_errors
+
+USER_TTL_S = 1.0           # how long a token's user is taken from memory
+USERS_REMEMBERED = 10_000  # tokens held at once (all dropped past it)
 
 
 # -- the app -------------------------------------------------------------------
@@ -60,11 +65,29 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
             return bottle.request.query.get("token") or None
         return None
 
+    known = {}     # sha256 of a token -> (its user, time.monotonic() until which that answer stands)
+
     def current_user(allow_query=False):
         token = bearer(allow_query)
-        user = store.user_by_token(token) if token else None
+        if not token:
+            raise Unauthorized("missing or unknown token")
+        # A user's token and name never change once made, and its limits
+        # change only by an admin's PATCH, which empties this memory (another
+        # process sees the change within USER_TTL_S). So a second's reuse of
+        # the lookup (a query per request: a third of a GET's time) shows
+        # nothing stale here; /api/me reads the balance itself. Unknown
+        # tokens are always asked, so a new user works at once.
+        key = hash_token(token)
+        hit = known.get(key)
+        now = time.monotonic()
+        if hit is not None and now < hit[1]:
+            return dict(hit[0])
+        user = store.user_by_token(token)
         if user is None:
             raise Unauthorized("missing or unknown token")
+        if len(known) >= USERS_REMEMBERED:
+            known.clear()
+        known[key] = (dict(user), now + USER_TTL_S)
         return user
 
     def admin_user():
@@ -76,7 +99,7 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     task_routes(app, store, providers, config, worker=worker, files=files, clock=clock,
                 current_user=current_user, limiter=limiter)
 
-    account_routes(app, store, config, clock=clock, current_user=current_user,
+    account_routes(app, store, config, clock=clock, current_user=current_user, forget_users=known.clear,
                    admin_user=admin_user, limiter=limiter)
     webhook_routes(app, store, config, clock=clock, current_user=current_user, admin_user=admin_user)
     event_hub = event_routes(app, store, config, current_user)

@@ -77,13 +77,15 @@ def session_data(value):
     return value
 
 
-def account_routes(app, store, config, *, clock, current_user, admin_user, limiter):
+def account_routes(app, store, config, *, clock, current_user, admin_user, limiter, forget_users=lambda: None):
     """/api/me, /api/admin/* and /api/sessions/*."""
 
     def credits_of(user):
-        if user["credit_balance"] is None:
+        # Read now: the caller's user may be a second old (api/__init__.py).
+        balance = store.user_by_name(user["name"])["credit_balance"]
+        if balance is None:
             return None
-        return {"balance": user["credit_balance"], "reserved": store.reserved_credits(user["id"])}
+        return {"balance": balance, "reserved": store.reserved_credits(user["id"])}
 
     def user_json(user):
         return {"name": user["name"], "admin": user["is_admin"], "credits": credits_of(user),
@@ -129,7 +131,9 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
         only_fields(body, {"max_priority"})
         if "max_priority" not in body:
             raise InvalidInput("max_priority is required: an integer from 0 (the default) up")
-        return {"user": user_json(store.set_max_priority(name, body["max_priority"]))}
+        user = store.set_max_priority(name, body["max_priority"])
+        forget_users()      # the next request of that user's sees its new maximum
+        return {"user": user_json(user)}
 
     @app.post("/api/admin/users/<name>/credits")
     def admin_grant(name):

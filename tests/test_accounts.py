@@ -13,6 +13,7 @@ import threading
 import peewee
 import pytest
 
+import api
 from api import create_app
 from config import Config
 from errors import Conflict
@@ -587,6 +588,31 @@ def test_me_shows_balance_reserved_limits_and_usage(world):
     me = w.client.get("/api/me", token=plain).json()
     assert me["credits"] is None and me["limits"]["max_active"] == w.config.max_active
     assert me["limits"]["rate_per_s"] == w.config.rate_per_s
+
+
+
+def test_a_tokens_user_is_looked_up_once_a_second_and_the_balance_shown_is_never_stale(world, monkeypatch):
+    """Every request names its user by token; a busy client's requests
+    reuse one lookup for a second, unknown tokens are asked each time (a
+    new user works at once), and /api/me reads the balance itself."""
+    monkeypatch.setattr(api, "USER_TTL_S", 3600.0)   # a slow machine may take a second over these
+    w = world()
+    _, token = w.user("payer", credits=10)
+    lookups = []
+    real = w.store.user_by_token
+    w.store.user_by_token = lambda t: lookups.append(t) or real(t)
+    assert w.submit(token).status == 201
+    for _ in range(20):
+        assert w.client.get("/api/tasks", token=token).status == 200
+    assert len(lookups) == 1
+    assert w.client.get("/api/me", token=token).json()["credits"] == {"balance": 7, "reserved": 3}
+    assert w.submit(token, {"prompt": "again"}).status == 201
+    assert w.client.get("/api/me", token=token).json()["credits"] == {"balance": 4, "reserved": 6}
+    for _ in range(3):
+        assert w.client.get("/api/tasks", token="hf_not_a_token").status == 401
+    _, late = w.user("late")
+    assert w.client.get("/api/tasks", token=late).status == 200
+    assert len(lookups) == 1 + 3 + 1
 
 
 # -- the CLI -----------------------------------------------------------------------

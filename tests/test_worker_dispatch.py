@@ -3,6 +3,8 @@ backlog is claimed batch after batch as the pool drains, not one batch per
 scheduler tick), polls back off with a task's age, and a provider's bug
 costs one task a retry, never the worker."""
 
+import logging
+import threading
 import time
 
 import pytest
@@ -96,6 +98,86 @@ def _queued(store, n):
     now = time.time()
     return [store.submit(user["id"], "demo", {"prompt": str(i)}, now=now, deadline_at=now + 3600)[0]["id"]
             for i in range(n)]
+
+
+class _SlowClaims:
+    """The store, with every claim taking 50 ms and counted."""
+
+    def __init__(self, store):
+        self.store = store
+        self.claims = 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claim(self, *args, **kwargs):
+        self.claims += 1
+        time.sleep(0.05)
+        return self.store.claim(*args, **kwargs)
+
+
+def test_wakes_during_a_dispatch_make_one_more_dispatch_and_no_scheduler_warnings(sqlite_store, files, caplog):
+    """A submit wakes the worker, and so does every freed pool thread of a
+    busy one: hundreds a second. Wakes that come while a dispatch runs are
+    folded into one more dispatch, never a warning per wake from the
+    scheduler (its "maximum number of running instances reached")."""
+    task_id = _queued(sqlite_store, 1)[0]
+    store = _SlowClaims(sqlite_store)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, tick_s=3600, sweep_s=3600)
+    caplog.set_level(logging.WARNING)
+    worker.start()
+    try:
+        for _ in range(100):
+            worker.wake()
+            time.sleep(0.002)
+        deadline = time.time() + 10
+        while time.time() < deadline and sqlite_store.get_task(task_id)["status"] != "running":
+            time.sleep(0.02)
+        time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert sqlite_store.get_task(task_id)["status"] == "running"
+    # 100 wakes over about 0.3 s of 50 ms claims: a handful of dispatches.
+    assert 1 <= store.claims <= 20, store.claims
+    assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text
+
+
+class _ClaimThreads:
+    """The store, noting which thread made each claim that found tasks."""
+
+    def __init__(self, store):
+        self.store = store
+        self.threads = []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claim(self, *args, **kwargs):
+        tasks = self.store.claim(*args, **kwargs)
+        if tasks:
+            self.threads.append(threading.current_thread().name)
+        return tasks
+
+
+def test_a_pool_thread_freed_with_a_backlog_claims_its_next_task_itself(sqlite_store, files):
+    """Under load every step ends with a claim for the thread it freed: made
+    in that thread, not handed to another one to wake up and make."""
+    ids = _queued(sqlite_store, 30)
+    store = _ClaimThreads(sqlite_store)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, threads=2,
+                    tick_s=3600, sweep_s=3600)
+    worker.start()
+    try:
+        worker.wake()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(sqlite_store.get_task(i)["status"] != "running" for i in ids):
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert all(sqlite_store.get_task(i)["status"] == "running" for i in ids)
+    refills = [name for name in store.threads if name.startswith("holdfast-task")]
+    # The first claim is the wake's; the pool's own make up most of the rest.
+    assert len(refills) >= len(store.threads) // 2, store.threads
 
 
 def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):

@@ -45,7 +45,6 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 
 from apscheduler.executors.pool import ThreadPoolExecutor as SchedulerPool
@@ -103,6 +102,10 @@ class Worker(Steps, Callbacks):
         self._stopping = False    # claim nothing more
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
+        self._wakeup = threading.Event()
+        self._waker = None
+        self._refill = self._safe(self.dispatch)
+        self._refilling = threading.local()
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
         # Webhooks out: Deliverer's settings (config.webhook_settings).
@@ -138,12 +141,34 @@ class Worker(Steps, Callbacks):
                                id="heartbeat")
         self.scheduler.start()
         self.hints.start()
+        self._wakeup.clear()
+        self._waker = threading.Thread(target=self._wake_loop, args=(self._safe(self.dispatch),),
+                                       name="holdfast-wake", daemon=True)
+        self._waker.start()
+
+    def _wake_loop(self, dispatch):
+        """Dispatch whenever wake() asks (a submit, a freed pool thread with
+        a backlog). Asking APScheduler instead (wakeup() and modify() of the
+        dispatch job) cost a fifth of the worker's CPU under load, and a
+        tick still running made it log "maximum number of running
+        instances reached"; its interval job stays for what falls due."""
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            if self._stopping:
+                return
+            dispatch()
 
     def stop(self, wait=True):
         """Claim nothing more; with `wait`, let every running step end first."""
         with self._lock:
             self._stopping = True
         self.hints.stop()
+        self._wakeup.set()
+        if self._waker is not None:
+            if wait:
+                self._waker.join()
+            self._waker = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=wait)
             self.scheduler = None
@@ -193,16 +218,10 @@ class Worker(Steps, Callbacks):
         return self.scheduler is not None and self.scheduler.running
 
     def wake(self):
-        """Look for due tasks now rather than at the next tick."""
-        scheduler = self.scheduler
-        if scheduler is not None and scheduler.running:
-            try:
-                scheduler.wakeup()
-            except Exception:   # shutting down: the next start will find the task
-                pass
-            job = scheduler.get_job("dispatch")
-            if job is not None:
-                job.modify(next_run_time=_utcnow())
+        """Look for due tasks now rather than at the next tick. Wakes
+        that come while a dispatch runs make one more, not one each."""
+        if self._waker is not None and not self._wakeup.is_set():
+            self._wakeup.set()
 
     def _safe(self, fn):
         def run():
@@ -288,7 +307,18 @@ class Worker(Steps, Callbacks):
             self._idle.notify_all()
             refill = self._backlog and not self._stopping
         if refill:
-            self.wake()
+            # Here, in the pool thread just freed: handing the claim to
+            # another thread cost a wake-up per step (15% of the CPU under
+            # load, py-spy --gil), and this thread would wait for it anyway.
+            # A step that ended before its callback was added calls this
+            # inside a dispatch: that one goes to the wake thread instead.
+            if getattr(self._refilling, "on", False):
+                return self.wake()
+            self._refilling.on = True
+            try:
+                self._refill()
+            finally:
+                self._refilling.on = False
 
     def _run_pooled(self, task):
         # The step's own clock: the task may have been claimed a moment ago.
@@ -465,6 +495,3 @@ class Worker(Steps, Callbacks):
         except Exception as exc:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
 
-
-def _utcnow():
-    return datetime.now(timezone.utc)
