@@ -1,10 +1,15 @@
 """A real server killed with SIGKILL while tasks run, then started again on
-the same data directory: every accepted task ends, exactly once."""
+the same data directory: every accepted task ends, exactly once, and after
+every kill the result files are whole and none is left that no task lists.
+
+Where the servers keep their files is the `result_files` fixture: on disk
+here; tests/test_suites_on_s3.py runs these tests again with a bucket.
+"""
 
 import collections
-import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +18,72 @@ import time
 
 import pytest
 
-from store import FileStore, SqliteStore, open_store
+from store import TERMINAL, FileStore, SqliteStore, open_store
 from support import ROOT, ServerProcess, api, submit_until
 from tests.fakes.comfyui import FakeComfyUI
+
+
+LEASE_DIR = re.compile(r"^_lease([0-9]+)$")
+
+
+class LocalFiles:
+    """Result files on the server's disk, under HOLDFAST_DATA/files: how
+    the servers are told (`env`), how the tests read them back, and how
+    many kill rounds each test runs."""
+
+    kill_rounds = 2         # test_kill_9_mid_run_loses_and_repeats_nothing
+    random_rounds = 10      # test_crash_suite_random_kills
+
+    def env(self):
+        return {}
+
+    def store(self, data_dir):
+        return FileStore(str(data_dir / "files"), create=False)
+
+    def stored(self, data_dir):
+        """{(task id, path inside the task's folder)} of every whole file."""
+        root, found = str(data_dir / "files"), set()
+        for folder, _, names in os.walk(root):
+            for name in names:
+                if not name.endswith(".part"):
+                    task_id, *rest = os.path.relpath(os.path.join(folder, name), root).split(os.sep)
+                    found.add((task_id, "/".join(rest)))
+        return found
+
+    def partial(self, data_dir):
+        """What a write cut short left (temporary files, open uploads)."""
+        return self.store(data_dir).partial_files()
+
+
+@pytest.fixture
+def result_files():
+    return LocalFiles()
+
+
+def check_files(result_files, data_dir, store, why, *, settled):
+    """What must hold of the result files after any kill, as the store
+    (a copy of it as the kill left it) says: a finished task's listed files
+    are all there with the sha256 it recorded; every stored file is one a
+    finished task lists, or lies in a lease folder (one of the task's own
+    leases) of a task not finished yet, a copy in flight that the end of
+    its task removes. `settled`: every task has ended since the last
+    restart, so nothing may be in flight and no write left half done."""
+    files = result_files.store(data_dir)
+    tasks = {t["id"]: store.get_task(t["id"]) for t in store.export_rows()["tasks"]}
+    listed = set()
+    for task_id, task in tasks.items():
+        for meta in task["files"] or ():
+            assert task["status"] in TERMINAL, f"{why} {task_id} lists files while {task['status']}"
+            assert files.sha256_of(task_id, meta) == meta["sha256"], f"{why} {task_id}: {meta} is not whole"
+            listed.add((task_id, f"{meta['dir']}/{meta['name']}" if meta.get("dir") else meta["name"]))
+    for task_id, path in result_files.stored(data_dir) - listed:
+        task = tasks.get(task_id)
+        assert task is not None, f"{why} {task_id}/{path}: a file of a task the store does not know"
+        lease = LEASE_DIR.match(path.partition("/")[0])
+        in_flight = task["status"] not in TERMINAL and lease and int(lease.group(1)) <= task["lease_token"]
+        assert in_flight and not settled, f"{why} {task_id}/{path} ({task['status']}): listed by no task"
+    if settled:
+        assert result_files.partial(data_dir) == [], f"{why} writes left half done"
 
 
 def wait_all_terminal(session, url, ids, timeout=40):
@@ -30,15 +98,16 @@ def wait_all_terminal(session, url, ids, timeout=40):
     raise AssertionError(f"tasks stuck after restart: {stuck}")
 
 
-def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
+def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path, result_files):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    server = ServerProcess(tmp_path).start()
+    env = result_files.env()
+    server = ServerProcess(tmp_path, env=env).start()
     token = server.tokens["demo"]
     session = api(server, token)
     accepted = []
     try:
-        for round_no in range(2):
+        for round_no in range(result_files.kill_rounds):
             for i in range(12):
                 res = session.post(server.url + "/api/tasks", timeout=10, json={
                     "provider": "demo",
@@ -48,7 +117,12 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
                 accepted.append(res.json()["task"]["id"])
             time.sleep(rng.uniform(0.3, 1.2))
             server.kill()
-            server = ServerProcess(tmp_path, port=server.port).start()
+            copied = SqliteStore(str(copy_store(tmp_path, tmp_path / f"after-kill-{round_no}") / "holdfast.db"))
+            try:
+                check_files(result_files, tmp_path, copied, f"seed {seed}, after kill {round_no}:", settled=False)
+            finally:
+                copied.close()
+            server = ServerProcess(tmp_path, env=env, port=server.port).start()
         tasks = wait_all_terminal(session, server.url, accepted)
     finally:
         server.stop()
@@ -62,11 +136,8 @@ def test_kill_9_mid_run_loses_and_repeats_nothing(tmp_path):
             assert task["status"] == expect, f"seed {seed}: {task}"
             # The demo job was found again under its stored id, not submitted twice.
             assert task["attempts"] == 1, f"seed {seed}: {task}"
-            if expect == "succeeded":
-                [meta] = store.get_task(task_id)["files"]      # with the folder it is in
-                with open(FileStore(str(tmp_path / "files")).entry_path(task_id, meta), "rb") as fh:
-                    body = fh.read()
-                assert hashlib.sha256(body).hexdigest() == meta["sha256"]
+            assert len(store.get_task(task_id)["files"]) == (expect == "succeeded"), f"seed {seed}: {task}"
+        check_files(result_files, tmp_path, store, f"seed {seed}:", settled=True)
         assert store.lease_owners() == []
     finally:
         store.close()
@@ -109,11 +180,12 @@ def _users_add(data_dir, env, name, credits):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "json"])
-def test_crash_suite_random_kills(tmp_path, backend):
-    """Ten rounds: submissions stream in while the server is killed at a
-    random moment; after every kill the books balance (credits, dedupe, on a
-    copy of the store as the kill left it), and after every restart every
-    acknowledged task exists."""
+def test_crash_suite_random_kills(tmp_path, backend, result_files):
+    """Ten rounds (`result_files.random_rounds`): submissions stream in
+    while the server is killed at a random moment; after every kill the
+    books balance (credits, dedupe, on a copy of the store as the kill left
+    it) and the result files are whole and accounted for, and after every
+    restart every acknowledged task exists."""
     seed = int(os.environ.get("HOLDFAST_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     why = f"(seed {seed}; rerun with HOLDFAST_CRASH_SEED={seed})"
@@ -122,7 +194,7 @@ def test_crash_suite_random_kills(tmp_path, backend):
         '[providers.demo]\ncost = 1\nduration_s = 0.6\npoll_interval_s = 0.2\n'
         f'[providers.comfy]\ntype = "comfyui"\nurl = "{comfy.url}"\ncost = 1\npoll_interval_s = 0.2\n'
         'max_poll_interval_s = 0.5\ntimeout_s = 5\n')
-    env = {"HOLDFAST_STORE": backend, "HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}
+    env = {"HOLDFAST_STORE": backend, "HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml"), **result_files.env()}
     start_credits = 100_000
     token = _users_add(tmp_path, {**os.environ, "HOLDFAST_DATA": str(tmp_path), **env}, "payer", start_credits)
     server = ServerProcess(tmp_path, env=env).start()
@@ -143,13 +215,16 @@ def test_crash_suite_random_kills(tmp_path, backend):
         return session.post(server.url + "/api/tasks", timeout=5, json={**body, "dedupe_key": key})
 
     try:
-        for round_no in range(10):
+        for round_no in range(result_files.random_rounds):
             stop, errors = threading.Event(), []
             thread = threading.Thread(target=submit_until, args=(
                 stop, post, lambda: f"k{next(counter)}", acked, unanswered, errors,
                 lambda: rng.uniform(0, 0.05)))
             thread.start()
-            time.sleep(rng.uniform(0.2, 1.2))
+            # Each round kills in its own slice of 0.2 to 1.2 s: fewer rounds
+            # (on a bucket) still reach from the first submissions to runs
+            # and downloads well under way.
+            time.sleep(0.2 + (round_no + rng.random()) / result_files.random_rounds)
             server.kill()
             stop.set()
             thread.join(30)
@@ -157,6 +232,7 @@ def test_crash_suite_random_kills(tmp_path, backend):
             copied = open_store(backend, str(copy_store(tmp_path, tmp_path / f"after-kill-{round_no}")))
             try:
                 check_books(copied, "payer", start_credits, f"{why} after kill {round_no}:")
+                check_files(result_files, tmp_path, copied, f"{why} after kill {round_no}:", settled=False)
             finally:
                 copied.close()
             server = ServerProcess(tmp_path, env=env, port=server.port).start()
@@ -177,10 +253,11 @@ def test_crash_suite_random_kills(tmp_path, backend):
         server.stop()
         comfy.stop()
 
-    assert len(acked) >= 30, f"{why} too few submissions to mean anything: {len(acked)}"
+    assert len(acked) >= 3 * result_files.random_rounds, f"{why} too few submissions to mean anything: {len(acked)}"
     opened = open_store(backend, str(tmp_path))
     try:
         check_books(opened, "payer", start_credits, why)
+        check_files(result_files, tmp_path, opened, why, settled=True)
         rows = opened.export_rows()
         keys = collections.Counter(t["dedupe_key"] for t in rows["tasks"])
         assert set(keys.values()) == {1}, f"{why} a key made two tasks: {keys.most_common(3)}"

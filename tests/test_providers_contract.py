@@ -7,6 +7,7 @@ A new adapter joins by adding a Harness: how to build it against its fake,
 params that succeed, params the provider refuses, params whose job fails.
 """
 
+import hashlib
 import time
 import uuid
 
@@ -362,8 +363,8 @@ def test_through_the_worker_a_job_ends_succeeded_with_its_files(any_harness, sql
     task = run_through_worker(any_harness, sqlite_store, files, any_harness.good(tmp_path))
     assert task["status"] == "succeeded" and task["files"] and task["attempts"] == 1
     for meta in task["files"]:
-        with open(files.entry_path(task["id"], meta), "rb") as fh:
-            assert fh.read().startswith(PNG_MAGIC)
+        body = b"".join(files.open(task["id"], meta)[0])      # on disk or in a bucket
+        assert body.startswith(PNG_MAGIC) and hashlib.sha256(body).hexdigest() == meta["sha256"]
 
 
 def test_through_the_worker_a_failing_job_ends_provider_rejected(any_harness, sqlite_store, files, tmp_path):
