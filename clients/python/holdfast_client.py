@@ -216,6 +216,11 @@ class Client:
         """{"user", "credits", "limits"}."""
         return self._json("GET", "/api/me")
 
+    def webhook_secrets(self):
+        """The secrets that sign this user's task webhooks (two during a
+        rotation), for verify_webhook()."""
+        return [s["secret"] for s in self._json("GET", "/api/webhooks/secret")["secrets"]]
+
     def download(self, task, name, path):
         """Save the task's result file `name` at `path`, streamed through a
         temporary file beside it that becomes `path` only once its size and
