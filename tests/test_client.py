@@ -42,6 +42,7 @@ class Proxy:
         self.altered = 0
         self._cut_prefix = None
         self._alter = None
+        self._answer = None
         self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -58,6 +59,11 @@ class Proxy:
 
     def alter(self, substring):
         self._alter = substring.encode()
+
+    def answer_once(self, prefix, raw):
+        """The next request starting with prefix gets `raw` (a whole HTTP
+        answer) from the proxy and never reaches the server."""
+        self._answer = (prefix.encode(), raw)
 
     def count(self, method=None, path_prefix=""):
         with self.lock:
@@ -90,6 +96,11 @@ class Proxy:
                             self._cut_prefix, state["cut"] = None, True
                         if self._alter and self._alter in m.group(2):
                             state["alter"] = True
+                        answer, self._answer = (self._answer, None) if (
+                            self._answer and line.startswith(self._answer[0])) else (None, self._answer)
+                if answer:
+                    client.sendall(answer[1])
+                    return
                 server.sendall(data)
         except OSError:
             pass
@@ -204,6 +215,50 @@ def test_a_submit_whose_answer_is_lost_creates_one_task_and_returns_it(server, p
     assert proxy.count("POST", "/api/tasks") == 2       # the lost try and the one that was answered
     new = set(all_task_ids(server)) - before
     assert new == {task["id"]}, new
+
+
+def test_submit_tries_again_after_a_503_but_not_after_a_400(server, proxy):
+    before = set(all_task_ids(server))
+    client = hc.Client(proxy.url, server.tokens["demo"], timeout=30)
+    proxy.answer_once("POST /api/tasks", b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 58\r\nConnection: close\r\n\r\n"
+                      b'{"error": {"code": "store_unavailable", "message": "full"}}')
+    started = time.monotonic()
+    task = client.submit("demo", {"prompt": "after a 503", "duration_s": 0.1})
+    assert time.monotonic() - started >= 1.0                  # it waited as Retry-After said
+    assert proxy.count("POST", "/api/tasks") == 2
+    assert set(all_task_ids(server)) - before == {task["id"]}
+    with pytest.raises(hc.InvalidInput):
+        client.submit("demo", {"prompt": "x", "duration_s": -1})
+    assert proxy.count("POST", "/api/tasks") == 3             # a refusal is final: asked once
+
+
+def first_event(client):
+    try:
+        return next(client.events())
+    except hc.HoldfastError:
+        return None     # the proxy closed under it: the test is over
+
+
+def test_events_do_not_spin_when_the_server_cannot_hold_a_long_poll(tmp_path):
+    # One long poll per user: while another holds it, the server answers
+    # this user's polls at once and empty.
+    with ServerProcess(tmp_path, env={"HOLDFAST_SSE_MAX_PER_USER": "1"}) as srv:
+        token = srv.tokens["admin"]
+        holder = threading.Thread(target=lambda: requests.get(
+            srv.url + "/api/events/poll?wait=25", headers={"Authorization": f"Bearer {token}"}, timeout=60),
+            daemon=True)
+        holder.start()
+        wait_for(lambda: re.search(r'holdfast_event_streams\{kind="poll"\} 1',
+                                   requests.get(srv.url + "/metrics", timeout=10).text), 20, "the held poll")
+        proxy = Proxy(("127.0.0.1", srv.port))
+        try:
+            client = hc.Client(proxy.url, token, timeout=30)
+            threading.Thread(target=first_event, args=(client,), daemon=True).start()
+            time.sleep(4)
+            assert 1 <= proxy.count("GET", "/api/events/poll") <= 3, proxy.requests
+        finally:
+            proxy.close()
 
 
 def test_submit_sends_the_callers_key_so_a_second_submit_gets_the_same_task(server):
