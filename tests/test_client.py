@@ -354,7 +354,7 @@ def test_rate_limited_carries_retry_after():
     response.status_code = 429
     response.headers["Retry-After"] = "7"
     response._content = json.dumps({"error": {"code": "rate_limited", "message": "slow down"}}).encode()
-    err = hc._error_from(response)
+    err = hc._error_from(response, response.content)
     assert isinstance(err, hc.RateLimited) and err.retry_after == 7.0 and err.code == "rate_limited"
 
 

@@ -28,7 +28,8 @@ __all__ = ["Client", "verify_webhook", "HoldfastError", "InvalidInput", "Unautho
 
 TERMINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
 MAX_POLL_WAIT_S = 25          # the server's cap on GET /api/events/poll?wait=
-MAX_JSON_BYTES = 16 * 1024 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024   # a page of 200 tasks is far below
+MAX_ERROR_BYTES = 64 * 1024
 CHUNK = 64 * 1024
 
 
@@ -105,52 +106,77 @@ def _retry_after(response):
         return None
 
 
-def _error_from(response):
+def _error_from(response, body):
     try:
-        error = response.json()["error"]
+        error = json.loads(body)["error"]
         code, message = error["code"], error["message"]
     except (ValueError, KeyError, TypeError):
-        code, message = None, (response.text or response.reason or "")[:500]
+        code, message = None, (body.decode("utf-8", "replace") or response.reason or "")[:500]
     cls = _BY_STATUS.get(response.status_code, HoldfastError)
     if cls in (RateLimited, Unavailable):
         return cls(message, status=response.status_code, code=code, retry_after=_retry_after(response))
     return cls(message, status=response.status_code, code=code)
 
 
+def _read_capped(response, limit, deadline, what):
+    """The body, at most `limit` bytes and read by `deadline` (monotonic):
+    the read timeout bounds each wait for bytes, this bounds them all."""
+    parts, size = [], 0
+    try:
+        for chunk in response.iter_content(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise HoldfastError(f"{what}: answer over {limit} bytes", status=response.status_code)
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{what}: answer still coming after the deadline", status=response.status_code)
+            parts.append(chunk)
+    except requests.RequestException as exc:
+        raise Unavailable(f"{what}: answer broke off: {exc}") from None
+    return b"".join(parts)
+
+
 class Client:
     """One user's view of a holdfast server. `timeout` is the read timeout
     of each request (the connect timeout is `connect_timeout`); `retry_s`
-    bounds the total time submit() spends retrying, `attempts` its tries."""
+    bounds the total time submit() spends retrying, `attempts` its tries,
+    and `download_s` the whole of one download."""
 
     def __init__(self, url, token, timeout=30.0, *, connect_timeout=5.0, attempts=6, retry_s=60.0,
-                 session=None):
+                 download_s=3600.0, session=None):
         self.url = url.rstrip("/")
         self.timeout = (connect_timeout, timeout)
         self.attempts = attempts
         self.retry_s = retry_s
+        self.download_s = download_s
         self.session = session or requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
     # -- the HTTP seam -------------------------------------------------------
 
     def _request(self, method, path, *, read_timeout=None, **kw):
+        """The response (streamed; close it) to a request that succeeded,
+        or the HoldfastError of its answer."""
         timeout = (self.timeout[0], read_timeout or self.timeout[1])
+        what = f"{method} {path}"
         try:
-            response = self.session.request(method, self.url + path, timeout=timeout, **kw)
+            response = self.session.request(method, self.url + path, timeout=timeout, stream=True, **kw)
         except requests.RequestException as exc:
-            raise Unavailable(f"{method} {path}: {exc.__class__.__name__}: {exc}") from None
+            raise Unavailable(f"{what}: {exc.__class__.__name__}: {exc}") from None
         if response.status_code >= 400:
-            raise _error_from(response)
+            with response:
+                body = _read_capped(response, MAX_ERROR_BYTES, time.monotonic() + sum(timeout), what)
+            raise _error_from(response, body)
         return response
 
-    def _json(self, method, path, **kw):
-        response = self._request(method, path, **kw)
-        if len(response.content) > MAX_JSON_BYTES:
-            raise HoldfastError(f"{method} {path}: answer over {MAX_JSON_BYTES} bytes")
+    def _json(self, method, path, *, read_timeout=None, **kw):
+        what = f"{method} {path}"
+        deadline = time.monotonic() + self.timeout[0] + 2 * (read_timeout or self.timeout[1])
+        with self._request(method, path, read_timeout=read_timeout, **kw) as response:
+            body = _read_capped(response, MAX_JSON_BYTES, deadline, what)
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
-            raise HoldfastError(f"{method} {path}: answer is not JSON", status=response.status_code) from None
+            raise HoldfastError(f"{what}: answer is not JSON", status=response.status_code) from None
 
     # -- tasks ---------------------------------------------------------------
 
@@ -232,17 +258,19 @@ class Client:
         if listed is None:
             raise NotFound(f"task {task.get('id')} lists no file {name!r}", code="not_found")
         folder = os.path.dirname(os.path.abspath(path))
+        deadline = time.monotonic() + self.download_s
         fd, partial = tempfile.mkstemp(prefix=".holdfast-", dir=folder)
         try:
             digest, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
-                response = self._request("GET", f"/api/tasks/{_path(task['id'])}/files/{_path(name)}", stream=True)
-                with response:
+                with self._request("GET", f"/api/tasks/{_path(task['id'])}/files/{_path(name)}") as response:
                     try:
                         for chunk in response.iter_content(CHUNK):
                             size += len(chunk)
                             if size > listed["size"]:
-                                break
+                                break       # already wrong: the check below says so
+                            if time.monotonic() > deadline:
+                                raise Unavailable(f"download of {name} took over {self.download_s}s")
                             digest.update(chunk)
                             out.write(chunk)
                     except requests.RequestException as exc:
