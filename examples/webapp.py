@@ -16,6 +16,7 @@ import os
 import sqlite3
 import sys
 import time
+import uuid
 
 import bottle
 
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders(id),
                                     name TEXT NOT NULL, sha256 TEXT NOT NULL, url TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS webhooks_seen (webhook_id TEXT PRIMARY KEY, received_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS instance (id TEXT NOT NULL);
 """
 
 
@@ -42,6 +44,13 @@ class Orders:
         self.path = path
         with self.session() as db:
             db.executescript(SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("SELECT id FROM instance").fetchone() is None:
+                db.execute("INSERT INTO instance (id) VALUES (?)", (uuid.uuid4().hex,))
+            # this database's name for itself: its order numbers start at 1
+            # like any other's, so holdfast's dedupe keys carry it too
+            self.instance = db.execute("SELECT id FROM instance").fetchone()["id"]
+            db.execute("COMMIT")
 
     def connect(self):
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -118,7 +127,7 @@ def make_app(orders, client, secrets, public_url, provider="demo"):
         order_id = orders.create(prompt)
         # dedupe_key ties the task to the order: submitting this order again
         # (a retry, a double click) gets the same task back.
-        task = client.submit(provider, {"prompt": prompt, "duration_s": 0.2}, dedupe_key=f"order-{order_id}",
+        task = client.submit(provider, {"prompt": prompt, "duration_s": 0.2}, dedupe_key=f"{orders.instance}-order-{order_id}",
                              webhook=hook_url, webhook_events=["finished"])
         orders.set_task(order_id, task)
         bottle.response.status = 201

@@ -6,6 +6,7 @@ through a real server."""
 import os
 import re
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 import requests
 import waitress
 
-from support import ROOT, ServerProcess
+from support import ROOT, ServerProcess, free_port
 
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -123,3 +124,31 @@ def test_mytasks_make_thumbnail_runs_as_the_readme_configures_it(server, tmp_pat
         data = fh.read()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert struct.unpack(">II", data[16:24]) == (32, 20)
+
+
+def test_the_web_app_runs_as_the_readme_says(server, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HOLDFAST_URL": server.url, "HOLDFAST_TOKEN": server.tokens["demo"],
+           "WEBAPP_PUBLIC_URL": url, "WEBAPP_PORT": str(port), "WEBAPP_DB": str(tmp_path / "orders.sqlite3")}
+    env.pop("PYTHONPATH", None)      # it finds the client in the checkout by itself
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "webapp.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout.readline().decode().startswith("webapp serving on")
+        order = wait_for(lambda: _post(url + "/orders", {"prompt": "a heron"}), 20, "the app to answer")
+        assert order.status_code == 201, order.text
+        results = wait_for(lambda: requests.get(f"{url}/orders/{order.json()['id']}", timeout=10).json()["results"],
+                           60, "the order's result")
+        assert len(results) == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def _post(url, body):
+    try:
+        return requests.post(url, json=body, timeout=30)
+    except requests.ConnectionError:
+        return None
