@@ -134,6 +134,18 @@ def submit_until(stop, post, next_key, acked, unanswered, errors, pause):
         key = None
         time.sleep(pause())
 
+def wait_for(check, timeout=10.0, what="condition", step=0.05):
+    """check()'s first truthy value, asked every `step` seconds; an
+    AssertionError naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

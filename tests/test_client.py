@@ -17,7 +17,7 @@ import pytest
 import requests
 from standardwebhooks.webhooks import Webhook
 
-from support import ROOT, ServerProcess
+from support import ROOT, ServerProcess, wait_for
 
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 import holdfast_client as hc  # noqa: E402
@@ -171,16 +171,6 @@ class Receiver:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait_for(check, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import requests
 
 from providers import build_providers
 from store import FileStore
-from support import ServerProcess, require
+from support import ServerProcess, require, wait_for
 from worker import Worker
 
 
@@ -51,16 +51,6 @@ def fill(path):
                     raise
     finally:
         os.close(fd)
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def start(tmp_path, disk, **env):

@@ -9,13 +9,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import requests
 import waitress
 
-from support import ROOT, ServerProcess, free_port
+from support import ROOT, ServerProcess, free_port, wait_for
 
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -69,16 +68,6 @@ def app_server(server, tmp_path):
     thread.start()
     yield url, orders, recorder
     listener.close()
-
-
-def wait_for(check, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_the_web_app_attaches_a_result_once_when_the_webhook_comes_twice(app_server):

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import requests
 
-from support import ServerProcess, api
+from support import ServerProcess, api, wait_for
 from tests.fakes.kie import FakeKIE
 
 TERMINAL = ("succeeded", "partial", "failed", "cancelled")
@@ -44,16 +44,6 @@ def tasks_of(session, url):
     res = session.get(url + "/api/tasks", params={"limit": 200}, timeout=10)
     assert res.status_code == 200, res.text
     return {t["id"]: t for t in res.json()["tasks"]}
-
-
-def wait_for(check, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def burst_then_two(alice, alice_url, bob, bob_url):

@@ -7,26 +7,17 @@ import hashlib
 import json
 import os
 import threading
-import time
 
 import pytest
 
 from providers import build_providers
 from store import FileStore, SqliteStore, lease_dir
+from support import wait_for
 from test_recover import run_recover
 from tests.fakes import local as local_fns
 from worker import Worker
 
 T0 = 1_800_000_000.0
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read(files, task_id, meta):

@@ -16,7 +16,7 @@ import requests
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from config import Config
-from support import ServerProcess, require
+from support import ServerProcess, require, wait_for
 from worker.deliver import Deliverer
 
 HANG = "hang"
@@ -103,16 +103,6 @@ def receiver():
     yield make
     for r in made:
         r.stop()
-
-
-def wait_for(check, timeout, what, step=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 FAST_RETRIES = {"HOLDFAST_WEBHOOK_ALLOW_PRIVATE": "1", "HOLDFAST_WEBHOOK_RETRY_SCALE": "0.001",
