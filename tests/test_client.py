@@ -79,7 +79,13 @@ class Proxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream, timeout=60)
+            try:
+                server = socket.create_connection(self.upstream, timeout=60)
+            except OSError:
+                # The server is gone (a test's end, or a restart): the
+                # client sees its connection closed, as it would without us.
+                client.close()
+                continue
             state = {"cut": False, "alter": False}
             threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
             threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
