@@ -419,9 +419,14 @@ def _migration_7(db):
 def _migration_8(db):
     """Each waiting user's oldest task, from the index: with tasks_line
     (ordered by priority first) the line in SqlStore._next_in_line reads a
-    few entries per user waiting, not every task waiting."""
+    few entries per user waiting, not every task waiting. And the queued
+    tasks holding slots, for take_slot's count of slots held."""
     db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_since ON tasks (provider, user_id, created_at, step, status) "
                    "WHERE status = 'queued'")
+    # The few queued tasks that hold a slot (take_slot counts them), apart
+    # from the many waiting.
+    db.execute_sql(f"CREATE INDEX IF NOT EXISTS tasks_slots ON tasks (provider, status, step, user_id) "
+                   f"WHERE status = 'queued' AND step = '{SLOT_STEP}'")
 
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),

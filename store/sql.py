@@ -600,14 +600,18 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
             if limit is not None and not holds:
                 self._slot_lock(task["provider"])
-                held = dict(self._exec(
-                    "SELECT user_id, COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
-                    "(status = 'running' OR (status = 'queued' AND step = ?)) GROUP BY user_id",
-                    (task["provider"], task_id, SLOT_STEP)).fetchall())
+                held = dict(self._exec(self._HELD, (task["provider"], task_id, task["provider"], task_id)).fetchall())
                 busy = sum(held.values())
                 if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
                     return None
             return self._apply(task, token, now, False, changes)
+
+    # Slots held at a provider, by user: its running tasks and those queued
+    # holding one (tasks_slots, migration 8, names the step as written),
+    # never the queued tasks waiting in line.
+    _HELD = ("SELECT user_id, COUNT(*) FROM (SELECT user_id FROM tasks WHERE status = 'running' AND provider = ? "
+             "AND id <> ? UNION ALL SELECT user_id FROM tasks WHERE status = 'queued' AND "
+             f"step = '{SLOT_STEP}' AND provider = ? AND id <> ?) h GROUP BY user_id")
 
     def _slot_lock(self, provider):
         """Serialize slot decisions for `provider` until the transaction ends."""

@@ -1154,3 +1154,36 @@ def test_a_priority_out_of_range_or_not_an_integer_is_refused(store, alice):
         store.set_max_priority("alice", -1)
     with pytest.raises(NotFound):
         store.set_max_priority("nobody", 1)
+
+
+def test_the_slot_line_reads_per_waiting_user_not_per_waiting_task(tmp_path):
+    """Ten times the tasks waiting from the same four users: a refused
+    take_slot (the line, the wake) runs about the same number of SQLite VM
+    steps, where a GROUP BY over the waiting tasks ran ten times as many."""
+    store = SqliteStore(str(tmp_path / "line.db"))
+    try:
+        users = [store.create_user(f"u{i}")[0]["id"] for i in range(4)]
+        for i in range(40):
+            submit(store, users[i % 4], float(i + 1))
+        held = {t["id"]: t for t in store.claim("w:1:aa", now=1000.0, limit=100, lease_s=600)}
+        first, *_, last = sorted(held.values(), key=lambda t: t["created_at"])
+        assert store.take_slot(first["id"], token=first["lease_token"], now=1000.0, limit=2, step="submitting")
+        steps = []
+
+        def refused_steps():
+            count = [0]
+            con = store.db.connection()
+            con.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 100)
+            try:
+                assert store.take_slot(last["id"], token=last["lease_token"], now=1000.0, limit=2) is None
+            finally:
+                con.set_progress_handler(None, 100)
+            return count[0]
+
+        steps.append(refused_steps())
+        for i in range(40, 400):
+            submit(store, users[i % 4], float(i + 1))
+        steps.append(refused_steps())
+        assert steps[0] > 0 and steps[1] < 1.5 * steps[0], steps
+    finally:
+        store.close()
