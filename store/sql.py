@@ -600,7 +600,7 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
             if limit is not None and not holds:
                 self._slot_lock(task["provider"])
-                held = dict(self._exec(self._HELD, (task["provider"], task_id, task["provider"], task_id)).fetchall())
+                held = dict(self._exec(self._HELD, (task["provider"], task_id) * 2).fetchall())
                 busy = sum(held.values())
                 if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
                     return None
