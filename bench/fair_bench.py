@@ -1,10 +1,10 @@
 """What the fair share of scarce slots costs: take_slot's line (who is
 first in line for a provider's free slot) against a claim of 50 due tasks.
 
-    .venv/bin/python bench/fair_bench.py [--waiting 200,1000,10000] [--rounds 5]
+    .venv/bin/python bench/fair_bench.py [--waiting 200,1000,10000] [--users 4,1000] [--rounds 5]
 
-One SQLite file per size: 4 users' tasks waiting at a provider with
-`concurrency = 2`, one slot held and one free, so every take_slot reads the
+One SQLite file per size and number of users: that many users' tasks (taking
+turns) waiting at a provider with `concurrency = 2`, one slot held and one free, so every take_slot reads the
 line. Interleaved round by round:
 
   claim 50 due        SqliteStore.claim(limit=50), as dispatch_bench measures it
@@ -32,12 +32,12 @@ class _Undo(Exception):
     pass
 
 
-def build(path, waiting):
+def build(path, waiting, n_users):
     store = SqliteStore(path)
-    users = [store.create_user(f"u{i}", max_active=100_000, rate_per_s=10_000)[0] for i in range(4)]
+    users = [store.create_user(f"u{i}", max_active=100_000, rate_per_s=10_000)[0] for i in range(n_users)]
     now = time.time()
     for i in range(waiting):
-        store.submit(users[i % 4]["id"], "demo", {"prompt": f"w{i}"}, now=now - waiting + i,
+        store.submit(users[i % n_users]["id"], "demo", {"prompt": f"w{i}"}, now=now - waiting + i,
                      deadline_at=now + 7200)
     held = store.claim("bench", now=now, limit=1, lease_s=3600)[0]
     assert store.take_slot(held["id"], token=held["lease_token"], now=now, limit=2, step="submitting")
@@ -47,15 +47,19 @@ def build(path, waiting):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--waiting", default="200,1000,10000")
+    parser.add_argument("--users", default="4")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     sizes = [int(n) for n in args.waiting.split(",")]
+    user_counts = [int(n) for n in args.users.split(",")]
     if not all(10 <= n <= 100_000 for n in sizes) or not 1 <= args.rounds <= 20:
         parser.error("--waiting sizes 10..100000, --rounds 1..20")
+    if not all(2 <= n <= 10_000 for n in user_counts):
+        parser.error("--users 2..10000")
     rows = []
     with temp_dir("fair") as tmp:
-        for size in sizes:
-            store, held_by = build(os.path.join(tmp, f"w{size}.db"), size)
+        for size, n_users in ((s, u) for s in sizes for u in user_counts if u <= s):
+            store, held_by = build(os.path.join(tmp, f"w{size}u{n_users}.db"), size, n_users)
             later = time.time() + 1
             tasks = {t["id"]: t for t in store.claim("bench", now=later, limit=size, lease_s=3600)}
             order = sorted(tasks.values(), key=lambda t: t["created_at"])
@@ -92,7 +96,7 @@ def main():
             base = statistics.median(r["claim 50 due"])
             for name in cases:
                 rate = statistics.median(r[name])
-                rows.append([f"{size:,} waiting: {name}", fmt_rate(rate), f"{1000 / rate:.3f}",
+                rows.append([f"{size:,} waiting, {n_users:,} users: {name}", fmt_rate(rate), f"{1000 / rate:.3f}",
                              f"{100 * base / rate:.1f}%"])
             store.close()
     table(["per call", "ops/s", "ms", "% of a claim of 50"], rows,

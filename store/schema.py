@@ -416,8 +416,21 @@ def _migration_7(db):
                    "step, status) WHERE status = 'queued'")
 
 
+def _migration_8(db):
+    """Each waiting user's oldest task, from the index: with tasks_line
+    (ordered by priority first) the line in SqlStore._next_in_line reads a
+    few entries per user waiting, not every task waiting. And the queued
+    tasks holding slots, for take_slot's count of slots held."""
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_since ON tasks (provider, user_id, created_at, step, status) "
+                   "WHERE status = 'queued'")
+    # The few queued tasks that hold a slot (take_slot counts them), apart
+    # from the many waiting.
+    db.execute_sql(f"CREATE INDEX IF NOT EXISTS tasks_slots ON tasks (provider, status, step, user_id) "
+                   f"WHERE status = 'queued' AND step = '{SLOT_STEP}'")
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
-              (5, _migration_5), (6, _migration_6), (7, _migration_7)]
+              (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

@@ -600,14 +600,18 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
             holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
             if limit is not None and not holds:
                 self._slot_lock(task["provider"])
-                held = dict(self._exec(
-                    "SELECT user_id, COUNT(*) FROM tasks WHERE provider = ? AND id <> ? AND "
-                    "(status = 'running' OR (status = 'queued' AND step = ?)) GROUP BY user_id",
-                    (task["provider"], task_id, SLOT_STEP)).fetchall())
+                held = dict(self._exec(self._HELD, (task["provider"], task_id) * 2).fetchall())
                 busy = sum(held.values())
                 if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
                     return None
             return self._apply(task, token, now, False, changes)
+
+    # Slots held at a provider, by user: its running tasks and those queued
+    # holding one (tasks_slots, migration 8, names the step as written),
+    # never the queued tasks waiting in line.
+    _HELD = ("SELECT user_id, COUNT(*) FROM (SELECT user_id FROM tasks WHERE status = 'running' AND provider = ? "
+             "AND id <> ? UNION ALL SELECT user_id FROM tasks WHERE status = 'queued' AND "
+             f"step = '{SLOT_STEP}' AND provider = ? AND id <> ?) h GROUP BY user_id")
 
     def _slot_lock(self, provider):
         """Serialize slot decisions for `provider` until the transaction ends."""
@@ -627,36 +631,94 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
         waiting longest; within a user, higher priority, then the oldest
         task. When `task` is not among those first in line, they become due
         now, so the slot it leaves free is taken at the next tick rather
-        than a poll interval later."""
+        than a poll interval later.
+
+        Every read here stops after a few index entries per waiting user
+        (counts stop at a cap), so the cost grows with the users waiting,
+        not with their tasks."""
         provider = task["provider"]
-        rows = self._exec(f"SELECT user_id, MAX(priority), MIN(created_at), COUNT(*) FROM tasks "
-                          f"WHERE {self._WAITING} GROUP BY user_id", (provider, SLOT_STEP)).fetchall()
-        if sum(r[3] for r in rows) <= free:
+        cap = free + 1
+        if self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} LIMIT ?) w",
+                     (provider, SLOT_STEP, cap))[0] <= free:
             return True
-        line = {user: [held.get(user, 0), -priority, since, n] for user, priority, since, n in rows}
+        rows = self._exec(self._LINE, (provider, provider, provider, SLOT_STEP, provider, SLOT_STEP)).fetchall()
+        # A user whose queued tasks all hold slots has no priority: not waiting.
+        line = {user: [held.get(user, 0), -priority, since]
+                for user, priority, since in rows if priority is not None}
         turns = {}
-        for _ in range(free):
-            user = min(line, key=lambda u: line[u][:3])
+        for turn in range(free):
+            user = min(line, key=line.get)
             turns[user] = turns.get(user, 0) + 1
             line[user][0] += 1
-            line[user][3] -= 1
-            if not line[user][3]:
+            # With turns left, whether this user has another task waiting
+            # decides if they stay in line: counted (one past their turns)
+            # only for the few who win a turn.
+            if turn + 1 < free and turns[user] == self._one(
+                    f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} AND user_id = ? "
+                    "LIMIT ?) n", (provider, SLOT_STEP, user, turns[user] + 1))[0]:
                 del line[user]
         mine = turns.get(task["user_id"], 0)
-        if mine and self._one(
-                f"SELECT COUNT(*) FROM tasks WHERE {self._WAITING} AND user_id = ? AND (priority > ? OR "
-                "(priority = ? AND (created_at < ? OR (created_at = ? AND id < ?))))",
-                (provider, SLOT_STEP, task["user_id"], task["priority"], task["priority"], task["created_at"],
-                 task["created_at"], task["id"]))[0] < mine:
+        if mine and self._ahead(task, mine) < mine:
             return True
         for user, n in turns.items():
-            # Only those parked by a refusal or never tried: a task sitting
-            # out a backoff keeps its schedule.
-            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE "
-                       f"{self._WAITING} AND user_id = ? AND (step IS NULL OR step = ?) "
-                       "ORDER BY priority DESC, created_at, id LIMIT ?) AND next_poll_at > ?",
-                       (now, provider, SLOT_STEP, user, SLOT_WAIT_STEP, n, now))
+            self._wake(provider, user, n, now)
         return False
+
+    # Who waits at a provider: a loose index scan that steps from one user to
+    # the next, and for each reads their best priority (tasks_line) and
+    # their oldest waiting task (tasks_since). The same answer as a
+    # GROUP BY user_id over the waiting tasks, read from a few index entries
+    # per user.
+    _LINE = (
+        "WITH RECURSIVE waiting(user_id) AS ("
+        " SELECT MIN(user_id) FROM tasks WHERE status = 'queued' AND provider = ?"
+        " UNION ALL"
+        " SELECT (SELECT MIN(user_id) FROM tasks WHERE status = 'queued' AND provider = ? AND user_id > w.user_id)"
+        " FROM waiting w WHERE w.user_id IS NOT NULL) "
+        "SELECT w.user_id,"
+        f" (SELECT priority FROM tasks WHERE {_WAITING} AND user_id = w.user_id ORDER BY priority DESC LIMIT 1),"
+        f" (SELECT created_at FROM tasks WHERE {_WAITING} AND user_id = w.user_id ORDER BY created_at LIMIT 1) "
+        "FROM waiting w WHERE w.user_id IS NOT NULL")
+
+    def _ahead(self, task, cap):
+        """How many of its user's waiting tasks are ahead of `task` in line,
+        counted up to `cap`: two index ranges, those of higher priority and
+        the older ones of its own."""
+        where = f"SELECT 1 FROM tasks WHERE {self._WAITING} AND user_id = ? AND "
+        key = (task["provider"], SLOT_STEP, task["user_id"])
+        return self._one(
+            f"SELECT (SELECT COUNT(*) FROM ({where} priority > ? LIMIT ?) h) + "
+            f"(SELECT COUNT(*) FROM ({where} priority = ? AND created_at <= ? "
+            "AND (created_at < ? OR id < ?) LIMIT ?) o)",
+            (*key, task["priority"], cap, *key, task["priority"], task["created_at"], task["created_at"],
+             task["id"], cap))[0]
+
+    def _wake(self, provider, user, n, now):
+        """Make `user`'s first `n` in line due now. Only those parked by a
+        refusal or never tried: a task sitting out a backoff keeps its
+        schedule. Read a priority at a time from the top, so that a user's
+        long line of older, lower tasks is never sorted."""
+        parked = f"{self._WAITING} AND user_id = ? AND (step IS NULL OR step = ?)"
+        key = (provider, SLOT_STEP, user, SLOT_WAIT_STEP)
+        below = None
+        while n > 0:
+            row = self._one(f"SELECT MAX(priority) FROM tasks WHERE {parked}"
+                            + ("" if below is None else " AND priority < ?"),
+                            key if below is None else (*key, below))
+            if row is None or row[0] is None:
+                return
+            below = row[0]
+            # The n-th oldest at this priority bounds the range read (and
+            # sorted by id, for ties): the index gives created_at's order.
+            nth = self._one(f"SELECT created_at FROM tasks WHERE {parked} AND priority = ? "
+                            "ORDER BY created_at LIMIT 1 OFFSET ?", (*key, below, n - 1))
+            upto = "" if nth is None else " AND created_at <= ?"
+            ids = [r[0] for r in self._exec(
+                f"SELECT id FROM tasks WHERE {parked} AND priority = ?{upto} ORDER BY created_at, id LIMIT ?",
+                (*key, below, *([] if nth is None else [nth[0]]), n)).fetchall()]
+            n -= len(ids)
+            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({', '.join('?' * len(ids))}) "
+                       "AND next_poll_at > ?", (now, *ids, now))
 
     def renew_lease(self, task_id, *, token, expires_at):
         with self._seam(), self._write():
