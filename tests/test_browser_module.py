@@ -1,7 +1,8 @@
 """static/holdfast.js, the browser module, through examples/page.html in a
 real browser (Debian's Chromium driven by Playwright) against a real server:
 a task's progress through a server killed and started again, two tabs
-sharing one stream, and close() leaving no stream, timer or channel behind
+sharing one stream, long polling without EventSource or past the server's
+stream cap, and close() leaving no stream, timer or channel behind
 (counted with the browser's own constructors, not the module's variables).
 
 Skipped when Chromium or Playwright is missing, unless
@@ -82,8 +83,9 @@ def browser():
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = ServerProcess(tmp_path).start()
+def server(tmp_path, request):
+    """A real server; parametrize it indirectly with a dict to set its environment."""
+    s = ServerProcess(tmp_path, env=getattr(request, "param", None)).start()
     yield s
     s.stop()
 
@@ -208,6 +210,37 @@ def test_two_tabs_share_one_stream_and_both_see_the_task(context, server):
     second.wait_for_function(f"seen.includes('{later} succeeded')", timeout=30_000, polling=100)
     assert len(second.stream_requests) >= 1
     assert second.errors == []
+
+
+def run_polled(page):
+    page.wait_for_function("hf.state().transport === 'poll' && hf.state().conn === 'polling'")
+    page.click("#run")
+    page.wait_for_selector("#task[data-status=running]")
+    page.wait_for_selector("#task[data-status=succeeded]", timeout=30_000)
+    assert page.evaluate("document.getElementById('bar').value") == 1
+
+
+def test_without_eventsource_the_client_long_polls(context, server):
+    context.add_init_script("delete window.EventSource;")
+    page = open_example(context, server, server.tokens["demo"])
+    run_polled(page)
+    assert page.stream_requests == [] and sse_streams(server) == 0
+    assert page.errors == []
+
+
+# One slot, taken by another client: the client's stream gets 503 and it polls.
+@pytest.mark.parametrize("server", [{"HOLDFAST_SSE_MAX_STREAMS": "1"}], ids=["cap-1"], indirect=True)
+def test_past_the_stream_cap_the_client_long_polls(context, server):
+    token = server.tokens["demo"]
+    hog = requests.get(f"{server.url}/api/events?token={token}", stream=True, timeout=10)
+    try:
+        assert hog.status_code == 200 and wait_sse_streams(server, 1) == 1
+        page = open_example(context, server, token)
+        run_polled(page)
+        assert [r.response().status for r in page.stream_requests] == [503]
+        assert page.errors == []
+    finally:
+        hog.close()
 
 
 def closed_cleanly(page):
