@@ -99,6 +99,7 @@ export function connect({ url = '', token } = {}) {
     controllers: new Set(),
     timers: new Set(),
     intervals: new Set(),
+    sleepers: new Set(),
     channel: null,
     lockCtrl: null,
     releaseLock: null,
@@ -106,6 +107,7 @@ export function connect({ url = '', token } = {}) {
     claimTimer: 0,
     es: null,
     pollGen: 0,
+    pollCtrl: null,
     sseRetryTimer: 0,
     sseFailures: 0,
     downSince: 0,
@@ -128,8 +130,13 @@ export function connect({ url = '', token } = {}) {
     s.timers.delete(id);
   }
 
+  // close() wakes every sleeper, so that a submit() waiting to send again
+  // settles (with an 'aborted' error) instead of hanging for good.
   function sleep(ms) {
-    return new Promise((resolve) => later(resolve, ms));
+    return new Promise((resolve) => {
+      s.sleepers.add(resolve);
+      later(() => { s.sleepers.delete(resolve); resolve(); }, ms);
+    });
   }
 
   // ------------------------------------------------------------ HTTP
@@ -512,6 +519,8 @@ export function connect({ url = '', token } = {}) {
     for (const id of s.intervals) clearInterval(id);
     s.timers.clear();
     s.intervals.clear();
+    for (const wake of s.sleepers) wake();
+    s.sleepers.clear();
     if (s.lockCtrl) s.lockCtrl.abort();
     if (s.releaseLock) s.releaseLock();
     onPageHide();

@@ -2,7 +2,7 @@
 real browser (Debian's Chromium driven by Playwright) against a real server:
 a task's progress through a server killed and started again, two tabs
 sharing one stream, long polling without EventSource or past the server's
-stream cap, and close() leaving no stream, timer or channel behind
+stream cap, a submit whose answer is lost making one task, and close() leaving no stream, timer or channel behind
 (counted with the browser's own constructors, not the module's variables).
 
 Skipped when Chromium or Playwright is missing, unless
@@ -290,3 +290,45 @@ def test_close_leaves_no_stream_timer_or_channel(context, server, missing):
     assert leader.stream_requests == streams, "a closed client opened a stream again"
     assert sse_streams(server) == 0
     assert leader.errors == [] and follower.errors == []
+
+
+def test_submit_sends_again_with_its_key_and_close_settles_a_waiting_submit(context, server):
+    token = server.tokens["demo"]
+    context.add_init_script(TRACK)
+    page = open_example(context, server, token)
+    page.wait_for_function(LIVE)
+    posts, refuse = [], {"left": 1, "retry_after": "1"}
+
+    def on_tasks(route):
+        if route.request.method != "POST":
+            return route.continue_()
+        posts.append(route.request.headers.get("idempotency-key"))
+        if refuse["left"]:
+            refuse["left"] -= 1
+            if refuse["retry_after"] == "1":
+                route.fetch()      # the server makes the task; its answer is lost on the way back
+            return route.fulfill(status=503, headers={"Retry-After": refuse["retry_after"]},
+                                 content_type="application/json",
+                                 body='{"error": {"code": "unavailable", "message": "busy"}}')
+        return route.continue_()
+
+    page.route("**/api/tasks", on_tasks)
+    task_id = page.evaluate("hf.submit('demo', {prompt: 'twice', duration_s: 0.2}).then((r) => r.task.id)")
+    assert len(posts) == 2 and posts[0] and posts[0] == posts[1]
+    listed = api(server, token).get(server.url + "/api/tasks", timeout=10).json()["tasks"]
+    assert [t["id"] for t in listed] == [task_id]
+
+    # Refused again and again: close() ends the wait, and the submit settles.
+    refuse.update(left=100, retry_after="30")
+    page.evaluate("window.outcome = null; hf.submit('demo', {}).then(() => { outcome = 'ok'; },"
+                  " (e) => { outcome = e.code; }); 0")
+    deadline = time.time() + 20
+    while len(posts) < 3 and time.time() < deadline:
+        page.wait_for_timeout(100)
+    assert len(posts) == 3
+    page.wait_for_timeout(500)
+    page.evaluate("hf.close()")
+    page.wait_for_function("outcome !== null", timeout=5_000, polling=100)
+    assert page.evaluate("outcome") == "aborted"
+    assert closed_cleanly(page) == NOTHING
+    assert len(posts) == 3
