@@ -2,8 +2,9 @@
 real browser (Debian's Chromium driven by Playwright) against a real server:
 a task's progress through a server killed and started again, two tabs
 sharing one stream, long polling without EventSource or past the server's
-stream cap, a submit whose answer is lost making one task, and close() leaving no stream, timer or channel behind
-(counted with the browser's own constructors, not the module's variables).
+stream cap, a submit whose answer is lost making one task, and close()
+leaving no stream, timer or channel behind (counted with the browser's own
+constructors, not the module's variables).
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
