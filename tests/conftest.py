@@ -1,5 +1,6 @@
 import os
 import secrets
+import shutil
 import sys
 
 import pytest
@@ -142,3 +143,25 @@ def moto_server():
     server = MotoServer().start()
     yield server
     server.stop()
+
+
+# -- a real browser (tests/test_browser.py, tests/test_browser_module.py) --------
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:      # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+CHROMIUM = os.environ.get("HOLDFAST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require(sync_playwright is not None, "playwright for Python is not installed")
+    require(os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()

@@ -7,35 +7,15 @@ started again under the page.
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
 
-import os
-import shutil
 import time
 
 import pytest
 import requests
 
-from support import ServerProcess, api, require
+from support import ServerProcess, api
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:      # pragma: no cover - depends on the machine
-    sync_playwright = None
-
-CHROMIUM = os.environ.get("HOLDFAST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
 STATE = "({role: holdfast.role, transport: holdfast.transport, lastSeq: holdfast.lastSeq, " \
         "conn: document.getElementById('conn').dataset.state})"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    require(sync_playwright is not None, "playwright for Python is not installed")
-    require(os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
