@@ -104,7 +104,7 @@ class Worker(Steps, Callbacks):
         self._identity = None
         self._wakeup = threading.Event()
         self._waker = None
-        self._refill = self._safe(self.dispatch)
+        self._dispatch = self._safe(self.dispatch)   # the tick's, the wake thread's and a pool thread's
         self._refilling = threading.local()
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
@@ -126,7 +126,7 @@ class Worker(Steps, Callbacks):
         self.scheduler = BackgroundScheduler(
             executors={"default": SchedulerPool(2)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-        self.scheduler.add_job(self._safe(self.dispatch), "interval", seconds=self.tick_s,
+        self.scheduler.add_job(self._dispatch, "interval", seconds=self.tick_s,
                                id="dispatch")
         self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
         self.deliverer.start()
@@ -142,11 +142,10 @@ class Worker(Steps, Callbacks):
         self.scheduler.start()
         self.hints.start()
         self._wakeup.clear()
-        self._waker = threading.Thread(target=self._wake_loop, args=(self._safe(self.dispatch),),
-                                       name="holdfast-wake", daemon=True)
+        self._waker = threading.Thread(target=self._wake_loop, name="holdfast-wake", daemon=True)
         self._waker.start()
 
-    def _wake_loop(self, dispatch):
+    def _wake_loop(self):
         """Dispatch whenever wake() asks (a submit, a freed pool thread with
         a backlog). Asking APScheduler instead (wakeup() and modify() of the
         dispatch job) cost a fifth of the worker's CPU under load, and a
@@ -157,7 +156,7 @@ class Worker(Steps, Callbacks):
             self._wakeup.clear()
             if self._stopping:
                 return
-            dispatch()
+            self._dispatch()
 
     def stop(self, wait=True):
         """Claim nothing more; with `wait`, let every running step end first."""
@@ -316,7 +315,7 @@ class Worker(Steps, Callbacks):
                 return self.wake()
             self._refilling.on = True
             try:
-                self._refill()
+                self._dispatch()
             finally:
                 self._refilling.on = False
 
