@@ -43,7 +43,8 @@ export class HoldfastError extends Error {
   }
 }
 
-function uuid() {
+/** A random UUID (v4), e.g. for an Idempotency-Key of your own. */
+export function uuid() {
   if (globalThis.crypto && typeof crypto.randomUUID === 'function') {
     try { return crypto.randomUUID(); } catch (_) { /* insecure context */ }
   }
@@ -72,6 +73,20 @@ function storageSet(key, value) {
 
 function storageRemove(key) {
   try { localStorage.removeItem(key); } catch (_) { /* storage disabled */ }
+}
+
+// For an answer without the API's error body (a proxy's, say).
+function statusMessage(status) {
+  switch (status) {
+    case 401: return 'Unauthorized.';
+    case 402: return 'Not enough credits.';
+    case 404: return 'Not found.';
+    case 409: return 'Not possible in the task’s current state.';
+    case 413: return 'The request is larger than the server accepts.';
+    case 429: return 'Too many requests.';
+    case 503: return 'The server is busy.';
+    default: return `The server answered ${status}.`;
+  }
 }
 
 function taskOf(data) {
@@ -185,14 +200,14 @@ export function connect({ url = '', token } = {}) {
         }
         const e = (data && typeof data.error === 'object' && data.error) || {};
         throw new HoldfastError(res.status, e.code || `http_${res.status}`,
-          e.message || `HTTP ${res.status}`, res.headers.get('Retry-After'));
+          e.message || statusMessage(res.status), res.headers.get('Retry-After'));
       }
       return data;
     } catch (err) {
       if (err instanceof HoldfastError) throw err;
-      if (timedOut) throw new HoldfastError(0, 'timeout', 'the server took too long to answer');
+      if (timedOut) throw new HoldfastError(0, 'timeout', 'The server took too long to answer.');
       if (c.signal.aborted) throw new HoldfastError(0, 'aborted', 'aborted');
-      throw new HoldfastError(0, 'network', 'cannot reach the server');
+      throw new HoldfastError(0, 'network', 'Cannot reach the server.');
     } finally {
       clearTimeout(timer);
       if (signal) signal.removeEventListener('abort', onAbort);
