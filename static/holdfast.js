@@ -164,7 +164,8 @@ export function connect({ url = '', token } = {}) {
   // ------------------------------------------------------------ HTTP
 
   // Every request is aborted by close(), by its own timeout, and by the
-  // caller's `signal`. `as: 'blob'` answers with the body as a Blob.
+  // caller's `signal`. `as: 'blob'` answers with the body as a Blob: the
+  // timeout ends with the answer's headers, as a large file may take longer.
   async function request(path, opts = {}) {
     const { method = 'GET', body, headers = {}, ctrl, signal, as = 'json', timeoutMs = REQUEST_TIMEOUT_MS } = opts;
     if (s.stopped) throw new HoldfastError(0, 'aborted', 'the client is closed');
@@ -189,7 +190,10 @@ export function connect({ url = '', token } = {}) {
         init.body = JSON.stringify(body);
       }
       const res = await fetch(base + path, init);
-      if (res.ok && as === 'blob') return await res.blob();
+      if (res.ok && as === 'blob') {
+        clearTimeout(timer);
+        return await res.blob();
+      }
       const text = await res.text();
       let data = null;
       try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON: the status says enough */ }
@@ -685,7 +689,7 @@ export function connect({ url = '', token } = {}) {
       return (data && data.providers) || [];
     },
     /** A task's file (a path from task.files[].url) as a Blob, fetched with
-     * the token; opts.signal aborts it. */
+     * the token; opts.signal (or close()) aborts it. */
     file: (path, opts = {}) => request(path, { as: 'blob', signal: opts.signal }),
     /** {role: 'leader'|'follower', transport: 'sse'|'poll'|'none',
      * conn: 'live'|'polling'|'reconnecting'|'offline', shared (conn is the
