@@ -5,6 +5,7 @@
 //   import { connect } from '/static/holdfast.js';
 //   const hf = connect({ url: '', token });
 //   const off = hf.subscribe((task) => render(task));
+//   hf.onState((st) => showConnection(st));   // live, polling, reconnecting, offline
 //   await hf.restore();                       // the tasks from before a reload
 //   const { task } = await hf.submit('demo', { prompt: 'a cat' });
 //   ...
@@ -42,7 +43,8 @@ export class HoldfastError extends Error {
   }
 }
 
-function uuid() {
+/** A random UUID (v4), e.g. for an Idempotency-Key of your own. */
+export function uuid() {
   if (globalThis.crypto && typeof crypto.randomUUID === 'function') {
     try { return crypto.randomUUID(); } catch (_) { /* insecure context */ }
   }
@@ -73,6 +75,20 @@ function storageRemove(key) {
   try { localStorage.removeItem(key); } catch (_) { /* storage disabled */ }
 }
 
+// For an answer without the API's error body (a proxy's, say).
+function statusMessage(status) {
+  switch (status) {
+    case 401: return 'Unauthorized.';
+    case 402: return 'Not enough credits.';
+    case 404: return 'Not found.';
+    case 409: return 'Not possible in the task’s current state.';
+    case 413: return 'The request is larger than the server accepts.';
+    case 429: return 'Too many requests.';
+    case 503: return 'The server is busy.';
+    default: return `The server answered ${status}.`;
+  }
+}
+
 function taskOf(data) {
   if (data && typeof data.task === 'object') return data.task;
   return data && typeof data.id === 'string' ? data : null;
@@ -80,8 +96,9 @@ function taskOf(data) {
 
 /**
  * Connect to the holdfast server at `url` ('' for this page's origin) with an
- * API token. Returns a client: subscribe(onTask) -> unsubscribe, restore(),
- * submit(provider, params, opts), cancel(id), retry(id), state(), close().
+ * API token. Returns a client: subscribe(onTask) -> unsubscribe, onState(fn)
+ * -> unsubscribe, restore(), list(opts), get(id), submit(provider, params,
+ * opts), cancel(id), retry(id), me(), providers(), file(path), state(), close().
  */
 export function connect({ url = '', token } = {}) {
   if (typeof token !== 'string' || !token) throw new TypeError('connect({url, token}): token is required');
@@ -93,9 +110,13 @@ export function connect({ url = '', token } = {}) {
     role: 'follower',
     transport: 'none',
     conn: 'reconnecting',
+    shared: false,          // conn is the leader's, passed on by another tab
+    unauthorized: false,    // the server refused the token (401)
     lastSeq: 0,
     tasks: new Map(),
     subscribers: new Set(),
+    watchers: new Set(),
+    shown: '',
     controllers: new Set(),
     timers: new Set(),
     intervals: new Set(),
@@ -104,6 +125,7 @@ export function connect({ url = '', token } = {}) {
     lockCtrl: null,
     releaseLock: null,
     leasing: false,
+    onLeaseStorage: null,
     claimTimer: 0,
     es: null,
     pollGen: 0,
@@ -141,17 +163,25 @@ export function connect({ url = '', token } = {}) {
 
   // ------------------------------------------------------------ HTTP
 
-  // Every request is aborted by close(), and by its own timeout.
-  async function request(path, { method = 'GET', body, headers = {}, ctrl, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
+  // Every request is aborted by close(), by its own timeout, and by the
+  // caller's `signal`. `as: 'blob'` answers with the body as a Blob: the
+  // timeout ends with the answer's headers, as a large file may take longer.
+  async function request(path, opts = {}) {
+    const { method = 'GET', body, headers = {}, ctrl, signal, as = 'json', timeoutMs = REQUEST_TIMEOUT_MS } = opts;
     if (s.stopped) throw new HoldfastError(0, 'aborted', 'the client is closed');
     const c = ctrl || new AbortController();
     s.controllers.add(c);
     let timedOut = false;
     const timer = setTimeout(() => { timedOut = true; c.abort(); }, timeoutMs);
+    const onAbort = () => c.abort();
+    if (signal) {
+      if (signal.aborted) c.abort();
+      else signal.addEventListener('abort', onAbort);
+    }
     try {
       const init = {
         method,
-        headers: { Accept: 'application/json', ...headers, Authorization: `Bearer ${token}` },
+        headers: { Accept: as === 'json' ? 'application/json' : '*/*', ...headers, Authorization: `Bearer ${token}` },
         signal: c.signal,
         cache: 'no-store',
       };
@@ -160,31 +190,41 @@ export function connect({ url = '', token } = {}) {
         init.body = JSON.stringify(body);
       }
       const res = await fetch(base + path, init);
+      if (res.ok && as === 'blob') {
+        clearTimeout(timer);
+        return await res.blob();
+      }
       const text = await res.text();
       let data = null;
       try { data = text ? JSON.parse(text) : null; } catch (_) { /* not JSON: the status says enough */ }
       if (!res.ok) {
+        if (res.status === 401 && !s.unauthorized) {
+          s.unauthorized = true;
+          notify();
+        }
         const e = (data && typeof data.error === 'object' && data.error) || {};
         throw new HoldfastError(res.status, e.code || `http_${res.status}`,
-          e.message || `HTTP ${res.status}`, res.headers.get('Retry-After'));
+          e.message || statusMessage(res.status), res.headers.get('Retry-After'));
       }
       return data;
     } catch (err) {
       if (err instanceof HoldfastError) throw err;
-      if (timedOut) throw new HoldfastError(0, 'timeout', 'the server took too long to answer');
+      if (timedOut) throw new HoldfastError(0, 'timeout', 'The server took too long to answer.');
       if (c.signal.aborted) throw new HoldfastError(0, 'aborted', 'aborted');
-      throw new HoldfastError(0, 'network', 'cannot reach the server');
+      throw new HoldfastError(0, 'network', 'Cannot reach the server.');
     } finally {
       clearTimeout(timer);
+      if (signal) signal.removeEventListener('abort', onAbort);
       s.controllers.delete(c);
     }
   }
 
   // ------------------------------------------------------------ tasks
 
-  // Keeps the newest version of each task and tells the subscribers; an
-  // older version (a late event, a list fetched before it) changes nothing.
-  function upsert(task) {
+  // Keeps the newest version of each task and tells the subscribers (with
+  // the event that brought it, or null); an older version (a late event, a
+  // list fetched before it) changes nothing.
+  function upsert(task, ev = null) {
     if (!task || typeof task !== 'object' || typeof task.id !== 'string') return;
     const old = s.tasks.get(task.id);
     if (old) {
@@ -194,7 +234,27 @@ export function connect({ url = '', token } = {}) {
     }
     s.tasks.set(task.id, task);
     for (const fn of [...s.subscribers]) {
-      try { fn(task); } catch (err) { setTimeout(() => { throw err; }, 0); }
+      try { fn(task, ev); } catch (err) { setTimeout(() => { throw err; }, 0); }
+    }
+  }
+
+  function currentState() {
+    return {
+      role: s.role, transport: s.transport, conn: s.conn, shared: s.shared,
+      unauthorized: s.unauthorized, lastSeq: s.lastSeq,
+    };
+  }
+
+  // Tells the onState watchers when what state() says has changed (but for
+  // lastSeq, which moves with every event).
+  function notify() {
+    if (!s.watchers.size) return;
+    const st = currentState();
+    const key = JSON.stringify({ ...st, lastSeq: 0 });
+    if (key === s.shown) return;
+    s.shown = key;
+    for (const fn of [...s.watchers]) {
+      try { fn(st); } catch (err) { setTimeout(() => { throw err; }, 0); }
     }
   }
 
@@ -206,21 +266,34 @@ export function connect({ url = '', token } = {}) {
   function applyEvent(ev) {
     if (!ev || typeof ev !== 'object') return;
     setSeq(ev.seq);
-    if (ev.task && typeof ev.task === 'object') upsert(ev.task);
-    else if (typeof ev.task_id === 'string') refreshTask(ev.task_id);
+    if (ev.task && typeof ev.task === 'object') upsert(ev.task, ev);
+    else if (typeof ev.task_id === 'string') refreshTask(ev.task_id, ev);
   }
 
-  async function refreshTask(id) {
+  async function get(id) {
+    const task = taskOf(await request(`/api/tasks/${encodeURIComponent(id)}`));
+    upsert(task);
+    return task;
+  }
+
+  async function refreshTask(id, ev) {
     try {
-      upsert(taskOf(await request(`/api/tasks/${encodeURIComponent(id)}`)));
+      upsert(taskOf(await request(`/api/tasks/${encodeURIComponent(id)}`)), ev);
     } catch (_) { /* the next event or resync brings it */ }
   }
 
+  // One page of the caller's tasks, newest first; `next` is the cursor of
+  // the page after it (null at the end).
+  async function list({ before = null, limit = PAGE_SIZE } = {}) {
+    const cursor = before ? `&before=${encodeURIComponent(before)}` : '';
+    const data = await request(`/api/tasks?limit=${encodeURIComponent(limit)}${cursor}`);
+    const tasks = (data && Array.isArray(data.tasks)) ? data.tasks : [];
+    for (const t of tasks) upsert(t);
+    return { tasks, next: (data && data.next) || null };
+  }
+
   async function restore() {
-    const data = await request(`/api/tasks?limit=${PAGE_SIZE}`);
-    const list = (data && Array.isArray(data.tasks)) ? data.tasks : [];
-    for (const t of list) upsert(t);
-    return list;
+    return (await list()).tasks;
   }
 
   // ------------------------------------------------------------ tabs
@@ -252,6 +325,8 @@ export function connect({ url = '', token } = {}) {
     else if (msg.type === 'conn' && !leader) {
       setSeq(msg.lastSeq);
       s.conn = typeof msg.conn === 'string' ? msg.conn : 'reconnecting';
+      s.shared = true;
+      notify();
     } else if (msg.type === 'hello' && leader) announceConn();
   }
 
@@ -263,6 +338,7 @@ export function connect({ url = '', token } = {}) {
     const changed = s.conn !== state;
     s.conn = state;
     if (changed && s.role === 'leader') announceConn();
+    notify();
   }
 
   // ------------------------------------------------------------ election
@@ -281,8 +357,24 @@ export function connect({ url = '', token } = {}) {
       return;
     }
     s.leasing = true;
+    s.onLeaseStorage = onLeaseStorage;
+    window.addEventListener('storage', onLeaseStorage);
     leaseTick();
     s.intervals.add(setInterval(leaseTick, BEAT_MS));
+  }
+
+  // The lease changed in another tab. Given up (its tab closed): claim it at
+  // once rather than at the next beat. Taken while this tab leads (two
+  // claims crossed): the lease as it stands now, not this event's older
+  // value, says who keeps the stream.
+  function onLeaseStorage(e) {
+    if (s.stopped || (e.key !== leaseKey && e.key !== null)) return;
+    if (!e.newValue) {
+      leaseTick();
+    } else if (s.role === 'leader') {
+      const lease = readLease();
+      if (lease && lease.id !== s.tabId && lease.until > Date.now()) becomeFollower();
+    }
   }
 
   function readLease() {
@@ -316,15 +408,21 @@ export function connect({ url = '', token } = {}) {
 
   function becomeLeader() {
     s.role = 'leader';
+    s.shared = false;
     s.needResync = true;   // events between the last leader's broadcast and now reached no tab
     connectSse();
     announceConn();
   }
 
+  // The leader's state comes with its next message; hello asks for it now.
   function becomeFollower() {
     closeTransport();
     s.role = 'follower';
     s.transport = 'none';
+    s.conn = 'reconnecting';
+    s.shared = false;
+    notify();
+    if (s.channel) s.channel.post({ type: 'hello' });
   }
 
   // ------------------------------------------------------------ stream (leader)
@@ -525,12 +623,16 @@ export function connect({ url = '', token } = {}) {
     if (s.releaseLock) s.releaseLock();
     onPageHide();
     window.removeEventListener('pagehide', onPageHide);
+    if (s.onLeaseStorage) window.removeEventListener('storage', s.onLeaseStorage);
+    s.onLeaseStorage = null;
     if (s.channel) s.channel.close();
     s.channel = null;
     s.subscribers.clear();
+    s.watchers.clear();
     s.role = 'follower';
     s.transport = 'none';
     s.conn = 'offline';
+    s.shared = false;
   }
 
   // Listen to the other tabs before anything else, so no event falls between.
@@ -540,17 +642,35 @@ export function connect({ url = '', token } = {}) {
   elect();
 
   return {
-    /** Calls onTask(task) with each newer version of any of the caller's
-     * tasks; returns the function that stops it. */
+    /** Calls onTask(task, event) with each newer version of any of the
+     * caller's tasks: `event` is the server's event that brought it ({seq,
+     * type: 'created'|'updated'|'finished', task}), or null for a task that
+     * came in an answer (a list, a submit); returns the function that stops it. */
     subscribe(onTask) {
       if (typeof onTask !== 'function') throw new TypeError('subscribe(onTask): a function');
-      const fn = (t) => onTask(t);
+      const fn = (t, ev) => onTask(t, ev);
       s.subscribers.add(fn);
       return () => { s.subscribers.delete(fn); };
+    },
+    /** Calls onChange(state()) now and whenever the role, transport or
+     * connection changes; returns the function that stops it. */
+    onState(onChange) {
+      if (typeof onChange !== 'function') throw new TypeError('onState(onChange): a function');
+      const fn = (st) => onChange(st);
+      s.watchers.add(fn);
+      s.shown = JSON.stringify({ ...currentState(), lastSeq: 0 });
+      onChange(currentState());
+      return () => { s.watchers.delete(fn); };
     },
     /** The caller's newest tasks (active and recent), e.g. after a reload;
      * each also goes to the subscribers. */
     restore,
+    /** One page of the caller's tasks, newest first: list({before, limit})
+     * resolves to {tasks, next}; pass `next` as `before` for the page after
+     * it (null: no more). Each task also goes to the subscribers. */
+    list,
+    /** One task, fetched; it also goes to the subscribers. */
+    get,
     /** POST /api/tasks, always with an Idempotency-Key (opts.dedupeKey,
      * opts.idempotencyKey or a new one), sent again on a lost answer, 429 or
      * 503. Resolves to {task, deduplicated}. */
@@ -561,9 +681,20 @@ export function connect({ url = '', token } = {}) {
     retry: (id) => act(id, 'retry'),
     /** The newest version seen of a task, or undefined. */
     task: (id) => s.tasks.get(id),
+    /** GET /api/me: {user, credits, limits, ...}. */
+    me: () => request('/api/me'),
+    /** GET /api/providers: the configured providers, as the server lists them. */
+    providers: async () => {
+      const data = await request('/api/providers');
+      return (data && data.providers) || [];
+    },
+    /** A task's file (a path from task.files[].url) as a Blob, fetched with
+     * the token; opts.signal (or close()) aborts it. */
+    file: (path, opts = {}) => request(path, { as: 'blob', signal: opts.signal }),
     /** {role: 'leader'|'follower', transport: 'sse'|'poll'|'none',
-     * conn: 'live'|'polling'|'reconnecting'|'offline', lastSeq}. */
-    state: () => ({ role: s.role, transport: s.transport, conn: s.conn, lastSeq: s.lastSeq }),
+     * conn: 'live'|'polling'|'reconnecting'|'offline', shared (conn is the
+     * leading tab's), unauthorized (the server refused the token), lastSeq}. */
+    state: currentState,
     /** Stop: the stream, every request, timer and channel, the leadership. */
     close,
   };

@@ -1,8 +1,9 @@
 """The bundled page in a real browser (Debian's Chromium driven by Playwright)
 against a real server: a task to its thumbnail, a reload mid-task, two tabs
 sharing one stream (also without BroadcastChannel or Web Locks), cancel and
-retry, a second device, no leaked timers or listeners, and a server killed and
-started again under the page.
+retry, a second device, no leaked timers or listeners, a server killed and
+started again under the page, a refused token, and a Content-Security-Policy
+that allows no inline script.
 
 Skipped when Chromium or Playwright is missing, unless
 HOLDFAST_REQUIRE_SERVICES=1 (then that is a failure)."""
@@ -179,6 +180,48 @@ def test_a_reload_mid_task_restores_it_and_it_carries_on(context, server):
     page.wait_for_function("holdfast.transport === 'sse'")
     assert wait_streams(server, token, 1)["sse"] == 1, "the old page's stream must be closed"
     assert page.errors == []
+
+
+def test_a_refused_token_signs_out_with_a_message_and_leaves_nothing_open(context, server):
+    token = server.tokens["demo"]
+    page = open_page(context, server, signed_in=False)
+    page.fill("#token-input", "hf_not_a_real_token")
+    page.click("#token-form button[type=submit]")
+    page.wait_for_function("document.getElementById('token-error').textContent.includes('(401)')")
+    assert page.is_visible("#token-form") and page.is_hidden("#app")
+    assert page.evaluate("localStorage.getItem('holdfast.token')") is None
+    assert page.evaluate(STATE) == {"role": "follower", "transport": "none", "lastSeq": 0, "conn": "offline"}
+    assert wait_streams(server, token, 0) == {"sse": 0, "poll": 0, "max": 200}
+    # The right token afterwards works as usual.
+    sign_in(page, token)
+    page.wait_for_function(LIVE)
+    assert page.is_hidden("#token-error")
+    assert page.errors == []
+
+
+def test_the_page_runs_under_a_content_security_policy_without_inline_script(context, server):
+    """Only scripts from the server's origin, none inline: the page and
+    holdfast.js still sign in, stream and show a task."""
+    token = server.tokens["demo"]
+    csp = "script-src 'self'; object-src 'none'; base-uri 'none'"
+
+    def with_csp(route):
+        res = route.fetch()
+        route.fulfill(response=res, headers={**res.headers, "content-security-policy": csp})
+
+    context.route(server.url + "/", with_csp)
+    page = context.new_page()
+    violations, page.errors = [], []
+    page.on("console", lambda msg: "Content Security Policy" in msg.text and violations.append(msg.text))
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.goto(server.url + "/")
+    # Selectors only: wait_for_function evaluates a string, which this policy forbids.
+    sign_in(page, token)
+    page.wait_for_selector("body[data-role=leader][data-transport=sse] #conn[data-state=live]")
+    task_id = submit_api(server, token, "under a policy", duration_s=0.5)
+    # The thumbnail's src is set once holdfast.js has fetched the file.
+    page.wait_for_selector(card(task_id, "succeeded") + " .files img[src^='blob:']:not(.broken)")
+    assert violations == [] and page.errors == []
 
 
 # Init scripts that take a feature away before app.js runs: the page's
