@@ -11,7 +11,8 @@ of holdfast imports every name from here, whichever module holds it:
                  retention and the audit in sql_upkeep.py, the workers'
                  heartbeats in sql_liveness.py, migrations, export and
                  import in sql_schema.py, webhooks out (endpoints, secrets,
-                 the outbox of deliveries) in sql_webhooks.py
+                 the outbox of deliveries) in sql_webhooks.py, the operator
+                 console's reads in sql_console.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work

@@ -645,3 +645,34 @@ def test_a_non_admin_gets_no_console_and_no_admin_data(context, seeded_server):
     for path in ("/api/admin/stats", "/api/admin/users", "/api/admin/tasks/search?q=mix"):
         res = requests.get(server.url + path, headers={"Authorization": f"Bearer {tokens['alice']}"}, timeout=10)
         assert res.status_code == 403 and "mix" not in res.text
+
+
+# -- the store's share, on every backend -----------------------------------------
+
+def test_the_console_reads_on_every_backend(store, clock):
+    ids = {}
+    for name, kw in (("alice", {"credits": 20}), ("bob", {})):
+        ids[name] = store.create_user(name, **kw)[0]["id"]
+    seeded = seed(store, clock(), ids)
+    rows = {tid: r for tid, r, _ in seeded}
+    detail = store.history_detail()
+    assert sum(r["tasks"] for r in detail) == len(MIX)
+    assert sum(r["tasks"] for r in detail if r["error_code"] == "result_expired") == 2
+    found, cursor, total = store.find_tasks(error_code="timeout", count=True)
+    assert {t["id"] for t, _ in found} == {t for t, r in rows.items() if r[3] == "timeout"} and total == 2
+    assert cursor is None and {name for _, name in found} == {"alice"}
+    found, _, _ = store.find_tasks(text="KIE Failed", user_id=ids["bob"], statuses=["failed"])
+    assert {t["id"] for t, _ in found} == {t for t, r in rows.items() if r[0] == "kie" and r[2] == "failed"
+                                          and r[5] == "bob"}
+    store.submit(ids["bob"], "demo", {"prompt": "100%_sure"}, now=clock(), deadline_at=clock() + 60, cost=0)
+    store.submit(ids["alice"], "demo", {"prompt": "x"}, now=clock(), deadline_at=clock() + 60, cost=4)
+    assert len(store.find_tasks(text="0%_s")[0]) == 1 and store.find_tasks(text="%")[2] is None
+    # Unescaped, "mix_1" would match "mix 1 ..." (and "mix%" everything).
+    assert store.find_tasks(text="0%_s", count=True)[2] == 1 and store.find_tasks(text="mix_1", count=True)[2] == 0
+    assert store.find_tasks(text="mix%", count=True)[2] == 0 and store.find_tasks(text="mix 1", count=True)[2] == 11
+    assert len(store.find_tasks(text="%", count=True)[0]) == 1
+    users = {u["name"]: u for u in store.admin_users()}
+    assert (users["alice"]["reserved"], users["alice"]["active"], users["bob"]["active"]) == (4, 1, 1)
+    assert store.webhook_counts(since=0) == {"pending": 0, "failing": 0, "failed": 0}
+    assert store.retried(list(rows)) == set()
+    assert set(store.tasks_by_ids(list(rows)[:3] + ["t_" + "0" * 26])) == set(list(rows)[:3])

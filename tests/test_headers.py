@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from support import ROOT, ServerProcess, WSGIClient
+from support import ROOT, ServerProcess
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "headers")
 ASSETS = ["/", "/console", "/static/app.js", "/static/holdfast.js", "/static/style.css", "/static/console.js",
