@@ -468,6 +468,8 @@ def _migration_11(db):
     finished tasks (task_history_detail), filled from the tasks still kept."""
     with db.bind_ctx([TaskHistoryDetail]):
         db.create_tables([TaskHistoryDetail])
+        # Counted from the tasks alone: rows left by anything before are not counts.
+        db.execute_sql("DELETE FROM task_history_detail")
         detail = {}
         for provider, status, created, finished, error in db.execute_sql(
                 "SELECT provider, status, created_at, finished_at, error FROM tasks "
