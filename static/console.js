@@ -276,7 +276,8 @@ function chartWidth() {
   const box = $('charts');
   const width = box.clientWidth || 900;
   if (width < 600) return Math.max(240, width - 16);
-  return Math.max(280, Math.min(560, Math.floor((width - 40) / 3)));
+  // Each chart's figure adds about 12 px of padding and border; the grid, 12 px gaps.
+  return Math.max(280, Math.min(560, Math.floor((width - 3 * 12 - 2 * 12) / 3) - 4));
 }
 
 // Half a day either side, so the first and last days' bars show whole.
