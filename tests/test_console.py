@@ -3,6 +3,7 @@ detail, every user's tasks by filters, bulk cancel and retry, users) and the
 page itself in Chromium against a real server whose store holds a known mix
 of outcomes. Screenshots go to tests/artifacts/console/."""
 
+import json
 import math
 import os
 import re
@@ -16,7 +17,7 @@ import requests
 
 from api import create_app
 from config import Config
-from store import DURATION_BOUNDS_S, SqliteStore, history_day, open_store
+from store import DURATION_BOUNDS_S, SqliteStore, history_day, iso, open_store, task_json
 from support import ROOT, ServerProcess, WSGIClient
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "console")
@@ -676,3 +677,30 @@ def test_the_console_reads_on_every_backend(store, clock):
     assert store.webhook_counts(since=0) == {"pending": 0, "failing": 0, "failed": 0}
     assert store.retried(list(rows)) == set()
     assert set(store.tasks_by_ids(list(rows)[:3] + ["t_" + "0" * 26])) == set(list(rows)[:3])
+
+
+def test_stuck_tasks_are_listed_with_why(context, seeded_server):
+    """The worker of a live server ends or takes a stuck task within
+    seconds, so the store's answer is held still at the browser: the
+    console's words for each reason are what is tested here (the API's
+    reasons are tested in test_accounts.py)."""
+    server, tokens, seeded = seeded_server
+    store = open_store("sqlite", server.data_dir)
+    try:
+        task = store.get_task(seeded[0][0])
+    finally:
+        store.close()
+    answer = {"now": iso(time.time()), "tasks": [
+        {"task": task_json(task), "user": "alice", "stuck": ["past_deadline", "lease_expired"],
+         "lease_owner": "host:1:abc", "lease_expires_at": iso(time.time() - 30), "next_poll_at": None}]}
+    context.route("**/api/admin/tasks?stuck=1*",
+                  lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(answer)))
+    page = open_console(context, server, tokens["root"])
+    page.wait_for_selector(f"#stuck tr[data-id='{task['id']}']")
+    reasons = page.eval_on_selector_all(f"#stuck tr[data-id='{task['id']}'] li",
+                                        "ls => ls.map((l) => [l.dataset.reason, l.textContent])")
+    assert [r for r, _ in reasons] == ["past_deadline", "lease_expired"]
+    assert "deadline" in reasons[0][1] and "lease" in reasons[1][1]
+    assert "host:1:abc" in page.inner_text(f"#stuck tr[data-id='{task['id']}']")
+    assert page.is_hidden("#stuck-empty")
+    shot(page, "console-stuck.png")
