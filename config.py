@@ -55,6 +55,13 @@ class Config:
     webhook_threads: int = 8          # deliveries in flight per process
     webhook_per_endpoint: int = 2     # of those, to one receiver (scheme, host, port)
     webhook_secret_overlap_s: float = 86400.0   # a rotated secret keeps signing this long
+    # The operator console's colours (and docs/alerts.yml's rules): a
+    # provider's success rate below these warns / alerts, and so does a poll
+    # later than these.
+    success_rate_warn: float = 0.90
+    success_rate_alert: float = 0.85
+    poll_delay_warn_s: float = 120.0
+    poll_delay_alert_s: float = 300.0
     providers: dict = field(default_factory=dict)
 
     SECRET = ("admin_token",)
@@ -96,6 +103,11 @@ class Config:
             raise ConfigError("HOLDFAST_S3_ADDRESSING must be auto, path or virtual")
         if config.s3_presign not in (0, 1):
             raise ConfigError("HOLDFAST_S3_PRESIGN must be 0 or 1")
+        if not config.success_rate_alert <= config.success_rate_warn <= 1:
+            raise ConfigError("HOLDFAST_SUCCESS_RATE_ALERT must be at most HOLDFAST_SUCCESS_RATE_WARN, "
+                              "and that at most 1")
+        if config.poll_delay_alert_s < config.poll_delay_warn_s:
+            raise ConfigError("HOLDFAST_POLL_DELAY_ALERT_S must be at least HOLDFAST_POLL_DELAY_WARN_S")
         return config
 
     def _set(self, f, value, where):
@@ -116,6 +128,11 @@ class Config:
     @property
     def webhooks_private_ok(self):
         return self.webhook_allow_private.strip().lower() in ("1", "true", "yes")
+
+    def thresholds(self):
+        """The console's warning and alert levels."""
+        return {"success_rate": {"warn": self.success_rate_warn, "alert": self.success_rate_alert},
+                "poll_delay_s": {"warn": self.poll_delay_warn_s, "alert": self.poll_delay_alert_s}}
 
     def webhook_settings(self):
         """The Deliverer's settings (worker/deliver.py)."""

@@ -7,6 +7,7 @@ what it needs.
 
     tasks.py     /api/tasks: submit, list, get, cancel, retry, result files
     accounts.py  /api/me, /api/admin/*, /api/sessions/*; the submission rate limiter
+    admin.py     the operator console's /api/admin/stats, users, tasks/search, tasks/bulk
     streams.py   /api/events (SSE) and /api/events/poll (long polls)
     callbacks.py /api/callbacks/{provider}/{token}: providers' word that a job changed (no bearer auth)
     events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
@@ -29,6 +30,7 @@ from errors import Forbidden, Unauthorized
 from store import hash_token
 
 from .accounts import RateLimiter, account_routes
+from .admin import admin_routes
 from .callbacks import callback_routes
 from .service import service_routes
 from .streams import event_routes
@@ -106,5 +108,7 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     callback_routes(app, store, providers, worker=worker, clock=clock)
     service_routes(app, store, providers, worker=worker, clock=clock, current_user=current_user,
                    event_hub=event_hub)
+    admin_routes(app, store, providers, config, worker=worker, files=files, clock=clock, admin_user=admin_user,
+                 event_hub=event_hub)
     app.config["holdfast.events"] = event_hub
     return app

@@ -1,7 +1,7 @@
 """GET /openapi.json: holdfast's HTTP API described as OpenAPI 3.1.
 
-Written by hand, next to the routes in tasks.py, accounts.py, streams.py,
-callbacks.py and service.py; tests/test_openapi.py fails when a route is missing here (or
+Written by hand, next to the routes in tasks.py, accounts.py, admin.py,
+streams.py, callbacks.py and service.py; tests/test_openapi.py fails when a route is missing here (or
 described here but gone), and fuzzes a real server against this description
 with schemathesis.
 """
@@ -472,6 +472,111 @@ PATHS.update({
                     params=[_USER_NAME, _ENDPOINT_ID], errors=("403", "404")),
     },
 })
+# -- the operator console (api/admin.py) ---------------------------------------------
+
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_SERIES = {"type": "array", "items": _NUM_OR_NULL}
+_LEVEL = {"enum": ["ok", "warn", "alert", None]}
+_TASK_ID_PATTERN = "^t_[0-9A-Z]{26}$"
+SCHEMAS.update({
+    "AdminUser": _obj(["name", "admin", "credits", "limits", "active", "created_at"], {
+        "name": {"type": "string"}, "admin": {"type": "boolean"}, "credits": _ref("Credits"),
+        "limits": _obj(["max_active", "rate_per_s", "max_priority"], {
+            "max_active": {"type": "integer"}, "rate_per_s": {"type": "number"},
+            "max_priority": {"type": "integer"}}),
+        "active": {"type": "integer"}, "created_at": _NULLABLE_TIME}),
+    "ProviderDays": _obj(["outcomes", "success_rate", "p50_s", "p95_s", "failures"], {
+        "outcomes": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+        "success_rate": _SERIES, "p50_s": _SERIES, "p95_s": _SERIES,
+        "failures": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}}}),
+    "BulkResult": _obj(["action", "requested", "outcomes", "results", "replayed"], {
+        "action": {"enum": ["cancel", "retry"]}, "requested": {"type": "integer"},
+        "outcomes": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "results": {"type": "array", "items": {"type": "object", "required": ["id", "outcome"], "properties": {
+            "id": {"type": "string"}, "outcome": {"enum": ["cancelled", "not_active", "not_found", "retried",
+                                                            "already_retried", "not_retryable", "refused"]},
+            "retry": {"type": "string"}, "status": {"type": "string"}, "code": {"type": "string"},
+            "message": {"type": "string"}}}},
+        "replayed": {"type": "boolean"}}),
+})
+PATHS["/api/admin/users"]["get"] = _op(
+    "Every user with balance, reserved credits, limits (their own or the server's) and active tasks",
+    {"200": _json(_obj(["users"], {"users": {"type": "array", "items": _ref("AdminUser")}}))},
+    tags=("admin",), errors=("400", "403"))
+PATHS.update({
+    "/api/admin/stats": {
+        "get": _op("The console's figures: tasks by provider and status now; per provider and UTC day "
+                   "(from task_history) tasks by outcome, success rate (succeeded over succeeded, partial "
+                   "and failed), p50/p95 duration and failures by error code; live poll lag, queue, oldest "
+                   "active task, streams, webhook deliveries; the warning and alert thresholds",
+                   {"200": _json({"type": "object", "required": [
+                       "now", "thresholds", "days", "day_starts", "counts", "history", "providers", "live"],
+                       "properties": {
+                           "now": {"type": "string"}, "days": {"type": "array", "items": {"type": "string"}},
+                           "day_starts": {"type": "array", "items": {"type": "number"}},
+                           "thresholds": {"type": "object"},
+                           "counts": {"type": "array", "items": _obj(["provider", "status", "tasks"], {
+                               "provider": {"type": "string"}, "status": {"type": "string"},
+                               "tasks": {"type": "integer"}})},
+                           "history": {"type": "object", "additionalProperties": _ref("ProviderDays")},
+                           "providers": {"type": "array", "items": {"type": "object", "required": [
+                               "name", "configured", "health", "tasks", "success_rate_today", "level"],
+                               "properties": {"level": _LEVEL, "success_rate_today": _NUM_OR_NULL}}},
+                           "live": {"type": "object", "required": [
+                               "poll_lag_s", "poll_lag_level", "queue_depth", "active", "oldest_active_s",
+                               "oldest_active", "streams", "webhooks", "scheduler"],
+                               "properties": {"poll_lag_level": _LEVEL}}}})},
+                   tags=("admin",), errors=("400", "403"),
+                   params=[{"name": "days", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                      "maximum": 90}}]),
+    },
+    "/api/admin/tasks/search": {
+        "get": _op("Every user's tasks, newest first, by filters and text (a task id, a dedupe key, or "
+                   "words in the params); `total` (with count=1) counts all that match",
+                   {"200": _json(_obj(["tasks", "next", "total"], {
+                       "tasks": {"type": "array", "items": _obj(["task", "user"], {
+                           "task": _ref("Task"), "user": {"type": ["string", "null"]}})},
+                       "next": {"type": ["string", "null"]}, "total": {"type": ["integer", "null"]}}))},
+                   tags=("admin",), errors=("400", "403"),
+                   params=[{"name": "status", "in": "query", "schema": {"type": "string"},
+                            "description": "statuses, comma-separated"},
+                           {"name": "provider", "in": "query", "schema": {"type": "string"}},
+                           {"name": "user", "in": "query", "schema": {"type": "string"},
+                            "description": "a user's name"},
+                           {"name": "error", "in": "query", "schema": {"type": "string"},
+                            "description": "an error code"},
+                           {"name": "since", "in": "query", "schema": {"type": "string"},
+                            "description": "created at or after: ISO 8601, a date, or Unix seconds"},
+                           {"name": "until", "in": "query", "schema": {"type": "string"},
+                            "description": "created before"},
+                           {"name": "q", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 200}},
+                           {"name": "before", "in": "query", "schema": {"type": "string",
+                                                                        "pattern": _TASK_ID_PATTERN}},
+                           {"name": "count", "in": "query", "schema": {"enum": ["0", "1"]}}]),
+    },
+    "/api/admin/tasks/bulk": {
+        "post": _op("Cancel or retry the named tasks of any user, each as its user would (credits, limits). "
+                    "The same Idempotency-Key gets the first answer again; a retry skips a task that some "
+                    "task retries already, so each task is retried once",
+                    {"200": _json(_ref("BulkResult"))}, tags=("admin",),
+                    params=[{"name": "Idempotency-Key", "in": "header", "required": True,
+                             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}}],
+                    body=_obj(["action", "ids"], {
+                        "action": {"enum": ["cancel", "retry"]},
+                        "ids": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                "items": {"type": "string", "pattern": _TASK_ID_PATTERN}}}),
+                    errors=(*BODY_TOO, "403", "409")),
+    },
+    "/console": {
+        "get": _op("The operator console (for admins: it shows nothing to anyone else)",
+                   {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
+                   security=None, tags=("page",)),
+    },
+})
+
+
 WEBHOOKS = {
     f"task.{kind}": {"post": {
         "summary": summary,

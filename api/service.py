@@ -3,6 +3,7 @@
 """
 
 import os
+import time
 
 import bottle
 
@@ -13,6 +14,24 @@ from . import openapi
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATIC = os.path.join(HERE, "static")
+# The page, the console and their files: no inline script or style, nothing
+# from elsewhere, never in a frame, no address sent on to other sites.
+# (img-src: the page's favicon is a data: URL and result images are blob:
+# URLs of files fetched with the token.)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _secured(res):
+    for name, value in SECURITY_HEADERS.items():
+        res.set_header(name, value)
+    return res
 
 
 def service_routes(app, store, providers, *, worker, clock, current_user, event_hub):
@@ -58,14 +77,19 @@ def service_routes(app, store, providers, *, worker, clock, current_user, event_
 
     @app.get("/")
     def index():
-        return bottle.static_file("index.html", root=STATIC)
+        return _secured(bottle.static_file("index.html", root=STATIC))
+
+    @app.get("/console")
+    def console():
+        # The page holds no data; the admin API it reads answers admins only.
+        return _secured(bottle.static_file("console.html", root=STATIC))
 
     @app.get("/static/<path:path>")
     def static(path):
         res = bottle.static_file(path, root=STATIC)
         if isinstance(res, bottle.HTTPError):
             raise NotFound("no such file")
-        return res
+        return _secured(res)
 
 
 def service_metrics(store, hub, worker):
@@ -78,6 +102,10 @@ def service_metrics(store, hub, worker):
     except HoldfastError:
         counts, up = {}, 0
     streams = hub.counts()
+    try:
+        hooks = store.webhook_counts(since=time.time() - 86400)
+    except HoldfastError:
+        hooks = {}
     families = [
         ("holdfast_tasks", "gauge", "Tasks in the store, by provider and status.",
          [({"provider": p, "status": s}, n) for (p, s), n in sorted(counts.items())]),
@@ -86,6 +114,9 @@ def service_metrics(store, hub, worker):
          [({"kind": k}, streams[k]) for k in ("sse", "poll")]),
         ("holdfast_event_streams_max", "gauge", "The cap that streams and long polls share.",
          [({}, streams["max"])]),
+        ("holdfast_webhook_deliveries", "gauge", "Webhook deliveries: pending, failing (pending after a "
+         "failed try), failed (given up in the last 24 hours).",
+         [({"state": k}, hooks[k]) for k in ("pending", "failing", "failed") if k in hooks]),
         ("holdfast_start_time_seconds", "gauge", "When this process started (Unix time).",
          [({}, metrics.START_TIME)]),
     ]

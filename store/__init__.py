@@ -11,7 +11,8 @@ of holdfast imports every name from here, whichever module holds it:
                  retention and the audit in sql_upkeep.py, the workers'
                  heartbeats in sql_liveness.py, migrations, export and
                  import in sql_schema.py, webhooks out (endpoints, secrets,
-                 the outbox of deliveries) in sql_webhooks.py
+                 the outbox of deliveries) in sql_webhooks.py, the operator
+                 console's reads in sql_console.py
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
@@ -38,6 +39,7 @@ from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MOD
                      dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
                      new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
 from .schema import MAX_PRIORITY, SLOT_WAIT_STEP, check_priority
+from .schema import DURATION_BOUNDS_S, TaskHistoryDetail, duration_bucket
 from .sql import SqlStore
 from .sql_webhooks import (DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, delivery_json, endpoint_json,
                            webhook_events)
@@ -56,6 +58,7 @@ __all__ = [
     "stuck_reasons", "task_json", "too_deep",
     "DEFAULT_WEBHOOK_EVENTS", "WEBHOOK_EVENTS", "delivery_json", "endpoint_json", "webhook_events",
     "MAX_PRIORITY", "SLOT_WAIT_STEP", "check_priority",
+    "DURATION_BOUNDS_S", "TaskHistoryDetail", "duration_bucket",
 ]
 
 log = logging.getLogger("holdfast.store")

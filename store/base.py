@@ -397,6 +397,42 @@ class BaseStore:
         `provider` filter."""
         raise NotImplementedError
 
+    # -- the operator console (GET /api/admin/*) ---------------------------------
+
+    def history_detail(self, *, since_day=None, provider=None):
+        """task_history_detail rows (dicts: provider, day, outcome,
+        error_code ('' for none), bucket (an index in DURATION_BOUNDS_S),
+        tasks), filtered as history()."""
+        raise NotImplementedError
+
+    def find_tasks(self, *, statuses=None, provider=None, user_id=None, error_code=None, since=None,
+                   until=None, text=None, limit=50, before=None, count=False):
+        """Every user's tasks, newest first: ([(task, user name)], cursor of
+        the next page or None, how many match in all (with `count`, else
+        None)). Each filter given narrows: statuses, provider, user_id,
+        error_code (the task's error.code), created_at in [since, until),
+        `text` (the task id, the dedupe key, or a substring of the params'
+        JSON, case-insensitive); `before` is a task id cursor."""
+        raise NotImplementedError
+
+    def tasks_by_ids(self, task_ids):
+        """{task_id: task} of those ids that are tasks, any user's."""
+        raise NotImplementedError
+
+    def retried(self, task_ids):
+        """The subset of `task_ids` that some task retries (retry_of)."""
+        raise NotImplementedError
+
+    def admin_users(self):
+        """Every user, by name, as the user dict plus "reserved" (credits
+        held by unfinished tasks) and "active" (queued and running tasks)."""
+        raise NotImplementedError
+
+    def webhook_counts(self, *, since):
+        """{"pending", "failing" (pending after at least one failed try),
+        "failed" (given up since `since`)} webhook deliveries."""
+        raise NotImplementedError
+
     # -- the consistency audit (recover.py --audit) ------------------------------
 
     def files_listed(self, *, after=None, limit=1000):

@@ -76,6 +76,8 @@ class PostgresStore(SqlStore):
     placeholder = "%s"
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    error_code_sql = "(error::jsonb ->> 'code')"
+    ilike = "ILIKE"
 
     def __init__(self, url, *, read_only=False):
         from urllib.parse import parse_qsl, unquote, urlsplit

@@ -212,6 +212,39 @@ class TaskHistory(_Base):
         primary_key = CompositeKey("provider", "day", "outcome")
 
 
+# Upper bounds (seconds) of the duration buckets of task_history_detail: a
+# 1-2-5 series from half a second to a day, then everything longer.
+DURATION_BOUNDS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
+                     28800, 86400, math.inf)
+
+
+def duration_bucket(seconds):
+    """The index in DURATION_BOUNDS_S of the bucket `seconds` falls in."""
+    for i, bound in enumerate(DURATION_BOUNDS_S):
+        if seconds <= bound:
+            return i
+    return len(DURATION_BOUNDS_S) - 1
+
+
+class TaskHistoryDetail(_Base):
+    """Beside task_history, what its totals cannot say: how the durations
+    spread (for percentiles) and which error codes the failures had. Per
+    provider, UTC day of finishing, outcome, error code ('' for none) and
+    duration bucket (an index in DURATION_BOUNDS_S): how many tasks.
+    Written with task_history as each task ends, and kept as long."""
+
+    provider = CharField()
+    day = CharField()
+    outcome = CharField()
+    error_code = CharField()
+    bucket = IntegerField()
+    tasks = IntegerField(default=0)
+
+    class Meta:
+        table_name = "task_history_detail"
+        primary_key = CompositeKey("provider", "day", "outcome", "error_code", "bucket")
+
+
 class Heartbeat(_Base):
     """One row per running worker process: whether a lease owner is alive
     is read here, never from a PID (containers share host names, not PID
@@ -336,6 +369,7 @@ MODELS = [User, Task, Event, Ledger, Session, SchemaVersion]
 DATA_MODELS = [User, Task, Event, Ledger, Session, TaskHistory, FileExpiry]
 WEBHOOK_MODELS = [WebhookEndpoint, WebhookSecret, TaskWebhook, WebhookDelivery]
 DATA_MODELS += WEBHOOK_MODELS
+DATA_MODELS += [TaskHistoryDetail]
 # Tables that describe the processes using this store, not data: an export
 # leaves them out (the processes they name do not move with the data).
 LOCAL_MODELS = [Heartbeat]
@@ -429,8 +463,32 @@ def _migration_8(db):
                    f"WHERE status = 'queued' AND step = '{SLOT_STEP}'")
 
 
+def _migration_11(db):
+    """The operator console's numbers: duration buckets and error codes of
+    finished tasks (task_history_detail), filled from the tasks still kept."""
+    with db.bind_ctx([TaskHistoryDetail]):
+        db.create_tables([TaskHistoryDetail])
+        # Counted from the tasks alone: rows left by anything before are not counts.
+        db.execute_sql("DELETE FROM task_history_detail")
+        detail = {}
+        for provider, status, created, finished, error in db.execute_sql(
+                "SELECT provider, status, created_at, finished_at, error FROM tasks "
+                "WHERE status IN ('succeeded', 'partial', 'failed', 'cancelled') AND finished_at IS NOT NULL"):
+            try:
+                code = str((json.loads(error or "null") or {}).get("code") or "")
+            except (ValueError, AttributeError):
+                code = ""
+            key = (provider, history_day(finished), status, code,
+                   duration_bucket(max(0.0, finished - created)))
+            detail[key] = detail.get(key, 0) + 1
+        for (provider, day, outcome, code, bucket), n in sorted(detail.items()):
+            TaskHistoryDetail.insert(provider=provider, day=day, outcome=outcome, error_code=code,
+                                     bucket=bucket, tasks=n).execute()
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
-              (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8)]
+              (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
+              (11, _migration_11)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

@@ -34,9 +34,10 @@ from .base import BaseStore
 from .files import lease_dir
 from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
                      TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps,
-                     event_json,
-                     external_id_problem, hash_token, history_day, new_task_id, task_json)
+                     duration_bucket, event_json, external_id_problem, hash_token, history_day,
+                     new_task_id, task_json)
 from .sql_accounts import AccountsSql
+from .sql_console import ConsoleSql
 from .sql_liveness import LivenessSql
 from .sql_schema import SchemaSql
 from .sql_upkeep import UpkeepSql
@@ -111,7 +112,7 @@ def _once(fn):
     return wrapper
 
 
-class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, BaseStore):
+class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
     placeholder = "?"
@@ -555,6 +556,11 @@ class SqlStore(AccountsSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, Base
                    "max_s = CASE WHEN excluded.max_s > task_history.max_s THEN excluded.max_s "
                    "ELSE task_history.max_s END",
                    (task["provider"], history_day(now), status, took, took))
+        code = (task["error"] or {}).get("code") or ""
+        self._exec("INSERT INTO task_history_detail (provider, day, outcome, error_code, bucket, tasks) "
+                   "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (provider, day, outcome, error_code, bucket) "
+                   "DO UPDATE SET tasks = task_history_detail.tasks + 1",
+                   (task["provider"], history_day(now), status, code, duration_bucket(took)))
 
     def _settle(self, task, status, now):
         """Charge on success, refund otherwise: once, by the ledger's indexes.

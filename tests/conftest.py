@@ -1,4 +1,5 @@
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -157,10 +158,34 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--no-first-run"]
 
 
+_FUNCTION = re.compile(r"^\s*(async\s+)?(function\b|\(?[\w$,\s]*\)?\s*=>)")
+
+
+def _predicates_as_functions():
+    """wait_for_function("x === 1") is evaluated by Playwright with eval() at
+    every poll, which the page's Content-Security-Policy (no 'unsafe-eval')
+    refuses after the first, synchronous one; `() => (x === 1)` is evaluated
+    once, through DevTools, and the function is called at each poll."""
+    from playwright.sync_api import Frame, Page
+    for cls in (Page, Frame):
+        original = cls.wait_for_function
+        if getattr(original, "as_function", False):
+            continue
+
+        def wait_for_function(self, expression, *args, _original=original, **kwargs):
+            if not _FUNCTION.match(expression):
+                expression = f"() => ({expression})"
+            return _original(self, expression, *args, **kwargs)
+
+        wait_for_function.as_function = True
+        cls.wait_for_function = wait_for_function
+
+
 @pytest.fixture(scope="module")
 def browser():
     require(sync_playwright is not None, "playwright for Python is not installed")
     require(os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    _predicates_as_functions()
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b

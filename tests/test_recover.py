@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from store import FileStore, JsonStore, SqliteStore
+from store import MIGRATIONS, FileStore, JsonStore, SqliteStore
 from support import ROOT
 
 
@@ -201,7 +201,8 @@ def test_looking_at_an_older_schema_is_refused_not_migrated(crashed, args):
     on_disk = fingerprint(crashed["dir"])
     proc = run_recover(crashed["dir"], *args)
     assert proc.returncode == 2
-    assert f"schema version {latest - 1}, this code needs {latest}" in proc.stderr
+    previous = sorted(v for v, _ in MIGRATIONS)[-2]     # the numbers may skip some
+    assert f"schema version {previous}, this code needs {latest}" in proc.stderr
     assert "or start the server, to migrate" in proc.stderr
     assert fingerprint(crashed["dir"]) == on_disk
     assert not (crashed["dir"] / "backups").exists()
