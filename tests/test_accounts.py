@@ -627,13 +627,14 @@ def run_cli(data_dir, *args):
 def test_cli_adds_users_and_grants_credits(tmp_path):
     added = run_cli(tmp_path, "users", "add", "carol", "--credits", "5", "--max-active", "2")
     assert added.returncode == 0, added.stderr
-    token = added.stdout.strip().splitlines()[-1]
-    assert token.startswith("hf_")
+    assert added.stdout.splitlines()[0] == "created carol (user, balance 5); its token, shown only now:"
+    label, token = added.stdout.strip().splitlines()[-1].split()
+    assert label == "token:" and token.startswith("hf_")
     plus = run_cli(tmp_path, "credits", "carol", "+10")
     assert plus.returncode == 0 and plus.stdout.strip() == "carol: balance 15", plus.stderr
     minus = run_cli(tmp_path, "credits", "carol", "-3")
     assert minus.returncode == 0 and minus.stdout.strip() == "carol: balance 12", minus.stderr
-    for args, message in ((("credits", "carol", "-13"), "negative"), (("credits", "nobody", "+1"), "not found"),
+    for args, message in ((("credits", "carol", "-13"), "negative"), (("credits", "nobody", "+1"), "no user named 'nobody'"),
                           (("credits", "carol", "ten"), "integer"), (("credits", "carol", "0"), "non-zero")):
         res = run_cli(tmp_path, *args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
