@@ -65,6 +65,22 @@ log = logging.getLogger("holdfast.worker")
 EVENTS_KEEP_S = 86400.0    # the event log is for live views and reconnects, not history
 STOP_GRACE_S = 2.0         # at shutdown, how long running steps may take to end
 CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
+SKIP_THREADS = 3           # scheduler turns of a job that find it still running, at once
+
+
+def _one_at_a_time(fn):
+    """fn for a scheduler job: a turn that comes while the last one still
+    runs returns at once (the next turn comes soon enough)."""
+    running = threading.Lock()
+
+    def turn():
+        if not running.acquire(blocking=False):
+            return
+        try:
+            fn()
+        finally:
+            running.release()
+    return turn
 
 
 class Worker(Steps, Callbacks):
@@ -123,22 +139,26 @@ class Worker(Steps, Callbacks):
         # out is, so beat before holding anything.
         self.beat()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
+        beat_s = max(self.lease_s / 3, 0.1)
+        jobs = {"dispatch": (self._dispatch, self.tick_s),
+                "sweep": (self._safe(self.sweep), self.sweep_s),
+                "deliver": (self._safe(self.deliverer.tick), min(self.tick_s, 0.25)),
+                "cleanup": (self._safe(self.cleanup), self.cleanup_s),
+                "renew": (self._safe(self.renew), beat_s),
+                # Three beats per lease: one slow or failed write does not
+                # make this process look dead to the others.
+                "heartbeat": (self._safe(self.beat), beat_s)}
+        # A job still running at its next turn (a write waiting for the lock,
+        # a long retention pass) skips that turn in _one_at_a_time, quietly:
+        # APScheduler's own max_instances would log "maximum number of
+        # running instances reached" for each. A thread per job, and a few
+        # for the turns that skip, so no job waits behind another.
         self.scheduler = BackgroundScheduler(
-            executors={"default": SchedulerPool(2)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-        self.scheduler.add_job(self._dispatch, "interval", seconds=self.tick_s,
-                               id="dispatch")
-        self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+            executors={"default": SchedulerPool(len(jobs) + SKIP_THREADS)},
+            job_defaults={"coalesce": True, "max_instances": SKIP_THREADS, "misfire_grace_time": None})
+        for name, (fn, every) in jobs.items():
+            self.scheduler.add_job(_one_at_a_time(fn), "interval", seconds=every, id=name, name=name)
         self.deliverer.start()
-        self.scheduler.add_job(self._safe(self.deliverer.tick), "interval", seconds=min(self.tick_s, 0.25),
-                               id="deliver")
-        self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
-        self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
-                               id="renew")
-        # Three beats per lease: one slow or failed write does not make
-        # this process look dead to the others.
-        self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
-                               id="heartbeat")
         self.scheduler.start()
         self.hints.start()
         self._wakeup.clear()
