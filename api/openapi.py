@@ -125,9 +125,18 @@ SCHEMAS = {
     "Provider": _obj(["name", "type", "limits", "health"], {
         "name": {"type": "string"}, "type": {"type": "string"},
         "limits": {"type": "object"},
-        "health": _obj(["ok", "checked_at", "error"], {
-            "ok": {"type": ["boolean", "null"]}, "checked_at": {"type": ["string", "null"]},
-            "error": {"type": ["string", "null"]}})}),
+        "health": _obj(["ok", "checked_at", "error", "last_ok_at", "last_error_at", "last_error_code",
+                        "consecutive_failures"], {
+            "ok": {"type": ["boolean", "null"],
+                   "description": "no call has failed since the provider last answered; null: no worker "
+                                  "has called it yet"},
+            "checked_at": _NULLABLE_TIME,
+            "error": {"type": ["string", "null"], "description": "the last failure's message, while it fails"},
+            "last_ok_at": _NULLABLE_TIME, "last_error_at": _NULLABLE_TIME,
+            "last_error_code": {"type": ["string", "null"], "enum": ["provider_unavailable", "internal", None],
+                                "description": "provider_unavailable: unreachable, no answer, or 408/429/5xx; "
+                                               "internal: the adapter failed"},
+            "consecutive_failures": {"type": "integer", "minimum": 0}})}),
     "Health": _obj(["ok", "store", "scheduler", "queue_depth", "oldest_active_s"], {
         "ok": {"type": "boolean"}, "store": {"type": "string"},
         "scheduler": {"enum": ["running", "stopped", "off"]},

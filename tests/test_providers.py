@@ -716,6 +716,54 @@ def test_python_app_py_refuses_a_bad_provider_table_with_its_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_get_providers_shows_what_a_worker_in_another_process_saw(tmp_path, files, clock, config):
+    """The worker writes what its calls came to into the store; an API with
+    its own store connection and its own provider objects (another process,
+    as far as memory goes) shows it: the failures in a row, the last error
+    and its code, and then the answer that ended them."""
+    from store import SqliteStore
+    path = str(tmp_path / "holdfast.db")
+    worker_store, api_store = SqliteStore(path), SqliteStore(path)
+    try:
+        with FakeKIE(job_seconds=0.05) as kie:
+            rig = Rig(worker_store, files, clock, {"kie": kie_conf(kie)})
+            api_providers = build_providers({"kie": kie_conf(kie)}, env=KEY_ENV)
+            client = WSGIClient(create_app(api_store, api_providers, config, clock=clock),
+                                api_store.create_user("dave")[1])
+
+            def health():
+                res = client.get("/api/providers")
+                assert res.status == 200
+                return {p["name"]: p["health"] for p in res.json()["providers"]}["kie"]
+
+            assert health() == {"ok": None, "checked_at": None, "error": None, "last_ok_at": None,
+                                "last_error_at": None, "last_error_code": None, "consecutive_failures": 0}
+            kie.rate_limit_next(3, retry_after=1, status=503)
+            task_id = rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}})
+            rig.step(task_id)
+            turned = health()       # written at once: the provider turned from unknown to failing
+            assert turned["ok"] is False and turned["consecutive_failures"] == 1
+            for _ in range(2):
+                rig.step(task_id)
+            assert kie.faults["503"] == 3 and rig.task(task_id)["status"] == "queued"
+            rig.worker.health.write()       # the worker's `health` job, at most a second later
+            failing = health()
+            assert failing["ok"] is False and failing["consecutive_failures"] == 3
+            assert failing["last_error_code"] == "provider_unavailable" and "HTTP 503" in failing["error"]
+            assert failing["last_ok_at"] is None and failing["last_error_at"] == failing["checked_at"]
+            assert api_providers["kie"].describe()["health"]["ok"] is None, "nothing seen in this process"
+            task = rig.run(task_id)
+            assert task["status"] == "succeeded"
+            rig.worker.health.write()
+            back = health()
+            assert back["ok"] is True and back["consecutive_failures"] == 0 and back["error"] is None
+            assert back["last_error_code"] == "provider_unavailable" and back["last_error_at"] == failing["last_error_at"]
+            assert back["last_ok_at"] >= back["last_error_at"]
+    finally:
+        worker_store.close()
+        api_store.close()
+
+
 def test_the_api_key_comes_from_the_environment_and_never_shows(comfy, sqlite_store, config):
     providers = build_providers({"k": {"type": "kie", "api_key_env": "KIE_TEST_KEY"}}, env=KEY_ENV)
     assert "test-key" not in json.dumps(providers["k"].describe())

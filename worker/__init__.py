@@ -57,6 +57,7 @@ from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 from .callbacks import Callbacks
 from .live import Hints
 from .deliver import Deliverer
+from .health import HealthLog
 from .slowdown import SlowDown
 from .steps import Steps
 
@@ -124,6 +125,7 @@ class Worker(Steps, Callbacks):
         self._refilling = threading.local()
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
+        self.health = HealthLog(store)     # what calls to the providers came to (GET /api/providers)
         # Webhooks out: Deliverer's settings (config.webhook_settings).
         self.deliverer = Deliverer(store, owner=self.owner, clock=clock, **(webhooks or {}))
         shortest = min((p.poll_interval_s for p in providers.values()), default=2.0)
@@ -147,7 +149,8 @@ class Worker(Steps, Callbacks):
                 "renew": (self._safe(self.renew), beat_s),
                 # Three beats per lease: one slow or failed write does not
                 # make this process look dead to the others.
-                "heartbeat": (self._safe(self.beat), beat_s)}
+                "heartbeat": (self._safe(self.beat), beat_s),
+                "health": (self._safe(self.health.write), 1.0)}
         # A job still running at its next turn (a write waiting for the lock,
         # a long retention pass) skips that turn in _one_at_a_time, quietly:
         # APScheduler's own max_instances would log "maximum number of
@@ -195,6 +198,7 @@ class Worker(Steps, Callbacks):
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
         self.deliverer.stop(wait=wait)
+        self.health.write()
         # Without a row, this owner's leases are left to run out, never
         # released early: a pool thread may still be finishing one.
         try:
@@ -232,6 +236,13 @@ class Worker(Steps, Callbacks):
             released = 0
         log.info("worker stopped: %d step(s) still running, %d lease(s) handed back", running, released)
         return running
+
+    @contextmanager
+    def calling(self, provider, call):
+        """Around one call to a provider: timed and counted (metrics), and
+        its outcome noted for the provider's health."""
+        with metrics.provider_call(provider.name, call), self.health.call(provider.name, self.clock):
+            yield
 
     def alive(self):
         return self.scheduler is not None and self.scheduler.running
@@ -509,7 +520,7 @@ class Worker(Steps, Callbacks):
 
     def _cancel(self, provider, task):
         try:
-            with metrics.provider_call(provider.name, "cancel"):
+            with self.calling(provider, "cancel"):
                 provider.cancel(task)
         except Exception as exc:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)
