@@ -764,6 +764,33 @@ def test_get_providers_shows_what_a_worker_in_another_process_saw(tmp_path, file
         api_store.close()
 
 
+def test_health_notes_of_a_busy_or_flapping_provider_cost_a_few_writes_not_one_each(sqlite_store):
+    """A thousand calls in a burst, answering and failing in turn: the
+    first is written at once, the rest wait for the next write, which
+    carries the count since the last answer."""
+    from worker.health import HealthLog
+
+    class Counting:
+        def __init__(self, store):
+            self.store, self.writes = store, 0
+
+        def record_provider_health(self, *args, **kwargs):
+            self.writes += 1
+            return self.store.record_provider_health(*args, **kwargs)
+
+    store = Counting(sqlite_store)
+    health = HealthLog(store)
+    start = time.monotonic()
+    for i in range(1000):
+        health.note("kie", 100.0 + i, ok=i % 2 == 0, error=("provider_unavailable", f"HTTP 503 #{i}"))
+    elapsed = time.monotonic() - start
+    assert store.writes <= 1 + int(elapsed / 0.2) + 1, (store.writes, elapsed)
+    health.write()
+    row = sqlite_store.provider_health()["kie"]
+    assert row["last_ok_at"] == 1098.0 and row["consecutive_failures"] == 1
+    assert row["last_error"] == "HTTP 503 #999" and row["last_error_at"] == 1099.0
+
+
 def test_the_api_key_comes_from_the_environment_and_never_shows(comfy, sqlite_store, config):
     providers = build_providers({"k": {"type": "kie", "api_key_env": "KIE_TEST_KEY"}}, env=KEY_ENV)
     assert "test-key" not in json.dumps(providers["k"].describe())
@@ -789,6 +816,7 @@ def test_get_providers_lists_limits_and_last_seen_health(sqlite_store, files, cl
     comfy.stop()
     task_id = rig.submit("comfy", {"workflow": workflow(color=5)})
     rig.worker.run_once(clock())
+    rig.worker.health.write()       # the worker's `health` job (a turn this soon after the last write waits for it)
     health = listed()["comfy"]["health"]
     assert health["ok"] is False and "cannot connect" in health["error"]
     assert rig.task(task_id)["status"] == "queued"

@@ -4,9 +4,10 @@ to the store for GET /api/providers in every process.
 A call that got an answer (a refusal is an answer too) counts as the
 provider answering; one that could not reach it, got no answer, or got a
 408/429/5xx counts as a failure, with its code and message. Writes are few:
-at once when a provider turns from answering to failing or back, and
-otherwise at most once a second per provider (the worker's `health` job
-writes what is left), so a busy worker's polls add no write each.
+at once when a provider turns from answering to failing or back (five a
+second at most, for one that flaps), and otherwise at most once a second
+per provider (the worker's `health` job writes what is left), so a busy
+worker's polls add no write each.
 """
 
 import logging
@@ -18,7 +19,8 @@ from errors import HoldfastError, ProviderRejected, ProviderUnavailable
 
 log = logging.getLogger("holdfast.worker")
 
-WRITE_EVERY_S = 1.0
+WRITE_EVERY_S = 1.0    # at most, per provider, while its state holds
+FLIP_EVERY_S = 0.2     # at most, per provider, while it flaps between answering and failing
 
 
 class HealthLog:
@@ -55,8 +57,8 @@ class HealthLog:
             else:
                 news["failures"] += 1
                 news["error"] = (*error, now)
-            due = (self._state.get(provider) is not ok
-                   or time.monotonic() - self._written.get(provider, 0.0) >= WRITE_EVERY_S)
+            since = time.monotonic() - self._written.get(provider, float("-inf"))
+            due = since >= WRITE_EVERY_S or (self._state.get(provider) is not ok and since >= FLIP_EVERY_S)
         if due:
             self.write(provider)
 
