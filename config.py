@@ -93,6 +93,8 @@ class Config:
             var = "HOLDFAST_" + f.name.upper()
             if env.get(var) not in (None, ""):
                 config._set(f, env[var], var)
+        if not 1 <= config.port <= 65535:
+            raise ConfigError(f"HOLDFAST_PORT must be from 1 to 65535, not {config.port}")
         if config.log not in ("text", "json"):
             raise ConfigError("HOLDFAST_LOG must be text or json")
         if config.public_url is not None:

@@ -24,7 +24,7 @@ APP = os.path.join(ROOT, "app.py")
 
 def run_app(cwd, *args, wrap=(), **env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HOLDFAST_")}
-    clean.update(HOLDFAST_HOST="127.0.0.1", PYTHONDONTWRITEBYTECODE="1", **env)
+    clean.update({"HOLDFAST_HOST": "127.0.0.1", "PYTHONDONTWRITEBYTECODE": "1", **env})
     return subprocess.run([*wrap, sys.executable, APP, *args], cwd=str(cwd), env=clean, capture_output=True,
                           text=True, timeout=60)
 
@@ -86,6 +86,19 @@ def test_a_port_in_use_stops_the_server_before_migrations_users_and_tokens(tmp_p
         assert store.count_users() == 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HOLDFAST_PORT": "99999"}, "holdfast: HOLDFAST_PORT must be from 1 to 65535, not 99999"),
+    ({"HOLDFAST_PORT": "http"}, "holdfast: HOLDFAST_PORT: 'http' is not a valid int"),
+    ({"HOLDFAST_HOST": "10.255.255.1"}, "holdfast: cannot listen on 10.255.255.1:{port}: cannot assign requested address"),
+])
+def test_an_address_the_server_cannot_listen_on_is_one_line(tmp_path, env, expected):
+    port = free_port()
+    data = tmp_path / "data"
+    line = one_line(run_app(tmp_path, **{"HOLDFAST_DATA": str(data), "HOLDFAST_PORT": str(port), **env}))
+    assert line == expected.format(port=port)
+    assert not data.exists()
 
 
 # -- the data directory -------------------------------------------------------------
