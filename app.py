@@ -8,6 +8,7 @@ The wiring (Config, logging, opening the store and providers) is config.py's.
 """
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import time
 from api import create_app
 from api.web import json_error_channel
 from config import Config, open_everything, setup_logging
-from errors import Conflict, HoldfastError
+from errors import ConfigError, Conflict, HoldfastError, NotFound
 
 log = logging.getLogger("holdfast.app")
 
@@ -43,30 +44,22 @@ def first_run_users(store, config):
     sys.stdout.flush()
 
 
-def serve(config):
+class _Later:
+    """The WSGI app, given to the server before it exists: the port is bound
+    first, and no request is read before server.run() anyway."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+def listen(config, app):
+    """Bind the port (waitress under api/server.py's bounds). ConfigError
+    when it cannot be bound: one line, before anything is written."""
     from api.server import create_server
-    from recover import recover
-    from worker import Worker
-    setup_logging(config.log)
-    store, providers, files = open_everything(config)
-    worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
-                    keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d,
-                    public_url=config.public_url, webhooks=config.webhook_settings())
-    signalled = []
     try:
-        first_run_users(store, config)
-        app = create_app(store, providers, config, worker=worker, files=files)
-
-        def stop(*_):
-            if signalled:
-                return          # a second signal must not cut the shutdown short
-            signalled.append(True)
-            app.config["holdfast.events"].close()   # open streams must not hold up the exit
-            sys.exit(0)         # out of server.run(), into the finally below
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        server = create_server(
+        return create_server(
             app, host=config.host, port=config.port, threads=config.threads + config.sse_max_streams,
             connection_limit=config.max_connections,
             # Slow and greedy clients: see api/server.py.
@@ -83,6 +76,53 @@ def serve(config):
             # The lookahead keeps reading their sockets, so a client
             # that leaves frees its thread at once.
             channel_request_lookahead=1)
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRINUSE:
+            why = "the port is already in use (another holdfast? set HOLDFAST_PORT)"
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
+    except ValueError as exc:        # waitress: a host it cannot resolve
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+
+
+def resumed_line(by_status):
+    """Start-up's one line about the tasks it took up again."""
+    queued, running = by_status.get("queued", 0), by_status.get("running", 0)
+    if not queued + running:
+        return "started: no unfinished tasks to resume"
+    return f"started: resumed {queued + running} task(s): {queued} queued, {running} running"
+
+
+def serve(config):
+    from recover import recover
+    from worker import Worker
+    setup_logging(config.log)
+    # The port first: a port in use stops here, before any migration, data
+    # directory, user or token.
+    later = _Later()
+    server = listen(config, later)
+    try:
+        store, providers, files = open_everything(config)
+    except BaseException:
+        server.close()
+        raise
+    worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
+                    keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d,
+                    public_url=config.public_url, webhooks=config.webhook_settings())
+    signalled = []
+    try:
+        first_run_users(store, config)
+        app = later.app = create_app(store, providers, config, worker=worker, files=files)
+
+        def stop(*_):
+            if signalled:
+                return          # a second signal must not cut the shutdown short
+            signalled.append(True)
+            app.config["holdfast.events"].close()   # open streams must not hold up the exit
+            sys.exit(0)         # out of server.run(), into the finally below
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         # The port is bound (connections wait in its backlog) before the
         # worker starts, and recovery hands that worker whatever needs a
         # provider (asking about submissions in doubt, cancelling tasks past
@@ -94,6 +134,7 @@ def serve(config):
         if report["changed"] or report["submissions_in_doubt"]:
             log.info("recovery: %s; the worker asks the providers about the submissions in doubt",
                      report["summary"])
+        log.info(resumed_line(report["by_status"]))
         # Announced only once the port is bound, so "serving" is true when read.
         print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()
@@ -104,6 +145,7 @@ def serve(config):
     finally:
         worker.shutdown()
         store.close()
+        log.info("stopped: %s", "on a signal" if signalled else "the server ended")
     # The interpreter would join every pool thread at exit, and one may be
     # in a local function that never reports or a call that has not timed
     # out yet. Its lease is handed back, so the process leaves without it.
@@ -135,7 +177,7 @@ def webhooks_command(store, config, args):
     """`python app.py webhooks ...`: the admin API's endpoint calls, from the shell."""
     from api.webhooks import check_webhook_url
     from store import webhook_events
-    user = store.user_by_name(args.name)
+    user = _user(store, args.name)
     now = time.time()
     if args.action == "add":
         url = check_webhook_url(args.url, config.webhooks_private_ok)
@@ -162,9 +204,38 @@ def webhooks_command(store, config, args):
     return 0
 
 
+def _help_epilog():
+    width = max(len(name) for name, _ in Config.variables())
+    lines = [f"  {name:<{width}}  {'(none)' if default is None else default}" for name, default in Config.variables()]
+    return ("With no command, `python app.py` serves: the HTTP API, the page and the\n"
+            "worker, on HOLDFAST_HOST:HOLDFAST_PORT, until SIGTERM or Ctrl-C. The\n"
+            "commands above never serve: each does its one thing and exits.\n\n"
+            "Environment variables (over holdfast.toml's [server] table; README.md\n"
+            "says what each one does), with their defaults:\n" + "\n".join(lines))
+
+
+def _user(store, name):
+    """store.user_by_name, with the name in its NotFound."""
+    try:
+        return store.user_by_name(name)
+    except NotFound:
+        raise NotFound(f"no user named {name!r}", code="user_not_found") from None
+
+
+def users_add(store, args):
+    user, token = store.create_user(args.name, admin=args.admin, credits=args.credits,
+                                    max_active=args.max_active, rate_per_s=args.rate,
+                                    max_priority=args.max_priority)
+    what = ["admin" if user["is_admin"] else "user",
+            "no credit limit" if user["credit_balance"] is None else f"balance {user['credit_balance']}"]
+    print(f"created {user['name']} ({', '.join(what)}); its token, shown only now:")
+    print(f"token: {token}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python app.py", description="holdfast: durable AI-generation jobs")
-    sub = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="python app.py", description="holdfast: durable AI-generation jobs",
+                                     epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", title="commands (none of them serves)")
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     add = users.add_parser("add", help="create a user and print its token")
     add.add_argument("name")
@@ -193,13 +264,10 @@ def main(argv=None):
             if args.command == "webhooks":
                 return webhooks_command(store, config, args)
             if args.command == "credits":
-                user = store.grant(store.user_by_name(args.name)["id"], int(args.amount), now=time.time())
+                user = store.grant(_user(store, args.name)["id"], int(args.amount), now=time.time())
                 print(f"{user['name']}: balance {user['credit_balance']}")
             else:
-                _, token = store.create_user(args.name, admin=args.admin, credits=args.credits,
-                                             max_active=args.max_active, rate_per_s=args.rate,
-                                             max_priority=args.max_priority)
-                print(token)
+                users_add(store, args)
         finally:
             store.close()
         return 0

@@ -8,6 +8,7 @@ the other.
 import json
 import logging
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
@@ -83,6 +84,12 @@ class Config:
             raise ConfigError(f"HOLDFAST_CONFIG names {path}, which does not exist")
         config = cls(providers=table.get("providers", {}))
         server = table.get("server", {})
+        if not isinstance(server, dict):
+            raise ConfigError(f"{path}: [server] must be a table")
+        known = [f.name for f in fields(cls) if f.name != "providers"]
+        for key in server:
+            if key not in known:
+                raise ConfigError(f"{path}: [server] has an unknown setting {key!r}; known: {', '.join(known)}")
         for f in fields(cls):
             if f.name == "providers":
                 continue
@@ -93,6 +100,8 @@ class Config:
             var = "HOLDFAST_" + f.name.upper()
             if env.get(var) not in (None, ""):
                 config._set(f, env[var], var)
+        if not 1 <= config.port <= 65535:
+            raise ConfigError(f"HOLDFAST_PORT must be from 1 to 65535, not {config.port}")
         if config.log not in ("text", "json"):
             raise ConfigError("HOLDFAST_LOG must be text or json")
         if config.public_url is not None:
@@ -125,6 +134,13 @@ class Config:
             raise ConfigError(f"{where} must be positive")
         setattr(self, f.name, value)
 
+    @classmethod
+    def variables(cls):
+        """[(name, default)] of every HOLDFAST_* variable, for `--help`:
+        one per field, and the few read elsewhere (EXTRA_VARIABLES)."""
+        out = [(f"HOLDFAST_{f.name.upper()}", f.default) for f in fields(cls) if f.name != "providers"]
+        return out + list(EXTRA_VARIABLES.items())
+
     @property
     def webhooks_private_ok(self):
         return self.webhook_allow_private.strip().lower() in ("1", "true", "yes")
@@ -139,6 +155,11 @@ class Config:
         return {"threads": self.webhook_threads, "per_target": self.webhook_per_endpoint,
                 "timeout_s": self.webhook_timeout_s, "retry_scale": self.webhook_retry_scale,
                 "allow_private": self.webhooks_private_ok}
+
+
+# Variables that are not fields of Config: where the file is, and one the
+# provider adapters read (providers/http.py).
+EXTRA_VARIABLES = {"HOLDFAST_CONFIG": "holdfast.toml", "HOLDFAST_ALLOW_PRIVATE_RESULTS": "0"}
 
 
 def _public_url(value):
@@ -185,8 +206,36 @@ def open_everything(config):
     """(store, providers, files) as config says."""
     from providers import build_providers
     from store import open_files, open_store
-    os.makedirs(config.data, exist_ok=True)
+    check_data_dir(config.data)
     files = open_files(config)      # first: a bucket set up wrong stops us before any migration
     store = open_store(config.store, config.data)
     providers = build_providers(config.providers)
     return store, providers, files
+
+
+def check_data_dir(path):
+    """Make the data directory if it is missing, and make sure this process
+    can write in it: ConfigError naming the path and the cause otherwise
+    (a file in the way, a read-only file system, no permission), before any
+    store or file is opened."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"data directory {path} is a file, not a directory (HOLDFAST_DATA)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot make the data directory {path}: {_cause(exc)} (HOLDFAST_DATA)") from None
+    if not os.path.isdir(path):
+        raise ConfigError(f"data directory {path} is not a directory (HOLDFAST_DATA)")
+    # access() says yes to root on a directory it cannot write (a read-only
+    # mount answers EROFS only to a real write): try one.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".holdfast-write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write in the data directory {path}: {_cause(exc)} (HOLDFAST_DATA)") from None
+
+
+def _cause(exc):
+    """"permission denied", "read-only file system"..."""
+    return (exc.strerror or str(exc)).lower()

@@ -229,6 +229,18 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
     return report
 
 
+AUDIT_NAMES = 5     # ids named per kind of problem in the summary line; --json has them all
+
+
+def _named(ids):
+    """" (t_1, t_2 and 3 more)" for the summary, "" when there are none."""
+    ids = list(ids)
+    if not ids:
+        return ""
+    more = f" and {len(ids) - AUDIT_NAMES} more" if len(ids) > AUDIT_NAMES else ""
+    return f" ({', '.join(ids[:AUDIT_NAMES])}{more})"
+
+
 def audit_summary(report):
     settled = " (settled)" if report["reservations_settled"] else ""
     deleted = " (deleted)" if report["orphans_deleted"] else ""
@@ -239,13 +251,19 @@ def audit_summary(report):
     else:
         scope = (f"of a random sample of {checked['files']} of {checked['of']} stored file(s): "
                  + (", ".join(checked["sample"]) or "none"))
-    parts = [f"{len(report['tasks_missing_files'])} finished task(s) missing files",
-             f"{len(report['sha256_mismatches'])} file(s) whose bytes do not match their sha256 "
-             f"(checked {scope})",
-             f"{len(report['stray_reservations'])} stray reservation(s){settled}",
-             f"{len(report['settlement_mismatches'])} settlement(s) contradicting their task",
-             f"{len(report['unlisted_files'])} finished task(s) with files they do not list{dropped}",
-             f"{len(report['orphan_files'])} folder(s) of files without a task{deleted}"]
+    missing, corrupt = report["tasks_missing_files"], report["sha256_mismatches"]
+    mismatches, unlisted = report["settlement_mismatches"], report["unlisted_files"]
+    parts = [f"{len(missing)} finished task(s) missing files{_named(m['task_id'] for m in missing)}",
+             f"{len(corrupt)} file(s) whose bytes do not match their sha256"
+             f"{_named(c['task_id'] + '/' + c['name'] for c in corrupt)} (checked {scope})",
+             f"{len(report['stray_reservations'])} stray reservation(s){_named(report['stray_reservations'])}"
+             f"{settled}",
+             f"{len(mismatches)} settlement(s) contradicting their task"
+             f"{_named(m['task_id'] + ' ' + m['kind'] + ' but ' + m['status'] for m in mismatches)}",
+             f"{len(unlisted)} finished task(s) with files they do not list"
+             f"{_named(u['task_id'] for u in unlisted)}{dropped}",
+             f"{len(report['orphan_files'])} folder(s) of files without a task{_named(report['orphan_files'])}"
+             f"{deleted}"]
     verdict = "consistent" if not report["found"] else (
         "all fixed" if not report["unfixed"] else f"{report['unfixed']} problem(s) left for a human")
     return "audit: " + "; ".join(parts) + f" -> {verdict}"

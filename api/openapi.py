@@ -87,7 +87,11 @@ SCHEMAS = {
                                   "provider_lost", "submission_in_doubt", "invalid_result", "internal"]},
                 "message": {"type": "string"}})]},
             "cost": {"type": "integer"},
-            "credits": {"enum": ["none", "reserved", "charged", "refunded"]},
+            "credits": {"enum": ["none", "reserved", "charged", "refunded"],
+                        "description": "what became of this task's `cost`: a settlement state, never an "
+                                       "amount (`none`: nothing was reserved, the cost is 0 or the user has "
+                                       "no credit limit). A user's balance is `credits` of GET /api/me, an "
+                                       "object"},
             "retry_of": {"type": ["string", "null"]},
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
@@ -116,7 +120,10 @@ SCHEMAS = {
     "TaskPage": _obj(["tasks", "next"], {"tasks": {"type": "array", "items": _ref("Task")},
                                          "next": {"type": ["string", "null"]}}),
     "Credits": {"oneOf": [{"type": "null"}, _obj(["balance", "reserved"], {
-        "balance": {"type": "integer"}, "reserved": {"type": "integer"}})]},
+        "balance": {"type": "integer", "description": "credits the user can spend now"},
+        "reserved": {"type": "integer", "description": "credits held by the user's unfinished tasks"}})],
+                "description": "a user's credit amounts; null for a user without a credit limit. Not "
+                               "the `credits` of a task, which is the settlement state of its cost"},
     "Me": _obj(["user", "credits", "limits", "usage"], {
         "user": _obj(["name", "admin"], {"name": {"type": "string"}, "admin": {"type": "boolean"}}),
         "credits": _ref("Credits"),
@@ -125,9 +132,18 @@ SCHEMAS = {
     "Provider": _obj(["name", "type", "limits", "health"], {
         "name": {"type": "string"}, "type": {"type": "string"},
         "limits": {"type": "object"},
-        "health": _obj(["ok", "checked_at", "error"], {
-            "ok": {"type": ["boolean", "null"]}, "checked_at": {"type": ["string", "null"]},
-            "error": {"type": ["string", "null"]}})}),
+        "health": _obj(["ok", "checked_at", "error", "last_ok_at", "last_error_at", "last_error_code",
+                        "consecutive_failures"], {
+            "ok": {"type": ["boolean", "null"],
+                   "description": "no call has failed since the provider last answered; null: no worker "
+                                  "has called it yet"},
+            "checked_at": _NULLABLE_TIME,
+            "error": {"type": ["string", "null"], "description": "the last failure's message, while it fails"},
+            "last_ok_at": _NULLABLE_TIME, "last_error_at": _NULLABLE_TIME,
+            "last_error_code": {"type": ["string", "null"], "enum": ["provider_unavailable", "internal", None],
+                                "description": "provider_unavailable: unreachable, no answer, or 408/429/5xx; "
+                                               "internal: the adapter failed"},
+            "consecutive_failures": {"type": "integer", "minimum": 0}})}),
     "Health": _obj(["ok", "store", "scheduler", "queue_depth", "oldest_active_s"], {
         "ok": {"type": "boolean"}, "store": {"type": "string"},
         "scheduler": {"enum": ["running", "stopped", "off"]},
@@ -311,7 +327,9 @@ PATHS = {
                     tags=("admin",),
                     body=_obj(["name"], {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
                                          "credits": {"type": ["integer", "null"], "minimum": 0,
-                                                     "maximum": 10 ** 9},
+                                                     "maximum": 10 ** 9,
+                                                     "description": "the starting balance; null or absent: "
+                                                                    "no credit limit"},
                                          "admin": {"type": "boolean"},
                                          "max_active": {"type": ["integer", "null"], "minimum": 1,
                                                         "maximum": 100_000},

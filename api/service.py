@@ -9,6 +9,7 @@ import bottle
 
 import metrics
 from errors import HoldfastError, NotFound
+from store import iso
 
 from . import openapi
 
@@ -40,7 +41,9 @@ def service_routes(app, store, providers, *, worker, clock, current_user, event_
     @app.get("/api/providers")
     def list_providers():
         current_user()
-        return {"providers": [p.describe() for p in providers.values()]}
+        seen = store.provider_health()
+        return {"providers": [dict(p.describe(), health=health_json(seen.get(p.name)))
+                              for p in providers.values()]}
 
     @app.get("/healthz")
     def healthz():
@@ -90,6 +93,23 @@ def service_routes(app, store, providers, *, worker, clock, current_user, event_
         if isinstance(res, bottle.HTTPError):
             raise NotFound("no such file")
         return _secured(res)
+
+
+def health_json(row):
+    """A provider's health as the workers saw it (store.provider_health()):
+    `ok` is whether its last call got an answer (no call failed since the
+    last answer; null: never called),
+    `checked_at` that call's time and `error` its error while it fails;
+    then the last answer, the last failure with its code, and how many calls
+    in a row have failed since the last answer."""
+    if row is None or (row["last_ok_at"] is None and row["last_error_at"] is None):
+        return {"ok": None, "checked_at": None, "error": None, "last_ok_at": None, "last_error_at": None,
+                "last_error_code": None, "consecutive_failures": 0}
+    ok_at, error_at = row["last_ok_at"], row["last_error_at"]
+    ok = row["consecutive_failures"] == 0
+    return {"ok": ok, "checked_at": iso(max(t for t in (ok_at, error_at) if t is not None)),
+            "error": None if ok else row["last_error"], "last_ok_at": iso(ok_at), "last_error_at": iso(error_at),
+            "last_error_code": row["last_error_code"], "consecutive_failures": row["consecutive_failures"]}
 
 
 def service_metrics(store, hub, worker):

@@ -198,6 +198,21 @@ class BaseStore:
         dead_owners() decides from this."""
         raise NotImplementedError
 
+    def record_provider_health(self, provider, *, now, ok_at=None, failures=0, error=None):
+        """Add what one worker saw of `provider` since its last report:
+        `ok_at`, when the provider last answered (None: not once), then
+        `failures` calls that failed after that answer (or, without one, in
+        all), the last of them `error` = (code, message, at). An answer newer
+        than the stored one restarts the count of consecutive failures at
+        `failures`; otherwise they are added to it. The newest error stays."""
+        raise NotImplementedError
+
+    def provider_health(self):
+        """{provider: {last_ok_at, last_error_at, last_error_code,
+        last_error, consecutive_failures, updated_at}} of every provider a
+        worker reported on."""
+        raise NotImplementedError
+
     # recovery
 
     def expired_leases(self, *, now):

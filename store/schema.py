@@ -269,6 +269,23 @@ class Heartbeat(_Base):
         table_name = "heartbeats"
 
 
+class ProviderHealth(_Base):
+    """What the workers saw of each provider, across processes: when it last
+    answered, when a call last failed and why, and how many calls have
+    failed since it last answered (GET /api/providers)."""
+
+    provider = CharField(primary_key=True)
+    last_ok_at = DoubleField(null=True)
+    last_error_at = DoubleField(null=True)
+    last_error_code = CharField(null=True)
+    last_error = TextField(null=True)
+    consecutive_failures = IntegerField(default=0)
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "provider_health"
+
+
 class FileExpiry(_Base):
     """Tasks whose result files retention deleted (the task keeps its list)."""
 
@@ -372,7 +389,7 @@ DATA_MODELS += WEBHOOK_MODELS
 DATA_MODELS += [TaskHistoryDetail]
 # Tables that describe the processes using this store, not data: an export
 # leaves them out (the processes they name do not move with the data).
-LOCAL_MODELS = [Heartbeat]
+LOCAL_MODELS = [Heartbeat, ProviderHealth]
 
 
 def _migration_1(db):
@@ -486,9 +503,15 @@ def _migration_11(db):
                                      bucket=bucket, tasks=n).execute()
 
 
+def _migration_12(db):
+    """Provider health as the workers saw it, shared by every process."""
+    with db.bind_ctx([ProviderHealth]):
+        db.create_tables([ProviderHealth])
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
-              (11, _migration_11)]
+              (11, _migration_11), (12, _migration_12)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

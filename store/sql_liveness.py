@@ -1,4 +1,5 @@
-"""LivenessSql: SqlStore's heartbeat queries, whether a lease owner is alive.
+"""LivenessSql: SqlStore's heartbeat queries, whether a lease owner is alive,
+and what the workers saw of the providers (provider_health).
 
 A mixin of SqlStore, split off for size: it runs on SqlStore's seam and
 helpers (_seam, _write, _exec), so every backend's overrides of those apply
@@ -10,7 +11,8 @@ from .schema import _LEASED
 
 
 class LivenessSql:
-    """The workers' heartbeats (see BaseStore.heartbeat and dead_owners)."""
+    """The workers' heartbeats (see BaseStore.heartbeat and dead_owners) and
+    their reports on the providers (BaseStore.record_provider_health)."""
 
     # Rows of owners dead this long go: the sweeper has long released their leases.
     HEARTBEAT_KEEP_S = 3600.0
@@ -48,3 +50,32 @@ class LivenessSql:
         return [{"owner": r[0],
                  "heartbeat": None if r[1] is None else dict(zip(keys, r[1:8]), stale=bool(r[8]))}
                 for r in rows]
+
+    # -- what the workers saw of the providers -----------------------------------
+
+    _HEALTH_COLS = ("last_ok_at", "last_error_at", "last_error_code", "last_error", "consecutive_failures",
+                    "updated_at")
+
+    def record_provider_health(self, provider, *, now, ok_at=None, failures=0, error=None):
+        with self._seam(), self._write():
+            # The row first, so that two processes' first reports lock the
+            # same row rather than race to insert it.
+            self._exec("INSERT INTO provider_health (provider, consecutive_failures, updated_at) "
+                       "VALUES (?, 0, ?) ON CONFLICT (provider) DO NOTHING", (provider, now))
+            row = self._one("SELECT last_ok_at, last_error_at, consecutive_failures FROM provider_health "
+                            "WHERE provider = ?" + self.for_update, (provider,))
+            last_ok, last_error_at, streak = row
+            if ok_at is not None and (last_ok is None or ok_at >= last_ok):
+                last_ok, streak = ok_at, failures
+            else:
+                streak += failures
+            sets = {"last_ok_at": last_ok, "consecutive_failures": streak, "updated_at": now}
+            if error is not None and (last_error_at is None or error[2] >= last_error_at):
+                sets.update(last_error_code=error[0], last_error=error[1][:1000], last_error_at=error[2])
+            self._exec(f"UPDATE provider_health SET {', '.join(c + ' = ?' for c in sets)} WHERE provider = ?",
+                       (*sets.values(), provider))
+
+    def provider_health(self):
+        with self._seam():
+            rows = self._exec(f"SELECT provider, {', '.join(self._HEALTH_COLS)} FROM provider_health").fetchall()
+        return {r[0]: dict(zip(self._HEALTH_COLS, r[1:])) for r in rows}

@@ -591,6 +591,55 @@ def test_me_shows_balance_reserved_limits_and_usage(world):
 
 
 
+def test_credits_is_a_settlement_state_on_a_task_and_amounts_on_a_user(world):
+    """One word, two shapes, each described: a task's `credits` is a string
+    (what became of its cost), a user's is {balance, reserved} or null.
+    Every answer is checked against its OpenAPI schema."""
+    import jsonschema
+
+    from api import openapi
+    spec = openapi.spec()
+
+    def check(value, schema):
+        jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema}",
+                                         "components": spec["components"]}).validate(value)
+
+    w = world()
+    _, token = w.user("payer", credits=10)
+    _, admin = w.user("boss", admin=True)
+    task = w.submit(token).json()["task"]
+    me = w.client.get("/api/me", token=token).json()
+    check(task, "Task")
+    check(me, "Me")
+    assert task["credits"] == "reserved" and task["cost"] == COST
+    assert me["credits"] == {"balance": 10 - COST, "reserved": COST}
+    for _ in range(10):
+        w.worker.run_once(w.clock.advance(1.0))
+    done = w.client.get(f"/api/tasks/{task['id']}", token=token).json()["task"]
+    check(done, "Task")
+    assert (done["status"], done["credits"]) == ("succeeded", "charged")
+    assert w.client.get("/api/me", token=token).json()["credits"] == {"balance": 10 - COST, "reserved": 0}
+    granted = w.client.post("/api/admin/users/payer/credits", {"amount": 5}, token=admin).json()
+    check(granted["user"], "User")
+    assert granted["user"]["credits"] == {"balance": 15 - COST, "reserved": 0}
+    no_limit = w.client.get("/api/me", token=admin).json()
+    check(no_limit, "Me")
+    assert no_limit["credits"] is None
+    # Each shape refuses the other's value.
+    with pytest.raises(jsonschema.ValidationError):
+        check({**done, "credits": {"balance": 1, "reserved": 0}}, "Task")
+    with pytest.raises(jsonschema.ValidationError):
+        check({**me, "credits": "charged"}, "Me")
+    # And each says what it is, pointing at the other.
+    task_credits = spec["components"]["schemas"]["Task"]["properties"]["credits"]["description"]
+    amounts = spec["components"]["schemas"]["Credits"]["description"]
+    assert "settlement state" in task_credits and "GET /api/me" in task_credits
+    assert "Not the `credits` of a task" in amounts
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert "`credits` has a shape for each of its two meanings" in readme
+
+
 def test_a_tokens_user_is_looked_up_once_a_second_and_the_balance_shown_is_never_stale(world, monkeypatch):
     """Every request names its user by token; a busy client's requests
     reuse one lookup for a second, unknown tokens are asked each time (a
@@ -627,13 +676,14 @@ def run_cli(data_dir, *args):
 def test_cli_adds_users_and_grants_credits(tmp_path):
     added = run_cli(tmp_path, "users", "add", "carol", "--credits", "5", "--max-active", "2")
     assert added.returncode == 0, added.stderr
-    token = added.stdout.strip().splitlines()[-1]
-    assert token.startswith("hf_")
+    assert added.stdout.splitlines()[0] == "created carol (user, balance 5); its token, shown only now:"
+    label, token = added.stdout.strip().splitlines()[-1].split()
+    assert label == "token:" and token.startswith("hf_")
     plus = run_cli(tmp_path, "credits", "carol", "+10")
     assert plus.returncode == 0 and plus.stdout.strip() == "carol: balance 15", plus.stderr
     minus = run_cli(tmp_path, "credits", "carol", "-3")
     assert minus.returncode == 0 and minus.stdout.strip() == "carol: balance 12", minus.stderr
-    for args, message in ((("credits", "carol", "-13"), "negative"), (("credits", "nobody", "+1"), "not found"),
+    for args, message in ((("credits", "carol", "-13"), "negative"), (("credits", "nobody", "+1"), "no user named 'nobody'"),
                           (("credits", "carol", "ten"), "integer"), (("credits", "carol", "0"), "non-zero")):
         res = run_cli(tmp_path, *args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)

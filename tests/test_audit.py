@@ -201,3 +201,23 @@ def test_files_retention_deletes_during_the_audit_are_not_reported(tmp_path, mon
         assert [m["task_id"] for m in report["tasks_missing_files"]] == [lost]
     finally:
         store.close()
+
+
+def test_the_summary_line_names_the_tasks_it_counts_a_few_of_each(messy):
+    """Without --json the one line names what it counts: the ids of each
+    kind of problem, the first five and how many more."""
+    extra = sorted(new_task_id(T0 + i) for i in range(1, 7))
+    for task_id in extra:
+        (messy["dir"] / "files" / task_id).mkdir()
+    proc = run_recover(messy["dir"], "--audit")
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stdout.splitlines()
+    lost, shrunk = sorted([messy["lost"], messy["shrunk"]])
+    assert f"2 finished task(s) missing files ({lost}, {shrunk})" in line
+    assert f"1 stray reservation(s) ({messy['stray']})" in line
+    assert f"1 settlement(s) contradicting their task ({messy['charged']} charge but failed)" in line
+    orphans = sorted([messy["orphan"], *extra])
+    assert f"7 folder(s) of files without a task ({', '.join(orphans[:5])} and 2 more)" in line
+    for hidden in orphans[5:]:
+        assert hidden not in line
+    assert "0 file(s) whose bytes do not match their sha256 (checked" in line

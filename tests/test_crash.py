@@ -176,7 +176,7 @@ def _users_add(data_dir, env, name, credits):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "users", "add", name,
                           "--credits", str(credits)], env=env, cwd=str(data_dir),
                          capture_output=True, text=True, timeout=60, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip().splitlines()[-1].removeprefix("token: ")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "json"])

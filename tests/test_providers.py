@@ -716,6 +716,81 @@ def test_python_app_py_refuses_a_bad_provider_table_with_its_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_get_providers_shows_what_a_worker_in_another_process_saw(tmp_path, files, clock, config):
+    """The worker writes what its calls came to into the store; an API with
+    its own store connection and its own provider objects (another process,
+    as far as memory goes) shows it: the failures in a row, the last error
+    and its code, and then the answer that ended them."""
+    from store import SqliteStore
+    path = str(tmp_path / "holdfast.db")
+    worker_store, api_store = SqliteStore(path), SqliteStore(path)
+    try:
+        with FakeKIE(job_seconds=0.05) as kie:
+            rig = Rig(worker_store, files, clock, {"kie": kie_conf(kie)})
+            api_providers = build_providers({"kie": kie_conf(kie)}, env=KEY_ENV)
+            client = WSGIClient(create_app(api_store, api_providers, config, clock=clock),
+                                api_store.create_user("dave")[1])
+
+            def health():
+                res = client.get("/api/providers")
+                assert res.status == 200
+                return {p["name"]: p["health"] for p in res.json()["providers"]}["kie"]
+
+            assert health() == {"ok": None, "checked_at": None, "error": None, "last_ok_at": None,
+                                "last_error_at": None, "last_error_code": None, "consecutive_failures": 0}
+            kie.rate_limit_next(3, retry_after=1, status=503)
+            task_id = rig.submit("kie", {"model": "flux", "input": {"prompt": "a red fox"}})
+            rig.step(task_id)
+            turned = health()       # written at once: the provider turned from unknown to failing
+            assert turned["ok"] is False and turned["consecutive_failures"] == 1
+            for _ in range(2):
+                rig.step(task_id)
+            assert kie.faults["503"] == 3 and rig.task(task_id)["status"] == "queued"
+            rig.worker.health.write()       # the worker's `health` job, at most a second later
+            failing = health()
+            assert failing["ok"] is False and failing["consecutive_failures"] == 3
+            assert failing["last_error_code"] == "provider_unavailable" and "HTTP 503" in failing["error"]
+            assert failing["last_ok_at"] is None and failing["last_error_at"] == failing["checked_at"]
+            assert api_providers["kie"].describe()["health"]["ok"] is None, "nothing seen in this process"
+            task = rig.run(task_id)
+            assert task["status"] == "succeeded"
+            rig.worker.health.write()
+            back = health()
+            assert back["ok"] is True and back["consecutive_failures"] == 0 and back["error"] is None
+            assert back["last_error_code"] == "provider_unavailable" and back["last_error_at"] == failing["last_error_at"]
+            assert back["last_ok_at"] >= back["last_error_at"]
+    finally:
+        worker_store.close()
+        api_store.close()
+
+
+def test_health_notes_of_a_busy_or_flapping_provider_cost_a_few_writes_not_one_each(sqlite_store):
+    """A thousand calls in a burst, answering and failing in turn: the
+    first is written at once, the rest wait for the next write, which
+    carries the count since the last answer."""
+    from worker.health import HealthLog
+
+    class Counting:
+        def __init__(self, store):
+            self.store, self.writes = store, 0
+
+        def record_provider_health(self, *args, **kwargs):
+            self.writes += 1
+            return self.store.record_provider_health(*args, **kwargs)
+
+    store = Counting(sqlite_store)
+    health = HealthLog(store)
+    start = time.monotonic()
+    for i in range(1000):
+        health.note("kie", 100.0 + i, ok=i % 2 == 0, error=("provider_unavailable", f"HTTP 503 #{i}"))
+    elapsed = time.monotonic() - start
+    assert store.writes <= 1 + int(elapsed / 0.2) + 1, (store.writes, elapsed)
+    health.write()
+    row = sqlite_store.provider_health()["kie"]
+    assert row["last_ok_at"] == 1098.0 and row["consecutive_failures"] == 1
+    assert row["last_error"] == "HTTP 503 #999" and row["last_error_at"] == 1099.0
+
+
 def test_the_api_key_comes_from_the_environment_and_never_shows(comfy, sqlite_store, config):
     providers = build_providers({"k": {"type": "kie", "api_key_env": "KIE_TEST_KEY"}}, env=KEY_ENV)
     assert "test-key" not in json.dumps(providers["k"].describe())
@@ -741,6 +816,7 @@ def test_get_providers_lists_limits_and_last_seen_health(sqlite_store, files, cl
     comfy.stop()
     task_id = rig.submit("comfy", {"workflow": workflow(color=5)})
     rig.worker.run_once(clock())
+    rig.worker.health.write()       # the worker's `health` job (a turn this soon after the last write waits for it)
     health = listed()["comfy"]["health"]
     assert health["ok"] is False and "cannot connect" in health["error"]
     assert rig.task(task_id)["status"] == "queued"

@@ -409,6 +409,36 @@ class TestLiveness:
         assert _holder(store, "recent", time.time())["stale"] is True
 
 
+class TestProviderHealth:
+    """What the workers saw of the providers, kept across processes."""
+
+    def test_failures_count_up_until_an_answer_restarts_them(self, store):
+        assert store.provider_health() == {}
+        store.record_provider_health("kie", now=10.0, ok_at=10.0)
+        store.record_provider_health("kie", now=12.0, failures=2, error=("provider_unavailable", "HTTP 503", 12.0))
+        store.record_provider_health("kie", now=13.0, failures=1, error=("internal", "boom", 13.0))
+        health = store.provider_health()["kie"]
+        assert health == {"last_ok_at": 10.0, "last_error_at": 13.0, "last_error_code": "internal",
+                          "last_error": "boom", "consecutive_failures": 3, "updated_at": 13.0}
+        # An answer, then one more failure in the same report.
+        store.record_provider_health("kie", now=15.0, ok_at=14.0, failures=1,
+                                     error=("provider_unavailable", "no answer within 2s", 15.0))
+        health = store.provider_health()["kie"]
+        assert health["last_ok_at"] == 14.0 and health["consecutive_failures"] == 1
+        assert health["last_error"] == "no answer within 2s" and health["last_error_at"] == 15.0
+
+    def test_an_older_report_neither_restarts_the_count_nor_replaces_the_error(self, store):
+        """Two workers report in any order: the newest answer and error stay."""
+        store.record_provider_health("comfy", now=20.0, ok_at=20.0, failures=1,
+                                     error=("provider_unavailable", "new", 21.0))
+        store.record_provider_health("comfy", now=22.0, ok_at=5.0, failures=2,
+                                     error=("provider_unavailable", "old", 6.0))
+        health = store.provider_health()["comfy"]
+        assert health["last_ok_at"] == 20.0 and health["last_error"] == "new"
+        assert health["consecutive_failures"] == 3
+        assert "provider_health" not in store.export_rows()
+
+
 class TestStoreClock:
     """Whose clock a heartbeat is on."""
 

@@ -325,3 +325,50 @@ def test_the_started_worker_survives_a_provider_raising_in_poll(sqlite_store, fi
     finally:
         worker.stop()
     assert sqlite_store.get_task(boom)["state"]["last_error"] == "internal: adapter bug"
+
+
+class _SlowWrites:
+    """The store, with each heartbeat and the sweeper's first read waiting
+    `pause` seconds, as they do behind another writer's transaction
+    (busy_timeout) or a slow PostgreSQL."""
+
+    def __init__(self, store, pause):
+        self.store = store
+        self.pause = pause
+        self.beats = 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def heartbeat(self, *args, **kwargs):
+        self.beats += 1
+        time.sleep(self.pause)
+        return self.store.heartbeat(*args, **kwargs)
+
+    def lease_holders(self, *args, **kwargs):
+        time.sleep(self.pause)
+        return self.store.lease_holders(*args, **kwargs)
+
+
+def test_slow_jobs_make_no_scheduler_warnings_and_hold_up_no_other_job(sqlite_store, files, caplog):
+    """Heartbeats and sweeps slower than their interval (a write waiting
+    for the lock) skip their next turn quietly, and the dispatch tick still
+    runs beside them: no "maximum number of running instances" from
+    APScheduler, and the queued task is taken by the tick alone."""
+    store = _SlowWrites(sqlite_store, pause=0.5)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, tick_s=0.1, sweep_s=0.1,
+                    lease_s=0.6)
+    caplog.set_level(logging.WARNING)
+    worker.start()
+    try:
+        time.sleep(0.8)           # the slow jobs hold their threads
+        task_id = _queued(sqlite_store, 1)[0]   # no wake(): only a tick can take it
+        deadline = time.time() + 5
+        while time.time() < deadline and sqlite_store.get_task(task_id)["status"] != "running":
+            time.sleep(0.02)
+        time.sleep(1.0)
+    finally:
+        worker.stop()
+    assert sqlite_store.get_task(task_id)["status"] == "running"
+    assert store.beats >= 3, store.beats       # it kept beating, once at a time
+    assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text

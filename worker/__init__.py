@@ -57,6 +57,7 @@ from store import TERMINAL, dead_owners, lease_owner_id, process_identity
 from .callbacks import Callbacks
 from .live import Hints
 from .deliver import Deliverer
+from .health import HealthLog
 from .slowdown import SlowDown
 from .steps import Steps
 
@@ -65,6 +66,22 @@ log = logging.getLogger("holdfast.worker")
 EVENTS_KEEP_S = 86400.0    # the event log is for live views and reconnects, not history
 STOP_GRACE_S = 2.0         # at shutdown, how long running steps may take to end
 CLEANUP_BATCH = 500        # rows per retention transaction: writers never wait long
+SKIP_THREADS = 3           # scheduler turns of a job that find it still running, at once
+
+
+def _one_at_a_time(fn):
+    """fn for a scheduler job: a turn that comes while the last one still
+    runs returns at once (the next turn comes soon enough)."""
+    running = threading.Lock()
+
+    def turn():
+        if not running.acquire(blocking=False):
+            return
+        try:
+            fn()
+        finally:
+            running.release()
+    return turn
 
 
 class Worker(Steps, Callbacks):
@@ -108,6 +125,7 @@ class Worker(Steps, Callbacks):
         self._refilling = threading.local()
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
+        self.health = HealthLog(store)     # what calls to the providers came to (GET /api/providers)
         # Webhooks out: Deliverer's settings (config.webhook_settings).
         self.deliverer = Deliverer(store, owner=self.owner, clock=clock, **(webhooks or {}))
         shortest = min((p.poll_interval_s for p in providers.values()), default=2.0)
@@ -123,22 +141,27 @@ class Worker(Steps, Callbacks):
         # out is, so beat before holding anything.
         self.beat()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
+        beat_s = max(self.lease_s / 3, 0.1)
+        jobs = {"dispatch": (self._dispatch, self.tick_s),
+                "sweep": (self._safe(self.sweep), self.sweep_s),
+                "deliver": (self._safe(self.deliverer.tick), min(self.tick_s, 0.25)),
+                "cleanup": (self._safe(self.cleanup), self.cleanup_s),
+                "renew": (self._safe(self.renew), beat_s),
+                # Three beats per lease: one slow or failed write does not
+                # make this process look dead to the others.
+                "heartbeat": (self._safe(self.beat), beat_s),
+                "health": (self._safe(self.health.write), 1.0)}
+        # A job still running at its next turn (a write waiting for the lock,
+        # a long retention pass) skips that turn in _one_at_a_time, quietly:
+        # APScheduler's own max_instances would log "maximum number of
+        # running instances reached" for each. A thread per job, and a few
+        # for the turns that skip, so no job waits behind another.
         self.scheduler = BackgroundScheduler(
-            executors={"default": SchedulerPool(2)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-        self.scheduler.add_job(self._dispatch, "interval", seconds=self.tick_s,
-                               id="dispatch")
-        self.scheduler.add_job(self._safe(self.sweep), "interval", seconds=self.sweep_s, id="sweep")
+            executors={"default": SchedulerPool(len(jobs) + SKIP_THREADS)},
+            job_defaults={"coalesce": True, "max_instances": SKIP_THREADS, "misfire_grace_time": None})
+        for name, (fn, every) in jobs.items():
+            self.scheduler.add_job(_one_at_a_time(fn), "interval", seconds=every, id=name, name=name)
         self.deliverer.start()
-        self.scheduler.add_job(self._safe(self.deliverer.tick), "interval", seconds=min(self.tick_s, 0.25),
-                               id="deliver")
-        self.scheduler.add_job(self._safe(self.cleanup), "interval", seconds=self.cleanup_s, id="cleanup")
-        self.scheduler.add_job(self._safe(self.renew), "interval", seconds=max(self.lease_s / 3, 0.1),
-                               id="renew")
-        # Three beats per lease: one slow or failed write does not make
-        # this process look dead to the others.
-        self.scheduler.add_job(self._safe(self.beat), "interval", seconds=max(self.lease_s / 3, 0.1),
-                               id="heartbeat")
         self.scheduler.start()
         self.hints.start()
         self._wakeup.clear()
@@ -175,6 +198,7 @@ class Worker(Steps, Callbacks):
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
         self.deliverer.stop(wait=wait)
+        self.health.write()
         # Without a row, this owner's leases are left to run out, never
         # released early: a pool thread may still be finishing one.
         try:
@@ -212,6 +236,13 @@ class Worker(Steps, Callbacks):
             released = 0
         log.info("worker stopped: %d step(s) still running, %d lease(s) handed back", running, released)
         return running
+
+    @contextmanager
+    def calling(self, provider, call):
+        """Around one call to a provider: timed and counted (metrics), and
+        its outcome noted for the provider's health."""
+        with metrics.provider_call(provider.name, call), self.health.call(provider.name, self.clock):
+            yield
 
     def alive(self):
         return self.scheduler is not None and self.scheduler.running
@@ -489,7 +520,7 @@ class Worker(Steps, Callbacks):
 
     def _cancel(self, provider, task):
         try:
-            with metrics.provider_call(provider.name, "cancel"):
+            with self.calling(provider, "cancel"):
                 provider.cancel(task)
         except Exception as exc:
             log.warning("task %s: cancel at %s failed: %s", task["id"], provider.name, exc)

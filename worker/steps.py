@@ -63,7 +63,7 @@ class Steps:
         if held is None:
             return self._wait_for_slot(task, provider, now)
         try:
-            with metrics.provider_call(provider.name, "submit"):
+            with self.calling(provider, "submit"):
                 external_id = provider.submit(dict(held, callback_url=url) if url else held, now)
         except ProviderRejected as exc:
             return self._finish(held, now, "failed", error=(exc.code, exc.message))
@@ -286,7 +286,7 @@ class Steps:
         big, too deep, a refused redirect) comes back the same at every
         poll: it fails the task, wherever the worker asked."""
         try:
-            with metrics.provider_call(provider.name, "poll"):
+            with self.calling(provider, "poll"):
                 status = provider.poll(task, now)
         except InvalidResult as exc:
             metrics.POLLS.inc(provider.name, "error")
