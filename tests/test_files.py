@@ -208,7 +208,8 @@ def test_audit_reports_a_file_whose_bytes_do_not_match_its_sha256(published):
 
     proc = run_recover(data_dir, "--audit")
     assert proc.returncode == 1
-    assert "1 file(s) whose bytes do not match their sha256 (checked of all 3 stored file(s))" in proc.stdout
+    assert (f"1 file(s) whose bytes do not match their sha256 ({task_id}/out_0.png)"
+            " (checked of all 3 stored file(s))") in proc.stdout
 
 
 def test_audit_sample_checks_and_names_n_files(published):

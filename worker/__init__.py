@@ -12,6 +12,8 @@
                  pool of its own (the `deliver` job claims them)
     slowdown.py  SlowDown: behind on polls, young tasks first and old
                  tasks' polls stretched, until it catches up
+    health.py    ProviderHealth: each provider's last answer and last
+                 failure as the workers saw them, kept in the store
 
 Nothing here sleeps on a task's behalf. Each task's next look (`next_poll_at`),
 its lease and its attempt count live in the store, so a restart loses no
