@@ -45,6 +45,7 @@ class Config:
     max_connections_per_address: int = 256   # of those, from one client address
     request_timeout_s: float = 20.0   # to send a request's headers and body
     public_url: str = None         # how providers reach this server: set, KIE submits carry a callBackUrl
+    cors_origins: str = None       # other origins whose pages may call /api/ (comma-separated, or *): api/cors.py
     files: str = "local"           # or s3://bucket/prefix (store/objects.py)
     s3_endpoint: str = None        # e.g. http://127.0.0.1:9000 for MinIO; AWS S3 when unset
     s3_addressing: str = "auto"    # path, virtual, or auto (boto3 picks)
@@ -106,6 +107,8 @@ class Config:
             raise ConfigError("HOLDFAST_LOG must be text or json")
         if config.public_url is not None:
             config.public_url = _public_url(config.public_url)
+        if config.cors_origins is not None:
+            config.cors_origins = _origins(config.cors_origins)
         from store.objects import parse_files_url
         parse_files_url(config.files)
         if config.s3_addressing not in ("auto", "path", "virtual"):
@@ -175,6 +178,29 @@ def _public_url(value):
         raise ConfigError(f"HOLDFAST_PUBLIC_URL must be an http(s) URL like https://holdfast.example.com, "
                           f"not {value[:200]!r}")
     return value.rstrip("/")
+
+
+def _origins(value):
+    """HOLDFAST_CORS_ORIGINS as the browser writes an Origin header
+    (scheme://host[:port], lower case, no slash), comma-separated; or *."""
+    out = []
+    for item in (part.strip() for part in value.split(",")):
+        if item == "*":
+            out.append(item)
+            continue
+        try:
+            parts = urlsplit(item)
+            port = parts.port
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username
+                or any(c.isspace() for c in item)):
+            raise ConfigError(f"HOLDFAST_CORS_ORIGINS must list origins like https://app.example.com "
+                              f"(or be *), not {item[:200]!r}")
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        out.append(f"{parts.scheme}://{host}" + (f":{port}" if port is not None else ""))
+    return ",".join(dict.fromkeys(out))
 
 
 # -- wiring --------------------------------------------------------------------

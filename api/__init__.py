@@ -10,6 +10,7 @@ what it needs.
     admin.py     the operator console's /api/admin/stats, users, tasks/search, tasks/bulk
     streams.py   /api/events (SSE) and /api/events/poll (long polls)
     callbacks.py /api/callbacks/{provider}/{token}: providers' word that a job changed (no bearer auth)
+    cors.py      calls from the user's own frontend on another origin (HOLDFAST_CORS_ORIGINS)
     events.py    the EventHub: the slots and wake-ups of clients waiting on the event log
     webhooks.py  /api/webhooks/* and admins' /api/admin/users/<name>/webhooks; webhook URL checks
     service.py   /api/providers, /healthz, /metrics, /openapi.json, the page
@@ -32,6 +33,7 @@ from store import hash_token
 from .accounts import RateLimiter, account_routes
 from .admin import admin_routes
 from .callbacks import callback_routes
+from .cors import with_cors
 from .service import service_routes
 from .streams import event_routes
 from .tasks import task_routes
@@ -111,4 +113,8 @@ def create_app(store, providers, config, *, worker=None, files=None, clock=time.
     admin_routes(app, store, providers, config, worker=worker, files=files, clock=clock, admin_user=admin_user,
                  event_hub=event_hub)
     app.config["holdfast.events"] = event_hub
+    origins = getattr(config, "cors_origins", None)
+    # Bottle calls its own .wsgi for every request: the cross-origin
+    # answers wrap the whole app, its errors and 404s included.
+    app.wsgi = with_cors(app.wsgi, set(origins.split(",")) if origins else set())
     return app
