@@ -538,6 +538,10 @@ function drawUsers() {
 async function grantCredits(name, input) {
   const amount = Number(input.value);
   if (!Number.isInteger(amount) || amount === 0) { setText($('grant-result'), 'A whole number other than 0, please.'); return; }
+  // A grant is not idempotent: while one is on its way, its form takes no second.
+  const button = input.form.querySelector('button');
+  if (button.disabled) return;
+  button.disabled = true;
   try {
     const res = await api(`/api/admin/users/${encodeURIComponent(name)}/credits`, { method: 'POST', body: { amount } });
     setText($('grant-result'), `${name}: ${amount > 0 ? 'granted' : 'took'} ${Math.abs(amount)}; balance now ${res.user.credits.balance}.`);
@@ -545,6 +549,8 @@ async function grantCredits(name, input) {
     loadUsers();
   } catch (err) {
     setText($('grant-result'), `${name}: ${err.message}`);
+  } finally {
+    button.disabled = false;
   }
 }
 

@@ -635,6 +635,31 @@ def test_filters_search_and_a_bulk_retry_clicked_twice(context, seeded_server):
     assert page.evaluate("window.__csp") == [] and not page.errors
 
 
+def test_an_admin_grants_credits_once_even_when_clicked_twice(context, seeded_server):
+    server, tokens, _ = seeded_server
+    me = requests.get(server.url + "/api/me", headers={"Authorization": f"Bearer {tokens['alice']}"}, timeout=10)
+    before = me.json()["credits"]["balance"]
+    page = open_console(context, server, tokens["root"])
+    page.wait_for_selector("body[data-ready='1']")
+    grants = []
+    page.on("request", lambda r: grants.append(r.url) if r.url.endswith("/users/alice/credits") else None)
+    page.fill("#users tr[data-user=alice] input", "7")
+    page.dblclick("#users tr[data-user=alice] button")
+    page.wait_for_function("document.getElementById('grant-result').textContent.includes('balance now')")
+    assert page.text_content("#grant-result") == f"alice: granted 7; balance now {before + 7}."
+    page.wait_for_timeout(300)
+    assert len(grants) == 1, grants
+    me = requests.get(server.url + "/api/me", headers={"Authorization": f"Bearer {tokens['alice']}"}, timeout=10)
+    assert me.json()["credits"]["balance"] == before + 7
+    page.wait_for_function(f"document.querySelector('#users tr[data-user=alice]').textContent.includes('{before + 7}')")
+    for bad in ("0", "1.5"):
+        page.fill("#users tr[data-user=alice] input", bad)
+        page.click("#users tr[data-user=alice] button")
+    assert requests.get(server.url + "/api/me", headers={"Authorization": f"Bearer {tokens['alice']}"},
+                        timeout=10).json()["credits"]["balance"] == before + 7
+    shot(page, "console-grant.png")
+
+
 def test_a_non_admin_gets_no_console_and_no_admin_data(context, seeded_server):
     server, tokens, _ = seeded_server
     page = open_console(context, server, tokens["alice"])
