@@ -11,7 +11,7 @@ import bottle
 
 from errors import InvalidInput, NotFound, TooMany
 from store import MAX_SESSION_MESSAGES, check_session_key, iso, session_json, task_json
-from .web import only_fields, query_number, read_json
+from .web import only_fields, optional_key, query_number, read_json
 
 
 class RateLimiter:
@@ -138,11 +138,13 @@ def account_routes(app, store, config, *, clock, current_user, admin_user, limit
     @app.post("/api/admin/users/<name>/credits")
     def admin_grant(name):
         admin_user()
+        # With a key, sending the grant again (its answer lost) grants once.
+        key = optional_key(bottle.request.get_header("Idempotency-Key"), "Idempotency-Key")
         body = read_json(config.max_body)
         only_fields(body, {"amount"})
         if "amount" not in body:
             raise InvalidInput("amount is required: a non-zero integer (negative takes credits away)")
-        user = store.grant(store.user_by_name(name)["id"], body["amount"], now=clock())
+        user = store.grant(store.user_by_name(name)["id"], body["amount"], now=clock(), key=key)
         return {"user": user_json(user), "granted": body["amount"]}
 
     @app.get("/api/admin/tasks")

@@ -349,10 +349,14 @@ PATHS = {
                      errors=(*BODY_TOO, "403", "404")),
     },
     "/api/admin/users/{name}/credits": {
-        "post": _op("Grant credits (negative takes them away, never below zero)",
+        "post": _op("Grant credits (negative takes them away, never below zero). With an Idempotency-Key, "
+                    "the grant is made once per key and user, however often it is sent; the same key with "
+                    "another amount is a 409 idempotency_key_reused",
                     {"200": _json(_obj(["user", "granted"], {"user": _ref("User"), "granted": {"type": "integer"}}))},
                     tags=("admin",),
-                    params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                            {"name": "Idempotency-Key", "in": "header", "required": False,
+                             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}}],
                     body=_obj(["amount"], {"amount": {"type": "integer", "minimum": -10 ** 9,
                                                       "maximum": 10 ** 9, "not": {"const": 0}}}),
                     errors=(*BODY_TOO, "403", "404", "409")),

@@ -314,14 +314,18 @@ class BaseStore:
     #
     # The ledger has one row per credit movement: `reserve` (submit), then one
     # `charge` (succeeded/partial) or `refund` (failed/cancelled) per task,
-    # both unique per task; `grant` rows (task_id '') are an admin's or the
-    # initial balance. So balance = grants - reserves + refunds, always.
+    # both unique per task; `grant` rows are an admin's or the initial
+    # balance (task_id '', or 'grant:' and the grant's Idempotency-Key, unique
+    # per user). So balance = grants - reserves + refunds, always.
 
-    def grant(self, user_id, amount, *, now):
+    def grant(self, user_id, amount, *, now, key=None):
         """Add `amount` credits (negative: take them away) to a user who has a
         credit limit, with a `grant` ledger row, in one transaction. Returns
-        the user. NotFound (user_not_found); Conflict no_credit_limit for a
-        user without a balance, balance_too_low when it would go below zero,
+        the user. With a `key` (an Idempotency-Key), a grant already made
+        with it to this user is not made again: the user is returned as now,
+        or Conflict idempotency_key_reused when that grant's amount differs.
+        NotFound (user_not_found); Conflict no_credit_limit for a user
+        without a balance, balance_too_low when it would go below zero,
         balance_too_high past MAX_CREDITS; InvalidInput for a bad amount."""
         raise NotImplementedError
 

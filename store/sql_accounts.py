@@ -22,11 +22,23 @@ class AccountsSql:
             raise NotFound("user not found", code="user_not_found")
         return user
 
-    def grant(self, user_id, amount, *, now):
+    def grant(self, user_id, amount, *, now, key=None):
         if not _is_int(amount) or amount == 0 or abs(amount) > MAX_CREDITS:
             raise InvalidInput(f"amount must be a non-zero integer from -{MAX_CREDITS} to {MAX_CREDITS}")
+        ref = "" if key is None else "grant:" + key
         with self._seam():
             with self._write():
+                if key is not None:
+                    # One grant per key and user, even when two arrive at once:
+                    # the second waits here, then finds the first's row.
+                    self._lock(f"grant:{user_id}")
+                    made = self._one("SELECT amount FROM ledger WHERE user_id = ? AND task_id = ? "
+                                     "AND kind = 'grant'", (user_id, ref))
+                    if made is not None:
+                        if made[0] != amount:
+                            raise Conflict(f"this Idempotency-Key was used for a grant of {made[0]}, "
+                                           f"not {amount}", code="idempotency_key_reused")
+                        return self._user_by_id(user_id)
                 # The bounds are in the UPDATE itself: no balance outside them
                 # can be written, whatever else runs at the same time.
                 cur = self._exec("UPDATE users SET credit_balance = credit_balance + ? WHERE id = ? "
@@ -35,7 +47,7 @@ class AccountsSql:
                                  (amount, user_id, amount, amount, MAX_CREDITS))
                 if cur.rowcount == 1:
                     self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
-                               "VALUES (?, '', 'grant', ?, ?)", (user_id, amount, now))
+                               "VALUES (?, ?, 'grant', ?, ?)", (user_id, ref, amount, now))
             user = self._user_by_id(user_id)
         if cur.rowcount != 1:
             balance = user["credit_balance"]

@@ -476,6 +476,30 @@ class TestAdmin:
         missing = w.client.post("/api/admin/users/nobody/credits", {"amount": 5}, token=w.admin)
         assert missing.status == 404 and missing.json()["error"]["code"] == "user_not_found"
 
+    def test_a_grant_sent_again_with_its_key_is_made_once(self, w):
+        url = "/api/admin/users/alice/credits"
+        for _ in range(3):
+            res = w.client.post(url, {"amount": 5}, token=w.admin, headers={"Idempotency-Key": "g-1"})
+            assert res.status == 200 and res.json()["user"]["credits"]["balance"] == 15, res
+        other = w.client.post(url, {"amount": 6}, token=w.admin, headers={"Idempotency-Key": "g-1"})
+        assert other.status == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+        assert w.client.post(url, {"amount": 5}, token=w.admin, headers={"Idempotency-Key": "g-2"}).status == 200
+        assert w.client.post(url, {"amount": 5}, token=w.admin).status == 200     # no key: each one counts
+        assert w.client.post(url, {"amount": 5}, token=w.admin).status == 200
+        carol = w.user("carol", credits=1)[0]
+        assert w.client.post("/api/admin/users/carol/credits", {"amount": 5}, token=w.admin,
+                             headers={"Idempotency-Key": "g-1"}).status == 200    # a key is per user
+        assert [r["amount"] for r in w.store.ledger(user_id=w.alice_user["id"]) if r["kind"] == "grant"] == [
+            10, 5, 5, 5, 5]
+        assert w.store.user_by_name("alice")["credit_balance"] == 30
+        assert w.store.user_by_name("carol")["credit_balance"] == 6 and carol
+        assert_ledger_balances(w.store, w.alice_user)
+        before = w.snapshot()
+        for key in ("", "a b", "x" * 201, "é"):
+            bad = w.client.post(url, {"amount": 5}, token=w.admin, headers={"Idempotency-Key": key})
+            assert bad.status == 400 and bad.json()["error"]["code"] in ("invalid_input", "invalid_header"), key
+        assert w.snapshot() == before
+
     def test_grants_from_many_threads_all_count(self, w):
         threads = [threading.Thread(target=lambda: [w.store.grant(w.alice_user["id"], 1, now=0)
                                                     for _ in range(25)]) for _ in range(4)]

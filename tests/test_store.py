@@ -728,6 +728,33 @@ class TestAccounts:
         assert self.ledger_kinds(store, user_id=user["id"]) == [("grant", 10), ("grant", 5), ("grant", -15)]
         assert store.ledger(user_id=store.create_user("free")[0]["id"]) == []
 
+    def test_a_grant_with_one_key_from_many_threads_at_once_is_made_once(self, store):
+        payer = store.create_user("payer", credits=10)[0]
+        errors = []
+        start = threading.Barrier(6)
+
+        def send(keys):
+            start.wait(10)
+            for key in keys:
+                try:
+                    store.grant(payer["id"], 3, now=1.0, key=key)
+                except Exception as exc:        # noqa: BLE001 - any error fails the test below
+                    errors.append(exc)
+        keys = [f"k{i}" for i in range(20)]
+        threads = [threading.Thread(target=send, args=(keys,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and not any(t.is_alive() for t in threads)
+        assert store.user_by_name("payer")["credit_balance"] == 10 + 3 * len(keys)
+        assert sorted(r["task_id"] for r in store.ledger(user_id=payer["id"])) == sorted(
+            ["", *("grant:" + k for k in keys)])
+        with pytest.raises(Conflict) as err:
+            store.grant(payer["id"], 4, now=2.0, key="k0")
+        assert err.value.code == "idempotency_key_reused"
+        assert store.user_by_name("payer")["credit_balance"] == 10 + 3 * len(keys)
+
     def test_grants_never_go_below_zero_nor_to_users_without_a_limit(self, store):
         payer = store.create_user("payer", credits=3)[0]
         free = store.create_user("free")[0]
