@@ -518,6 +518,8 @@ function drawUsers() {
       input.step = '1';
       input.required = true;
       input.setAttribute('aria-label', `credits for ${u.name}`);
+      // One key per amount typed: sent again after a lost answer, it grants once.
+      input.addEventListener('input', () => { input.dataset.key = uuid(); });
       grant.append(input, el('button', null, 'Grant'));
       grant.addEventListener('submit', (ev) => { ev.preventDefault(); grantCredits(u.name, input); });
     }
@@ -543,9 +545,12 @@ async function grantCredits(name, input) {
   if (button.disabled) return;
   button.disabled = true;
   try {
-    const res = await api(`/api/admin/users/${encodeURIComponent(name)}/credits`, { method: 'POST', body: { amount } });
+    if (!input.dataset.key) input.dataset.key = uuid();
+    const res = await api(`/api/admin/users/${encodeURIComponent(name)}/credits`, { method: 'POST', body: { amount },
+      headers: { 'Idempotency-Key': input.dataset.key } });
     setText($('grant-result'), `${name}: ${amount > 0 ? 'granted' : 'took'} ${Math.abs(amount)}; balance now ${res.user.credits.balance}.`);
     input.value = '';
+    delete input.dataset.key;
     loadUsers();
   } catch (err) {
     setText($('grant-result'), `${name}: ${err.message}`);
