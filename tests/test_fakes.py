@@ -1,7 +1,10 @@
 """The fake providers answer like the real ones (ComfyUI: like the recordings)."""
 
 import json
+import socket
+import threading
 import time
+from urllib.parse import urlsplit
 from collections import Counter
 
 import pytest
@@ -371,3 +374,23 @@ def test_kie_max_concurrent_seen():
         create(kie)
         assert kie.max_concurrent_seen == 3
         assert kie.requests["/api/v1/jobs/createTask"] == 4
+
+
+def test_kie_counts_polls_of_one_job_that_overlap_but_not_one_whose_asker_left():
+    with FakeKIE(job_seconds=5, poll_delay=0.6) as kie:
+        task_id = create(kie).json()["data"]["taskId"]
+        threads = [threading.Thread(target=record, args=(kie, task_id)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert kie.overlapping_polls == 1
+        # An asker that closes its connection mid-poll (as a killed process's
+        # kernel does) leaves: a poll right after it overlaps nothing.
+        raw = socket.create_connection(("127.0.0.1", urlsplit(kie.url).port), timeout=5)
+        raw.sendall(f"GET /api/v1/jobs/recordInfo?taskId={task_id} HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: {AUTH['Authorization']}\r\n\r\n".encode())
+        wait_for(lambda: kie.requests["/api/v1/jobs/recordInfo"] == 3, 5)
+        raw.close()
+        assert record(kie, task_id).json()["code"] == 200
+        assert kie.overlapping_polls == 1

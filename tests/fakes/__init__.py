@@ -6,6 +6,7 @@ module holds the two things they share: a tiny HTTP harness and a PNG encoder.
 """
 
 import json
+import select
 import socket
 import struct
 import sys
@@ -44,6 +45,18 @@ class Request:
     query: dict          # first value of each query parameter
     headers: dict        # header names lower-cased
     body: bytes
+    connection: object = None   # the client's socket, to ask whether it is still there
+
+    def asker_gone(self):
+        """Whether the client has closed its end (a killed process's
+        sockets are closed by its kernel): it waits for no answer."""
+        if self.connection is None:
+            return False
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def json(self):
         """The body as JSON; raises ValueError when it is not JSON."""
@@ -84,6 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
             query={k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
             headers={k.lower(): v for k, v in self.headers.items()},
             body=self.rfile.read(length) if length else b"",
+            connection=self.connection,
         )
         try:
             response = self.fake.handle(request) or Response(404, b"404: Not Found", {"Content-Type": "text/plain"})

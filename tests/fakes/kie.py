@@ -12,7 +12,7 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import requests
@@ -142,7 +142,7 @@ class FakeKIE(FakeServer):
         # The next recordInfo answers that say success with `"data": null`.
         self.null_data_polls = null_data_polls
         self.overlapping_polls = 0
-        self._polling = Counter()
+        self._polling = defaultdict(list)   # job id -> the requests polling it now
         self.api_key = api_key
         self.job_seconds = job_seconds
         self.outputs = outputs
@@ -294,7 +294,7 @@ class FakeKIE(FakeServer):
             if (req.method, req.path) == ("POST", "/api/v1/jobs/createTask"):
                 return self._create(req)
             if (req.method, req.path) == ("GET", "/api/v1/jobs/recordInfo"):
-                return self._watched_record_info(req.query.get("taskId"))
+                return self._watched_record_info(req.query.get("taskId"), req)
         return None
 
     def _fail(self, code, msg):
@@ -342,18 +342,23 @@ class FakeKIE(FakeServer):
             self._stopping.wait(wait)
         return json_response({"code": 200, "msg": "success", "data": {"taskId": task.task_id}})
 
-    def _watched_record_info(self, task_id):
+    def _watched_record_info(self, task_id, req):
         with self._lock:
-            self._polling[task_id] += 1
-            if self._polling[task_id] > 1:
+            # A poll whose asker has gone (a process killed mid-poll) is
+            # nobody's poll any more: another process taking the job over
+            # at once does not overlap it.
+            asking = self._polling[task_id]
+            asking[:] = [other for other in asking if not other.asker_gone()]
+            if asking:
                 self.overlapping_polls += 1
+            asking.append(req)
         try:
             if self.poll_delay:
                 self._stopping.wait(self.poll_delay)
             return self._record_info(task_id)
         finally:
             with self._lock:
-                self._polling[task_id] -= 1
+                self._polling[task_id] = [other for other in self._polling[task_id] if other is not req]
 
     def _record_info(self, task_id):
         if not task_id:
