@@ -67,7 +67,16 @@ def app_server(server, tmp_path):
     thread = threading.Thread(target=listener.run, daemon=True)
     thread.start()
     yield url, orders, recorder
-    listener.close()
+
+    # Closed from its own loop: closing the sockets from here while the loop
+    # thread selects on them fails that thread with EBADF.
+    def close_all():
+        for dispatcher in list(listener._map.values()):
+            dispatcher.close()
+    listener.trigger.pull_trigger(close_all)
+    thread.join(10)
+    assert not thread.is_alive(), "the example's server did not stop"
+    listener.task_dispatcher.shutdown()
 
 
 def test_the_web_app_attaches_a_result_once_when_the_webhook_comes_twice(app_server):
