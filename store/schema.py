@@ -509,7 +509,7 @@ def _migration_12(db):
         db.create_tables([ProviderHealth])
 
 
-def _migration_14(db):
+def _migration_15(db):
     """A grant sent with an Idempotency-Key is made once: its ledger row
     carries the key (task_id 'grant:' + key), unique per user."""
     db.execute_sql("CREATE UNIQUE INDEX IF NOT EXISTS ledger_grant_once ON ledger (user_id, task_id) "
@@ -518,7 +518,7 @@ def _migration_14(db):
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
-              (11, _migration_11), (12, _migration_12), (14, _migration_14)]
+              (11, _migration_11), (12, _migration_12), (15, _migration_15)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.
