@@ -111,15 +111,25 @@ _PG = [
 ]
 
 
+_TRIGGERS = ("slot_line_insert", "slot_line_update", "slot_line_leave", "slot_line_join", "slot_line_delete")
+
+
 def create(db):
-    """Make the table, its index and triggers, and fill it from the tasks."""
-    db.execute_sql("CREATE TABLE slot_line (provider VARCHAR(255) NOT NULL, user_id INTEGER NOT NULL, "
-                   "best INTEGER NOT NULL, since DOUBLE PRECISION NOT NULL, PRIMARY KEY (provider, user_id))")
-    db.execute_sql("CREATE INDEX slot_line_order ON slot_line (provider, best DESC, since, user_id)")
+    """Make the table, its index and triggers, and fill it from the tasks.
+    Safe to run again over a database that has them (a store migrates
+    from its highest recorded version)."""
+    db.execute_sql("CREATE TABLE IF NOT EXISTS slot_line (provider VARCHAR(255) NOT NULL, "
+                   "user_id INTEGER NOT NULL, best INTEGER NOT NULL, since DOUBLE PRECISION NOT NULL, "
+                   "PRIMARY KEY (provider, user_id))")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS slot_line_order ON slot_line (provider, best DESC, since, user_id)")
+    postgres = isinstance(db, peewee.PostgresqlDatabase)
+    for name in _TRIGGERS:
+        db.execute_sql(f"DROP TRIGGER IF EXISTS {name}" + (" ON tasks" if postgres else ""))
+    db.execute_sql("DELETE FROM slot_line")
     db.execute_sql("INSERT INTO slot_line (provider, user_id, best, since) "
                    "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
                    f"WHERE {_waiting('tasks')} GROUP BY provider, user_id")
-    for sql in _PG if isinstance(db, peewee.PostgresqlDatabase) else _SQLITE:
+    for sql in _PG if postgres else _SQLITE:
         db.execute_sql(sql)
 
 
