@@ -54,19 +54,32 @@ def _merge(row, greatest, least):
     return (f"INSERT INTO slot_line (provider, user_id, best, since) "
             f"VALUES ({row}.provider, {row}.user_id, {row}.priority, {row}.created_at) "
             f"ON CONFLICT (provider, user_id) DO UPDATE SET "
-            f"best = {greatest}(slot_line.best, excluded.best), since = {least}(slot_line.since, excluded.since);")
+            f"best = {greatest}(slot_line.best, excluded.best), since = {least}(slot_line.since, excluded.since) "
+            # Mostly a newer task at no higher priority: nothing to write.
+            f"WHERE excluded.best > slot_line.best OR excluded.since < slot_line.since;")
 
 
 _COLUMNS = "status, step, priority, provider, user_id"
+
+
+def _counts(row):
+    """Whether the task that stops waiting may be the one that sets its
+    row's `best` or `since`: a task below the best and younger than the
+    oldest leaves both to others that still wait. Read outside the row's
+    lock, so only where writers run one at a time (SQLite)."""
+    return (f"EXISTS (SELECT 1 FROM slot_line WHERE provider = {row}.provider AND user_id = {row}.user_id "
+            f"AND (best <= {row}.priority OR since >= {row}.created_at))")
+
 
 _SQLITE = [
     f"CREATE TRIGGER slot_line_insert AFTER INSERT ON tasks WHEN {_waiting('NEW')} "
     f"BEGIN {_merge('NEW', 'MAX', 'MIN')} END",
     f"CREATE TRIGGER slot_line_leave AFTER UPDATE OF {_COLUMNS} ON tasks "
-    f"WHEN {_waiting('OLD')} AND NOT ({_same('OLD', 'NEW')}) BEGIN {_sqlite_recount('OLD')} END",
+    f"WHEN {_waiting('OLD')} AND NOT ({_same('OLD', 'NEW')}) AND {_counts('OLD')} "
+    f"BEGIN {_sqlite_recount('OLD')} END",
     f"CREATE TRIGGER slot_line_join AFTER UPDATE OF {_COLUMNS} ON tasks "
     f"WHEN {_waiting('NEW')} AND NOT ({_same('OLD', 'NEW')}) BEGIN {_merge('NEW', 'MAX', 'MIN')} END",
-    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks WHEN {_waiting('OLD')} "
+    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks WHEN {_waiting('OLD')} AND {_counts('OLD')} "
     f"BEGIN {_sqlite_recount('OLD')} END",
 ]
 
