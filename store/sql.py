@@ -623,8 +623,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         """Serialize slot decisions for `provider` until the transaction ends."""
         self._lock("slot:" + provider)
 
-    # Waiting for a provider's slot: queued and not holding one. The line
-    # (see _next_in_line) reads these through the partial index tasks_line
+    # Waiting for a provider's slot: queued and not holding one (slot_line's
+    # triggers say the same, store/slot_line.py). The counts in
+    # _next_in_line read these through the partial index tasks_line
     # (migration 7) alone, never the rows.
     _WAITING = "status = 'queued' AND provider = ? AND (step IS NULL OR step <> ?)"
 
