@@ -23,8 +23,6 @@ import peewee
 
 from .schema import SLOT_STEP
 
-TABLE = "slot_line"
-
 
 def _waiting(row):
     return f"{row}.status = 'queued' AND ({row}.step IS NULL OR {row}.step <> '{SLOT_STEP}')"
