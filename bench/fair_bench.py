@@ -15,6 +15,11 @@ line. Interleaved round by round:
                       line's queries for the task first in line (all in
                       one transaction, rolled back)
 
+Then what keeping the line's summary (slot_line, kept by triggers on tasks)
+costs the writes: submits, and a slot taken and given back by a user's
+oldest waiting task (each write counts the user's row again), against a
+store of the same tasks with the triggers dropped.
+
 Bounded: a few seconds per size.
 """
 
@@ -23,7 +28,7 @@ import os
 import statistics
 import time
 
-from _common import fmt_rate, rounds, table, temp_dir
+from _common import fmt_rate, median_ratio, rounds, table, temp_dir
 
 from store import SqliteStore
 
@@ -99,8 +104,62 @@ def main():
                 rows.append([f"{size:,} waiting, {n_users:,} users: {name}", fmt_rate(rate), f"{1000 / rate:.3f}",
                              f"{100 * base / rate:.1f}%"])
             store.close()
-    table(["per call", "ops/s", "ms", "% of a claim of 50"], rows,
-          f"Fair slot line vs claim of 50 (SQLite), {args.rounds} interleaved rounds, medians")
+        table(["per call", "ops/s", "ms", "% of a claim of 50"], rows,
+              f"Fair slot line vs claim of 50 (SQLite), {args.rounds} interleaved rounds, medians")
+        write_costs(tmp, args.rounds)
+
+
+def write_costs(tmp, count, waiting=2000, n_users=100):
+    cases, stores = {}, []
+    for label in ("with slot_line", "without its triggers"):
+        store, _ = build(os.path.join(tmp, f"writes {label}.db"), waiting, n_users)
+        stores.append(store)
+        if label != "with slot_line":
+            with store._seam(), store._write():
+                for name in ("slot_line_insert", "slot_line_leave", "slot_line_join", "slot_line_delete"):
+                    store._exec(f"DROP TRIGGER {name}")
+        later = time.time() + 1
+        users = [u for u, in store._exec("SELECT id FROM users ORDER BY id").fetchall()]
+        claimed = sorted(store.claim("bench", now=later, limit=waiting, lease_s=3600), key=lambda t: t["created_at"])
+        oldest = claimed[:n_users]      # each user's oldest waiting task: its row's `since`
+
+        def submit(n, store=store, users=users):
+            for i in range(n):
+                store.submit(users[i % len(users)], "demo", {"prompt": "more"}, now=time.time(),
+                             deadline_at=time.time() + 7200)
+
+        def take_and_give_back(n, store=store, oldest=oldest, later=later):
+            for i in range(n):
+                task = oldest[i % len(oldest)]
+                assert store.take_slot(task["id"], token=task["lease_token"], now=later, limit=None,
+                                       step="submitting")
+                store.update(task["id"], token=task["lease_token"], now=later, step=None)
+            return 2 * n
+
+        cases[f"submit, {label}"] = submit
+        cases[f"take_slot + give back (per write), {label}"] = take_and_give_back
+    # SQLite VM steps: the same on a busy machine as on an idle one.
+    steps = {}
+    for name, fn in cases.items():
+        con, counted = stores[0 if "with slot_line" in name else 1].db.connection(), [0]
+        con.set_progress_handler(lambda: counted.__setitem__(0, counted[0] + 1), 1)
+        try:
+            done = fn(20)
+        finally:
+            con.set_progress_handler(None, 1)
+        steps[name] = counted[0] / (done if isinstance(done, int) else 20)
+    r = rounds(cases, 100, 4 * count)
+    rows = []
+    for kind in ("submit", "take_slot + give back (per write)"):
+        names = [f"{kind}, {label}" for label in ("with slot_line", "without its triggers")]
+        rows.append([kind, *(fmt_rate(statistics.median(r[n])) for n in names),
+                     f"{100 * (median_ratio(r[names[1]], r[names[0]]) - 1):+.1f}%",
+                     *(f"{steps[n]:,.0f}" for n in names)])
+    table(["write", "ops/s with slot_line", "ops/s without", "time added", "VM steps with", "VM steps without"],
+          rows, f"What keeping slot_line costs the writes ({waiting:,} waiting, {n_users} users, SQLite), "
+          f"{4 * count} interleaved rounds of 100; time added = median of per-round ratios")
+    for store in stores:
+        store.close()
 
 
 if __name__ == "__main__":

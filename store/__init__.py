@@ -40,6 +40,7 @@ from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MOD
                      new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
 from .schema import MAX_PRIORITY, SLOT_WAIT_STEP, check_priority
 from .schema import DURATION_BOUNDS_S, TaskHistoryDetail, duration_bucket
+from .schema import DERIVED_TABLES
 from .sql import SqlStore
 from .sql_webhooks import (DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, delivery_json, endpoint_json,
                            webhook_events)
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_WEBHOOK_EVENTS", "WEBHOOK_EVENTS", "delivery_json", "endpoint_json", "webhook_events",
     "MAX_PRIORITY", "SLOT_WAIT_STEP", "check_priority",
     "DURATION_BOUNDS_S", "TaskHistoryDetail", "duration_bucket",
+    "DERIVED_TABLES",
 ]
 
 log = logging.getLogger("holdfast.store")

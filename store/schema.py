@@ -390,6 +390,8 @@ DATA_MODELS += [TaskHistoryDetail]
 # Tables that describe the processes using this store, not data: an export
 # leaves them out (the processes they name do not move with the data).
 LOCAL_MODELS = [Heartbeat, ProviderHealth]
+# Tables derived from the data by triggers: not exported; an import fills them.
+DERIVED_TABLES = ["slot_line"]
 
 
 def _migration_1(db):
@@ -509,6 +511,13 @@ def _migration_12(db):
         db.create_tables([ProviderHealth])
 
 
+def _migration_13(db):
+    """The slot line's summary, one row per user waiting at a provider, kept
+    by triggers (store/slot_line.py), filled from the tasks waiting now."""
+    from . import slot_line
+    slot_line.create(db)
+
+
 def _migration_15(db):
     """A grant sent with an Idempotency-Key is made once: its ledger row
     carries the key (task_id 'grant:' + key), unique per user."""
@@ -518,7 +527,7 @@ def _migration_15(db):
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
-              (11, _migration_11), (12, _migration_12), (15, _migration_15)]
+              (11, _migration_11), (12, _migration_12), (13, _migration_13), (15, _migration_15)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

@@ -623,8 +623,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         """Serialize slot decisions for `provider` until the transaction ends."""
         self._lock("slot:" + provider)
 
-    # Waiting for a provider's slot: queued and not holding one. The line
-    # (see _next_in_line) reads these through the partial index tasks_line
+    # Waiting for a provider's slot: queued and not holding one (slot_line's
+    # triggers say the same, store/slot_line.py). The counts in
+    # _next_in_line read these through the partial index tasks_line
     # (migration 7) alone, never the rows.
     _WAITING = "status = 'queued' AND provider = ? AND (step IS NULL OR step <> ?)"
 
@@ -639,18 +640,17 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         now, so the slot it leaves free is taken at the next tick rather
         than a poll interval later.
 
-        Every read here stops after a few index entries per waiting user
-        (counts stop at a cap), so the cost grows with the users waiting,
-        not with their tasks."""
+        Every read here stops after a few index entries (counts stop at a
+        cap, the line reads a row per free slot and per holder), so the
+        cost grows neither with the tasks waiting nor with their users."""
         provider = task["provider"]
         cap = free + 1
         if self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} LIMIT ?) w",
                      (provider, SLOT_STEP, cap))[0] <= free:
             return True
-        rows = self._exec(self._LINE, (provider, provider, provider, SLOT_STEP, provider, SLOT_STEP)).fetchall()
-        # A user whose queued tasks all hold slots has no priority: not waiting.
-        line = {user: [held.get(user, 0), -priority, since]
-                for user, priority, since in rows if priority is not None}
+        # Users level on all three take turns by user id.
+        line = {user: [held.get(user, 0), -best, since, user]
+                for user, best, since in self._line(provider, held, free)}
         turns = {}
         for turn in range(free):
             user = min(line, key=line.get)
@@ -670,21 +670,25 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             self._wake(provider, user, n, now)
         return False
 
-    # Who waits at a provider: a loose index scan that steps from one user to
-    # the next, and for each reads their best priority (tasks_line) and
-    # their oldest waiting task (tasks_since). The same answer as a
-    # GROUP BY user_id over the waiting tasks, read from a few index entries
-    # per user.
-    _LINE = (
-        "WITH RECURSIVE waiting(user_id) AS ("
-        " SELECT MIN(user_id) FROM tasks WHERE status = 'queued' AND provider = ?"
-        " UNION ALL"
-        " SELECT (SELECT MIN(user_id) FROM tasks WHERE status = 'queued' AND provider = ? AND user_id > w.user_id)"
-        " FROM waiting w WHERE w.user_id IS NOT NULL) "
-        "SELECT w.user_id,"
-        f" (SELECT priority FROM tasks WHERE {_WAITING} AND user_id = w.user_id ORDER BY priority DESC LIMIT 1),"
-        f" (SELECT created_at FROM tasks WHERE {_WAITING} AND user_id = w.user_id ORDER BY created_at LIMIT 1) "
-        "FROM waiting w WHERE w.user_id IS NOT NULL")
+    def _line(self, provider, held, free):
+        """[(user id, best waiting priority, oldest waiting since)] of the
+        users at `provider` who may win one of `free` turns, from slot_line
+        (migration 13, store/slot_line.py). Users holding none of the slots
+        come before every holder, and in slot_line's order among themselves:
+        one past the first `free` of them could only win a turn after each
+        of those had won one. The first `free` + len(held) rows hold at
+        least `free` of them; the holders' own rows, which may sort further
+        down, are read apart. A user whose queued tasks all hold slots has
+        no row: not waiting."""
+        rows = self._exec("SELECT user_id, best, since FROM slot_line WHERE provider = ? "
+                          "ORDER BY best DESC, since, user_id LIMIT ?", (provider, free + len(held))).fetchall()
+        read = {r[0] for r in rows}
+        holders = [user for user in held if user not in read]
+        if holders:
+            rows += self._exec(f"SELECT user_id, best, since FROM slot_line WHERE provider = ? "
+                               f"AND user_id IN ({', '.join('?' * len(holders))})",
+                               (provider, *holders)).fetchall()
+        return rows
 
     def _ahead(self, task, cap):
         """How many of its user's waiting tasks are ahead of `task` in line,

@@ -115,3 +115,38 @@ def test_no_migration_without_its_backup(populated, monkeypatch):
         assert s.schema_version() == latest and s.export_rows()["tasks"] == rows["tasks"]
     finally:
         s.close()
+
+
+def test_a_database_at_version_12_migrates_with_its_slot_line_filled(tmp_path, monkeypatch):
+    """Migration 13 fills slot_line from the tasks waiting at the time (the
+    triggers it makes see only later changes), then keeps it."""
+    from store import slot_line
+    path = str(tmp_path / "holdfast.db")
+    monkeypatch.setattr(store_module.sql_schema, "MIGRATIONS",
+                        [m for m in store_module.MIGRATIONS if m[0] <= 12])
+    s = SqliteStore(path)
+    try:
+        alice, bob, carol = (s.create_user(n)[0]["id"] for n in ("alice", "bob", "carol"))
+        for user, at, priority in ((alice, 1.0, 0), (alice, 2.0, 5), (alice, 3.0, 0),
+                                   (bob, 4.0, 9), (bob, 5.0, 2), (carol, 6.0, 0)):
+            s.submit(user, "demo", {"at": at}, now=at, deadline_at=1e10, priority=priority)
+        held = {t["created_at"]: t for t in s.claim("w", now=10.0, limit=10, lease_s=60)}
+        # bob's priority-9 task holds a slot: not waiting; carol's is cancelled.
+        assert s.take_slot(held[4.0]["id"], token=held[4.0]["lease_token"], now=10.0, limit=None,
+                           step="submitting")
+        s.cancel(held[6.0]["id"], carol, now=10.0)
+        assert s.schema_version() == 12 and not s.db.table_exists("slot_line")
+    finally:
+        s.close()
+    monkeypatch.undo()
+    s = SqliteStore(path)
+    try:
+        assert s.schema_version() == 13
+        with s._seam():
+            assert slot_line.rows(s) == [("demo", alice, 5, 1.0), ("demo", bob, 2, 5.0)]
+        s.submit(carol, "demo", {}, now=20.0, deadline_at=1e10, priority=-1)
+        with s._seam():
+            assert slot_line.rows(s) == slot_line.recount(s) == [
+                ("demo", alice, 5, 1.0), ("demo", bob, 2, 5.0), ("demo", carol, -1, 20.0)]
+    finally:
+        s.close()

@@ -346,6 +346,66 @@ def test_a_tail_of_events_written_by_six_processes_skips_none(pg_schema):
         store.close()
 
 
+def test_two_connections_changing_one_users_line_leave_its_slot_line_row_right(pg_schema):
+    """slot_line's triggers on writers that run side by side: one
+    connection submits a user's tasks while another takes their slots and
+    finishes them, so the user's row comes and goes under both. Each change
+    takes the row's lock before it reads the tasks: neither may miss the
+    other's task, nor both insert the row (a unique violation)."""
+    from store import slot_line
+    stores = [PostgresStore(pg_schema.url) for _ in range(2)]
+    try:
+        user = stores[0].create_user("alice")[0]["id"]
+        errors, counts, n = [], collections.Counter(), [0]
+
+        def writer(store, stop):
+            while time.monotonic() < stop:
+                n[0] += 1
+                store.submit(user, "demo", {"n": n[0]}, now=float(n[0]), deadline_at=1e10, priority=n[0] % 3)
+                counts["submitted"] += 1
+                for task in store.claim(f"w{id(store)}", now=1e9, limit=2, lease_s=60):
+                    if store.take_slot(task["id"], token=task["lease_token"], now=1e9, limit=None,
+                                       step="submitting") is None:
+                        continue
+                    counts["taken"] += 1
+                    if task["priority"] == 1 and task["attempts"] == 0:
+                        store.update(task["id"], token=task["lease_token"], now=1e9, step=None, attempts=1,
+                                     release=True)
+                    else:
+                        store.cancel(task["id"], user, now=1e9)
+
+        def run(fn, store, stop):
+            try:
+                fn(store, stop)
+            except Exception as exc:     # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+        # Rounds, each checked once both writers have stopped: a wrong row
+        # is seen before a later change can count it right again.
+        wrong = []
+        for _ in range(8):
+            stop = time.monotonic() + 0.4
+            threads = [threading.Thread(target=run, args=(writer, s, stop)) for s in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            with stores[0]._seam():
+                have, want = slot_line.rows(stores[0]), slot_line.recount(stores[0])
+            if have != want:
+                wrong.append((have, want))
+        assert not errors, errors
+        assert not wrong, wrong
+        assert counts["submitted"] > 50 and counts["taken"] > 20, counts
+        with stores[0]._seam():
+            waiting = stores[0]._one("SELECT COUNT(*) FROM tasks WHERE status = 'queued' "
+                                     "AND step IS NULL")[0]
+        print(counts, waiting, "waiting at the end")
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_session_bounds_come_from_the_url_or_their_defaults(pg_schema):
     store = PostgresStore(pg_schema.url + "&lock_timeout=1234ms&statement_timeout=300ms&keepalives_idle=20")
     try:
