@@ -16,6 +16,8 @@ of holdfast imports every name from here, whichever module holds it:
     sqlite.py    SqliteStore, the default
     postgres.py  PostgresStore, for several hosts
     jsonfile.py  JsonStore, plain JSON files where SQLite cannot work
+    slot_line.py the slot line's summary table and its triggers (migration
+                 13): who waits for a provider's slots, read by take_slot
     files.py     FileStore, the result files
     objects.py   ObjectStore, the result files in an S3-compatible bucket, and
                  open_files, which chooses (HOLDFAST_FILES)

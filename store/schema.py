@@ -25,6 +25,9 @@ from peewee import (SQL, AutoField, BooleanField, CharField, CompositeKey,
 
 from errors import Conflict, InvalidInput
 
+from . import slot_line
+from .slot_line import SLOT_STEP
+
 
 class TaskStatus(str, Enum):
     QUEUED = "queued"
@@ -52,9 +55,6 @@ TRANSITIONS = {
 ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout", "result_expired",
                          "provider_lost", "submission_in_doubt", "invalid_result", "internal"})
 DEDUPE_IGNORED = ("failed", "cancelled")
-# A queued task whose step is this holds one of its provider's slots: its
-# submit is under way, or in doubt after a crash (see take_slot).
-SLOT_STEP = "submitting"
 # A queued task's step after take_slot refused it: it waits in line for a
 # slot (see SqlStore._next_in_line).
 SLOT_WAIT_STEP = "waiting for a slot"
@@ -514,7 +514,6 @@ def _migration_12(db):
 def _migration_13(db):
     """The slot line's summary, one row per user waiting at a provider, kept
     by triggers (store/slot_line.py), filled from the tasks waiting now."""
-    from . import slot_line
     slot_line.create(db)
 
 

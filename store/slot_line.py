@@ -21,7 +21,10 @@ fills it by the same triggers as it inserts the tasks.
 
 import peewee
 
-from .schema import SLOT_STEP
+# A queued task whose step is this holds one of its provider's slots: its
+# submit is under way, or in doubt after a crash (see take_slot). Here, as
+# the line is what it decides; store.schema gives it to the rest.
+SLOT_STEP = "submitting"
 
 
 def _waiting(row):

@@ -141,7 +141,7 @@ def test_a_database_at_version_12_migrates_with_its_slot_line_filled(tmp_path, m
     monkeypatch.undo()
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == 13
+        assert s.schema_version() == max(v for v, _ in store_module.MIGRATIONS)
         with s._seam():
             assert slot_line.rows(s) == [("demo", alice, 5, 1.0), ("demo", bob, 2, 5.0)]
         s.submit(carol, "demo", {}, now=20.0, deadline_at=1e10, priority=-1)
