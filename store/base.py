@@ -125,7 +125,7 @@ class BaseStore:
 
     # -- provider slots and long steps (the worker's) --------------------------
 
-    def take_slot(self, task_id, *, token, now, limit, **changes):
+    def take_slot(self, task_id, *, token, now, limit, wake=None, **changes):
         """Apply `changes` (as update(), lease kept) to a task held with
         lease `token` only if its provider has room: fewer than `limit` of
         the provider's other tasks hold a slot (None: no limit), or this task
@@ -139,8 +139,10 @@ class BaseStore:
         free, a free slot goes only to a task among the first in line (see
         SqlStore._next_in_line: the user holding fewest of the provider's
         slots first, then higher priority, then the one waiting longest),
-        and a task refused for that makes those first in line due at once. With
-        slots to spare every task gets one. StaleLease, Conflict, NotFound."""
+        and a task refused for that makes those first in line due at once
+        (then `wake`, if given, is called once that is committed, so a
+        worker takes them without waiting for its next tick). With slots to
+        spare every task gets one. StaleLease, Conflict, NotFound."""
         raise NotImplementedError
 
     def renew_lease(self, task_id, *, token, expires_at):

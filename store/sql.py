@@ -597,7 +597,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     # -- provider slots and long steps (the worker's) --------------------------
 
-    def take_slot(self, task_id, *, token, now, limit, **changes):
+    def take_slot(self, task_id, *, token, now, limit, wake=None, **changes):
         _check_updatable(changes)
         with self._seam(), self._write():
             task = self._task_for_update(task_id)
@@ -608,9 +608,16 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                 self._slot_lock(task["provider"])
                 held = dict(self._exec(self._HELD, (task["provider"], task_id) * 2).fetchall())
                 busy = sum(held.values())
-                if busy >= limit or not self._next_in_line(task, held, limit - busy, now):
+                if busy >= limit:
                     return None
-            return self._apply(task, token, now, False, changes)
+                turn = self._next_in_line(task, held, limit - busy, now)
+            if limit is None or holds or turn:
+                return self._apply(task, token, now, False, changes)
+        # Refused with a slot free: those first in line are due now, and
+        # committed; a waiting dispatcher may take them at once.
+        if wake is not None:
+            wake()
+        return None
 
     # Slots held at a provider, by user: its running tasks and those queued
     # holding one (tasks_slots, migration 8, names the step as written),

@@ -1089,6 +1089,28 @@ def test_a_scarce_slot_goes_to_the_user_holding_fewest_not_the_oldest_task(store
     assert _take(store, held[a[3]], 2) is None
 
 
+def test_a_refusal_with_a_slot_free_wakes_the_caller_once_it_is_committed(store, alice):
+    """The worker's dispatcher then takes those first in line at once, not
+    a tick later; a refusal with every slot taken, or a slot taken, wakes
+    nobody."""
+    bob = store.create_user("bob")[0]
+    a = [submit(store, alice["id"], float(i))[0]["id"] for i in range(1, 5)]
+    held = _held(store)
+    woken = []
+
+    def wake():
+        # Called after the commit: another connection sees bob's task due.
+        woken.append(row(store, b)["next_poll_at"])
+    take = lambda t: store.take_slot(t["id"], token=t["lease_token"], now=100.0, limit=2, wake=wake,
+                                     step="submitting")
+    assert take(held[a[0]]) and woken == []
+    b = submit(store, bob["id"], 10.0)[0]["id"]
+    held.update(_held(store))
+    assert take(held[a[1]]) is None and len(woken) == 1 and woken[0] <= 100.0
+    assert take(held[b]) and len(woken) == 1
+    assert take(held[a[2]]) is None and len(woken) == 1, "no slot free: nobody to wake"
+
+
 def test_fair_share_comes_before_priority_across_users(store, alice):
     bob = store.create_user("bob")[0]
     a = [submit(store, alice["id"], float(i), priority=9)[0]["id"] for i in range(1, 4)]

@@ -58,8 +58,8 @@ class Steps:
         # Marked as sent, and committed, before it is: a crash from here on
         # leaves a submit in doubt that the next owner will not repeat blindly.
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
-                                    external_id=provider.new_id(task, now), attempts=attempts, step=SLOT_STEP,
-                                    state={**state, POSTED_AT: now})
+                                    wake=self.wake, external_id=provider.new_id(task, now), attempts=attempts,
+                                    step=SLOT_STEP, state={**state, POSTED_AT: now})
         if held is None:
             return self._wait_for_slot(task, provider, now)
         try:
@@ -208,7 +208,7 @@ class Steps:
         """A local function: run it in this (pool) thread, with retries."""
         attempt = task["attempts"] + 1
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
-                                    status="running", attempts=attempt, step="running", progress=0.0,
+                                    wake=self.wake, status="running", attempts=attempt, step="running", progress=0.0,
                                     external_id=f"local-{attempt}", next_poll_at=now)
         if held is None:
             return self._wait_for_slot(task, provider, now)
