@@ -1202,7 +1202,7 @@ def test_the_slot_line_reads_per_waiting_user_not_per_waiting_task(tmp_path):
 
         def refused_steps():
             count = [0]
-            con = store.db.connection()
+            con = store.write_connection()     # take_slot writes
             con.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 100)
             try:
                 assert store.take_slot(last["id"], token=last["lease_token"], now=1000.0, limit=2) is None
