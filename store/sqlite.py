@@ -44,9 +44,9 @@ _OPEN = object()
 
 
 class _GroupWrite:
-    """One outermost write of a thread (see SqliteStore._write): its own
-    SAVEPOINT inside the batch's transaction, then a wait for the COMMIT
-    that covers it."""
+    """One outermost write of a thread (see SqliteStore._write): the BEGIN
+    of a batch, or its own SAVEPOINT inside the batch's open transaction;
+    then a wait for the COMMIT that covers it."""
 
     def __init__(self, store):
         self.store = store
@@ -66,10 +66,15 @@ class _GroupWrite:
             conn = store._write_conn()
             state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks = (
                 False, conn, [], [_OPEN], [])
-            if store._batch is None:
+            # The batch's first write needs no savepoint: undoing it is
+            # undoing the whole transaction. Every statement counts here, as
+            # each hands the GIL over while this lock is held.
+            self.first = store._batch is None
+            if self.first:
                 store.db.execute_sql("BEGIN IMMEDIATE")
                 store._batch = _Batch()
-            store.db.execute_sql("SAVEPOINT holdfast_write")
+            else:
+                store.db.execute_sql("SAVEPOINT holdfast_write")
         except BaseException:
             self._leave()
             raise
@@ -79,11 +84,12 @@ class _GroupWrite:
         store = self.store
         try:
             if exc_type is None:
-                try:
-                    store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
-                except BaseException as failed:
-                    self._undo(failed)
-                    raise
+                if not self.first:
+                    try:
+                        store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+                    except BaseException as failed:
+                        self._undo(failed)
+                        raise
                 store._batch.writes += 1
                 self.batch = store._batch
             else:
@@ -102,8 +108,11 @@ class _GroupWrite:
         and each of their callers hears of it."""
         store = self.store
         try:
-            store.db.execute_sql("ROLLBACK TO SAVEPOINT holdfast_write")
-            store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+            if self.first:
+                store.db.execute_sql("ROLLBACK")
+            else:
+                store.db.execute_sql("ROLLBACK TO SAVEPOINT holdfast_write")
+                store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
         except Exception:
             pass
         if store._batch is not None and not store._write_conn().in_transaction:
@@ -141,9 +150,9 @@ class SqliteStore(SqlStore):
     """The default: one file in WAL mode, short BEGIN IMMEDIATE writes, one
     connection per thread for reads (peewee keeps them thread-local).
 
-    This process's writes share one connection and commit in groups: each
-    runs in its own SAVEPOINT inside a transaction that stays open while
-    other writers are queued to join it, and the last of them commits the
+    This process's writes share one connection and commit in groups: the
+    first begins a transaction that stays open while other writers are
+    queued to join it, each of them in its own SAVEPOINT, and the last of them commits the
     lot with one COMMIT. A write returns only once a COMMIT covering it
     succeeded; a write that fails rolls back only its savepoint and raises
     to its caller alone; a failed COMMIT raises to every writer it covered."""

@@ -128,53 +128,47 @@ def _wait_for_queued(store, n):
         time.sleep(0.001)
 
 
-def test_a_failing_write_rolls_back_alone_and_raises_only_to_its_caller(tmp_path):
+@pytest.mark.parametrize("failing", ["first", "second"])
+def test_a_failing_write_rolls_back_alone_and_raises_only_to_its_caller(tmp_path, failing):
+    """Three writes in one batch: `first` holds the write until the other
+    two queue behind it. The one that fails (the batch's first, which began
+    the transaction, or one in a savepoint) takes only its own row away."""
     path = str(tmp_path / "group.db")
     store = SqliteStore(path)
     _table(path, "CREATE TABLE marks (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
     outcome = {}
+    first_in = threading.Event()
+
+    def write(who):
+        if who != "first":
+            first_in.wait(30)
+            if who == "third":
+                _wait_for_queued(store, 1)       # behind the second
+        try:
+            with store._seam(), store._write():
+                store._exec("INSERT INTO marks (who) VALUES (?)", (who,))
+                if who == "first":
+                    first_in.set()
+                    _wait_for_queued(store, 2)
+                if who == failing:
+                    raise ValueError(f"{who} changes its mind")
+            outcome[who] = "ok"
+        except ValueError as exc:
+            outcome[who] = exc
     try:
         before = store.commits
-        first_in = threading.Event()
-
-        def first():
-            # Holds the write until the two others queue behind it, so the
-            # three share one batch.
-            with store._seam(), store._write():
-                store._exec("INSERT INTO marks (who) VALUES ('first')")
-                first_in.set()
-                _wait_for_queued(store, 2)
-            outcome["first"] = "ok"
-
-        def failing():
-            first_in.wait(30)
-            try:
-                with store._seam(), store._write():
-                    store._exec("INSERT INTO marks (who) VALUES ('failing')")
-                    raise ValueError("this write changes its mind")
-            except ValueError as exc:
-                outcome["failing"] = exc
-
-        def last():
-            first_in.wait(30)
-            while store._queued < 1:       # behind the failing one
-                time.sleep(0.001)
-            with store._seam(), store._write():
-                store._exec("INSERT INTO marks (who) VALUES ('last')")
-            outcome["last"] = "ok"
-
-        threads = [threading.Thread(target=f) for f in (first, failing, last)]
+        threads = [threading.Thread(target=write, args=(who,)) for who in ("first", "second", "third")]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        assert outcome["first"] == "ok" and outcome["last"] == "ok"
-        assert str(outcome["failing"]) == "this write changes its mind"
-        assert store.commits - before == 1        # one COMMIT for the batch
+        assert str(outcome.pop(failing)) == f"{failing} changes its mind"
+        assert outcome == {who: "ok" for who in ("first", "second", "third") if who != failing}
+        assert store.commits - before == 1        # one COMMIT for the others
     finally:
         store.close()
-    assert _count(path, "SELECT COUNT(*) FROM marks WHERE who IN ('first', 'last')") == 2
-    assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = 'failing'") == 0
+    assert _count(path, "SELECT COUNT(*) FROM marks WHERE who != ?", (failing,)) == 2
+    assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = ?", (failing,)) == 0
 
 
 def test_a_failed_commit_fails_every_writer_of_its_batch_and_the_next_batch_works(tmp_path):
