@@ -71,7 +71,7 @@ class _GroupWrite:
             # each hands the GIL over while this lock is held.
             self.first = store._batch is None
             if self.first:
-                store.db.execute_sql("BEGIN IMMEDIATE")
+                store.db.begin("IMMEDIATE")
                 store._batch = _Batch()
             else:
                 store.db.execute_sql("SAVEPOINT holdfast_write")
