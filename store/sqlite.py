@@ -238,6 +238,17 @@ class SqliteStore(SqlStore):
     def close(self):
         super().close()
         with self._writer:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                # Writes that wait for a COMMIT a queued writer would have
+                # made: make it, or tell them it failed.
+                try:
+                    self._conn.execute("COMMIT")
+                    self.commits += 1
+                except sqlite3.Error as exc:
+                    batch.fail(peewee.OperationalError(str(exc)))
+                finally:
+                    batch.done.set()
             if self._conn is not None and self._conn_pid == os.getpid():
                 self._conn.close()
             self._conn = None

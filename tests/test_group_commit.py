@@ -286,3 +286,31 @@ def test_kill_9_mid_batch_loses_no_write_whose_call_returned(tmp_path, after, by
     assert len(returned) >= after and not missing, f"{len(missing)} returned writes lost"
     # Nothing twice; each task has its one `created` event.
     assert created[0] == created[1] == len(present)
+
+
+def test_closing_the_store_commits_a_batch_its_writers_wait_for(tmp_path):
+    """A batch left open for a queued writer, and close() takes the lock
+    first: the waiting write still commits and its call returns."""
+    path = str(tmp_path / "group.db")
+    store = SqliteStore(path)
+    _table(path, "CREATE TABLE marks (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
+    outcome = {}
+    store._queued += 1        # a writer about to join, as _leave sees it
+
+    def write():
+        try:
+            _raw_write(store, "INSERT INTO marks (who) VALUES ('waiting')")
+            outcome["write"] = "ok"
+        except StoreUnavailable as exc:
+            outcome["write"] = exc
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while store._batch is None or store._batch.writes < 1 or store._writer.locked():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    store._queued -= 1
+    store.close()
+    writer.join(10)
+    assert not writer.is_alive() and outcome == {"write": "ok"}
+    assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = 'waiting'") == 1
