@@ -3,6 +3,7 @@
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -16,9 +17,145 @@ from .sql import SqlStore
 log = logging.getLogger("holdfast.store")
 
 
+# Writes one COMMIT may cover at most: a steady stream of writers must not
+# keep the first of them waiting for ever.
+MAX_BATCH = 32
+
+
+class _Batch:
+    """The writes one COMMIT will cover; `error` is set if it failed."""
+
+    __slots__ = ("done", "error", "writes")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error = None
+        self.writes = 0
+
+    def fail(self, exc):
+        if self.error is None:
+            self.error = exc
+
+
+# Stands in the thread's transaction stack while it writes on the shared
+# connection: peewee then nests atomic() as savepoints, and the seam knows
+# a transaction is open.
+_OPEN = object()
+
+
+class _GroupWrite:
+    """One outermost write of a thread (see SqliteStore._write): the BEGIN
+    of a batch, or its own SAVEPOINT inside the batch's open transaction;
+    then a wait for the COMMIT that covers it."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        store = self.store
+        with store._queue:
+            store._queued += 1
+        store._writer.acquire()
+        with store._queue:
+            store._queued -= 1
+        store._depth.n = 1
+        state = store.db._state
+        self.saved = (state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks)
+        self.batch = None
+        try:
+            conn = store._write_conn()
+            state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks = (
+                False, conn, [], [_OPEN], [])
+            # The batch's first write needs no savepoint: undoing it is
+            # undoing the whole transaction. Every statement counts here, as
+            # each hands the GIL over while this lock is held.
+            self.first = store._batch is None
+            if self.first:
+                store.db.begin("IMMEDIATE")
+                store._batch = _Batch()
+            else:
+                store.db.execute_sql("SAVEPOINT holdfast_write")
+        except BaseException:
+            self._leave()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        store = self.store
+        try:
+            if exc_type is None:
+                if not self.first:
+                    try:
+                        store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+                    except BaseException as failed:
+                        self._undo(failed)
+                        raise
+                store._batch.writes += 1
+                self.batch = store._batch
+            else:
+                self._undo(exc)
+        finally:
+            self._leave()
+        if self.batch is not None:
+            self.batch.done.wait()
+            if self.batch.error is not None:
+                raise peewee.OperationalError(str(self.batch.error)) from self.batch.error
+        return False
+
+    def _undo(self, exc):
+        """Roll back this write alone; if SQLite ended the whole transaction
+        itself (a full disk, an I/O error), every write of the batch is gone
+        and each of their callers hears of it."""
+        store = self.store
+        try:
+            if self.first:
+                store.db.execute_sql("ROLLBACK")
+            else:
+                store.db.execute_sql("ROLLBACK TO SAVEPOINT holdfast_write")
+                store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+        except Exception:
+            pass
+        if store._batch is not None and not store._write_conn().in_transaction:
+            store._batch.fail(exc)
+            store._batch.done.set()
+            store._batch = None
+
+    def _leave(self):
+        """Commit the batch unless another writer is queued to join it, give
+        the thread its own connection state back, let the next writer in."""
+        store = self.store
+        try:
+            batch = store._batch
+            if batch is not None and (not store._queued or batch.writes >= MAX_BATCH):
+                store._batch = None
+                try:
+                    store.db.execute_sql("COMMIT")
+                    store.commits += 1
+                except BaseException as failed:
+                    batch.fail(failed)
+                    try:
+                        store.db.execute_sql("ROLLBACK")
+                    except Exception:
+                        pass
+                finally:
+                    batch.done.set()
+        finally:
+            state = store.db._state
+            state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks = self.saved
+            store._depth.n = 0
+            store._writer.release()
+
+
 class SqliteStore(SqlStore):
     """The default: one file in WAL mode, short BEGIN IMMEDIATE writes, one
-    connection per thread (peewee keeps them thread-local)."""
+    connection per thread for reads (peewee keeps them thread-local).
+
+    This process's writes share one connection and commit in groups: the
+    first begins a transaction that stays open while other writers are
+    queued to join it, each of them in its own SAVEPOINT, and the last of them commits the
+    lot with one COMMIT. A write returns only once a COMMIT covering it
+    succeeded; a write that fails rolls back only its savepoint and raises
+    to its caller alone; a failed COMMIT raises to every writer it covered."""
 
     name = "sqlite"
     multi_process = True
@@ -38,7 +175,15 @@ class SqliteStore(SqlStore):
         elif path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self._writer = threading.RLock()
+        self._writer = threading.Lock()
+        self._queue = threading.Lock()      # guards _queued
+        self._queued = 0                    # writers waiting for _writer
+        self._batch = None                  # the batch the open transaction holds
+        self._depth = threading.local()     # this thread's write nesting
+        self._conn = None                   # the shared write connection
+        self._conn_pid = None
+        self._grouped = path != ":memory:" and not read_only
+        self.commits = 0                    # COMMITs on the shared connection
         db = peewee.SqliteDatabase(path, timeout=5, lock_type="IMMEDIATE", pragmas=pragmas)
         super().__init__(db)
         with self._seam():
@@ -53,13 +198,60 @@ class SqliteStore(SqlStore):
         else:
             self.migrate()
 
-    @contextmanager
     def _write(self):
         # This process's writers queue on a lock that hands over at once;
         # SQLite's busy handler would sleep up to 100 ms between tries.
         # Other processes still meet at BEGIN IMMEDIATE and its busy_timeout.
-        with self._writer, self.db.atomic() as txn:
-            yield txn
+        if getattr(self._depth, "n", 0):
+            return self.db.atomic()
+        if not self._grouped:
+            # ":memory:" is one database per connection: no shared writer.
+            return self._plain_write()
+        return _GroupWrite(self)
+
+    @contextmanager
+    def _plain_write(self):
+        with self._writer:
+            self._depth.n = 1
+            try:
+                with self.db.atomic() as txn:
+                    yield txn
+            finally:
+                self._depth.n = 0
+
+    def _write_conn(self):
+        """The one connection this process writes on (under self._writer)."""
+        if self._conn is None or self._conn_pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
+            self.db._add_conn_hooks(conn)
+            self._conn, self._conn_pid = conn, os.getpid()
+        return self._conn
+
+    def write_connection(self):
+        """The sqlite3 connection this process's writes run on, for tests
+        that watch the statements a write runs."""
+        if not self._grouped:
+            return self.db.connection()
+        with self._writer:
+            return self._write_conn()
+
+    def close(self):
+        super().close()
+        with self._writer:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                # Writes that wait for a COMMIT a queued writer would have
+                # made: make it, or tell them it failed.
+                try:
+                    self._conn.execute("COMMIT")
+                    self.commits += 1
+                except sqlite3.Error as exc:
+                    batch.fail(peewee.OperationalError(str(exc)))
+                finally:
+                    batch.done.set()
+            if self._conn is not None and self._conn_pid == os.getpid():
+                self._conn.close()
+            self._conn = None
 
     def _local_dir(self):
         return None if self.path == ":memory:" else os.path.dirname(os.path.abspath(self.path))

@@ -260,16 +260,19 @@ def api(server, token):
 
 def query_plans(sqlite_store, *calls):
     """[(sql, plan)] for every statement about the tasks table that the
-    calls run on this thread's SQLite connection: what a scan would cost
+    calls run on this thread's SQLite connection or the write connection: what a scan would cost
     at a million rows, seen without building them."""
     statements = []
     conn = sqlite_store.db.connection()
-    conn.set_trace_callback(statements.append)
+    writer = sqlite_store.write_connection()     # where the writes run
+    for watched in {conn, writer}:
+        watched.set_trace_callback(statements.append)
     try:
         for call in calls:
             call()
     finally:
-        conn.set_trace_callback(None)
+        for watched in {conn, writer}:
+            watched.set_trace_callback(None)
     return [(sql, " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
             for sql in statements if " tasks " in sql + " " and not sql.startswith(("EXPLAIN", "BEGIN"))]
 

@@ -1330,7 +1330,7 @@ def test_the_slot_line_reads_neither_per_waiting_task_nor_per_waiting_user(tmp_p
 
         def refused_steps():
             count = [0]
-            con = store.db.connection()
+            con = store.write_connection()     # take_slot writes
             con.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 10)
             try:
                 assert store.take_slot(last["id"], token=last["lease_token"], now=1000.0, limit=2) is None
