@@ -136,9 +136,11 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
     finished tasks still holding reserved credits, ledger settlements that
     contradict their task's status, copies in finished tasks' folders that
     the task does not list (a stale lease's, a failed or cancelled task's),
-    and file folders of tasks that do not exist. With `fix`, repair what is
+    file folders of tasks that do not exist, and rows of the slot line's
+    summary that disagree with the waiting tasks. With `fix`, repair what is
     safe: settle the stray reservations (charge or refund, once, as the
-    task's status says) and delete the unlisted copies and orphan folders;
+    task's status says), delete the unlisted copies and orphan folders, and
+    count the slot line's rows again;
     the rest is reported for a human. Returns a report (a dict); `unfixed`
     counts what is still wrong."""
     report = {"audit": True, "fix": fix}
@@ -222,9 +224,16 @@ def audit(store, files, *, now, fix=False, sample=None, rng=random):
     report["orphans_deleted"] = deleted
     report["unlisted_deleted"] = dropped
 
+    # The slot line's summary is derived from the tasks: counted again, it
+    # loses nothing, so --fix may always rebuild it.
+    drift = store.slot_line_drift()
+    report["slot_line_drift"] = [{"provider": p, "user_id": u} for p, u in drift]
+    report["slot_line_rebuilt"] = store.rebuild_slot_line(drift) if fix and drift else 0
+
     report["found"] = (len(missing) + len(corrupt) + len(stray) + len(report["settlement_mismatches"])
-                       + len(orphans) + len(unlisted))
-    report["unfixed"] = report["found"] - len([v for v in settled.values() if v]) - len(deleted) - len(dropped)
+                       + len(orphans) + len(unlisted) + len(drift))
+    report["unfixed"] = (report["found"] - len([v for v in settled.values() if v]) - len(deleted) - len(dropped)
+                         - report["slot_line_rebuilt"])
     report["summary"] = audit_summary(report)
     return report
 
@@ -263,7 +272,10 @@ def audit_summary(report):
              f"{len(unlisted)} finished task(s) with files they do not list"
              f"{_named(u['task_id'] for u in unlisted)}{dropped}",
              f"{len(report['orphan_files'])} folder(s) of files without a task{_named(report['orphan_files'])}"
-             f"{deleted}"]
+             f"{deleted}",
+             f"{len(report['slot_line_drift'])} user(s) whose place in a provider's line disagrees with "
+             f"their tasks{_named(d['provider'] + '/' + str(d['user_id']) for d in report['slot_line_drift'])}"
+             f"{' (counted again)' if report['slot_line_rebuilt'] else ''}"]
     verdict = "consistent" if not report["found"] else (
         "all fixed" if not report["unfixed"] else f"{report['unfixed']} problem(s) left for a human")
     return "audit: " + "; ".join(parts) + f" -> {verdict}"

@@ -475,6 +475,19 @@ class BaseStore:
         [dicts: task_id, user_id, status, kind, amount], by task id."""
         raise NotImplementedError
 
+    def slot_line_drift(self):
+        """[(provider, user id)] whose row in the slot line's summary
+        (store/slot_line.py) disagrees with their waiting tasks, read in one
+        snapshot: what its triggers should have kept and did not (a hand
+        edit, a restore that skipped them). Sorted."""
+        raise NotImplementedError
+
+    def rebuild_slot_line(self, keys):
+        """Count the slot line's rows of `keys` ((provider, user id)) again
+        from the tasks (a row with nothing waiting goes); returns how many
+        keys it counted."""
+        raise NotImplementedError
+
     def existing_task_ids(self, task_ids):
         """The subset of `task_ids` that are tasks in the store."""
         raise NotImplementedError

@@ -27,14 +27,14 @@ import peewee
 SLOT_STEP = "submitting"
 
 
-def _waiting(row):
+def waiting(row):
     return f"{row}.status = 'queued' AND ({row}.step IS NULL OR {row}.step <> '{SLOT_STEP}')"
 
 
 def _same(old, new):
     """The task waits in the same row with the same priority before and
     after: the row cannot change (created_at never does)."""
-    return (f"{_waiting(old)} AND {_waiting(new)} AND {old}.provider = {new}.provider "
+    return (f"{waiting(old)} AND {waiting(new)} AND {old}.provider = {new}.provider "
             f"AND {old}.user_id = {new}.user_id AND {old}.priority = {new}.priority")
 
 
@@ -73,14 +73,14 @@ def _counts(row):
 
 
 _SQLITE = [
-    f"CREATE TRIGGER slot_line_insert AFTER INSERT ON tasks WHEN {_waiting('NEW')} "
+    f"CREATE TRIGGER slot_line_insert AFTER INSERT ON tasks WHEN {waiting('NEW')} "
     f"BEGIN {_merge('NEW', 'MAX', 'MIN')} END",
     f"CREATE TRIGGER slot_line_leave AFTER UPDATE OF {_COLUMNS} ON tasks "
-    f"WHEN {_waiting('OLD')} AND NOT ({_same('OLD', 'NEW')}) AND {_counts('OLD')} "
+    f"WHEN {waiting('OLD')} AND NOT ({_same('OLD', 'NEW')}) AND {_counts('OLD')} "
     f"BEGIN {_sqlite_recount('OLD')} END",
     f"CREATE TRIGGER slot_line_join AFTER UPDATE OF {_COLUMNS} ON tasks "
-    f"WHEN {_waiting('NEW')} AND NOT ({_same('OLD', 'NEW')}) BEGIN {_merge('NEW', 'MAX', 'MIN')} END",
-    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks WHEN {_waiting('OLD')} AND {_counts('OLD')} "
+    f"WHEN {waiting('NEW')} AND NOT ({_same('OLD', 'NEW')}) BEGIN {_merge('NEW', 'MAX', 'MIN')} END",
+    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks WHEN {waiting('OLD')} AND {_counts('OLD')} "
     f"BEGIN {_sqlite_recount('OLD')} END",
 ]
 
@@ -108,19 +108,19 @@ _PG = [
     "CREATE OR REPLACE FUNCTION slot_line_keep() RETURNS trigger AS $$\n"
     "BEGIN\n"
     f"  IF TG_OP = 'UPDATE' AND {_same('OLD', 'NEW')} THEN RETURN NULL; END IF;\n"
-    f"  IF TG_OP <> 'INSERT' AND {_waiting('OLD')} THEN\n"
+    f"  IF TG_OP <> 'INSERT' AND {waiting('OLD')} THEN\n"
     "    PERFORM slot_line_recount(OLD.provider, OLD.user_id);\n"
     "  END IF;\n"
-    f"  IF TG_OP <> 'DELETE' AND {_waiting('NEW')} THEN\n"
+    f"  IF TG_OP <> 'DELETE' AND {waiting('NEW')} THEN\n"
     f"    {_merge('NEW', 'GREATEST', 'LEAST')}\n"
     "  END IF;\n"
     "  RETURN NULL;\n"
     "END $$ LANGUAGE plpgsql",
-    f"CREATE TRIGGER slot_line_insert AFTER INSERT ON tasks FOR EACH ROW WHEN ({_waiting('NEW')}) "
+    f"CREATE TRIGGER slot_line_insert AFTER INSERT ON tasks FOR EACH ROW WHEN ({waiting('NEW')}) "
     "EXECUTE FUNCTION slot_line_keep()",
     f"CREATE TRIGGER slot_line_update AFTER UPDATE OF {_COLUMNS} ON tasks FOR EACH ROW "
     "WHEN (OLD.status = 'queued' OR NEW.status = 'queued') EXECUTE FUNCTION slot_line_keep()",
-    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks FOR EACH ROW WHEN ({_waiting('OLD')}) "
+    f"CREATE TRIGGER slot_line_delete AFTER DELETE ON tasks FOR EACH ROW WHEN ({waiting('OLD')}) "
     "EXECUTE FUNCTION slot_line_keep()",
 ]
 
@@ -142,7 +142,7 @@ def create(db):
     db.execute_sql("DELETE FROM slot_line")
     db.execute_sql("INSERT INTO slot_line (provider, user_id, best, since) "
                    "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
-                   f"WHERE {_waiting('tasks')} GROUP BY provider, user_id")
+                   f"WHERE {waiting('tasks')} GROUP BY provider, user_id")
     for sql in _PG if postgres else _SQLITE:
         db.execute_sql(sql)
 
@@ -152,7 +152,7 @@ def recount(store):
     the tasks themselves: what slot_line must hold (for tests and audits)."""
     return sorted(tuple(r) for r in store._exec(
         "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
-        f"WHERE {_waiting('tasks')} GROUP BY provider, user_id").fetchall())
+        f"WHERE {waiting('tasks')} GROUP BY provider, user_id").fetchall())
 
 
 def rows(store):

@@ -7,6 +7,10 @@ of those apply here too.
 
 import json
 
+import peewee
+
+from . import slot_line
+
 
 class UpkeepSql:
     """Retention (the worker's cleanup) and the audit (recover.py --audit):
@@ -101,6 +105,27 @@ class UpkeepSql:
                 "ORDER BY ledger.task_id").fetchall()
         keys = ("task_id", "user_id", "status", "kind", "amount")
         return [dict(zip(keys, r)) for r in rows]
+
+    def slot_line_drift(self):
+        # One snapshot for both reads, so a write meanwhile is no drift.
+        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
+        with self._seam(), self.db.atomic(begin):
+            want = {(p, u): (b, s) for p, u, b, s in slot_line.recount(self)}
+            have = {(p, u): (b, s) for p, u, b, s in slot_line.rows(self)}
+        return sorted(key for key in want.keys() | have.keys() if want.get(key) != have.get(key))
+
+    def rebuild_slot_line(self, keys):
+        keys = list(keys)
+        with self._seam(), self._write():
+            for provider, user_id in keys:
+                self._slot_lock(provider)
+                self._exec("DELETE FROM slot_line WHERE provider = ? AND user_id = ?", (provider, user_id))
+                self._exec(
+                    "INSERT INTO slot_line (provider, user_id, best, since) "
+                    "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
+                    f"WHERE {slot_line.waiting('tasks')} AND provider = ? AND user_id = ? "
+                    "GROUP BY provider, user_id", (provider, user_id))
+        return len(keys)
 
     def existing_task_ids(self, task_ids):
         found = set()

@@ -136,6 +136,21 @@ def test_bad_flag_combinations_are_usage_errors(tmp_path, args):
 class TestAuditQueries:
     """The store's side of the audit, on every backend."""
 
+    def test_slot_line_drift_is_found_and_counted_again(self, store):
+        alice = store.create_user("alice")[0]["id"]
+        bob = store.create_user("bob")[0]["id"]
+        for user, at, priority in ((alice, 1.0, 0), (alice, 2.0, 3), (bob, 3.0, 0)):
+            store.submit(user, "demo", {}, now=T0 + at, deadline_at=T0 + 1e6, priority=priority)
+        assert store.slot_line_drift() == []
+        with store._seam(), store._write():
+            store._exec("UPDATE slot_line SET best = 0 WHERE user_id = ?", (alice,))
+            store._exec("DELETE FROM slot_line WHERE user_id = ?", (bob,))
+        assert store.slot_line_drift() == [("demo", alice), ("demo", bob)]
+        assert store.rebuild_slot_line(store.slot_line_drift()) == 2
+        assert store.slot_line_drift() == []
+        assert sorted(store._exec("SELECT user_id, best, since FROM slot_line").fetchall()) == [
+            (alice, 3, T0 + 1.0), (bob, 0, T0 + 3.0)]
+
     def test_files_listed_pages_and_flags_expired(self, store, tmp_path):
         files = FileStore(str(tmp_path / "f"))
         uid = store.create_user("alice")[0]["id"]
@@ -221,3 +236,43 @@ def test_the_summary_line_names_the_tasks_it_counts_a_few_of_each(messy):
     for hidden in orphans[5:]:
         assert hidden not in line
     assert "0 file(s) whose bytes do not match their sha256 (checked" in line
+
+
+def test_a_slot_line_out_of_step_with_its_tasks_is_reported_and_counted_again(tmp_path):
+    """The summary take_slot reads is kept by triggers; a hand edit (or a
+    restore that skipped them) leaves it wrong, which the audit finds and
+    --fix counts again from the tasks, changing nothing else."""
+    path = str(tmp_path / "holdfast.db")
+    store = SqliteStore(path)
+    alice = store.create_user("alice")[0]["id"]
+    bob = store.create_user("bob")[0]["id"]
+    for user, at, priority in ((alice, 1.0, 0), (alice, 2.0, 3), (bob, 3.0, 0)):
+        store.submit(user, "demo", {}, now=T0 + at, deadline_at=T0 + 1e6, priority=priority)
+    want = sorted(store._exec("SELECT provider, user_id, best, since FROM slot_line").fetchall())
+    store.close()
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("UPDATE slot_line SET best = 0 WHERE user_id = ?", (alice,))
+        con.execute("DELETE FROM slot_line WHERE user_id = ?", (bob,))
+        con.execute("INSERT INTO slot_line (provider, user_id, best, since) VALUES ('demo', 999, 1, 0)")
+    con.close()
+    before = snapshot(tmp_path)
+
+    code, report = audit(tmp_path)
+    assert code == 1 and report["found"] == report["unfixed"] == 3
+    assert report["slot_line_drift"] == [{"provider": "demo", "user_id": u} for u in sorted([alice, bob, 999])]
+    assert f"3 user(s) whose place in a provider's line disagrees with their tasks (demo/{min(alice, bob)}" \
+        in report["summary"]
+    assert snapshot(tmp_path) == before
+
+    code, report = audit(tmp_path, "--fix")
+    assert code == 0 and report["slot_line_rebuilt"] == 3 and report["unfixed"] == 0
+    assert "(counted again)" in report["summary"]
+    store = SqliteStore(path)
+    try:
+        assert sorted(store._exec("SELECT provider, user_id, best, since FROM slot_line").fetchall()) == want
+        assert store.slot_line_drift() == []
+    finally:
+        store.close()
+    code, again = audit(tmp_path)
+    assert code == 0 and again["found"] == 0 and again["slot_line_drift"] == []
