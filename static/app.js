@@ -217,6 +217,7 @@ function onConn(s, st) {
       renderAllCards(s);
     }
     clearNetworkErrors();
+    detail.reconnected();
     if (!s.listLoaded) loadFirstPage(s).catch(() => {});
     return;
   }

@@ -61,7 +61,9 @@ export function createDetail(env) {
   async function fetchTask(state) {
     try {
       const task = await state.hf.get(state.id);
-      if (d === state) render(task);
+      if (d !== state) return;
+      setError('');
+      render(task);
     } catch (err) {
       if (d === state) setError(`Could not load this task: ${err.message}`);
     }
@@ -385,6 +387,13 @@ export function createDetail(env) {
     }
   }
 
+  // The connection is up again: what could not be loaded is asked for again.
+  function reconnected() {
+    if (!d || !d.parts) return;
+    if (d.timelineError) loadTimeline(d);
+    if (!d.parts.error.hidden) fetchTask(d);
+  }
+
   // The relative times, on the page's one clock tick.
   function retime() {
     if (!d || !d.parts) return;
@@ -411,6 +420,7 @@ export function createDetail(env) {
     close,
     update,
     retime,
+    reconnected,
     openId: () => (d ? d.id : null),
   };
 }
