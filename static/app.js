@@ -256,6 +256,11 @@ function stop() {
   for (const url of s.tempUrls) URL.revokeObjectURL(url);
   if (detail) detail.close();
   clearCards();
+  // The next user may have other providers; the filters start afresh.
+  ui.filterProvider.replaceChildren(ui.filterProvider.options[0]);
+  ui.filterStatus.value = '';
+  filter.status = '';
+  filter.provider = '';
   renderConn(SIGNED_OUT);
 }
 
@@ -323,7 +328,8 @@ function onTask(s, task, ev) {
   detail.update(task, ev);
   // A new task (from this page or elsewhere) reserves credits; one that
   // ends charges or refunds them.
-  if ((ev && (ev.type === 'finished' || ev.type === 'created')) || (old && ACTIVE.has(old.status) && !ACTIVE.has(task.status))) {
+  const news = ev && (ev.type === 'finished' || ev.type === 'created');
+  if (news || (old && ACTIVE.has(old.status) && !ACTIVE.has(task.status))) {
     scheduleMe(s);
   }
 }
@@ -758,11 +764,11 @@ function updateTimes() {
 // A click on a card, but not on its buttons, links or selected text, opens its details.
 function onCardClick(e) {
   const target = e.target instanceof Element ? e.target : null;
-  if (!target || !S || target.closest('button, a, input, select, textarea, summary')) return;
+  const li = target && target.closest('li.task');
+  if (!li || !S || target.closest('button, a, input, select, textarea, summary')) return;
   const sel = window.getSelection && window.getSelection();
-  if (sel && !sel.isCollapsed && target.closest('li.task').contains(sel.anchorNode)) return;
-  const li = target.closest('li.task');
-  if (li) detail.open(li.dataset.id);
+  if (sel && !sel.isCollapsed && li.contains(sel.anchorNode)) return;
+  detail.open(li.dataset.id);
 }
 
 function onCardKey(e) {

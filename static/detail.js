@@ -407,7 +407,8 @@ export function createDetail(env) {
     const target = e.target instanceof Element ? e.target : null;
     const link = target && target.closest('[data-open]');
     if (link) open(link.dataset.open);
-    else if (target && target.closest('.d-close')) close();
+    // The close button, or the backdrop (a click on it targets the dialog).
+    else if (target === dialog || (target && target.closest('.d-close'))) close();
   });
   viewer.addEventListener('click', (e) => {
     // A click on the backdrop, the image or the close button: back to the details.
