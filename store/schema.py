@@ -511,10 +511,11 @@ def _migration_12(db):
 
 def _migration_14(db):
     """A task's timeline (GET /api/tasks/<id>/events) from the index: by the
-    (user_id, seq) index alone it read every event of the user, about 200 ms
-    at 200,000 of them on SQLite (0.13 ms with this one). And the retries of
-    a task (GET /api/tasks?retry_of=), 23 ms at 50,000 tasks of the user
-    and 0.03 ms by this index; retry_of never changes once written."""
+    (user_id, seq) index alone it read every event of the user, 120-200 ms
+    at 200,000 of them on SQLite, 0.04-0.13 ms with this one. And the
+    retries of a task (GET /api/tasks?retry_of=): 5-23 ms at 20,000-50,000
+    tasks of the user, 0.03 ms by this index; retry_of never changes once
+    written (bench/task_detail_bench.py)."""
     db.execute_sql("CREATE INDEX IF NOT EXISTS events_task ON events (task_id, user_id, seq)")
     db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of, user_id, id) "
                    "WHERE retry_of IS NOT NULL")
