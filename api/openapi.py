@@ -167,6 +167,18 @@ SCHEMAS = {
         "name": {"type": "string"}, "admin": {"type": "boolean"}, "credits": _ref("Credits"),
         "max_active": {"type": ["integer", "null"]}, "rate_per_s": {"type": ["number", "null"]},
         "max_priority": {"type": "integer"}, "created_at": _NULLABLE_TIME}),
+    "TimelineEvent": _obj(["seq", "type", "at", "status", "step", "progress", "attempts", "error", "credits",
+                           "version"], {
+        "seq": {"type": "integer"}, "type": {"enum": ["created", "updated", "finished"]},
+        "at": {"type": "string", "format": "date-time"},
+        "status": {"enum": ["queued", "running", "succeeded", "partial", "failed", "cancelled"]},
+        "step": {"type": ["string", "null"]}, "progress": {"type": ["number", "null"]},
+        "attempts": {"type": "integer"}, "error": {"type": ["object", "null"]},
+        "credits": {"enum": ["none", "reserved", "charged", "refunded"]},
+        "version": {"type": "integer"}}),
+    "Timeline": _obj(["events", "truncated"], {
+        "events": {"type": "array", "items": _ref("TimelineEvent"), "maxItems": 500},
+        "truncated": {"type": "boolean", "description": "older events than these were left out"}}),
     "Event": _obj(["seq", "task_id", "type", "task"], {
         "seq": {"type": "integer"}, "task_id": {"type": "string"},
         "type": {"enum": ["created", "updated", "finished"]}, "task": _ref("Task")}),
@@ -211,11 +223,19 @@ PATHS = {
                                                                 "maximum": 200, "default": 50}},
                     {"name": "before", "in": "query", "schema": {"type": "string",
                                                                  "pattern": "^(t_[0-9A-Z]{26})?$"},
-                     "description": "`next` of the previous page"}],
+                     "description": "`next` of the previous page"},
+                    {"name": "retry_of", "in": "query", "schema": {"type": "string",
+                                                                   "pattern": "^(t_[0-9A-Z]{26})?$"},
+                     "description": "only the tasks that retry this task (their `retry_of`)"}],
             errors=("400",)),
     },
     "/api/tasks/{task_id}": {
         "get": _op("One task", {"200": _json(_ref("OneTask"))}, params=[TASK_ID], errors=("404",)),
+    },
+    "/api/tasks/{task_id}/events": {
+        "get": _op("The task's timeline: its newest 500 events at most, oldest first, each with what the "
+                   "task was after it",
+                   {"200": _json(_ref("Timeline"))}, params=[TASK_ID], errors=("404",)),
     },
     "/api/tasks/{task_id}/cancel": {
         "post": _op("Cancel an active task (credits refunded)", {"200": _json(_ref("OneTask"))},

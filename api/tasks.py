@@ -17,11 +17,13 @@ from .webhooks import task_webhook
 
 _TASK_ID = re.compile(r"^t_[0-9A-Z]{26}$")
 STATUSES = frozenset(s.value for s in TaskStatus)
+TIMELINE_LIMIT = 500        # the newest events of one task that GET /api/tasks/<id>/events returns
+TIMELINE_FIELDS = ("status", "step", "progress", "attempts", "error", "credits", "version")
 
 
 def task_routes(app, store, providers, config, *, worker, files, clock, current_user, limiter):
-    """POST and GET /api/tasks, GET /api/tasks/<id>, its cancel and retry, and
-    GET /api/tasks/<id>/files/<name>."""
+    """POST and GET /api/tasks, GET /api/tasks/<id>, its events, cancel and
+    retry, and GET /api/tasks/<id>/files/<name>."""
 
     def task_id_arg(task_id):
         if not _TASK_ID.match(task_id):
@@ -109,13 +111,24 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         before = q.get("before") or None
         if before is not None and not _TASK_ID.match(before):
             raise InvalidInput("before must be a task id (the `next` of an earlier page)")
-        tasks, cursor = store.list_tasks(user["id"], statuses=statuses, limit=limit, before=before)
+        retry_of = q.get("retry_of") or None
+        if retry_of is not None and not _TASK_ID.match(retry_of):
+            raise InvalidInput("retry_of must be a task id")
+        tasks, cursor = store.list_tasks(user["id"], statuses=statuses, limit=limit, before=before,
+                                         retry_of=retry_of)
         return {"tasks": [task_json(t) for t in tasks], "next": cursor}
 
     @app.get("/api/tasks/<task_id>")
     def get_task(task_id):
         user = current_user()
         return {"task": task_json(store.get_task(task_id_arg(task_id), user["id"]))}
+
+    @app.get("/api/tasks/<task_id>/events")
+    def task_timeline(task_id):
+        user = current_user()
+        task = store.get_task(task_id_arg(task_id), user["id"])
+        events, truncated = store.task_timeline(user["id"], task["id"], limit=TIMELINE_LIMIT)
+        return {"events": [_timeline_entry(e) for e in events], "truncated": truncated}
 
     @app.post("/api/tasks/<task_id>/cancel")
     def cancel(task_id):
@@ -178,6 +191,14 @@ def task_routes(app, store, providers, config, *, worker, files, clock, current_
         res.set_header("X-Content-Type-Options", "nosniff")
         res.set_header("Cache-Control", "private, max-age=3600")
         return res
+
+
+def _timeline_entry(event):
+    """One event of a task's timeline: what it changed, not the whole task
+    again (its params may be large, and they never change)."""
+    task = event["task"]
+    return {"seq": event["seq"], "type": event["type"], "at": iso(event["at"]),
+            **{k: task.get(k) for k in TIMELINE_FIELDS}}
 
 
 def _object_response(files, task_id, meta):

@@ -3,6 +3,7 @@
 // by its tabs, resumed after a reconnect, long polling as a fallback, submits
 // with an Idempotency-Key); this file is the page around it, and it keeps no
 // task state that the server lacks.
+import { createDetail } from './detail.js';
 import { connect, uuid } from './holdfast.js';
 
 const TOKEN_KEY = 'holdfast.token';
@@ -11,9 +12,14 @@ const STATUSES = ['queued', 'running', 'succeeded', 'partial', 'failed', 'cancel
 const ACTIVE = new Set(['queued', 'running']);
 const RETRYABLE = new Set(['failed', 'cancelled']);
 const CONN_TEXT = {
-  live: 'live', polling: 'polling', reconnecting: 'reconnecting…', offline: 'offline',
+  live: 'live', polling: 'polling', reconnecting: 'reconnecting…', offline: 'offline', 'signed-out': 'signed out',
 };
-const SIGNED_OUT = { role: 'follower', transport: 'none', conn: 'offline', shared: false, lastSeq: 0 };
+const SIGNED_OUT = { role: 'follower', transport: 'none', conn: 'signed-out', shared: false, lastSeq: 0 };
+const UP = new Set(['live', 'polling']);
+// A planned reconnect (each stream ends after a minute) is shorter than this:
+// only a longer gap marks the active tasks' data as possibly out of date.
+const STALE_AFTER_MS = 4000;
+const TICK_MS = 10000;
 const UNAUTHORIZED = 'That token was not accepted (401). Paste a valid API token.';
 
 const tasks = new Map();   // id -> task as shown (the server's, newest version)
@@ -25,6 +31,11 @@ let memToken = null;       // used when localStorage is unavailable
 let idemKey = uuid();      // one per form fill
 let idemKeyTried = false;  // sent without success: an edit starts a new fill
 let submitting = false;
+let detail = null;
+// Every relative time on the page is counted from this one instant, moved
+// for all of them at once, so that two of them never disagree.
+let nowMs = Date.now();
+const filter = { status: '', provider: '' };
 
 // What the connection is, for the console (and the page's tests).
 window.holdfast = {
@@ -48,6 +59,14 @@ function show(node, visible) { node.hidden = !visible; }
 function setText(node, text) {
   node.textContent = text;
   show(node, Boolean(text));
+  delete node.dataset.net;
+}
+
+// An error shown for a request: one that did not reach the server (status
+// 0) is marked, and cleared once the connection is up again.
+function errorText(node, text, err) {
+  setText(node, text);
+  if (text && err && err.status === 0) node.dataset.net = '1';
 }
 
 function storageGet(key) {
@@ -75,13 +94,27 @@ function compareTasks(a, b) {
 function relativeTime(iso) {
   const t = Date.parse(iso);
   if (!Number.isFinite(t)) return '';
-  const s = Math.round((Date.now() - t) / 1000);
+  const s = Math.round((nowMs - t) / 1000);
+  if (s <= -60 && s > -86400 * 14) return `in ${span(-s)}`;   // a deadline
   if (s < 10) return 'just now';
-  if (s < 60) return `${s} s ago`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
-  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
-  if (s < 86400 * 14) return `${Math.floor(s / 86400)} d ago`;
+  if (s < 86400 * 14) return `${span(s)} ago`;
   return new Date(t).toLocaleDateString();
+}
+
+function span(s) {
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h`;
+  return `${Math.floor(s / 86400)} d`;
+}
+
+function localTime(iso) {
+  const t = Date.parse(iso);
+  return Number.isFinite(t) ? new Date(t).toLocaleString() : '';
+}
+
+function plural(n, one, many) {
+  return `${n} ${Number(n) === 1 ? one : many}`;
 }
 
 function formatSize(n) {
@@ -141,6 +174,9 @@ function start(token) {
     loadingMore: false,
     pending: [],          // [task, event] that came before the first page
     meTimer: 0,
+    downAt: 0,            // when the connection went down (0: it is up, live or polling)
+    stale: false,         // down for longer than a planned reconnect
+    downTimer: 0,
   };
   show(ui.auth, false);
   show(ui.app, true);
@@ -155,12 +191,58 @@ function start(token) {
   s.hf.onState((st) => {
     if (S !== s) return;
     if (st.unauthorized) signOut(UNAUTHORIZED);
-    else renderConn(st);
+    else {
+      renderConn(st);
+      onConn(s, st);
+    }
   });
   refreshMe(s);
   loadProviders(s);
   initialLoad(s, 1000);
-  s.intervals.add(setInterval(updateTimes, 30000));
+  nowMs = Date.now();
+  s.intervals.add(setInterval(updateTimes, TICK_MS));
+}
+
+// Up again: what failed for want of a connection is no longer the news;
+// down for longer than a planned reconnect: the active tasks say their
+// data may be old.
+function onConn(s, st) {
+  if (UP.has(st.conn)) {
+    s.downAt = 0;
+    if (s.downTimer) clearTimeout(s.downTimer);
+    s.timers.delete(s.downTimer);
+    s.downTimer = 0;
+    if (s.stale) {
+      s.stale = false;
+      renderAllCards(s);
+    }
+    clearNetworkErrors();
+    detail.reconnected();
+    if (!s.listLoaded) loadFirstPage(s).catch(() => {});
+    return;
+  }
+  if (!s.downAt) s.downAt = Date.now();
+  if (!s.downTimer && !s.stale) {
+    s.downTimer = later(s, () => {
+      s.downTimer = 0;
+      s.stale = true;
+      renderAllCards(s);
+    }, STALE_AFTER_MS);
+  }
+}
+
+function clearNetworkErrors() {
+  for (const node of document.querySelectorAll('[data-net]')) {
+    if (node === ui.formError) {
+      setText(node, 'The server can be reached again. Submitting again is safe: it cannot create a second task.');
+    } else {
+      setText(node, '');
+    }
+  }
+}
+
+function renderAllCards(s) {
+  for (const [id, card] of cards) renderCard(s, card, tasks.get(id));
 }
 
 function stop() {
@@ -172,7 +254,13 @@ function stop() {
   for (const id of s.timers) clearTimeout(id);
   for (const id of s.intervals) clearInterval(id);
   for (const url of s.tempUrls) URL.revokeObjectURL(url);
+  if (detail) detail.close();
   clearCards();
+  // The next user may have other providers; the filters start afresh.
+  ui.filterProvider.replaceChildren(ui.filterProvider.options[0]);
+  ui.filterStatus.value = '';
+  filter.status = '';
+  filter.provider = '';
   renderConn(SIGNED_OUT);
 }
 
@@ -237,8 +325,11 @@ function onTask(s, task, ev) {
   }
   const old = tasks.get(task.id);
   upsert(s, task, false);
-  // A task that ends charges or refunds its credits.
-  if ((ev && ev.type === 'finished') || (old && ACTIVE.has(old.status) && !ACTIVE.has(task.status))) {
+  detail.update(task, ev);
+  // A new task (from this page or elsewhere) reserves credits; one that
+  // ends charges or refunds them.
+  const news = ev && (ev.type === 'finished' || ev.type === 'created');
+  if (news || (old && ACTIVE.has(old.status) && !ACTIVE.has(task.status))) {
     scheduleMe(s);
   }
 }
@@ -258,7 +349,7 @@ async function loadFirstPage(s) {
     setText(ui.listError, '');
     updateListChrome(s);
   } catch (err) {
-    if (!quiet(err) && !s.stopped) setText(ui.listError, `Could not load tasks: ${err.message}`);
+    if (!quiet(err) && !s.stopped) errorText(ui.listError, `Could not load tasks: ${err.message}`, err);
     throw err;
   }
 }
@@ -283,7 +374,7 @@ async function loadMore() {
     s.next = page.next;
     setText(ui.listError, '');
   } catch (err) {
-    if (!quiet(err) && !s.stopped) setText(ui.listError, `Could not load more: ${err.message}`);
+    if (!quiet(err) && !s.stopped) errorText(ui.listError, `Could not load more: ${err.message}`, err);
   } finally {
     s.loadingMore = false;
     ui.loadMore.disabled = false;
@@ -294,6 +385,33 @@ async function loadMore() {
 function updateListChrome(s) {
   show(ui.loadMore, Boolean(s.next));
   show(ui.tasksEmpty, s.listLoaded && tasks.size === 0);
+  let shown = 0;
+  for (const card of cards.values()) if (!card.el.hidden) shown += 1;
+  const filtering = Boolean(filter.status || filter.provider) && s.listLoaded;
+  setText(ui.filterNote, filtering
+    ? `Showing ${shown} of ${plural(tasks.size, 'loaded task', 'loaded tasks')}.${s.next ? ' Load more to look further.' : ''}`
+    : '');
+}
+
+function matchesFilter(task) {
+  const status = String(task.status);
+  if (filter.status === 'active' ? !ACTIVE.has(status) : (filter.status && status !== filter.status)) return false;
+  return !filter.provider || task.provider === filter.provider;
+}
+
+function onFilterChange() {
+  filter.status = ui.filterStatus.value;
+  filter.provider = ui.filterProvider.value;
+  for (const [id, card] of cards) card.el.hidden = !matchesFilter(tasks.get(id));
+  if (S) updateListChrome(S);
+}
+
+// The provider filter offers every configured provider and any other a task names.
+function providerOption(name) {
+  if ([...ui.filterProvider.options].some((o) => o.value === name)) return;
+  const option = el('option', '', name);
+  option.value = name;
+  ui.filterProvider.append(option);
 }
 
 // An event about a task older than every loaded one belongs to a page not
@@ -317,6 +435,7 @@ function upsert(s, task, force) {
     tasks.set(task.id, task);
     renderCard(s, cards.get(task.id), task);
     renderOriginal(s, task);
+    updateListChrome(s);
     return;
   }
   if (!force && !inLoadedRange(s, task)) return;
@@ -386,6 +505,10 @@ function createCard(s, task) {
     filesCtrl: null,
   };
   card.el.dataset.id = task.id;
+  card.el.tabIndex = 0;
+  card.el.setAttribute('aria-haspopup', 'dialog');
+  card.stale = el('p', 'stale-note');
+  card.stale.hidden = true;
   card.bar.max = 1;
   card.cancelBtn.type = 'button';
   card.retryBtn.type = 'button';
@@ -396,7 +519,7 @@ function createCard(s, task) {
   const head = el('div', 'task-head');
   head.append(card.status, card.provider, card.priority, card.id, card.retryOf, card.time);
   card.progressRow.append(card.bar, card.step, card.meta);
-  card.el.append(head, card.prompt, card.progressRow, card.error, card.files, card.actions, card.note);
+  card.el.append(head, card.prompt, card.progressRow, card.stale, card.error, card.files, card.actions, card.note);
   card.note.hidden = true;
   cards.set(task.id, card);
   return card;
@@ -427,8 +550,7 @@ function renderCard(s, card, task) {
   card.retryOf.title = retryOf;
   card.retryOf.dataset.of = retryOf;
   card.time.dateTime = task.created_at || '';
-  card.time.title = Number.isFinite(Date.parse(task.created_at))
-    ? new Date(task.created_at).toLocaleString() : '';
+  card.time.title = localTime(task.created_at);
   card.time.textContent = relativeTime(task.created_at);
   setText(card.prompt, promptOf(task));
 
@@ -439,14 +561,22 @@ function renderCard(s, card, task) {
   if (progress !== null) card.bar.value = progress;
   else if (status === 'queued') card.bar.value = 0;
   else card.bar.removeAttribute('value');   // indeterminate
+  // The step is news while the task runs; an ended task's last step
+  // ("generating" when cancelled, "failed" when failed) is not.
   const pct = active && progress !== null ? `${Math.round(progress * 100)}%` : '';
-  const step = task.step ? String(task.step) : (status === 'queued' ? 'waiting' : '');
+  const step = !active ? '' : (task.step ? String(task.step) : (status === 'queued' ? 'waiting' : ''));
   card.step.textContent = [step, pct].filter(Boolean).join(' · ');
   card.meta.textContent = creditsText(task);
   show(card.progressRow, active || Boolean(card.step.textContent || card.meta.textContent));
 
+  const stale = s.stale && active;
+  setText(card.stale, stale ? `Not updated since ${new Date(s.downAt).toLocaleTimeString()}: the server cannot `
+    + 'be reached, so this may be out of date.' : '');
+  if (stale) card.el.dataset.stale = '1';
+  else delete card.el.dataset.stale;
+
   const err = task.error && typeof task.error === 'object' ? task.error : null;
-  setText(card.error, err ? (err.message || err.code || 'failed') : '');
+  setText(card.error, err ? String(err.message || err.code || '') : '');
   if (err && err.code) card.error.dataset.code = String(err.code);
   else delete card.error.dataset.code;
 
@@ -460,6 +590,8 @@ function renderCard(s, card, task) {
   placeButton(card.actions, card.cancelBtn, active);
   placeButton(card.actions, card.retryBtn, RETRYABLE.has(status) && !liveRetryOf(task.id));
   show(card.actions, card.actions.childElementCount > 0);
+  if (task.provider) providerOption(String(task.provider));
+  card.el.hidden = !matchesFilter(task);
 }
 
 function creditsText(task) {
@@ -536,7 +668,7 @@ async function downloadFile(s, card, url, name) {
     try {
       objectUrl = URL.createObjectURL(await s.hf.file(url));
     } catch (err) {
-      if (!quiet(err)) setText(card.note, `Download failed: ${err.message}`);
+      if (!quiet(err)) errorText(card.note, `Download failed: ${err.message}`, err);
       return;
     }
     s.tempUrls.add(objectUrl);
@@ -562,7 +694,7 @@ async function cancelTask(s, card, id) {
     task = await s.hf.cancel(id);
   } catch (err) {
     if (quiet(err) || s.stopped) return;
-    setText(card.note, `Cancel failed: ${err.message}`);
+    errorText(card.note, `Cancel failed: ${err.message}`, err);
     // Ended meanwhile: the task as it is now (it reaches onTask).
     if (err.status === 409) s.hf.get(id).catch(() => {});
     return;
@@ -580,7 +712,7 @@ async function retryTask(s, card, id) {
   try {
     task = await s.hf.retry(id);
   } catch (err) {
-    if (!quiet(err) && !s.stopped) setText(card.note, `Retry failed: ${err.message}`);
+    if (!quiet(err) && !s.stopped) errorText(card.note, `Retry failed: ${err.message}`, err);
     return;
   } finally {
     card.retryBtn.disabled = false;
@@ -624,7 +756,25 @@ function highlight(task) {
 }
 
 function updateTimes() {
+  nowMs = Date.now();
   for (const [id, card] of cards) card.time.textContent = relativeTime(tasks.get(id).created_at);
+  detail.retime();
+}
+
+// A click on a card, but not on its buttons, links or selected text, opens its details.
+function onCardClick(e) {
+  const target = e.target instanceof Element ? e.target : null;
+  const li = target && target.closest('li.task');
+  if (!li || !S || target.closest('button, a, input, select, textarea, summary')) return;
+  const sel = window.getSelection && window.getSelection();
+  if (sel && !sel.isCollapsed && li.contains(sel.anchorNode)) return;
+  detail.open(li.dataset.id);
+}
+
+function onCardKey(e) {
+  if (e.key !== 'Enter' || !S || !(e.target instanceof Element) || !e.target.matches('li.task')) return;
+  e.preventDefault();
+  detail.open(e.target.dataset.id);
 }
 
 // ---------------------------------------------------------------- user, providers
@@ -638,7 +788,7 @@ async function refreshMe(s) {
     const c = data && data.credits;
     if (c && typeof c === 'object') {
       const reserved = Number(c.reserved) ? ` (${c.reserved} reserved)` : '';
-      setText(ui.meCredits, `${c.balance} credits${reserved}`);
+      setText(ui.meCredits, `${plural(c.balance, 'credit', 'credits')}${reserved}`);
     } else {
       setText(ui.meCredits, '');
     }
@@ -674,13 +824,14 @@ async function loadProviders(s) {
     return option;
   }));
   const names = list.map((p) => p.name);
+  for (const name of names) providerOption(name);
   ui.provider.value = names.includes(previous) ? previous : (names.includes('demo') ? 'demo' : names[0]);
 }
 
 // ---------------------------------------------------------------- submit
 
 function formError(message, err) {
-  setText(ui.formError, message);
+  errorText(ui.formError, message, err);
   if (err) {
     ui.formError.dataset.status = String(err.status);
     ui.formError.dataset.code = String(err.code);
@@ -798,12 +949,22 @@ function boot() {
     dedupeKey: byId('dedupe-key'),
     submitBtn: byId('submit-btn'),
     formError: byId('form-error'),
+    filterStatus: byId('filter-status'),
+    filterProvider: byId('filter-provider'),
+    filterNote: byId('filter-note'),
     formNote: byId('form-note'),
     tasks: byId('tasks'),
     tasksEmpty: byId('tasks-empty'),
     loadMore: byId('load-more'),
     listError: byId('list-error'),
   };
+  detail = createDetail({
+    el, relativeTime, localTime, formatSize, shortId, creditsText, isLocalPath,
+    task: (id) => tasks.get(id) || (S ? S.hf.task(id) : undefined),
+    tasks: () => tasks.values(),
+    session: () => S,
+    cardOf: (id) => (cards.has(id) ? cards.get(id).el : null),
+  });
   renderConn(SIGNED_OUT);
   ui.tokenForm.addEventListener('submit', onTokenSubmit);
   ui.signout.addEventListener('click', () => signOut(''));
@@ -817,6 +978,10 @@ function boot() {
   });
   ui.loadMore.addEventListener('click', loadMore);
   ui.tasks.addEventListener('click', onRetryOfClick);
+  ui.tasks.addEventListener('click', onCardClick);
+  ui.tasks.addEventListener('keydown', onCardKey);
+  ui.filterStatus.addEventListener('change', onFilterChange);
+  ui.filterProvider.addEventListener('change', onFilterChange);
   window.addEventListener('storage', onStorage);
   // Leaving the page (or entering the back/forward cache) closes every
   // stream, channel, timer and request; coming back starts afresh.

@@ -97,8 +97,9 @@ function taskOf(data) {
 /**
  * Connect to the holdfast server at `url` ('' for this page's origin) with an
  * API token. Returns a client: subscribe(onTask) -> unsubscribe, onState(fn)
- * -> unsubscribe, restore(), list(opts), get(id), submit(provider, params,
- * opts), cancel(id), retry(id), me(), providers(), file(path), state(), close().
+ * -> unsubscribe, restore(), list(opts), get(id), events(id), submit(provider,
+ * params, opts), cancel(id), retry(id), me(), providers(), file(path), state(),
+ * close().
  */
 export function connect({ url = '', token } = {}) {
   if (typeof token !== 'string' || !token) throw new TypeError('connect({url, token}): token is required');
@@ -284,12 +285,24 @@ export function connect({ url = '', token } = {}) {
 
   // One page of the caller's tasks, newest first; `next` is the cursor of
   // the page after it (null at the end).
-  async function list({ before = null, limit = PAGE_SIZE } = {}) {
-    const cursor = before ? `&before=${encodeURIComponent(before)}` : '';
-    const data = await request(`/api/tasks?limit=${encodeURIComponent(limit)}${cursor}`);
+  async function list({ before = null, limit = PAGE_SIZE, status = null, retryOf = null } = {}) {
+    let query = `limit=${encodeURIComponent(limit)}`;
+    if (before) query += `&before=${encodeURIComponent(before)}`;
+    if (status) query += `&status=${encodeURIComponent(status)}`;
+    if (retryOf) query += `&retry_of=${encodeURIComponent(retryOf)}`;
+    const data = await request(`/api/tasks?${query}`);
     const tasks = (data && Array.isArray(data.tasks)) ? data.tasks : [];
     for (const t of tasks) upsert(t);
     return { tasks, next: (data && data.next) || null };
+  }
+
+  // A task's timeline: {events, truncated}, its newest events oldest first.
+  async function events(id) {
+    const data = await request(`/api/tasks/${encodeURIComponent(id)}/events`);
+    return {
+      events: (data && Array.isArray(data.events)) ? data.events : [],
+      truncated: Boolean(data && data.truncated),
+    };
   }
 
   async function restore() {
@@ -665,12 +678,18 @@ export function connect({ url = '', token } = {}) {
     /** The caller's newest tasks (active and recent), e.g. after a reload;
      * each also goes to the subscribers. */
     restore,
-    /** One page of the caller's tasks, newest first: list({before, limit})
-     * resolves to {tasks, next}; pass `next` as `before` for the page after
-     * it (null: no more). Each task also goes to the subscribers. */
+    /** One page of the caller's tasks, newest first: list({before, limit,
+     * status, retryOf}) resolves to {tasks, next}; pass `next` as `before`
+     * for the page after it (null: no more). `status`: 'active', 'terminal'
+     * or statuses joined by commas; `retryOf`: a task id, for the tasks that
+     * retry it. Each task also goes to the subscribers. */
     list,
     /** One task, fetched; it also goes to the subscribers. */
     get,
+    /** A task's timeline: {events: [{seq, type, at, status, step, progress,
+     * attempts, error, credits, version}], truncated}, oldest first, the
+     * newest 500 at most (truncated: older ones were left out). */
+    events,
     /** POST /api/tasks, always with an Idempotency-Key (opts.dedupeKey,
      * opts.idempotencyKey or a new one), sent again on a lost answer, 429 or
      * 503. Resolves to {task, deduplicated}. */

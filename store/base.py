@@ -89,8 +89,9 @@ class BaseStore:
         """The task; NotFound when missing or owned by another user."""
         raise NotImplementedError
 
-    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
-        """(tasks newest first, cursor for the next page or None)."""
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None, retry_of=None):
+        """(tasks newest first, cursor for the next page or None); with
+        `retry_of` (a task id), only the user's tasks that retry that task."""
         raise NotImplementedError
 
     def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
@@ -279,6 +280,14 @@ class BaseStore:
 
     def events_since(self, user_id, since, limit=100):
         """[(seq, event JSON text)] for the user's events after `since`."""
+        raise NotImplementedError
+
+    def task_timeline(self, user_id, task_id, *, limit=500):
+        """(events, truncated): the newest `limit` events of the user's task,
+        oldest first, each {"seq", "type", "at" (epoch seconds), "task" (the
+        task's public JSON as that event wrote it)}; `truncated` when older
+        ones were left out. An empty list for a task the user does not own:
+        the caller answers NotFound from get_task()."""
         raise NotImplementedError
 
     def last_seq(self, user_id=None):

@@ -517,6 +517,18 @@ def _migration_13(db):
     slot_line.create(db)
 
 
+def _migration_14(db):
+    """A task's timeline (GET /api/tasks/<id>/events) from the index: by the
+    (user_id, seq) index alone it read every event of the user, 120-200 ms
+    at 200,000 of them on SQLite, 0.04-0.13 ms with this one. And the
+    retries of a task (GET /api/tasks?retry_of=): 5-23 ms at 20,000-50,000
+    tasks of the user, 0.03 ms by this index; retry_of never changes once
+    written (bench/task_detail_bench.py)."""
+    db.execute_sql("CREATE INDEX IF NOT EXISTS events_task ON events (task_id, user_id, seq)")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_retry_of ON tasks (retry_of, user_id, id) "
+                   "WHERE retry_of IS NOT NULL")
+
+
 def _migration_15(db):
     """A grant sent with an Idempotency-Key is made once: its ledger row
     carries the key (task_id 'grant:' + key), unique per user."""
@@ -526,7 +538,8 @@ def _migration_15(db):
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
-              (11, _migration_11), (12, _migration_12), (13, _migration_13), (15, _migration_15)]
+              (11, _migration_11), (12, _migration_12), (13, _migration_13), (14, _migration_14),
+              (15, _migration_15)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

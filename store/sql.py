@@ -428,9 +428,12 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             raise NotFound("task not found", code="task_not_found")
         return self._task(row)
 
-    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None):
+    def list_tasks(self, user_id, *, statuses=None, limit=50, before=None, retry_of=None):
         sql = _TASK_SELECT + " WHERE user_id = ?"
         params = [user_id]
+        if retry_of is not None:
+            sql += " AND retry_of = ?"
+            params.append(retry_of)
         if statuses:
             sql += f" AND status IN ({', '.join('?' * len(statuses))})"
             params += list(statuses)
@@ -864,6 +867,14 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             rows = self._exec("SELECT seq, task_id, type, data FROM events WHERE user_id = ? AND seq > ?"
                               f"{bound} ORDER BY seq LIMIT ?", (user_id, since, *upto, limit)).fetchall()
         return [(r[0], event_json(*r)) for r in rows]
+
+    def task_timeline(self, user_id, task_id, *, limit=500):
+        with self._seam():
+            bound, upto = self._upto()
+            rows = self._exec("SELECT seq, type, created_at, data FROM events WHERE user_id = ? AND task_id = ?"
+                              f"{bound} ORDER BY seq DESC LIMIT ?", (user_id, task_id, *upto, limit + 1)).fetchall()
+        events = [{"seq": r[0], "type": r[1], "at": r[2], "task": json.loads(r[3])} for r in rows[:limit]]
+        return events[::-1], len(rows) > limit
 
     def last_seq(self, user_id=None):
         with self._seam():

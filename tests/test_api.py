@@ -254,6 +254,45 @@ class TestListAndMe:
         terminal = client.get("/api/tasks", query={"status": "cancelled,failed"}, token=users["alice"]).json()
         assert [t["id"] for t in terminal["tasks"]] == [ids[0]]
 
+    def test_the_retries_of_a_task_are_listed_by_retry_of(self, client, users):
+        alice = users["alice"]
+        first = submit(client, alice).json()["task"]["id"]
+        submit(client, alice, {"prompt": "another"})
+        client.post(f"/api/tasks/{first}/cancel", token=alice)
+        retry = client.post(f"/api/tasks/{first}/retry", token=alice).json()["task"]["id"]
+        found = client.get("/api/tasks", query={"retry_of": first}, token=alice).json()
+        assert [t["id"] for t in found["tasks"]] == [retry] and found["next"] is None
+        assert client.get("/api/tasks", query={"retry_of": retry}, token=alice).json()["tasks"] == []
+        assert client.get("/api/tasks", query={"retry_of": first}, token=users["bob"]).json()["tasks"] == []
+        bad = client.get("/api/tasks", query={"retry_of": "../x"}, token=alice)
+        assert bad.status == 400 and bad.json()["error"]["code"] == "invalid_input"
+        assert "retry_of" in bad.json()["error"]["message"]
+
+    def test_a_tasks_timeline_is_its_events_oldest_first_and_only_its_owners(self, client, users, worker, clock):
+        alice = users["alice"]
+        task_id = submit(client, alice, {"prompt": "x", "fail": "no foxes today"}).json()["task"]["id"]
+        submit(client, alice)
+        task = run_until_done(worker, clock, client, alice, task_id)
+        res = client.get(f"/api/tasks/{task_id}/events", token=alice)
+        assert res.status == 200
+        body = res.json()
+        assert body["truncated"] is False
+        events = body["events"]
+        assert events[0]["type"] == "created" and events[0]["status"] == "queued"
+        assert events[-1]["type"] == "finished" and events[-1]["status"] == "failed"
+        assert events[-1]["error"] == {"code": "provider_rejected", "message": "no foxes today"}
+        assert events[-1]["version"] == task["version"] and len(events) == task["version"]
+        assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+        assert {"running"} <= {e["status"] for e in events}
+        assert set(events[0]) == {"seq", "type", "at", "status", "step", "progress", "attempts", "error",
+                                  "credits", "version"}
+        assert events[-1]["at"] == task["finished_at"]
+        for path in (f"/api/tasks/{task_id}/events", "/api/tasks/t_" + "0" * 26 + "/events",
+                     "/api/tasks/not-an-id/events"):
+            token = users["bob"] if task_id in path else alice
+            res = client.get(path, token=token)
+            assert res.status == 404 and res.json()["error"]["code"] == "task_not_found", path
+
     def test_me_and_providers(self, client, users):
         me = client.get("/api/me", token=users["alice"]).json()
         assert me["user"]["name"] == "alice" and me["credits"] is None and me["limits"]["max_active"] > 0

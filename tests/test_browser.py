@@ -190,7 +190,7 @@ def test_a_refused_token_signs_out_with_a_message_and_leaves_nothing_open(contex
     page.wait_for_function("document.getElementById('token-error').textContent.includes('(401)')")
     assert page.is_visible("#token-form") and page.is_hidden("#app")
     assert page.evaluate("localStorage.getItem('holdfast.token')") is None
-    assert page.evaluate(STATE) == {"role": "follower", "transport": "none", "lastSeq": 0, "conn": "offline"}
+    assert page.evaluate(STATE) == {"role": "follower", "transport": "none", "lastSeq": 0, "conn": "signed-out"}
     assert wait_streams(server, token, 0) == {"sse": 0, "poll": 0, "max": 200}
     # The right token afterwards works as usual.
     sign_in(page, token)

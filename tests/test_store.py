@@ -239,6 +239,71 @@ class TestReads:
         assert [t["id"] for t in cancelled] == [ids[0]]
 
 
+    def test_list_finds_the_retries_of_a_task_and_only_the_users_own(self, store, alice):
+        bob = store.create_user("bob")[0]
+        first, _ = submit(store, alice["id"], 1000.0)
+        store.cancel(first["id"], alice["id"], now=1001.0)
+        retry, _ = submit(store, alice["id"], 1002.0, retry_of=first["id"])
+        store.cancel(retry["id"], alice["id"], now=1003.0)
+        again, _ = submit(store, alice["id"], 1004.0, retry_of=first["id"])
+        submit(store, alice["id"], 1005.0)
+        found, cursor = store.list_tasks(alice["id"], retry_of=first["id"])
+        assert [t["id"] for t in found] == [again["id"], retry["id"]] and cursor is None
+        assert store.list_tasks(alice["id"], retry_of=retry["id"]) == ([], None)
+        assert store.list_tasks(bob["id"], retry_of=first["id"]) == ([], None)
+        assert [t["id"] for t in store.list_tasks(alice["id"], retry_of=first["id"], statuses=["queued"])[0]] \
+            == [again["id"]]
+
+
+class TestTimeline:
+    def test_a_tasks_events_oldest_first_as_each_left_it(self, store, alice):
+        task, _ = submit(store, alice["id"], 1.0)
+        other, _ = submit(store, alice["id"], 1.5)
+        store.update(task["id"], token=None, now=2.0, status="running", step="a", progress=0.25)
+        store.update(other["id"], token=None, now=2.5, status="running")
+        store.update(task["id"], token=None, now=3.0, status="failed", step="failed",
+                     error={"code": "provider_rejected", "message": "no"})
+        events, truncated = store.task_timeline(alice["id"], task["id"])
+        assert truncated is False
+        assert [(e["type"], e["at"], e["task"]["status"], e["task"]["step"]) for e in events] == [
+            ("created", 1.0, "queued", None), ("updated", 2.0, "running", "a"),
+            ("finished", 3.0, "failed", "failed")]
+        assert [e["seq"] for e in events] == [s for s, _ in store.task_events(task["id"])]
+        assert events[1]["task"]["progress"] == 0.25 and events[2]["task"]["error"]["code"] == "provider_rejected"
+        assert events[2]["task"]["version"] == 3
+
+    def test_only_the_newest_are_kept_and_another_users_task_has_none(self, store, alice):
+        bob = store.create_user("bob")[0]
+        task, _ = submit(store, alice["id"], 1.0)
+        store.update(task["id"], token=None, now=2.0, status="running")
+        for i in range(5):
+            store.update(task["id"], token=None, now=3.0 + i, progress=i / 10)
+        events, truncated = store.task_timeline(alice["id"], task["id"], limit=3)
+        assert truncated is True
+        assert [e["task"]["progress"] for e in events] == [0.2, 0.3, 0.4]
+        assert store.task_timeline(alice["id"], task["id"], limit=7) == (
+            store.task_timeline(alice["id"], task["id"])[0], False)
+        assert store.task_timeline(bob["id"], task["id"]) == ([], False)
+
+
+    def test_on_sqlite_a_timeline_and_the_retries_of_a_task_are_read_by_index(self, sqlite_store):
+        user = sqlite_store.create_user("carol")[0]
+        task, _ = submit(sqlite_store, user["id"], 1.0)
+        statements = []
+        conn = sqlite_store.db.connection()
+        conn.set_trace_callback(statements.append)
+        try:
+            sqlite_store.task_timeline(user["id"], task["id"])
+            sqlite_store.list_tasks(user["id"], retry_of=task["id"])
+        finally:
+            conn.set_trace_callback(None)
+        [events] = [q for q in statements if "FROM events" in q]
+        [retries] = [q for q in statements if "retry_of = " in q]
+        for sql, index in ((events, "events_task"), (retries, "tasks_retry_of")):
+            plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert f"USING INDEX {index}" in plan and "SCAN" not in plan, plan
+
+
 class TestTransitions:
     @pytest.mark.parametrize("old,new", [(o, n) for o in TRANSITIONS for n in TRANSITIONS
                                          if n not in TRANSITIONS[o] and o not in TERMINAL])
