@@ -151,10 +151,10 @@ class PollLog(FakeKIE):
         super().__init__(**kw)
         self.polled = {}
 
-    def _watched_record_info(self, task_id):
+    def _watched_record_info(self, task_id, req):
         with self._lock:
             self.polled.setdefault(task_id, []).append(time.time())
-        return super()._watched_record_info(task_id)
+        return super()._watched_record_info(task_id, req)
 
 
 def test_behind_on_polls_fresh_tasks_are_polled_on_time_and_old_ones_stretch(tmp_path):
