@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from urllib.parse import urlencode
 
 import pytest
@@ -256,6 +257,22 @@ def api(server, token):
     session.headers["Authorization"] = f"Bearer {token}"
     session.base = server.url
     return session
+
+
+@contextmanager
+def paying_server(tmp_path, credits):
+    """A real server where a demo task costs a credit, and a user "payer"
+    with `credits` of them (its token in tokens["payer"])."""
+    (tmp_path / "holdfast.toml").write_text("[providers.demo]\ncost = 1\n")
+    s = ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}).start()
+    try:
+        res = api(s, s.tokens["admin"]).post(s.url + "/api/admin/users", timeout=10,
+                                             json={"name": "payer", "credits": credits})
+        assert res.status_code == 201, res.text
+        s.tokens["payer"] = res.json()["token"]
+        yield s
+    finally:
+        s.stop()
 
 
 def query_plans(sqlite_store, *calls):

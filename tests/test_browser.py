@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from support import ServerProcess, api
+from support import ServerProcess, api, paying_server
 
 STATE = "({role: holdfast.role, transport: holdfast.transport, lastSeq: holdfast.lastSeq, " \
         "conn: document.getElementById('conn').dataset.state})"
@@ -29,18 +29,9 @@ def server(tmp_path, request):
 
 @pytest.fixture
 def paying(tmp_path):
-    """A real server where a demo task costs a credit, and a user "payer"
-    with three of them (its token in tokens["payer"])."""
-    (tmp_path / "holdfast.toml").write_text("[providers.demo]\ncost = 1\n")
-    s = ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}).start()
-    try:
-        res = api(s, s.tokens["admin"]).post(s.url + "/api/admin/users", timeout=10,
-                                             json={"name": "payer", "credits": 3})
-        assert res.status_code == 201, res.text
-        s.tokens["payer"] = res.json()["token"]
+    """A real server where a demo task costs a credit; "payer" has three."""
+    with paying_server(tmp_path, 3) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

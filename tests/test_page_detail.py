@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support import ROOT, ServerProcess, api
+from support import ROOT, ServerProcess, api, paying_server
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "page_detail")
 WIDTHS = [375, 1440]
@@ -29,18 +29,9 @@ document.addEventListener('securitypolicyviolation',
 
 @pytest.fixture
 def paying(tmp_path):
-    """A real server where a demo task costs a credit, and a user "payer"
-    with two of them."""
-    (tmp_path / "holdfast.toml").write_text("[providers.demo]\ncost = 1\n")
-    s = ServerProcess(tmp_path, env={"HOLDFAST_CONFIG": str(tmp_path / "holdfast.toml")}).start()
-    try:
-        res = api(s, s.tokens["admin"]).post(s.url + "/api/admin/users", timeout=10,
-                                             json={"name": "payer", "credits": 2})
-        assert res.status_code == 201, res.text
-        s.tokens["payer"] = res.json()["token"]
+    """A real server where a demo task costs a credit; "payer" has two."""
+    with paying_server(tmp_path, 2) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
