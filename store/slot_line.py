@@ -128,6 +128,16 @@ _PG = [
 _TRIGGERS = ("slot_line_insert", "slot_line_update", "slot_line_leave", "slot_line_join", "slot_line_delete")
 
 
+_FILL = "INSERT INTO slot_line (provider, user_id, best, since) "
+
+
+def _counted(where=""):
+    """The rows slot_line must hold, counted from the tasks themselves
+    (those matching `where` too, e.g. one user's)."""
+    return ("SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
+            f"WHERE {waiting('tasks')}{where} GROUP BY provider, user_id")
+
+
 def create(db):
     """Make the table, its index and triggers, and fill it from the tasks.
     Safe to run again over a database that has them (a store migrates
@@ -140,9 +150,7 @@ def create(db):
     for name in _TRIGGERS:
         db.execute_sql(f"DROP TRIGGER IF EXISTS {name}" + (" ON tasks" if postgres else ""))
     db.execute_sql("DELETE FROM slot_line")
-    db.execute_sql("INSERT INTO slot_line (provider, user_id, best, since) "
-                   "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
-                   f"WHERE {waiting('tasks')} GROUP BY provider, user_id")
+    db.execute_sql(_FILL + _counted())
     for sql in _PG if postgres else _SQLITE:
         db.execute_sql(sql)
 
@@ -150,9 +158,14 @@ def create(db):
 def recount(store):
     """[(provider, user id, best, since)] of every user waiting, counted from
     the tasks themselves: what slot_line must hold (for tests and audits)."""
-    return sorted(tuple(r) for r in store._exec(
-        "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
-        f"WHERE {waiting('tasks')} GROUP BY provider, user_id").fetchall())
+    return sorted(tuple(r) for r in store._exec(_counted()).fetchall())
+
+
+def refill(store, provider, user_id):
+    """Count one user's row at `provider` again from the tasks, inside the
+    caller's write transaction (gone when nothing of theirs waits)."""
+    store._exec("DELETE FROM slot_line WHERE provider = ? AND user_id = ?", (provider, user_id))
+    store._exec(_FILL + _counted(" AND provider = ? AND user_id = ?"), (provider, user_id))
 
 
 def rows(store):

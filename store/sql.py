@@ -199,6 +199,14 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
         return self.db.atomic()
 
+    def _snapshot(self):
+        """A read transaction that sees one snapshot throughout, so a write
+        committed meanwhile shows in all of its reads or in none.
+        PostgreSQL's default isolation takes a snapshot per statement;
+        SQLite's deferred BEGIN reads one (WAL) and blocks no writer."""
+        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
+        return self.db.atomic(begin)
+
     def _lock(self, name):
         """Serialize the transactions that take `name` until they end.
         SQLite's BEGIN IMMEDIATE already serializes every writer; backends

@@ -9,7 +9,6 @@ helpers (_seam, _write, _exec, _one, _lock), and backends override its hooks
 import logging
 import time
 
-import peewee
 from peewee import BooleanField
 
 from errors import Conflict, InvalidInput, StoreUnavailable
@@ -77,10 +76,7 @@ class SchemaSql:
         order; the same form on every backend. One read transaction, so one
         snapshot: a write committed meanwhile is in every table or in none."""
         out = {}
-        # PostgreSQL's default isolation takes a snapshot per statement;
-        # SQLite's deferred BEGIN reads one (WAL) and blocks no writer.
-        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
-        with self._seam(), self.db.atomic(begin):
+        with self._seam(), self._snapshot():
             for model in models:
                 cols = [f.column_name for f in model._meta.sorted_fields]
                 order = ", ".join(f.column_name for f in model._meta.get_primary_keys())

@@ -7,8 +7,6 @@ of those apply here too.
 
 import json
 
-import peewee
-
 from . import slot_line
 
 
@@ -108,8 +106,7 @@ class UpkeepSql:
 
     def slot_line_drift(self):
         # One snapshot for both reads, so a write meanwhile is no drift.
-        begin = "REPEATABLE READ" if isinstance(self.db, peewee.PostgresqlDatabase) else "DEFERRED"
-        with self._seam(), self.db.atomic(begin):
+        with self._seam(), self._snapshot():
             want = {(p, u): (b, s) for p, u, b, s in slot_line.recount(self)}
             have = {(p, u): (b, s) for p, u, b, s in slot_line.rows(self)}
         return sorted(key for key in want.keys() | have.keys() if want.get(key) != have.get(key))
@@ -119,12 +116,7 @@ class UpkeepSql:
         with self._seam(), self._write():
             for provider, user_id in keys:
                 self._slot_lock(provider)
-                self._exec("DELETE FROM slot_line WHERE provider = ? AND user_id = ?", (provider, user_id))
-                self._exec(
-                    "INSERT INTO slot_line (provider, user_id, best, since) "
-                    "SELECT provider, user_id, MAX(priority), MIN(created_at) FROM tasks "
-                    f"WHERE {slot_line.waiting('tasks')} AND provider = ? AND user_id = ? "
-                    "GROUP BY provider, user_id", (provider, user_id))
+                slot_line.refill(self, provider, user_id)
         return len(keys)
 
     def existing_task_ids(self, task_ids):
