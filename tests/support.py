@@ -259,6 +259,15 @@ def api(server, token):
     return session
 
 
+# Before a page's scripts: every Content-Security-Policy violation the
+# browser reports, as "directive blocked-uri" in window.__csp.
+CSP_WATCH = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
+"""
+
+
 @contextmanager
 def paying_server(tmp_path, credits):
     """A real server where a demo task costs a credit, and a user "payer"

@@ -18,7 +18,7 @@ import requests
 from api import create_app
 from config import Config
 from store import DURATION_BOUNDS_S, SqliteStore, history_day, iso, open_store, task_json
-from support import ROOT, ServerProcess, WSGIClient
+from support import CSP_WATCH, ROOT, ServerProcess, WSGIClient
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "console")
 DAY = 86400
@@ -492,20 +492,13 @@ def context(browser):
     ctx.close()
 
 
-WATCH = """
-window.__csp = [];
-document.addEventListener('securitypolicyviolation',
-  (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
-"""
-
-
 def open_console(context, server, token):
     page = context.new_page()
     page.errors, page.admin_calls = [], []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
     page.on("request", lambda r: page.admin_calls.append(r.url) if "/api/admin/" in r.url else None)
-    page.add_init_script(WATCH)
+    page.add_init_script(CSP_WATCH)
     page.goto(server.url + "/console")
     page.fill("#token-input", token)
     page.click("#token-form button[type=submit]")

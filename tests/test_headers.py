@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from support import ROOT, ServerProcess
+from support import CSP_WATCH, ROOT, ServerProcess
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "headers")
 ASSETS = ["/", "/console", "/static/app.js", "/static/holdfast.js", "/static/style.css", "/static/console.js",
@@ -48,13 +48,6 @@ def test_the_html_holds_no_inline_script_or_style(name):
 
 # -- in Chromium -------------------------------------------------------------------
 
-WATCH = """
-window.__csp = [];
-document.addEventListener('securitypolicyviolation',
-  (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
-"""
-
-
 @pytest.fixture
 def server(tmp_path):
     s = ServerProcess(tmp_path).start()
@@ -77,7 +70,7 @@ def watched(context):
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on("console", lambda m: page.csp_console.append(m.text)
             if "Content Security Policy" in m.text or "Content-Security-Policy" in m.text else None)
-    page.add_init_script(WATCH)
+    page.add_init_script(CSP_WATCH)
     return page
 
 

@@ -15,18 +15,11 @@ import time
 
 import pytest
 
-from support import ROOT, ServerProcess, api, paying_server
+from support import CSP_WATCH, ROOT, ServerProcess, api, paying_server
 
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts", "page_detail")
 WIDTHS = [375, 1440]
 HOSTILE = 'a fox <img src=x onerror="window.pwned=1"><b>bold</b> & "quotes"'
-WATCH = """
-window.__csp = [];
-document.addEventListener('securitypolicyviolation',
-  (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
-"""
-
-
 @pytest.fixture
 def paying(tmp_path):
     """A real server where a demo task costs a credit; "payer" has two."""
@@ -49,7 +42,7 @@ def new_page(browser, width):
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on("console", lambda m: page.csp_console.append(m.text)
             if "Content Security Policy" in m.text or "Content-Security-Policy" in m.text else None)
-    page.add_init_script(WATCH)
+    page.add_init_script(CSP_WATCH)
     return ctx, page
 
 
