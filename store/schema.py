@@ -536,10 +536,23 @@ def _migration_15(db):
                    "WHERE kind = 'grant' AND task_id <> ''")
 
 
+# A running task's turn in a fresh-first claim (the worker's slow-down) is
+# next_poll_at plus its age; ordered by this, less the claim's own `now`,
+# the claim reads only the first entries (store/sql.py, _due).
+FRESH_ORDER = "next_poll_at - COALESCE(started_at, created_at)"
+
+
+def _migration_16(db):
+    """The fresh-first claim from an index: without one it read and sorted
+    every running task that was due, the very backlog that turns the
+    slow-down on (bench/dispatch_bench.py)."""
+    db.execute_sql(f"CREATE INDEX IF NOT EXISTS tasks_fresh ON tasks (({FRESH_ORDER}), next_poll_at) WHERE status = 'running'")
+
+
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
               (11, _migration_11), (12, _migration_12), (13, _migration_13), (14, _migration_14),
-              (15, _migration_15)]
+              (15, _migration_15), (16, _migration_16)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

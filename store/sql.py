@@ -32,7 +32,7 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
+from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, FRESH_ORDER, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
                      TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps,
                      duration_bucket, event_json, external_id_problem, hash_token, history_day,
                      new_task_id, task_json)
@@ -42,6 +42,15 @@ from .sql_liveness import LivenessSql
 from .sql_schema import SchemaSql
 from .sql_upkeep import UpkeepSql
 from .sql_webhooks import WebhooksSql
+
+_NEXT_POLL_AT, _STARTED_AT, _CREATED_AT = (TASK_COLUMNS.index(c) for c in ("next_poll_at", "started_at",
+                                                                           "created_at"))
+
+
+def _fresh_turn(row, now):
+    """A running task's turn in a fresh-first claim: FRESH_ORDER plus now."""
+    started = row[_STARTED_AT] if row[_STARTED_AT] is not None else row[_CREATED_AT]
+    return row[_NEXT_POLL_AT] + now - started
 
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
@@ -118,6 +127,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
     placeholder = "?"
     for_update = ""       # row locks, where writers run side by side
     skip_locked = ""      # claims that pass over rows another claim holds
+    fresh_index = ""      # how a fresh-first claim names tasks_fresh, where the planner needs telling
 
     def __init__(self, db):
         self.db = db
@@ -456,19 +466,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
 
     def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
-        marks = ", ".join("?" * len(statuses))
-        # Fresh first: a running task's turn is put off by its age, so
-        # submissions and young tasks go before old ones that are due as long.
-        order, params = (("next_poll_at + CASE WHEN status = 'running' THEN ? - COALESCE(started_at, "
-                          "created_at) ELSE 0 END", (now,)) if fresh_first else ("next_poll_at", ()))
         with self._seam(), self._write():
-            rows = self._exec(
-                _TASK_SELECT + f" WHERE status IN ({marks}) AND next_poll_at <= ? "
-                "AND (lease_owner IS NULL OR lease_expires_at < ?) "
-                f"ORDER BY {order} LIMIT ?{self.skip_locked}",
-                (*statuses, now, now, *params, limit)).fetchall()
             tasks = []
-            for row in rows:
+            for row in self._due(statuses, now, limit, fresh_first):
                 task = self._task(row)
                 task["lease_owner"] = owner
                 task["lease_expires_at"] = now + lease_s
@@ -478,12 +478,46 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                 tasks.append(task)
         return tasks
 
+    _DUE = " AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)"
+
+    def _due(self, statuses, now, limit, fresh_first=False):
+        """The first `limit` rows due and not leased, in claim order: the
+        longest due first; with `fresh_first`, a running task's turn is
+        put off by its age, so submissions and young tasks go first.
+
+        One status at a time, each read from an index in its order and
+        stopped after `limit` rows: `status IN (...) ORDER BY` read and
+        sorted every due row first, so a claim cost as much as the backlog
+        it was meant to shrink (bench/dispatch_bench.py)."""
+        keyed = []
+        for status in statuses:
+            if fresh_first and status == "running":
+                # By tasks_fresh (migration 16), whose WHERE the query must
+                # repeat word for word for SQLite to use it. Once `limit`
+                # tasks of another status are in hand, only a running task
+                # whose turn comes before the last of them can be taken.
+                keyed.sort(key=lambda turn_row: turn_row[0])
+                sql, params = _TASK_SELECT + self.fresh_index + " WHERE status = 'running'" + self._DUE, [now, now]
+                if len(keyed) >= limit:
+                    sql += f" AND {FRESH_ORDER} < ?"
+                    params.append(keyed[limit - 1][0] - now)
+                rows = self._exec(sql + f" ORDER BY {FRESH_ORDER} LIMIT ?{self.skip_locked}",
+                                  (*params, limit)).fetchall()
+                keyed += [(_fresh_turn(r, now), r) for r in rows]
+            else:
+                rows = self._exec(_TASK_SELECT + " WHERE status = ?" + self._DUE +
+                                  f" ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
+                                  (status, now, now, limit)).fetchall()
+                keyed += [(r[_NEXT_POLL_AT], r) for r in rows]
+        keyed.sort(key=lambda turn_row: turn_row[0])
+        return [row for _, row in keyed[:limit]]
+
     def poll_lag(self, *, now):
         with self._seam():
-            oldest = self._one("SELECT MIN(next_poll_at) FROM tasks WHERE status IN ('queued', 'running') "
-                               "AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)",
-                               (now, now))[0]
-        return 0.0 if oldest is None else now - oldest
+            due = [row[0] for status in ("queued", "running") for row in self._exec(
+                "SELECT next_poll_at FROM tasks WHERE status = ?" + self._DUE + " ORDER BY next_poll_at LIMIT 1",
+                (status, now, now))]
+        return now - min(due) if due else 0.0
 
     def _task_for_update(self, task_id):
         """The task, its row locked until the transaction ends; NotFound."""

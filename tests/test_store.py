@@ -352,6 +352,55 @@ class TestLeases:
         assert second[0]["lease_token"] > first[0]["lease_token"]
         assert second[0]["lease_owner"] == "w2"
 
+    def test_a_claim_takes_the_longest_due_first_and_fresh_first_the_youngest(self, store, alice):
+        def running(submitted, started, next_poll_at):
+            task, _ = submit(store, alice["id"], submitted)
+            store.update(task["id"], token=None, now=started, status="running", next_poll_at=next_poll_at)
+            return task["id"]
+        old = running(0.0, 0.0, 5.0)            # due since 5, running for 100 s at now=100
+        middle = running(30.0, 30.0, 50.0)
+        young = running(60.0, 60.0, 62.0)
+        running(1.0, 1.0, 200.0)                # not due
+        first = submit(store, alice["id"], 10.0)[0]["id"]
+        second = submit(store, alice["id"], 20.0)[0]["id"]
+        # The longest due first, whatever the status.
+        claimed = store.claim("w1", now=100.0, limit=5, lease_s=1)
+        assert [t["id"] for t in claimed] == [old, first, second, middle, young]
+        # Fresh first: a running task's turn is next_poll_at plus its age
+        # (at now=102: young 104, old 107, middle 122); the queued go first.
+        assert [t["id"] for t in store.claim("w2", now=102.0, limit=2, lease_s=1, fresh_first=True)] == [
+            first, second]
+        assert [t["id"] for t in store.claim("w2", now=102.0, limit=2, lease_s=1, fresh_first=True)] == [
+            young, old]
+        assert [t["id"] for t in store.claim("w3", now=104.0, limit=9, lease_s=1, fresh_first=True)] == [
+            first, second, young, old, middle]
+
+    def test_on_sqlite_a_claim_reads_an_index_in_its_order_and_sorts_nothing(self, sqlite_store):
+        # `status IN (...) ORDER BY` read and sorted every due task, so a
+        # worker behind on a backlog paid for all of it at every claim.
+        user = sqlite_store.create_user("carol")[0]
+        for i in range(3):
+            task, _ = submit(sqlite_store, user["id"], float(i))
+            sqlite_store.update(task["id"], token=None, now=float(i), status="running", next_poll_at=float(i))
+            submit(sqlite_store, user["id"], float(i))
+        statements = []
+        writer, reader = sqlite_store.write_connection(), sqlite_store.db.connection()
+        for conn in (writer, reader):
+            conn.set_trace_callback(statements.append)
+        try:
+            for fresh_first in (False, True):
+                assert len(sqlite_store.claim("w", now=9.0, limit=2, lease_s=1, fresh_first=fresh_first)) == 2
+            assert sqlite_store.poll_lag(now=20.0) == 20.0
+        finally:
+            for conn in (writer, reader):
+                conn.set_trace_callback(None)
+        selects = [q for q in statements if q.startswith("SELECT")]
+        assert len(selects) == 6, selects
+        for sql in selects:
+            plan = " ".join(r[3] for r in reader.execute("EXPLAIN QUERY PLAN " + sql))
+            index = "tasks_fresh" if "COALESCE(started_at" in sql else "tasks_status_next_poll_at"
+            assert f"SEARCH tasks USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, (sql, plan)
+
     def test_a_write_with_a_stale_token_is_refused_and_changes_nothing(self, store, alice):
         task, _ = submit(store, alice["id"], 10.0)
         old = store.claim("w1", now=10.0, limit=1, lease_s=5)[0]
