@@ -33,7 +33,7 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 from .base import BaseStore
 from .files import lease_dir
 from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, FRESH_ORDER, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
-                     TASK_COLUMNS, TERMINAL, check_priority, check_transition, check_user_limits, dumps,
+                     TASK_COLUMNS, TERMINAL, TaskStatus, check_priority, check_transition, check_user_limits, dumps,
                      duration_bucket, event_json, external_id_problem, hash_token, history_day,
                      new_task_id, task_json)
 from .sql_accounts import AccountsSql
@@ -45,6 +45,9 @@ from .sql_webhooks import WebhooksSql
 
 _NEXT_POLL_AT, _STARTED_AT, _CREATED_AT = (TASK_COLUMNS.index(c) for c in ("next_poll_at", "started_at",
                                                                            "created_at"))
+
+
+_STATUSES = frozenset(s.value for s in TaskStatus)
 
 
 def _fresh_turn(row, now):
@@ -483,42 +486,45 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
     def _due(self, statuses, now, limit, fresh_first=False):
         """The first `limit` rows due and not leased, in claim order: the
         longest due first; with `fresh_first`, a running task's turn is
-        put off by its age, so submissions and young tasks go first.
-
-        A status at a time, each read from an index in its order and
-        stopped after `limit` rows: `status IN (...) ORDER BY` read and
-        sorted every due row first, so a claim cost as much as the backlog
-        it was meant to shrink. The status is written into the SQL, not
-        bound: SQLite plans a statement again at every run where a bound
-        value decides whether a partial index applies (0.05 ms here)."""
+        put off by its age, so submissions and young tasks go first."""
+        marks = ", ".join("?" * len(statuses))
+        if not fresh_first or "running" not in statuses:
+            # SQLite reads each status's range of tasks_status_next_poll_at
+            # in order and leaves it once it holds `limit` rows ahead.
+            return self._exec(_TASK_SELECT + f" WHERE status IN ({marks}){self._DUE} "
+                              f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
+                              (*statuses, now, now, limit)).fetchall()
+        # A computed order cannot stop early: it read and sorted every due
+        # row, the very backlog that turns the slow-down on. So the queued
+        # first, by the same index; then the running by tasks_fresh
+        # (migration 16), whose WHERE the statement repeats word for word
+        # for SQLite to use it. Once `limit` queued tasks are in hand, only
+        # a running task whose turn comes before the last of them can be
+        # taken.
+        # The statuses are written into the SQL: bound, `status = ?` made
+        # SQLite plan the statement again at every run (0.05 ms), as a
+        # partial index may apply depending on the value.
+        others = ", ".join(f"'{s}'" for s in statuses if s != "running" and s in _STATUSES)
         keyed = []
-        for status in sorted(statuses, key=("queued", "running").index):
-            sql, params = _TASK_SELECT, [now, now]
-            if fresh_first and status == "running":
-                # tasks_fresh (migration 16) holds FRESH_ORDER for running
-                # tasks only; the WHERE must say so word for word. Once
-                # `limit` queued tasks are in hand, only a running task
-                # whose turn comes before the last of them can be taken.
-                sql += f"{self.fresh_index} WHERE status = 'running'{self._DUE}"
-                keyed.sort(key=lambda turn_row: turn_row[0])
-                if len(keyed) >= limit:
-                    sql += f" AND {FRESH_ORDER} < ?"
-                    params.append(keyed[limit - 1][0] - now)
-                order, turn = FRESH_ORDER, lambda row: _fresh_turn(row, now)
-            else:
-                sql += f" WHERE status = '{status}'{self._DUE}"
-                order, turn = "next_poll_at", lambda row: row[_NEXT_POLL_AT]
-            rows = self._exec(sql + f" ORDER BY {order} LIMIT ?{self.skip_locked}", (*params, limit)).fetchall()
-            keyed += [(turn(row), row) for row in rows]
+        if others:
+            keyed = [(row[_NEXT_POLL_AT], row) for row in self._exec(
+                _TASK_SELECT + f" WHERE status IN ({others}){self._DUE} ORDER BY next_poll_at "
+                f"LIMIT ?{self.skip_locked}", (now, now, limit)).fetchall()]
+        sql, params = _TASK_SELECT + f"{self.fresh_index} WHERE status = 'running'{self._DUE}", [now, now]
+        if len(keyed) >= limit:
+            sql += f" AND {FRESH_ORDER} < ?"
+            params.append(keyed[limit - 1][0] - now)
+        rows = self._exec(sql + f" ORDER BY {FRESH_ORDER} LIMIT ?{self.skip_locked}", (*params, limit)).fetchall()
+        keyed += [(_fresh_turn(row, now), row) for row in rows]
         keyed.sort(key=lambda turn_row: turn_row[0])
         return [row for _, row in keyed[:limit]]
 
     def poll_lag(self, *, now):
         with self._seam():
-            due = [row[0] for status in ("queued", "running") for row in self._exec(
-                f"SELECT next_poll_at FROM tasks WHERE status = '{status}'{self._DUE} ORDER BY next_poll_at LIMIT 1",
-                (now, now))]
-        return now - min(due) if due else 0.0
+            oldest = self._one("SELECT MIN(next_poll_at) FROM tasks WHERE status IN ('queued', 'running') "
+                               "AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)",
+                               (now, now))[0]
+        return 0.0 if oldest is None else now - oldest
 
     def _task_for_update(self, task_id):
         """The task, its row locked until the transaction ends; NotFound."""
