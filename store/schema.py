@@ -9,6 +9,7 @@ lease owner ids. Nothing here opens a database.
 Times are stored as float seconds since the epoch (UTC) and shown as ISO 8601.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -588,10 +589,23 @@ def history_day(ts):
 
 
 def iso(ts):
+    """A timestamp as the API writes it: UTC, to the millisecond, the
+    microseconds rounded as datetime.fromtimestamp rounds them. Every event
+    and answer carries five of these, so the second's text is cached."""
     if ts is None:
         return None
-    dt = datetime.fromtimestamp(ts, timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    frac, whole = math.modf(ts)
+    micro = round(frac * 1e6)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    elif micro < 0:
+        whole, micro = whole - 1, micro + 1_000_000
+    return _iso_second(int(whole)) + f"{micro // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_second(whole):
+    return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 # Objects and arrays inside one another. A request body past it is refused

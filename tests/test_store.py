@@ -1462,3 +1462,23 @@ def test_the_slot_line_reads_neither_per_waiting_task_nor_per_waiting_user(tmp_p
         assert steps[0] > 0 and steps[1] < 1.5 * steps[0] and steps[2] < 1.5 * steps[0], steps
     finally:
         store.close()
+
+
+def test_iso_writes_a_timestamp_as_datetime_rounds_it():
+    # iso() caches each second's text; the milliseconds must still come
+    # out as datetime.fromtimestamp rounds the microseconds.
+    import random
+    from datetime import datetime, timezone
+
+    from store import iso
+
+    def by_datetime(ts):
+        dt = datetime.fromtimestamp(ts, timezone.utc)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    rnd = random.Random(18)
+    now = time.time()
+    values = ([rnd.uniform(0, 4e9) for _ in range(20000)] + [now + rnd.uniform(-5, 5) for _ in range(20000)]
+              + [1e9 + k / 1e6 + 5e-7 for k in range(2000)]
+              + [0.0, 1.9999995, 59.9999999, 1700000000.9999996, 1700000000.0000004])
+    assert [iso(v) for v in values] == [by_datetime(v) for v in values]
+    assert iso(None) is None and iso(0.0) == "1970-01-01T00:00:00.000Z"
