@@ -20,6 +20,14 @@ log = logging.getLogger("holdfast.store")
 # Writes one COMMIT may cover at most: a steady stream of writers must not
 # keep the first of them waiting for ever.
 MAX_BATCH = 32
+# The WAL is copied back into the database file by the store's own thread,
+# this often while writes come in. SQLite's default does it in the COMMIT
+# that passes 1,000 pages, an fsync or two while that writer holds the
+# write lock and every other writer waits behind it.
+CHECKPOINT_EVERY_S = 0.25
+# Should that thread fall behind (or stop), a COMMIT still checkpoints once
+# the WAL holds this many pages (about 80 MB).
+FALLBACK_CHECKPOINT_PAGES = 20_000
 
 
 class _Batch:
@@ -185,6 +193,9 @@ class SqliteStore(SqlStore):
         self._depth = threading.local()     # this thread's write nesting
         self._conn = None                   # the shared write connection
         self._conn_pid = None
+        self._checkpointer = None           # the thread that checkpoints the WAL, once writes began
+        self._closing = None                # set: that thread ends
+        self.checkpoints = 0                # checkpoints that thread ran
         self._grouped = path != ":memory:" and not read_only
         self.commits = 0                    # COMMITs on the shared connection
         db = peewee.SqliteDatabase(path, timeout=5, lock_type="IMMEDIATE", pragmas=pragmas)
@@ -227,8 +238,35 @@ class SqliteStore(SqlStore):
         if self._conn is None or self._conn_pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
             self.db._add_conn_hooks(conn)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_CHECKPOINT_PAGES}")
             self._conn, self._conn_pid = conn, os.getpid()
+            self._closing = threading.Event()
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(self._closing,),
+                                                  name="holdfast-checkpoint", daemon=True)
+            self._checkpointer.start()
         return self._conn
+
+    def _checkpoint_loop(self, closing):
+        """Copy the WAL back into the database file, off the writers' path.
+        PASSIVE: it waits for no reader and no writer, and copies what no
+        reader still needs; the next writer then starts the WAL over."""
+        conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA synchronous = normal")
+            seen = self.commits
+            while not closing.wait(CHECKPOINT_EVERY_S):
+                if self.commits == seen:
+                    continue
+                seen = self.commits
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:
+                    # A full disk, say: writes will fail and say so; COMMITs
+                    # checkpoint by themselves past the fallback.
+                    log.debug("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
     def write_connection(self):
         """The sqlite3 connection this process's writes run on, for tests
@@ -240,6 +278,10 @@ class SqliteStore(SqlStore):
 
     def close(self):
         super().close()
+        if self._checkpointer is not None and self._conn_pid == os.getpid():
+            self._closing.set()
+            self._checkpointer.join(10)
+            self._checkpointer = None
         with self._writer:
             batch, self._batch = self._batch, None
             if batch is not None:

@@ -314,3 +314,30 @@ def test_closing_the_store_commits_a_batch_its_writers_wait_for(tmp_path):
     writer.join(10)
     assert not writer.is_alive() and outcome == {"write": "ok"}
     assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = 'waiting'") == 1
+
+
+def test_the_wal_is_checkpointed_by_the_stores_own_thread_and_not_in_a_commit(tmp_path):
+    # SQLite's default checkpoints in the COMMIT that passes 1,000 pages:
+    # an fsync or two while that writer holds the write lock.
+    from store.sqlite import FALLBACK_CHECKPOINT_PAGES
+    path = str(tmp_path / "holdfast.db")
+    store = SqliteStore(path)
+    try:
+        user = store.create_user("alice")[0]
+        conn = store.write_connection()
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == FALLBACK_CHECKPOINT_PAGES
+        size = os.path.getsize(path)
+        for i in range(400):     # about 1,500 pages of WAL
+            store.submit(user["id"], "demo", {"prompt": "x" * 3000, "i": i}, now=1.0 + i, deadline_at=1e9)
+        deadline = time.monotonic() + 10
+        while store.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.checkpoints > 0
+        assert store._checkpointer.name == "holdfast-checkpoint" and store._checkpointer.is_alive()
+        # The pages reached the database file itself, not only the WAL.
+        assert os.path.getsize(path) > size + 400 * 3000
+        assert _count(path, "SELECT COUNT(*) FROM tasks") == 400
+        thread = store._checkpointer
+    finally:
+        store.close()
+    assert not thread.is_alive()
