@@ -18,7 +18,7 @@ import time
 
 from api import create_app
 from api.web import json_error_channel
-from config import Config, open_everything, setup_logging
+from config import Config, open_everything, setup_logging, stop_logging
 from errors import ConfigError, Conflict, HoldfastError, NotFound
 
 log = logging.getLogger("holdfast.app")
@@ -149,6 +149,7 @@ def serve(config):
     # The interpreter would join every pool thread at exit, and one may be
     # in a local function that never reports or a call that has not timed
     # out yet. Its lease is handed back, so the process leaves without it.
+    stop_logging()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,9 +5,12 @@ the logging set-up, and opening the store, the providers and the file store.
 the other.
 """
 
+import atexit
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -205,17 +208,55 @@ def _origins(value):
 
 # -- wiring --------------------------------------------------------------------
 
+class _Handoff(logging.handlers.QueueHandler):
+    """The root handler: a record goes on a queue and the listener's thread
+    formats and writes it. A task's state change is logged from the thread
+    that made it, request or worker, and each of those waited on the stream
+    handler's lock for a write to stderr, which all of them share."""
+
+    def prepare(self, record):
+        # The text as it is now; the exception, if any, stays for the formatter.
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+_listener = None
+
+
 def setup_logging(kind):
+    """Log to stderr as text or JSON lines, written by a thread of their own."""
+    global _listener
+    stop_logging()
     handler = logging.StreamHandler()
     if kind == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Handoff(records)]
     root.setLevel(logging.INFO)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def log_output():
+    """The handler that writes log lines (for tests), or None."""
+    return _listener.handlers[0] if _listener is not None else None
+
+
+def stop_logging():
+    """Write what is queued, and end the writing thread: before os._exit,
+    which skips atexit."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()
+
+
+atexit.register(stop_logging)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from config import _JsonFormatter, setup_logging
+from config import _JsonFormatter, log_output, setup_logging, stop_logging
 from errors import StoreUnavailable
 
 TASKS = "holdfast.tasks"
@@ -99,10 +99,11 @@ def test_holdfast_log_json_installs_the_json_formatter():
     saved = root.handlers[:], root.level
     try:
         setup_logging("json")
-        assert isinstance(root.handlers[0].formatter, _JsonFormatter)
+        assert isinstance(log_output().formatter, _JsonFormatter)
         setup_logging("text")
-        assert not isinstance(root.handlers[0].formatter, _JsonFormatter)
+        assert not isinstance(log_output().formatter, _JsonFormatter)
     finally:
+        stop_logging()
         root.handlers[:], level = saved
         root.setLevel(level)
 
@@ -125,3 +126,41 @@ def test_a_real_server_with_holdfast_log_json_writes_json_lines(tmp_path):
         lines = [json.loads(line) for line in fh if line.strip()]   # every line is JSON
     mine = [(x["from"], x["to"]) for x in lines if x.get("task_id") == task_id and x["logger"] == TASKS]
     assert mine == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
+
+
+def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wait(monkeypatch):
+    import io
+    import sys
+    import threading
+    import time
+
+    class Held(io.StringIO):
+        """stderr whose writes wait for the test to let them through."""
+
+        def __init__(self):
+            super().__init__()
+            self.gate, self.writers = threading.Event(), []
+
+        def write(self, text):
+            self.writers.append(threading.current_thread().name)
+            self.gate.wait(10)
+            return super().write(text)
+
+    out = Held()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("text")
+        started = time.monotonic()
+        logging.getLogger("holdfast.test").info("one %s", "line")
+        assert time.monotonic() - started < 1.0      # the write waits; the caller did not
+        out.gate.set()
+        stop_logging()      # writes out what is queued
+        assert "INFO holdfast.test: one line" in out.getvalue()
+        assert out.writers and threading.current_thread().name not in out.writers
+    finally:
+        out.gate.set()
+        stop_logging()
+        root.handlers[:], level = saved
+        root.setLevel(level)
