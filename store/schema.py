@@ -546,8 +546,9 @@ FRESH_ORDER = "next_poll_at - COALESCE(started_at, created_at)"
 def _migration_16(db):
     """The fresh-first claim from an index: without one it read and sorted
     every running task that was due, the very backlog that turns the
-    slow-down on (bench/dispatch_bench.py)."""
-    db.execute_sql(f"CREATE INDEX IF NOT EXISTS tasks_fresh ON tasks (({FRESH_ORDER}), next_poll_at) WHERE status = 'running'")
+    slow-down on (bench/claim_bench.py)."""
+    db.execute_sql(f"CREATE INDEX IF NOT EXISTS tasks_fresh ON tasks (({FRESH_ORDER}), next_poll_at) "
+                   "WHERE status = 'running'")
 
 
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),

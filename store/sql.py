@@ -33,8 +33,8 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 from .base import BaseStore
 from .files import lease_dir
 from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, FRESH_ORDER, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
-                     TASK_COLUMNS, TERMINAL, TaskStatus, check_priority, check_transition, check_user_limits, dumps,
-                     duration_bucket, event_json, external_id_problem, hash_token, history_day,
+                     TASK_COLUMNS, TERMINAL, TaskStatus, check_priority, check_transition, check_user_limits,
+                     dumps, duration_bucket, event_json, external_id_problem, hash_token, history_day,
                      new_task_id, task_json)
 from .sql_accounts import AccountsSql
 from .sql_console import ConsoleSql
@@ -43,23 +43,15 @@ from .sql_schema import SchemaSql
 from .sql_upkeep import UpkeepSql
 from .sql_webhooks import WebhooksSql
 
-_NEXT_POLL_AT, _STARTED_AT, _CREATED_AT = (TASK_COLUMNS.index(c) for c in ("next_poll_at", "started_at",
-                                                                           "created_at"))
-
-
-_STATUSES = frozenset(s.value for s in TaskStatus)
-
-
-def _fresh_turn(row, now):
-    """A running task's turn in a fresh-first claim: FRESH_ORDER plus now."""
-    started = row[_STARTED_AT] if row[_STARTED_AT] is not None else row[_CREATED_AT]
-    return row[_NEXT_POLL_AT] + now - started
-
 log = logging.getLogger("holdfast.store")
 # One line per task state change (creation included), written after commit.
 task_log = logging.getLogger("holdfast.tasks")
 
 _JSON_COLUMNS = ("params", "files", "error", "state")
+_STATUSES = frozenset(s.value for s in TaskStatus)
+_NEXT_POLL_AT, _STARTED_AT, _CREATED_AT = (TASK_COLUMNS.index(c) for c in ("next_poll_at", "started_at",
+                                                                           "created_at"))
+
 # A top-level key of a task's `state` JSON (dumps writes `"key":value`), for
 # the two queries that look into it: in_doubt() and wake_backoff().
 _POSTED = f'%"{POSTED_AT}":%'
@@ -75,6 +67,12 @@ MIN_FREE_BYTES = 1 << 20
 # After writes failed, health() tries one small write at most this often,
 # so an idle server does not stay unhealthy until a user writes again.
 PROBE_EVERY_S = 2.0
+
+
+def _fresh_turn(row, now):
+    """A running task's turn in a fresh-first claim: FRESH_ORDER plus now."""
+    started = row[_STARTED_AT] if row[_STARTED_AT] is not None else row[_CREATED_AT]
+    return row[_NEXT_POLL_AT] + now - started
 
 
 def _check_updatable(changes):
@@ -487,10 +485,10 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         """The first `limit` rows due and not leased, in claim order: the
         longest due first; with `fresh_first`, a running task's turn is
         put off by its age, so submissions and young tasks go first."""
-        marks = ", ".join("?" * len(statuses))
         if not fresh_first or "running" not in statuses:
             # SQLite reads each status's range of tasks_status_next_poll_at
             # in order and leaves it once it holds `limit` rows ahead.
+            marks = ", ".join("?" * len(statuses))
             return self._exec(_TASK_SELECT + f" WHERE status IN ({marks}){self._DUE} "
                               f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
                               (*statuses, now, now, limit)).fetchall()

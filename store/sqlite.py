@@ -252,7 +252,7 @@ class SqliteStore(SqlStore):
         reader still needs; the next writer then starts the WAL over."""
         conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA synchronous = normal")
+            self.db._add_conn_hooks(conn)      # the store's pragmas, as the write connection has them
             seen = self.commits
             while not closing.wait(CHECKPOINT_EVERY_S):
                 if self.commits == seen:
