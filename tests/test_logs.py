@@ -94,18 +94,22 @@ def test_json_lines_carry_the_fields(client, users, sqlite_store, caplog):
     assert out["to"] == "queued" and task_id in out["message"]
 
 
-def test_holdfast_log_json_installs_the_json_formatter():
+@pytest.fixture
+def own_logging():
+    """setup_logging() for one test: the root logger as it was afterwards."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    try:
-        setup_logging("json")
-        assert isinstance(log_output().formatter, _JsonFormatter)
-        setup_logging("text")
-        assert not isinstance(log_output().formatter, _JsonFormatter)
-    finally:
-        stop_logging()
-        root.handlers[:], level = saved
-        root.setLevel(level)
+    yield
+    stop_logging()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def test_holdfast_log_json_installs_the_json_formatter(own_logging):
+    setup_logging("json")
+    assert isinstance(log_output().formatter, _JsonFormatter)
+    setup_logging("text")
+    assert not isinstance(log_output().formatter, _JsonFormatter)
 
 
 def test_a_real_server_with_holdfast_log_json_writes_json_lines(tmp_path):
@@ -128,7 +132,7 @@ def test_a_real_server_with_holdfast_log_json_writes_json_lines(tmp_path):
     assert mine == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
 
 
-def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wait(monkeypatch):
+def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wait(monkeypatch, own_logging):
     import io
     import sys
     import threading
@@ -148,19 +152,13 @@ def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wai
 
     out = Held()
     monkeypatch.setattr(sys, "stderr", out)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
     try:
         setup_logging("text")
         started = time.monotonic()
         logging.getLogger("holdfast.test").info("one %s", "line")
         assert time.monotonic() - started < 1.0      # the write waits; the caller did not
-        out.gate.set()
-        stop_logging()      # writes out what is queued
-        assert "INFO holdfast.test: one line" in out.getvalue()
-        assert out.writers and threading.current_thread().name not in out.writers
     finally:
         out.gate.set()
-        stop_logging()
-        root.handlers[:], level = saved
-        root.setLevel(level)
+    stop_logging()      # writes out what is queued
+    assert "INFO holdfast.test: one line" in out.getvalue()
+    assert out.writers and threading.current_thread().name not in out.writers

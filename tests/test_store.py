@@ -389,7 +389,8 @@ class TestLeases:
         conn.set_trace_callback(statements.append)
         try:
             for limit in (2, 9):      # the queued fill the claim, or they do not
-                assert len(sqlite_store.claim("w", now=9.0, limit=limit, lease_s=-1, fresh_first=True)) == min(limit, 6)
+                claimed = sqlite_store.claim("w", now=9.0, limit=limit, lease_s=-1, fresh_first=True)
+                assert len(claimed) == min(limit, 6)
         finally:
             conn.set_trace_callback(None)
         selects = [q for q in statements if q.startswith("SELECT")]
