@@ -24,6 +24,14 @@ from errors import ConfigError, Conflict, HoldfastError, NotFound
 log = logging.getLogger("holdfast.app")
 
 
+def say(text):
+    """One line on stdout, in one write. print() writes the text and its
+    newline apart when stdout is unbuffered, and the logging thread's lines
+    (on stderr, often the same file) could land between them: a token line
+    must stay a line of its own."""
+    sys.stdout.write(f"{text}\n")
+
+
 # -- commands ------------------------------------------------------------------
 
 def first_run_users(store, config):
@@ -35,12 +43,12 @@ def first_run_users(store, config):
         _, demo_token = store.create_user("demo")
     except Conflict:
         return      # another process sharing the store made them a moment ago
-    print("New data directory: created two users. Their tokens are shown only now:")
+    say("New data directory: created two users. Their tokens are shown only now:")
     if not config.admin_token:
-        print(f"  admin  {admin_token}")
+        say(f"  admin  {admin_token}")
     else:
-        print("  admin  (HOLDFAST_ADMIN_TOKEN)")
-    print(f"  demo   {demo_token}")
+        say("  admin  (HOLDFAST_ADMIN_TOKEN)")
+    say(f"  demo   {demo_token}")
     sys.stdout.flush()
 
 
@@ -136,7 +144,7 @@ def serve(config):
                      report["summary"])
         log.info(resumed_line(report["by_status"]))
         # Announced only once the port is bound, so "serving" is true when read.
-        print(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
+        say(f"holdfast serving on http://{config.host}:{config.port}/ (store: {store.name})")
         sys.stdout.flush()
         server.run()
     except SystemExit:
@@ -184,24 +192,24 @@ def webhooks_command(store, config, args):
         url = check_webhook_url(args.url, config.webhooks_private_ok)
         endpoint, secret = store.add_webhook_endpoint(user["id"], url, webhook_events(args.events.split(",")),
                                                       now=now)
-        print(f"endpoint {endpoint['id']}: {url} ({','.join(endpoint['events'])})")
-        print(secret)
+        say(f"endpoint {endpoint['id']}: {url} ({','.join(endpoint['events'])})")
+        say(secret)
     elif args.action == "list":
         for e in store.webhook_endpoints(user["id"]):
             state = f"disabled: {e['disabled_reason']}" if e["disabled_at"] else "enabled"
-            print(f"{e['id']}\t{e['url']}\t{','.join(e['events'])}\t{state}")
+            say(f"{e['id']}\t{e['url']}\t{','.join(e['events'])}\t{state}")
     elif args.action == "rotate":
-        print(store.rotate_webhook_secret(user["id"], args.endpoint_id, now=now,
+        say(store.rotate_webhook_secret(user["id"], args.endpoint_id, now=now,
                                           overlap_s=config.webhook_secret_overlap_s))
     elif args.action == "remove":
         store.remove_webhook_endpoint(user["id"], args.endpoint_id, now=now)
     elif args.action == "enable":
         store.set_webhook_endpoint_enabled(user["id"], args.endpoint_id, True, now=now)
     elif args.rotate:
-        print(store.rotate_webhook_secret(user["id"], now=now, overlap_s=config.webhook_secret_overlap_s))
+        say(store.rotate_webhook_secret(user["id"], now=now, overlap_s=config.webhook_secret_overlap_s))
     else:
         for s in store.task_webhook_secrets(user["id"], now=now):
-            print(s["secret"])
+            say(s["secret"])
     return 0
 
 
@@ -229,8 +237,8 @@ def users_add(store, args):
                                     max_priority=args.max_priority)
     what = ["admin" if user["is_admin"] else "user",
             "no credit limit" if user["credit_balance"] is None else f"balance {user['credit_balance']}"]
-    print(f"created {user['name']} ({', '.join(what)}); its token, shown only now:")
-    print(f"token: {token}")
+    say(f"created {user['name']} ({', '.join(what)}); its token, shown only now:")
+    say(f"token: {token}")
 
 
 def main(argv=None):
@@ -266,7 +274,7 @@ def main(argv=None):
                 return webhooks_command(store, config, args)
             if args.command == "credits":
                 user = store.grant(_user(store, args.name)["id"], int(args.amount), now=time.time())
-                print(f"{user['name']}: balance {user['credit_balance']}")
+                say(f"{user['name']}: balance {user['credit_balance']}")
             else:
                 users_add(store, args)
         finally:

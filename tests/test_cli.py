@@ -290,3 +290,22 @@ def test_start_up_says_what_it_resumed_and_shutdown_that_it_stopped(tmp_path):
     log = again.read_log()
     assert LIFE.findall(log) == first + ["started: resumed 3 task(s): 2 queued, 1 running", "stopped: on a signal"]
     assert "maximum number of running instances" not in log
+
+
+def test_a_line_for_stdout_is_one_write_so_no_log_line_lands_inside_it(monkeypatch):
+    # Log lines are written by a thread of their own, to stderr, which is
+    # often the same file; print() on an unbuffered stdout writes the text
+    # and its newline apart, and a log line could fall between them.
+    import app
+
+    class Writes:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    app.say("token: hf_abc")
+    assert out.calls == ["token: hf_abc\n"]
