@@ -1,12 +1,12 @@
-"""What the HTTP adapters share: one requests seam, a rate limit, streamed
+"""What the HTTP adapters share: one urllib3 seam, a rate limit, streamed
 downloads (bounded in size, time and rate, and by the address policy of
 net.py), answers read with a limit.
 
-`HttpProvider.seam()` is the one place where requests' and json's exceptions
+`HttpProvider.seam()` is the one place where urllib3's and json's exceptions
 become holdfast's: ProviderUnavailable (transient: connection refused, timeout,
 a truncated or malformed answer) or ProviderRejected (a URL that can never
 work). `HttpProvider.call()` adds the HTTP statuses that mean "later" (408,
-429 with Retry-After, 5xx). Nothing else in the adapters catches a requests
+429 with Retry-After, 5xx). Nothing else in the adapters catches a urllib3
 exception.
 
 The same two places say what a failure means for a request that may have had
@@ -25,16 +25,16 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
-import requests
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, LocationValueError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from errors import (ConfigError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
+from errors import (ConfigError, InDoubt, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired)
 
 from .base import BaseProvider
-from .net import MAX_REDIRECTS, AddressPolicy, chunks, parse_json, session_for
+from .net import AddressPolicy, Client, chunks, parse_json
 
 MAX_RETRY_AFTER_S = 3600.0
 # After an in-doubt submit, the provider is asked about its id no sooner than
@@ -159,34 +159,38 @@ class HttpProvider(BaseProvider):
         """The headers that carry the key, sent only to the provider's own url."""
         return {"Authorization": f"{self.auth_scheme} {self._api_key}"} if self._api_key else {}
 
-    def _session(self):
-        # One session (and connection pool) per thread: requests does not
-        # promise that a Session is thread-safe.
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = session_for(self._policy, self.max_answer_bytes)
-        return session
+    def _client(self):
+        # One client (and connection pool) per thread: a connection serves
+        # one request at a time, and a thread never waits for another's.
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = Client(self._policy, self.max_answer_bytes)
+        return client
+
+    def _headers_for(self, url):
+        # The key goes only to the provider itself, never to a result host,
+        # nor with a redirect that leaves the provider's url.
+        return self.auth_headers() if url == self.url or url.startswith(self.url + "/") else {}
 
     @contextmanager
     def seam(self, what, health=True):
-        """requests and json errors -> holdfast's; records the provider's health."""
+        """urllib3 and json errors -> holdfast's; records the provider's health."""
         try:
             yield
-        except requests.exceptions.JSONDecodeError as exc:
-            raise self._down(f"{what}: the answer is not valid JSON ({exc})", health, doubt=True) from None
-        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
-                requests.exceptions.MissingSchema) as exc:
+        except LocationValueError as exc:     # a URL urllib3 cannot parse, or not http(s)
             raise ProviderRejected(f"{self.name}: {what}: bad URL: {exc}", code="invalid_result") from None
-        except requests.ConnectTimeout:
+        except NewConnectionError as exc:
+            # Refused, unreachable, DNS: the connection never opened, so not
+            # a byte of the request reached the provider.
+            raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
+        except ConnectTimeoutError:
             raise self._down(f"{what}: could not connect within {self.timeout_s:g}s", health) from None
-        except requests.Timeout:
+        except Urllib3Timeout:
             raise self._down(f"{what}: no answer within {self.timeout_s:g}s", health, doubt=True) from None
-        except requests.ConnectionError as exc:
-            if _never_sent(exc):
-                raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
+        except (HTTPError, OSError) as exc:
+            # A reset or a close once the request was written (ProtocolError),
+            # TLS, a body that cannot be decoded: the request may have acted.
             raise self._down(f"{what}: the connection broke ({_short(exc)})", health, doubt=True) from None
-        except requests.RequestException as exc:
-            raise self._down(f"{what}: {_short(exc)}", health, doubt=True) from None
         except ValueError as exc:   # a JSON document that is not what was promised
             raise self._down(f"{what}: malformed answer ({exc})", health, doubt=True) from None
 
@@ -206,11 +210,9 @@ class HttpProvider(BaseProvider):
         if limited and self._limiter is not None:
             self._limiter.acquire()
         url = path if "://" in path else self.url + path
-        # The key goes only to the provider itself, never to a result host.
-        headers = self.auth_headers() if url == self.url or url.startswith(self.url + "/") else {}
         with self.seam(what, health):
-            resp = self._session().request(method, url, json=json, params=params, headers=headers,
-                                           timeout=self.timeout_s, stream=stream, allow_redirects=True)
+            resp = self._client().request(method, url, what=what, headers_for=self._headers_for,
+                                          timeout_s=self.timeout_s, json=json, params=params, stream=stream)
         if resp.status_code in (408, 429) or resp.status_code >= 500:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             resp.close()
@@ -223,7 +225,7 @@ class HttpProvider(BaseProvider):
     def json_of(self, resp, what):
         """The response's JSON; ProviderUnavailable when it is not JSON,
         InvalidResult when it nests too deep. (The body was read with
-        max_answer_bytes by the session's adapter.)"""
+        max_answer_bytes by the client.)"""
         with self.seam(what):
             return parse_json(resp.content, f"{self.name}: {what}")
 
@@ -232,7 +234,10 @@ class HttpProvider(BaseProvider):
             yield output.data
             return
         what = f"download of {output.name}"
-        resp = self._open(http_url(output.url, f"result {output.name}"), what)
+        url = http_url(output.url, f"result {output.name}")
+        with self.seam(what, health=False):
+            resp = self._client().request("GET", url, what=what, headers_for=self._headers_for,
+                                          timeout_s=self.timeout_s, stream=True)
         try:
             if resp.status_code in DEAD_LINK:
                 raise ResultExpired(f"{output.name}: the result link answered HTTP {resp.status_code}")
@@ -249,7 +254,7 @@ class HttpProvider(BaseProvider):
             started = checked = time.monotonic()
             got = 0
             with self.seam(what, health=False):
-                for chunk in chunks(resp):
+                for chunk in chunks(resp.raw):
                     got += len(chunk)
                     yield chunk
                     at = time.monotonic()
@@ -262,28 +267,6 @@ class HttpProvider(BaseProvider):
         finally:
             resp.close()
 
-    def _open(self, url, what):
-        """GET a result link, following redirects here rather than in
-        requests, so each hop is checked: http(s) only, no loop, at most
-        MAX_REDIRECTS. (Each hop's address is checked as it connects.)"""
-        seen = set()
-        for _ in range(MAX_REDIRECTS + 1):
-            # The key goes only to the provider itself, never to a result host.
-            headers = self.auth_headers() if url == self.url or url.startswith(self.url + "/") else {}
-            with self.seam(what, health=False):
-                resp = self._session().get(url, headers=headers, timeout=self.timeout_s, stream=True,
-                                           allow_redirects=False)
-            if not resp.is_redirect:
-                return resp
-            resp.close()
-            seen.add(url)
-            url = urljoin(url, resp.headers["Location"])
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise InvalidResult(f"{what}: redirected to {url[:200]!r}, not an http(s) URL")
-            if url in seen:
-                raise InvalidResult(f"{what}: a redirect loop (back to {url[:200]})")
-        raise InvalidResult(f"{what}: more than {MAX_REDIRECTS} redirects")
-
     def describe(self):
         out = super().describe()
         out["limits"].update(max_answer_bytes=self.max_answer_bytes,
@@ -291,20 +274,9 @@ class HttpProvider(BaseProvider):
         return out
 
     def close(self):
-        session = getattr(self._local, "session", None)
-        if session is not None:
-            session.close()
-
-
-def _never_sent(exc):
-    """True when requests' ConnectionError says the connection never opened
-    (refused, unreachable, DNS: urllib3's NewConnectionError), so not a byte
-    of the request reached the provider. A reset or a close after the request
-    was written is a ProtocolError instead, and may have had its effect."""
-    reason = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    return isinstance(reason, NewConnectionError)
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.close()
 
 
 def _short(exc):

@@ -8,7 +8,9 @@ task's owner. So every connection checks the address it is about to connect
 to, after DNS resolution (a name that resolves to 127.0.0.1 is 127.0.0.1),
 in the connection itself: a redirect hop is a new connection and is checked
 the same way, and a DNS answer that changes between a check and the connect
-cannot slip through, because there is no gap between the two.
+cannot slip through, because there is no gap between the two. No proxy is
+used, not even one named by the environment: a proxy would resolve and
+connect out of the policy's reach.
 
 The provider's own host and port are always allowed (a ComfyUI on the LAN);
 `allow_private_results = true` in its table, or HOLDFAST_ALLOW_PRIVATE_RESULTS=1
@@ -26,13 +28,12 @@ import re
 import socket
 import time
 from itertools import accumulate
+from urllib.parse import urlencode, urljoin, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+from urllib3 import PoolManager, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import (ConnectTimeoutError, DecodeError, NameResolutionError, NewConnectionError,
-                                ProtocolError, ReadTimeoutError, SSLError)
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError, ReadTimeoutError
 from urllib3.util.connection import create_connection
 
 from errors import InvalidResult
@@ -131,99 +132,156 @@ class _Guarded:
         raise last
 
 
-class GuardedAdapter(HTTPAdapter):
-    """requests' adapter with the address policy on every connection, and
-    answers (responses not asked for as streams) read with a byte limit and
-    a total time."""
+# Sent with every request; the caller adds its own (the key, a body's type).
+BASE_HEADERS = {"User-Agent": "holdfast", "Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
-    def __init__(self, policy, max_answer_bytes, **kwargs):
-        self.policy = policy
+
+class Answer:
+    """A response as the adapters read it: `status_code`, `headers` (any
+    case), `content` (the whole body, read with the byte limit; None for a
+    stream, whose body `chunks(answer.raw)` reads), `text`, `url`."""
+
+    __slots__ = ("raw", "url", "status_code", "headers", "content")
+
+    def __init__(self, raw, url, content=None):
+        self.raw, self.url, self.content = raw, url, content
+        self.status_code = raw.status
+        self.headers = raw.headers
+
+    @property
+    def text(self):
+        return (self.content or b"").decode("utf-8", "replace")
+
+    def close(self):
+        """Done with it: a body left unread closes its connection; a body
+        read to its end gave its connection back to the pool already."""
+        self.raw.close()
+        self.raw.release_conn()
+
+
+class Client:
+    """HTTP for one thread of one provider, on urllib3 directly: pooled
+    connections that the address policy checks as they connect, answers
+    read with a byte limit and a total time, redirects followed here so
+    every hop is checked. (requests' per-call machinery, settings merged
+    into every request, hooks, cookies, cost more CPU than the request
+    itself: a poll is what holdfast does most.)
+
+    Nothing here sends a request twice (`retries=False`): whether a failed
+    one may be repeated is the caller's decision, as it depends on whether
+    it was sent (providers/http.py, guarantee 5)."""
+
+    def __init__(self, policy, max_answer_bytes):
         self.max_answer_bytes = max_answer_bytes
-        super().__init__(**kwargs)
+        # A thread uses one connection to a host at a time; two leave room
+        # for a download's host being the provider's own.
+        self.pools = PoolManager(num_pools=10, maxsize=2, retries=False, **_ca_bundle())
+        self.pools.pool_classes_by_scheme = dict(policy.pool_classes)
 
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = dict(self.policy.pool_classes)
+    def request(self, method, url, *, what, headers_for, timeout_s, json=None, params=None, stream=False):
+        """One request, following up to MAX_REDIRECTS redirects (http(s)
+        only, no loop). `headers_for(url)` gives each hop's own headers, so
+        a key meant for the provider never follows a redirect elsewhere.
+        Returns an Answer, its body read unless `stream`."""
+        if params:
+            url = _with_query(url, params)
+        body, content_type = None, None
+        if json is not None:
+            body, content_type = _json_body(json), "application/json"
+        timeout = Timeout(connect=timeout_s, read=timeout_s)
+        seen = set()
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {**BASE_HEADERS, **headers_for(url)}
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            raw = self.pools.urlopen(method, url, body=body, headers=headers, redirect=False, retries=False,
+                                     timeout=timeout, preload_content=False, decode_content=False)
+            location = raw.headers.get("Location") if raw.status in REDIRECTS else None
+            if location is None:
+                return self._answer(raw, url, stream, timeout_s)
+            raw.close()
+            raw.release_conn()
+            seen.add(url)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise InvalidResult(f"{what}: redirected to {url[:200]!r}, not an http(s) URL")
+            if url in seen:
+                raise InvalidResult(f"{what}: a redirect loop (back to {url[:200]})")
+            # As browsers do: a 303, and a 301 or 302 after a POST, become a
+            # GET without the body; a 307 and a 308 repeat the request.
+            if raw.status in (301, 302, 303) and method not in ("GET", "HEAD"):
+                method, body, content_type = "GET", None, None
+        raise InvalidResult(f"{what}: more than {MAX_REDIRECTS} redirects")
 
-    def proxy_manager_for(self, proxy, **proxy_kwargs):
-        # A proxy resolves and connects on its own, out of the policy's
-        # reach; sessions here set trust_env = False, so this is a guard.
-        raise InvalidResult(f"refused to send a request through the proxy {proxy}")
-
-    def send(self, request, stream=False, timeout=None, **kwargs):
-        resp = super().send(request, stream=True, timeout=timeout, **kwargs)
+    def _answer(self, raw, url, stream, timeout_s):
         if stream:
-            return resp
-        read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
-        within = ANSWER_TIME_FACTOR * read_timeout if read_timeout else None
+            return Answer(raw, url)
         try:
-            resp._content = read_capped(resp, self.max_answer_bytes, within_s=within)
+            content = read_capped(raw, self.max_answer_bytes, within_s=ANSWER_TIME_FACTOR * timeout_s,
+                                  where=_where(url))
         except BaseException:
-            resp.close()
+            raw.close()
+            raw.release_conn()
             raise
-        resp._content_consumed = True
-        return resp
+        return Answer(raw, url, content)
+
+    def close(self):
+        self.pools.clear()
 
 
-class _Session(requests.Session):
-    def resolve_redirects(self, *args, **kwargs):
-        # A redirect loop answers the same at every try: the provider's
-        # fault, not a reason to try again until the deadline.
-        try:
-            yield from super().resolve_redirects(*args, **kwargs)
-        except requests.TooManyRedirects as exc:
-            raise InvalidResult(f"more than {self.max_redirects} redirects ({exc.request.url})") from None
+def _ca_bundle():
+    """The CA certificates HTTPS is verified against: certifi's, as requests
+    did, so an image without a system store still verifies."""
+    try:
+        import certifi
+    except ImportError:
+        return {}
+    return {"ca_certs": certifi.where()}
 
 
-def session_for(policy, max_answer_bytes):
-    session = _Session()
-    # Environment proxies would connect for us, out of the policy's reach.
-    session.trust_env = False
-    session.max_redirects = MAX_REDIRECTS
-    adapter = GuardedAdapter(policy, max_answer_bytes)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def _json_body(value):
+    return json.dumps(value, allow_nan=False).encode()
 
 
-def chunks(resp):
-    """The response's (decoded) body as it arrives: each chunk is whatever
-    the socket had, so a caller that checks a clock between chunks runs even
-    when the sender drips (a whole-buffer read would wait for 64 KB).
-    urllib3's errors become requests' ones, as iter_content does."""
-    raw = resp.raw
+def _with_query(url, params):
+    """`url` with `params` (a dict; a list value repeats its key, None is
+    left out) added to its query."""
+    pairs = [(key, value) for key, values in params.items()
+             for value in (values if isinstance(values, (list, tuple)) else [values]) if value is not None]
+    if not pairs:
+        return url
+    url, hash_, fragment = url.partition("#")
+    return url + ("&" if "?" in url else "?") + urlencode(pairs) + hash_ + fragment
+
+
+def chunks(raw):
+    """A urllib3 response's (decoded) body as it arrives: each chunk is
+    whatever the socket had, so a caller that checks a clock between chunks
+    runs even when the sender drips (a whole-buffer read would wait for
+    64 KB). urllib3's errors go to the caller's seam as they are."""
     while True:
-        try:
-            chunk = raw.read1(CHUNK, decode_content=True)
-        except ProtocolError as exc:
-            raise requests.exceptions.ChunkedEncodingError(exc) from None
-        except DecodeError as exc:
-            raise requests.exceptions.ContentDecodingError(exc) from None
-        except ReadTimeoutError as exc:
-            raise requests.exceptions.ConnectionError(exc) from None
-        except SSLError as exc:
-            raise requests.exceptions.SSLError(exc) from None
+        chunk = raw.read1(CHUNK, decode_content=True)
         if not chunk:
             return
         yield chunk
 
 
-def read_capped(resp, limit, within_s=None):
-    """The whole body, or InvalidResult past `limit` bytes; ReadTimeout when
-    it takes longer than `within_s` in all (a per-read timeout alone lets a
-    sender dripping a byte at a time hold the thread forever)."""
-    length = resp.headers.get("Content-Length", "")
-    where = _where(resp)
+def read_capped(raw, limit, within_s=None, where="the answer"):
+    """The whole body, or InvalidResult past `limit` bytes; ReadTimeoutError
+    when it takes longer than `within_s` in all (a per-read timeout alone
+    lets a sender dripping a byte at a time hold the thread forever)."""
+    length = raw.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > limit:
         raise InvalidResult(f"{where}: the answer is {length} bytes, over max_answer_bytes ({limit})")
     end = None if within_s is None else time.monotonic() + within_s
     body = bytearray()
-    for chunk in chunks(resp):
+    for chunk in chunks(raw):
         body += chunk
         if len(body) > limit:
             raise InvalidResult(f"{where}: the answer is over max_answer_bytes ({limit} bytes)")
         if end is not None and time.monotonic() > end:
-            raise requests.exceptions.ReadTimeout(f"{where}: the answer took over {within_s:g}s")
+            raise ReadTimeoutError(None, where, f"{where}: the answer took over {within_s:g}s")
     return bytes(body)
 
 
@@ -259,11 +317,11 @@ def json_depth(text):
 
 
 def _host_port(url):
-    parts = requests.utils.urlparse(url)
+    parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return (parts.hostname or "").lower().rstrip("."), port
 
 
-def _where(resp):
-    parts = requests.utils.urlparse(resp.url or "")
+def _where(url):
+    parts = urlsplit(url or "")
     return f"{parts.hostname}{parts.path}"

@@ -18,7 +18,7 @@ import pytest
 from errors import InvalidResult, ProviderUnavailable
 from providers import Output, build_providers
 from providers import http as http_provider
-from providers.net import json_depth, parse_json, refusal
+from providers.net import _with_query, json_depth, parse_json, refusal
 from support import ServerProcess, api
 from worker import Worker
 
@@ -50,16 +50,19 @@ class HostileKIE(FakeKIE):
     """A KIE whose tasks say, in their input, what the provider answers:
     `urls` become the resultUrls; `answer` picks a hostile recordInfo
     (huge, huge_unsized, deep, deep_result). Its own host also serves
-    /go?to=URL (a 302), /loop (a redirect loop), /drip (a byte every 0.5 s)
+    /go?to=URL (a 302, or `redirect_status`), /loop (a redirect loop), /drip (a byte every 0.5 s)
     and /blob (1 MB)."""
 
     def __init__(self, **kwargs):
         super().__init__(job_seconds=0.2, result_urls=lambda task: task.input.get("urls", []), **kwargs)
         self.drips = 0
+        self.redirect_status = 302
+        self.go_auth = []       # the Authorization each /go request came with
 
     def _route(self, req):
         if req.path == "/go":
-            return Response(302, b"", {"Location": req.query["to"]})
+            self.go_auth.append(req.headers.get("authorization"))
+            return Response(self.redirect_status, b"", {"Location": req.query["to"]})
         if req.path == "/loop":
             return Response(302, b"", {"Location": "/loop"})
         if req.path == "/drip":
@@ -297,12 +300,62 @@ def test_a_name_or_address_that_means_loopback_is_refused_before_connecting(host
         assert download(provider, kie.url + "/blob") == b"\0" * 1024 * 1024   # its own host: allowed
 
 
-def test_an_api_call_into_a_redirect_loop_ends_at_once():
+def test_an_api_call_into_a_redirect_loop_or_a_long_chain_ends_at_once():
     with HostileKIE() as kie:
         provider = kie_provider(kie)
-        with pytest.raises(InvalidResult, match="redirects"):
+        with pytest.raises(InvalidResult, match="redirect loop"):
             provider.call("GET", "/loop", what="recordInfo")
-        assert kie.requests["/loop"] == 6
+        assert kie.requests["/loop"] == 1
+        # Distinct hops: five are followed, the sixth is refused.
+        chain = "/blob"
+        for _ in range(6):
+            chain = "/go?to=" + quote(chain, safe="")
+        with pytest.raises(InvalidResult, match="more than 5 redirects"):
+            provider.call("GET", chain, what="recordInfo")
+        assert kie.requests["/go"] == 6 and kie.requests["/blob"] == 0
+        five = "/blob"
+        for _ in range(5):
+            five = "/go?to=" + quote(five, safe="")
+        resp = provider.call("GET", five, what="recordInfo")
+        assert resp.status_code == 200 and len(resp.content) == 1024 * 1024
+        assert kie.requests["/go"] == 6 + 5 and kie.requests["/blob"] == 1
+
+
+def test_query_parameters_are_added_as_a_form_would():
+    assert _with_query("http://h/p", {"taskId": "a b&c", "none": None}) == "http://h/p?taskId=a+b%26c"
+    assert _with_query("http://h/p?x=1#top", {"k": ["1", "2"]}) == "http://h/p?x=1&k=1&k=2#top"
+    assert _with_query("http://h/p", {"none": None}) == "http://h/p"
+
+
+class Recorder(FakeServer):
+    """A host that records what reaches it, and answers 200 with JSON."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def handle(self, req):
+        self.seen.append(req)
+        return Response(200, b'{"ok": true}', {"Content-Type": "application/json"})
+
+
+def test_a_redirect_away_from_the_provider_carries_neither_the_key_nor_the_body():
+    """A POST answered by a 302 to another host arrives there as a GET,
+    without the body and without the Authorization the provider got; a 307
+    repeats the POST with its body, still without the key."""
+    with Recorder() as elsewhere, HostileKIE() as kie:
+        provider = kie_provider(kie, allow_private_results=True)
+        for status in (302, 307):
+            target = quote(f"{elsewhere.url}/landing?status={status}", safe="")
+            kie.redirect_status = status
+            resp = provider.call("POST", f"/go?to={target}", what="createTask", json={"secret": "input"})
+            assert resp.status_code == 200 and provider.json_of(resp, "createTask") == {"ok": True}
+        first, second = elsewhere.seen
+    assert (first.method, first.body, first.query) == ("GET", b"", {"status": "302"})
+    assert (second.method, json.loads(second.body), second.query) == ("POST", {"secret": "input"},
+                                                                      {"status": "307"})
+    assert "authorization" not in first.headers and "authorization" not in second.headers
+    assert kie.go_auth == ["Bearer test-key"] * 2
 
 
 def test_addresses_refused_and_allowed():
