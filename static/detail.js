@@ -110,8 +110,12 @@ export function createDetail(env) {
     if (viewer.open) viewer.close();
     ui.viewerImg.removeAttribute('src');
     ui.body.replaceChildren();
+    // Back to the card of the task shown last, unless the focus has moved
+    // on since the dialog closed (the user tabbed to another card).
     const back = env.cardOf(state.id) || state.returnTo;
-    if (refocus && back && back.isConnected && typeof back.focus === 'function') back.focus();
+    const here = document.activeElement;
+    const unmoved = !here || here === document.body || here === state.returnTo || dialog.contains(here);
+    if (refocus && unmoved && back && back.isConnected && typeof back.focus === 'function') back.focus();
   }
 
   function setError(text) {
@@ -402,7 +406,9 @@ export function createDetail(env) {
     }
   }
 
-  dialog.addEventListener('close', () => release());
+  // The close event comes a moment after close(): by then the dialog may
+  // show another task, opened meanwhile (a card's Enter right after Escape).
+  dialog.addEventListener('close', () => { if (!dialog.open) release(); });
   dialog.addEventListener('click', (e) => {
     const target = e.target instanceof Element ? e.target : null;
     const link = target && target.closest('[data-open]');

@@ -172,6 +172,25 @@ def test_a_task_opens_whole_with_its_timeline_and_retry_chain_and_the_texts_are_
         page.wait_for_selector(f'#detail[open][data-id="{retry}"]')
         page.keyboard.press("Escape")
         page.wait_for_selector("#detail", state="hidden")
+        # Closed, then another card focused and opened before the dialog's
+        # close event comes: that late event neither empties the new detail
+        # nor takes the focus back to the card closed.
+        page.focus(card(failed))
+        page.keyboard.press("Enter")
+        page.wait_for_selector(f'#detail[open][data-id="{failed}"] .d-facts')
+        page.evaluate('''id => new Promise(resolve => {
+            const dialog = document.getElementById('detail');
+            dialog.addEventListener('close', () => setTimeout(resolve, 0), { once: true });
+            dialog.close();
+            const other = document.querySelector(`.task[data-id="${id}"]`);
+            other.focus();
+            other.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', bubbles: true }));
+        })''', retry)
+        assert page.get_attribute("#detail", "data-id") == retry and page.is_visible("#detail")
+        assert page.evaluate("document.getElementById('detail-body').childElementCount") > 0
+        assert page.evaluate("document.getElementById('detail').contains(document.activeElement)")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#detail", state="hidden")
 
         # A task opened while it runs: its timeline grows live, up to the end.
         done = submit(server, token, {"prompt": "a fox in the snow", "duration_s": 3})
