@@ -156,8 +156,7 @@ class Answer:
     def close(self):
         """Done with it: a body left unread closes its connection; a body
         read to its end gave its connection back to the pool already."""
-        self.raw.close()
-        self.raw.release_conn()
+        _discard(self.raw)
 
 
 class Client:
@@ -200,8 +199,7 @@ class Client:
             location = raw.headers.get("Location") if raw.status in REDIRECTS else None
             if location is None:
                 return self._answer(raw, url, stream, timeout_s)
-            raw.close()
-            raw.release_conn()
+            _discard(raw)
             seen.add(url)
             url = urljoin(url, location)
             if urlsplit(url).scheme not in ("http", "https"):
@@ -218,16 +216,21 @@ class Client:
         if stream:
             return Answer(raw, url)
         try:
-            content = read_capped(raw, self.max_answer_bytes, within_s=ANSWER_TIME_FACTOR * timeout_s,
-                                  where=_where(url))
+            content = read_capped(raw, self.max_answer_bytes, within_s=ANSWER_TIME_FACTOR * timeout_s, url=url)
         except BaseException:
-            raw.close()
-            raw.release_conn()
+            _discard(raw)
             raise
         return Answer(raw, url, content)
 
     def close(self):
         self.pools.clear()
+
+
+def _discard(raw):
+    """Close a urllib3 response and hand its connection slot back: one not
+    read to its end is closed, never reused with bytes still unread."""
+    raw.close()
+    raw.release_conn()
 
 
 def _ca_bundle():
@@ -267,20 +270,22 @@ def chunks(raw):
         yield chunk
 
 
-def read_capped(raw, limit, within_s=None, where="the answer"):
-    """The whole body, or InvalidResult past `limit` bytes; ReadTimeoutError
-    when it takes longer than `within_s` in all (a per-read timeout alone
-    lets a sender dripping a byte at a time hold the thread forever)."""
+def read_capped(raw, limit, within_s=None, url=""):
+    """The whole body of the answer from `url`, or InvalidResult past
+    `limit` bytes; ReadTimeoutError when it takes longer than `within_s` in
+    all (a per-read timeout alone lets a sender dripping a byte at a time
+    hold the thread forever)."""
     length = raw.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > limit:
-        raise InvalidResult(f"{where}: the answer is {length} bytes, over max_answer_bytes ({limit})")
+        raise InvalidResult(f"{_where(url)}: the answer is {length} bytes, over max_answer_bytes ({limit})")
     end = None if within_s is None else time.monotonic() + within_s
     body = bytearray()
     for chunk in chunks(raw):
         body += chunk
         if len(body) > limit:
-            raise InvalidResult(f"{where}: the answer is over max_answer_bytes ({limit} bytes)")
+            raise InvalidResult(f"{_where(url)}: the answer is over max_answer_bytes ({limit} bytes)")
         if end is not None and time.monotonic() > end:
+            where = _where(url)
             raise ReadTimeoutError(None, where, f"{where}: the answer took over {within_s:g}s")
     return bytes(body)
 
