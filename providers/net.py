@@ -30,6 +30,7 @@ import time
 from itertools import accumulate
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import certifi
 from urllib3 import PoolManager, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -140,12 +141,12 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 class Answer:
     """A response as the adapters read it: `status_code`, `headers` (any
     case), `content` (the whole body, read with the byte limit; None for a
-    stream, whose body `chunks(answer.raw)` reads), `text`, `url`."""
+    stream, whose body `chunks(answer.raw)` reads), `text`."""
 
-    __slots__ = ("raw", "url", "status_code", "headers", "content")
+    __slots__ = ("raw", "status_code", "headers", "content")
 
-    def __init__(self, raw, url, content=None):
-        self.raw, self.url, self.content = raw, url, content
+    def __init__(self, raw, content=None):
+        self.raw, self.content = raw, content
         self.status_code = raw.status
         self.headers = raw.headers
 
@@ -175,7 +176,9 @@ class Client:
         self.max_answer_bytes = max_answer_bytes
         # A thread uses one connection to a host at a time; two leave room
         # for a download's host being the provider's own.
-        self.pools = PoolManager(num_pools=10, maxsize=2, retries=False, **_ca_bundle())
+        # certifi's CA certificates, as requests used: an image without a
+        # system store still verifies HTTPS.
+        self.pools = PoolManager(num_pools=10, maxsize=2, retries=False, ca_certs=certifi.where())
         self.pools.pool_classes_by_scheme = dict(policy.pool_classes)
 
     def request(self, method, url, *, what, headers_for, timeout_s, json=None, params=None, stream=False):
@@ -214,13 +217,13 @@ class Client:
 
     def _answer(self, raw, url, stream, timeout_s):
         if stream:
-            return Answer(raw, url)
+            return Answer(raw)
         try:
             content = read_capped(raw, self.max_answer_bytes, within_s=ANSWER_TIME_FACTOR * timeout_s, url=url)
         except BaseException:
             _discard(raw)
             raise
-        return Answer(raw, url, content)
+        return Answer(raw, content)
 
     def close(self):
         self.pools.clear()
@@ -231,16 +234,6 @@ def _discard(raw):
     read to its end is closed, never reused with bytes still unread."""
     raw.close()
     raw.release_conn()
-
-
-def _ca_bundle():
-    """The CA certificates HTTPS is verified against: certifi's, as requests
-    did, so an image without a system store still verifies."""
-    try:
-        import certifi
-    except ImportError:
-        return {}
-    return {"ca_certs": certifi.where()}
 
 
 def _json_body(value):
