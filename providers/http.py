@@ -210,9 +210,7 @@ class HttpProvider(BaseProvider):
         if limited and self._limiter is not None:
             self._limiter.acquire()
         url = path if "://" in path else self.url + path
-        with self.seam(what, health):
-            resp = self._client().request(method, url, what=what, headers_for=self._headers_for,
-                                          timeout_s=self.timeout_s, json=json, params=params, stream=stream)
+        resp = self._request(method, url, what, health, json=json, params=params, stream=stream)
         if resp.status_code in (408, 429) or resp.status_code >= 500:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             resp.close()
@@ -221,6 +219,13 @@ class HttpProvider(BaseProvider):
         if health:
             self.seen(True)
         return resp
+
+    def _request(self, method, url, what, health, **options):
+        """One request through this thread's client, its errors translated:
+        the key only where _headers_for allows, the provider's timeout."""
+        with self.seam(what, health):
+            return self._client().request(method, url, what=what, headers_for=self._headers_for,
+                                          timeout_s=self.timeout_s, **options)
 
     def json_of(self, resp, what):
         """The response's JSON; ProviderUnavailable when it is not JSON,
@@ -234,10 +239,7 @@ class HttpProvider(BaseProvider):
             yield output.data
             return
         what = f"download of {output.name}"
-        url = http_url(output.url, f"result {output.name}")
-        with self.seam(what, health=False):
-            resp = self._client().request("GET", url, what=what, headers_for=self._headers_for,
-                                          timeout_s=self.timeout_s, stream=True)
+        resp = self._request("GET", http_url(output.url, f"result {output.name}"), what, False, stream=True)
         try:
             if resp.status_code in DEAD_LINK:
                 raise ResultExpired(f"{output.name}: the result link answered HTTP {resp.status_code}")
