@@ -113,7 +113,7 @@ class JsonStore(SqlStore):
             yield
 
     @contextmanager
-    def _write(self):
+    def _write(self, undo=True):
         if self.read_only and not self._replaying:
             raise StoreUnavailable("the JSON store was opened read-only", code="read_only")
         with self._mutex:

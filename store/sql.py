@@ -206,8 +206,11 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             rows = self._exec(f"{sql} ORDER BY {order}", [v for _, v in clauses]).fetchall()
         return [dict(zip(columns, r)) for r in rows]
 
-    def _write(self):
-        """A short write transaction (BEGIN IMMEDIATE on SQLite)."""
+    def _write(self, undo=True):
+        """A short write transaction (BEGIN IMMEDIATE on SQLite).
+        `undo=False`: the caller raises nothing once it has changed a row,
+        but for the database failing; SqliteStore then spares the write a
+        savepoint of its own inside a shared transaction."""
         return self.db.atomic()
 
     def _snapshot(self):
@@ -348,7 +351,12 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         with self._seam():
             for _ in range(3):
                 try:
-                    with self._write():
+                    # Free of credits and of a webhook, nothing can refuse
+                    # it once it changed a row: the INSERT that may fail (a
+                    # dedupe race) comes first and undoes itself. A cost may
+                    # be reserved before admit() refuses; a webhook's events
+                    # are checked after the INSERT.
+                    with self._write(undo=cost > 0 or webhook is not None):
                         return self._submit(task_id, user_id, provider, params, params_text, now,
                                             deadline_at, cost, dedupe_key, retry_of, max_active,
                                             max_queued, admit, webhook, priority)
@@ -467,16 +475,16 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
 
     def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
-        with self._seam(), self._write():
-            tasks = []
-            for row in self._due(statuses, now, limit, fresh_first):
-                task = self._task(row)
+        with self._seam(), self._write(undo=False):
+            # Every row read into a task before the first is leased: from
+            # then on only the database can fail this write.
+            tasks = [self._task(row) for row in self._due(statuses, now, limit, fresh_first)]
+            for task in tasks:
                 task["lease_owner"] = owner
                 task["lease_expires_at"] = now + lease_s
                 task["lease_token"] += 1
                 self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? "
                            "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
-                tasks.append(task)
         return tasks
 
     _DUE = " AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)"
@@ -533,7 +541,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     def update(self, task_id, *, token, now, release=False, **changes):
         _check_updatable(changes)
-        with self._seam(), self._write():
+        with self._seam(), self._write(undo=False):
             return self._apply(self._task_for_update(task_id), token, now, release, changes)
 
     def _apply(self, task, token, now, release, changes):
@@ -554,6 +562,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         if error is not None and error.get("code") not in ERROR_CODES:
             raise ValueError(f"unknown error code {error.get('code')!r}")
         task.update(changes)
+        # Encoded before the first row changes: past that, only the
+        # database may fail this (update's and take_slot's undo=False).
+        encoded = {c: dumps(task[c]) for c in _JSON_COLUMNS if c in changes}
         if new == "running" and task["started_at"] is None:
             task["started_at"] = now
         if new in TERMINAL:
@@ -571,7 +582,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         task["version"] += 1
         cols = sorted(set(changes) | {"started_at", "finished_at", "next_poll_at", "credits",
                                       "lease_owner", "lease_expires_at", "updated_at", "version"})
-        values = [dumps(task[c]) if c in _JSON_COLUMNS else task[c] for c in cols]
+        values = [encoded[c] if c in encoded else task[c] for c in cols]
         cur = self._exec(f"UPDATE tasks SET {', '.join(c + ' = ?' for c in cols)} "
                          "WHERE id = ? AND lease_token = ?", (*values, task["id"], task["lease_token"]))
         if cur.rowcount != 1:
@@ -641,7 +652,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             sql += ", state = ?"
             params.append(dumps(state))
         sql += " WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
-        with self._seam(), self._write():
+        with self._seam(), self._write(undo=False):
             if self._exec(sql, (*params, task_id, token)).rowcount != 1:
                 raise StaleLease(f"task {task_id} is no longer held with lease {token}")
 
@@ -649,7 +660,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     def take_slot(self, task_id, *, token, now, limit, wake=None, **changes):
         _check_updatable(changes)
-        with self._seam(), self._write():
+        with self._seam(), self._write(undo=False):
             task = self._task_for_update(task_id)
             if token is not None and task["lease_token"] != token:
                 raise StaleLease(f"lease {token} on {task_id} is stale (now {task['lease_token']})")
@@ -788,7 +799,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                        "AND next_poll_at > ?", (now, *ids, now))
 
     def renew_lease(self, task_id, *, token, expires_at):
-        with self._seam(), self._write():
+        with self._seam(), self._write(undo=False):
             if self._exec("UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND lease_token = ? "
                           "AND lease_owner IS NOT NULL AND status IN ('queued', 'running')",
                           (expires_at, task_id, token)).rowcount != 1:

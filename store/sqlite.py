@@ -53,11 +53,21 @@ _OPEN = object()
 
 class _GroupWrite:
     """One outermost write of a thread (see SqliteStore._write): the BEGIN
-    of a batch, or its own SAVEPOINT inside the batch's open transaction;
-    then a wait for the COMMIT that covers it."""
+    of a batch, or a part of the batch's open transaction; then a wait for
+    the COMMIT that covers it.
 
-    def __init__(self, store):
+    A write that joins a batch takes a SAVEPOINT of its own, so that
+    failing it rolls back alone, unless its caller said it need not
+    (`undo=False`: it raises nothing once it changed a row but for the
+    database failing). That spares two statements, each a handover of the
+    GIL while every other writer waits for this lock. Such a write that
+    fails before changing anything leaves nothing to undo; one that fails
+    after a change takes the whole batch with it, and every writer of the
+    batch hears of it, as of a failed COMMIT."""
+
+    def __init__(self, store, undo=True):
         self.store = store
+        self.undo = undo
 
     def __enter__(self):
         store = self.store
@@ -70,8 +80,9 @@ class _GroupWrite:
         state = store.db._state
         self.saved = (state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks)
         self.batch = None
+        self.savepoint = False
         try:
-            conn = store._write_conn()
+            self.conn = conn = store._write_conn()
             state.closed, state.conn, state.ctx, state.transactions, state.commit_callbacks = (
                 False, conn, [], [_OPEN], [])
             # The batch's first write needs no savepoint: undoing it is
@@ -81,8 +92,11 @@ class _GroupWrite:
             if self.first:
                 store.db.begin("IMMEDIATE")
                 store._batch = _Batch()
-            else:
+            elif self.undo:
                 store.db.execute_sql("SAVEPOINT holdfast_write")
+                self.savepoint = True
+            else:
+                self.changes = conn.total_changes
         except BaseException:
             self._leave()
             raise
@@ -92,7 +106,7 @@ class _GroupWrite:
         store = self.store
         try:
             if exc_type is None:
-                if not self.first:
+                if self.savepoint:
                     try:
                         store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
                     except BaseException as failed:
@@ -112,18 +126,25 @@ class _GroupWrite:
 
     def _undo(self, exc):
         """Roll back this write alone; if SQLite ended the whole transaction
-        itself (a full disk, an I/O error), every write of the batch is gone
+        itself (a full disk, an I/O error), or this write changed rows
+        without a savepoint to go back to, every write of the batch is gone
         and each of their callers hears of it."""
         store = self.store
         try:
             if self.first:
                 store.db.execute_sql("ROLLBACK")
-            else:
+            elif self.savepoint:
                 store.db.execute_sql("ROLLBACK TO SAVEPOINT holdfast_write")
                 store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+            elif self.conn.total_changes != self.changes:
+                # A failed statement undoes itself; these rows were changed
+                # by statements that succeeded, and only the batch's
+                # beginning is left to go back to.
+                store.db.execute_sql("ROLLBACK")
+                exc = peewee.OperationalError(f"rolled back with another write of its batch, which failed: {exc}")
         except Exception:
             pass
-        if store._batch is not None and not store._write_conn().in_transaction:
+        if store._batch is not None and not self.conn.in_transaction:
             store._batch.fail(exc)
             store._batch.done.set()
             store._batch = None
@@ -212,7 +233,7 @@ class SqliteStore(SqlStore):
         else:
             self.migrate()
 
-    def _write(self):
+    def _write(self, undo=True):
         # This process's writers queue on a lock that hands over at once;
         # SQLite's busy handler would sleep up to 100 ms between tries.
         # Other processes still meet at BEGIN IMMEDIATE and its busy_timeout.
@@ -221,7 +242,7 @@ class SqliteStore(SqlStore):
         if not self._grouped:
             # ":memory:" is one database per connection: no shared writer.
             return self._plain_write()
-        return _GroupWrite(self)
+        return _GroupWrite(self, undo)
 
     @contextmanager
     def _plain_write(self):

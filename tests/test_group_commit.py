@@ -171,6 +171,121 @@ def test_a_failing_write_rolls_back_alone_and_raises_only_to_its_caller(tmp_path
     assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = ?", (failing,)) == 0
 
 
+def _batch_of_two(store, second):
+    """`first` writes a row and holds the batch open until `second(store)`
+    queues behind it and joins; what each of the two came to."""
+    outcome = {}
+    first_in = threading.Event()
+
+    def first():
+        try:
+            with store._seam(), store._write():
+                store._exec("INSERT INTO marks (who) VALUES ('first')")
+                first_in.set()
+                _wait_for_queued(store, 1)
+            outcome["first"] = "ok"
+        except Exception as exc:
+            outcome["first"] = exc
+
+    def then():
+        first_in.wait(30)
+        try:
+            second(store)
+            outcome["second"] = "ok"
+        except Exception as exc:
+            outcome["second"] = exc
+    threads = [threading.Thread(target=f) for f in (first, then)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    return outcome
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_write_without_a_savepoint_fails_alone_before_a_change_and_with_its_batch_after(tmp_path, changed):
+    """undo=False: no savepoint of its own. Failing before it changed a
+    row leaves the batch to commit; failing after, it takes the batch's
+    other writes with it, and their callers hear so (never a half write)."""
+    path = str(tmp_path / "group.db")
+    store = SqliteStore(path)
+    _table(path, "CREATE TABLE marks (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
+
+    def second(store):
+        with store._seam(), store._write(undo=False):
+            store._one("SELECT COUNT(*) FROM marks")
+            if changed:
+                store._exec("INSERT INTO marks (who) VALUES ('second')")
+            raise ValueError("second changes its mind")
+    statements = []
+    store.write_connection().set_trace_callback(statements.append)
+    try:
+        outcome = _batch_of_two(store, second)
+        assert str(outcome["second"]) == "second changes its mind"
+        assert not any("SAVEPOINT" in s for s in statements), statements
+        if changed:
+            assert isinstance(outcome["first"], StoreUnavailable), outcome
+            assert "rolled back with another write of its batch, which failed: second changes its mind" \
+                in str(outcome["first"])
+            assert _count(path, "SELECT COUNT(*) FROM marks") == 0
+        else:
+            assert outcome["first"] == "ok"
+            assert _count(path, "SELECT COUNT(*) FROM marks") == 1
+        # The connection is usable again: the next write commits.
+        _raw_write(store, "INSERT INTO marks (who) VALUES ('later')")
+        assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = 'later'") == 1
+    finally:
+        store.write_connection().set_trace_callback(None)
+        store.close()
+
+
+def test_the_workers_writes_join_a_batch_without_a_savepoint_and_a_submit_with_one(tmp_path):
+    """A claim, a step's update, a reschedule, a lease renewal and a submit
+    without credits or webhook raise nothing after their first change but
+    a database failure: two statements fewer each, when they join a batch.
+    A submit with a webhook (or a cost) keeps its savepoint."""
+    path = str(tmp_path / "group.db")
+    store = SqliteStore(path)
+    _table(path, "CREATE TABLE marks (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
+    user = store.create_user("alice")[0]
+    _submit(store, user["id"], 0)
+    now = time.time()
+    held = {}
+    joined = {
+        "claim": lambda s: held.update(task=s.claim("me", now=now, limit=1, lease_s=60)[0]),
+        "update": lambda s: held.update(task=s.update(held["task"]["id"], token=held["task"]["lease_token"],
+                                                      now=now, step="submitting")),
+        "renew_lease": lambda s: s.renew_lease(held["task"]["id"], token=held["task"]["lease_token"],
+                                               expires_at=now + 120),
+        "reschedule": lambda s: s.reschedule(held["task"]["id"], token=held["task"]["lease_token"],
+                                             next_poll_at=now + 5, polls=1),
+        "submit": lambda s: _submit(s, user["id"], 1),
+        "submit with a webhook": lambda s: s.submit(user["id"], "demo", {}, now=now, deadline_at=now + 600,
+                                                    webhook={"url": "https://example.com/hook"}),
+    }
+    try:
+        for name, write in joined.items():
+            statements = []
+            store.write_connection().set_trace_callback(statements.append)
+            try:
+                outcome = _batch_of_two(store, write)
+            finally:
+                store.write_connection().set_trace_callback(None)
+            assert outcome == {"first": "ok", "second": "ok"}, (name, outcome)
+            savepoints = [s for s in statements if "SAVEPOINT" in s]
+            if name == "submit with a webhook":
+                assert savepoints == ["SAVEPOINT holdfast_write", "RELEASE SAVEPOINT holdfast_write"]
+            else:
+                assert savepoints == [], (name, statements)
+            assert statements.count("COMMIT") == 1, (name, statements)
+    finally:
+        store.close()
+    assert _count(path, "SELECT COUNT(*) FROM marks") == 6
+    assert _count(path, "SELECT COUNT(*) FROM tasks WHERE next_poll_at > ? AND polls = 1", (now + 4,)) == 1
+    assert _count(path, "SELECT COUNT(*) FROM tasks") == 3
+
+
 def test_a_failed_commit_fails_every_writer_of_its_batch_and_the_next_batch_works(tmp_path):
     path = str(tmp_path / "group.db")
     store = SqliteStore(path)
