@@ -108,10 +108,14 @@ class BaseStore:
         `now`; 0 when none is due."""
         raise NotImplementedError
 
-    def update(self, task_id, *, token, now, release=False, **changes):
+    def update(self, task_id, *, token, now, release=False, seen=None, **changes):
         """Apply `changes` to a task held with lease `token` (None: no lease
         check, for users and admins). Checks the transition table; settles
-        credits when the task ends; `release` drops the lease. `files`
+        credits when the task ends; `release` drops the lease. `seen`: the
+        task as this lease last had it from the store (claim, take_slot,
+        update); while the row still has its version, the change is made
+        without reading the row again, otherwise to the row as it is. Only
+        the columns the change moves are written. `files`
         entries with a `dir` (the lease folder they were written in) must
         name this token's folder (ValueError otherwise): files are fenced
         like rows. StaleLease when the token is old, Conflict for an illegal
@@ -126,8 +130,8 @@ class BaseStore:
 
     # -- provider slots and long steps (the worker's) --------------------------
 
-    def take_slot(self, task_id, *, token, now, limit, wake=None, **changes):
-        """Apply `changes` (as update(), lease kept) to a task held with
+    def take_slot(self, task_id, *, token, now, limit, wake=None, seen=None, **changes):
+        """Apply `changes` (as update(), `seen` too, lease kept) to a task held with
         lease `token` only if its provider has room: fewer than `limit` of
         the provider's other tasks hold a slot (None: no limit), or this task
         holds one already. A task holds a slot while it is running, or queued

@@ -75,6 +75,14 @@ def _fresh_turn(row, now):
     return row[_NEXT_POLL_AT] + now - started
 
 
+# A task's credits once settled, by how it ended (_settle).
+_SETTLED = {"succeeded": "charged", "partial": "charged", "failed": "refunded", "cancelled": "refunded"}
+
+
+class _Moved(Exception):
+    """The task's row no longer has the version its caller saw."""
+
+
 def _check_updatable(changes):
     unknown = set(changes) - _UPDATABLE
     if unknown:
@@ -539,12 +547,29 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             raise NotFound("task not found", code="task_not_found")
         return self._task(row)
 
-    def update(self, task_id, *, token, now, release=False, **changes):
+    def update(self, task_id, *, token, now, release=False, seen=None, **changes):
         _check_updatable(changes)
         with self._seam(), self._write(undo=False):
-            return self._apply(self._task_for_update(task_id), token, now, release, changes)
+            for task, version in self._as_seen(task_id, token, seen):
+                try:
+                    return self._apply(task, token, now, release, changes, version)
+                except _Moved:
+                    continue
 
-    def _apply(self, task, token, now, release, changes):
+    def _as_seen(self, task_id, token, seen):
+        """The task to apply a change to: first as the caller's lease last
+        saw it (`seen`, the task a claim, take_slot or update returned),
+        with the version the write must still find, which spares a read;
+        then, should the row have moved on (a cancel, a hint), as it is."""
+        if token is not None and seen is not None and (seen["id"], seen["lease_token"]) == (task_id, token):
+            yield dict(seen), seen["version"]
+        yield self._task_for_update(task_id), None
+
+    def _apply(self, task, token, now, release, changes, version=None):
+        """Check and write `changes` to `task`, with its event, history and
+        credits. `version`: the row must still have it, else _Moved (the
+        task came from the caller's memory, not from a read). Raises
+        nothing once it has changed a row, but for the database failing."""
         if token is not None and task["lease_token"] != token:
             raise StaleLease(f"lease {token} on {task['id']} is stale (now {task['lease_token']})")
         old = task["status"]
@@ -562,31 +587,52 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         if error is not None and error.get("code") not in ERROR_CODES:
             raise ValueError(f"unknown error code {error.get('code')!r}")
         task.update(changes)
-        # Encoded before the first row changes: past that, only the
-        # database may fail this (update's and take_slot's undo=False).
+        # Encoded before the row is written: past that, only the database
+        # may fail this (update's and take_slot's undo=False).
         encoded = {c: dumps(task[c]) for c in _JSON_COLUMNS if c in changes}
+        # Only the columns this change moves are written: those the caller
+        # did not see change (a renewed lease, a poll made due) stay as
+        # they are.
+        cols = set(changes) | {"updated_at", "version"}
         if new == "running" and task["started_at"] is None:
             task["started_at"] = now
+            cols.add("started_at")
+        reserved = new in TERMINAL and task["credits"] == "reserved"
         if new in TERMINAL:
-            self._after_commit(metrics.FINISHED.inc, task["provider"], new)
             task["finished_at"] = now
-            self._record_history(task, new, now)
             task["next_poll_at"] = None
             release = True
-            if task["credits"] == "reserved":
-                self._settle(task, new, now)
+            if reserved:
+                task["credits"] = _SETTLED[new]      # as _settle will record it (checked below)
+            cols |= {"finished_at", "next_poll_at", "credits"}
         if release:
             task["lease_owner"] = None
             task["lease_expires_at"] = None
+            cols |= {"lease_owner", "lease_expires_at"}
         task["updated_at"] = now
         task["version"] += 1
-        cols = sorted(set(changes) | {"started_at", "finished_at", "next_poll_at", "credits",
-                                      "lease_owner", "lease_expires_at", "updated_at", "version"})
+        cols = sorted(cols)
         values = [encoded[c] if c in encoded else task[c] for c in cols]
-        cur = self._exec(f"UPDATE tasks SET {', '.join(c + ' = ?' for c in cols)} "
-                         "WHERE id = ? AND lease_token = ?", (*values, task["id"], task["lease_token"]))
+        where, args = "id = ? AND lease_token = ?", [task["id"], task["lease_token"]]
+        if version is not None:
+            where += " AND version = ?"
+            args.append(version)
+        cur = self._exec(f"UPDATE tasks SET {', '.join(c + ' = ?' for c in cols)} WHERE {where}", (*values, *args))
         if cur.rowcount != 1:
+            if version is not None:
+                raise _Moved()
             raise StaleLease(f"task {task['id']} changed under us")
+        # The row is written first, so nothing above has changed anything
+        # when it refuses.
+        if new in TERMINAL:
+            self._after_commit(metrics.FINISHED.inc, task["provider"], new)
+            self._record_history(task, new, now)
+            if reserved:
+                self._settle(task, new, now)
+                if task["credits"] != _SETTLED[new]:
+                    # Settled before, the other way (the ledger says so):
+                    # the row, written as this settle would go, follows it.
+                    self._exec("UPDATE tasks SET credits = ? WHERE id = ?", (task["credits"], task["id"]))
         self._event(task, "finished" if new in TERMINAL else "updated", now)
         self._webhook_change(task, old, changes, now)
         if new != old:
@@ -658,27 +704,38 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     # -- provider slots and long steps (the worker's) --------------------------
 
-    def take_slot(self, task_id, *, token, now, limit, wake=None, **changes):
+    def take_slot(self, task_id, *, token, now, limit, wake=None, seen=None, **changes):
         _check_updatable(changes)
         with self._seam(), self._write(undo=False):
-            task = self._task_for_update(task_id)
-            if token is not None and task["lease_token"] != token:
-                raise StaleLease(f"lease {token} on {task_id} is stale (now {task['lease_token']})")
-            holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
-            if limit is not None and not holds:
-                self._slot_lock(task["provider"])
-                held = dict(self._exec(self._HELD, (task["provider"], task_id) * 2).fetchall())
-                busy = sum(held.values())
-                if busy >= limit:
-                    return None
-                turn = self._next_in_line(task, held, limit - busy, now)
-            if limit is None or holds or turn:
-                return self._apply(task, token, now, False, changes)
+            for task, version in self._as_seen(task_id, token, seen):
+                try:
+                    taken = self._take_slot(task, token, now, limit, changes, version)
+                except _Moved:
+                    continue
+                if taken is not False:
+                    return taken
+                break
         # Refused with a slot free: those first in line are due now, and
         # committed; a waiting dispatcher may take them at once.
         if wake is not None:
             wake()
         return None
+
+    def _take_slot(self, task, token, now, limit, changes, version):
+        """take_slot's decision and change: the task changed, None when
+        every slot is taken, False when refused with a slot free."""
+        if token is not None and task["lease_token"] != token:
+            raise StaleLease(f"lease {token} on {task['id']} is stale (now {task['lease_token']})")
+        holds = task["status"] == "running" or (task["status"] == "queued" and task["step"] == SLOT_STEP)
+        if limit is not None and not holds:
+            self._slot_lock(task["provider"])
+            held = dict(self._exec(self._HELD, (task["provider"], task["id"]) * 2).fetchall())
+            busy = sum(held.values())
+            if busy >= limit:
+                return None
+            if not self._next_in_line(task, held, limit - busy, now):
+                return False
+        return self._apply(task, token, now, False, changes, version)
 
     # Slots held at a provider, by user: its running tasks and those queued
     # holding one (tasks_slots, migration 8, names the step as written),

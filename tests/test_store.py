@@ -462,6 +462,88 @@ def _holder(store, owner, now):
     return got["heartbeat"]
 
 
+class TestAsSeen:
+    """update() and take_slot() given the task as its lease last saw it
+    (`seen`): the row is written without being read again while its
+    version is the one seen, and as it is now once something moved it on."""
+
+    def _running(self, store, user_id, now):
+        submit(store, user_id, now)
+        claimed = store.claim("w1", now=now, limit=1, lease_s=60)[0]
+        held = store.take_slot(claimed["id"], token=claimed["lease_token"], now=now, limit=4, seen=claimed,
+                               step="submitting", attempts=1)
+        assert held["version"] == claimed["version"] + 1
+        running = store.update(held["id"], token=held["lease_token"], now=now, seen=held, status="running",
+                               external_id="job-1", step="submitted", progress=0.0, next_poll_at=now + 5,
+                               release=True)
+        assert (running["status"], running["version"]) == ("running", held["version"] + 1)
+        return running
+
+    def test_a_change_to_a_row_that_moved_on_applies_to_the_row_as_it_is(self, store, alice):
+        running = self._running(store, alice["id"], 10.0)
+        # A provider's hint moves the row on while the lease holds it.
+        assert store.note_progress(running["id"], step="painting", progress=0.5, now=11.0) is True
+        changed = store.update(running["id"], token=running["lease_token"], now=12.0, seen=running,
+                               progress=0.75)
+        assert (changed["step"], changed["progress"]) == ("painting", 0.75)     # not the step seen
+        assert changed["version"] == running["version"] + 2
+        stored = row(store, running["id"])
+        assert (stored["step"], stored["progress"], stored["version"]) == ("painting", 0.75, changed["version"])
+        last = store.task_timeline(alice["id"], running["id"])[0][-1]["task"]
+        assert (last["step"], last["progress"], last["version"]) == ("painting", 0.75, changed["version"])
+
+    def test_a_change_seen_before_a_cancel_is_refused_and_writes_nothing(self, store, alice):
+        running = self._running(store, alice["id"], 10.0)
+        store.cancel(running["id"], alice["id"], now=11.0)
+        events = store.task_events(running["id"])
+        with pytest.raises(Conflict):
+            store.update(running["id"], token=running["lease_token"], now=12.0, seen=running,
+                         status="succeeded", files=[])
+        with pytest.raises(Conflict):
+            store.take_slot(running["id"], token=running["lease_token"], now=12.0, limit=4, seen=running,
+                            step="again")
+        assert row(store, running["id"])["status"] == "cancelled"
+        assert store.task_events(running["id"]) == events
+
+    def test_what_the_change_does_not_move_stays_as_the_row_has_it(self, store, alice):
+        running = self._running(store, alice["id"], 10.0)
+        task_id = running["id"]
+        held = store.claim_task(task_id, "w2", now=20.0, lease_s=60)
+        # Renewed and made due after the lease saw the task: neither bumps
+        # the version, so the change is written without a read.
+        store.renew_lease(task_id, token=held["lease_token"], expires_at=500.0)
+        assert store.poll_now(task_id, now=21.0)
+        store.update(task_id, token=held["lease_token"], now=22.0, seen=held, step="generating")
+        stored = row(store, task_id)
+        assert (stored["lease_expires_at"], stored["next_poll_at"], stored["lease_owner"]) == (500.0, 21.0, "w2")
+        assert (stored["step"], stored["version"]) == ("generating", held["version"] + 1)
+
+    def test_a_stale_lease_with_a_current_version_is_still_refused(self, store, alice):
+        running = self._running(store, alice["id"], 10.0)
+        old = store.claim_task(running["id"], "w2", now=20.0, lease_s=1)
+        newer = store.claim_task(running["id"], "w3", now=30.0, lease_s=60)
+        assert newer["version"] == old["version"]
+        with pytest.raises(StaleLease):
+            store.update(old["id"], token=old["lease_token"], now=31.0, seen=old, step="late")
+        assert row(store, running["id"])["step"] == "submitted"
+
+    def test_on_sqlite_a_change_as_seen_reads_no_task_row(self, sqlite_store):
+        user = sqlite_store.create_user("alice")[0]
+        running = self._running(sqlite_store, user["id"], 10.0)
+        statements = []
+        conn = sqlite_store.write_connection()
+        conn.set_trace_callback(statements.append)
+        try:
+            sqlite_store.update(running["id"], token=running["lease_token"], now=12.0, seen=running,
+                                status="succeeded", files=[], progress=1.0)
+        finally:
+            conn.set_trace_callback(None)
+        assert not [s for s in statements if s.startswith("SELECT") and " FROM tasks " in s], statements
+        # (A trigger's statements show as the statement that fired them.)
+        assert {s.split(" SET ")[0] for s in statements if s.startswith("UPDATE")} == {"UPDATE tasks"}
+        assert row(sqlite_store, running["id"])["status"] == "succeeded"
+
+
 class TestLiveness:
     """Whether a lease owner is alive comes from its heartbeat row, on the
     store's clock (real time here: PostgreSQL reads its own)."""

@@ -58,8 +58,8 @@ class Steps:
         # Marked as sent, and committed, before it is: a crash from here on
         # leaves a submit in doubt that the next owner will not repeat blindly.
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
-                                    wake=self.wake, external_id=provider.new_id(task, now), attempts=attempts,
-                                    step=SLOT_STEP, state={**state, POSTED_AT: now})
+                                    wake=self.wake, seen=task, external_id=provider.new_id(task, now),
+                                    attempts=attempts, step=SLOT_STEP, state={**state, POSTED_AT: now})
         if held is None:
             return self._wait_for_slot(task, provider, now)
         try:
@@ -84,7 +84,7 @@ class Steps:
             self._finish(held, now, "failed", error=("invalid_result", f"{provider.name}: {problem}"))
             return self._cancel(provider, dict(held, external_id=external_id))
         try:
-            self.store.update(held["id"], token=held["lease_token"], now=now, release=True,
+            self.store.update(held["id"], token=held["lease_token"], now=now, release=True, seen=held,
                               status="running", external_id=external_id, step="submitted", progress=0.0,
                               polls=0, next_poll_at=now + provider.poll_interval_s,
                               state=_without(held["state"], POSTED_AT, "failures"))
@@ -169,7 +169,7 @@ class Steps:
         log.info("task %s: found %s at %s under %s", task["id"], status.state, provider.name,
                  task["external_id"])
         self._answered(task, provider, now)
-        task = self.store.update(task["id"], token=task["lease_token"], now=now, status="running",
+        task = self.store.update(task["id"], token=task["lease_token"], now=now, seen=task, status="running",
                                  step="recovered", next_poll_at=now,
                                  state=_without(task["state"], POSTED_AT, "failures"), **changes)
         return self._apply(task, provider, status, now)
@@ -198,7 +198,7 @@ class Steps:
         """Every slot is taken: look again when a running task may have ended."""
         next_at = now + provider.poll_interval_s
         if task["step"] != WAITING_FOR_SLOT:
-            self.store.update(task["id"], token=task["lease_token"], now=now, release=True,
+            self.store.update(task["id"], token=task["lease_token"], now=now, release=True, seen=task,
                               step=WAITING_FOR_SLOT, next_poll_at=next_at)
         else:
             self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=next_at,
@@ -208,7 +208,7 @@ class Steps:
         """A local function: run it in this (pool) thread, with retries."""
         attempt = task["attempts"] + 1
         held = self.store.take_slot(task["id"], token=task["lease_token"], now=now, limit=provider.concurrency,
-                                    wake=self.wake, status="running", attempts=attempt, step="running", progress=0.0,
+                                    wake=self.wake, seen=task, status="running", attempts=attempt, step="running", progress=0.0,
                                     external_id=f"local-{attempt}", next_poll_at=now)
         if held is None:
             return self._wait_for_slot(task, provider, now)
@@ -306,7 +306,7 @@ class Steps:
                 self.store.reschedule(task["id"], token=token, next_poll_at=next_at,
                                       polls=task["polls"] + 1, **_recovered(task))
             else:
-                self.store.update(task["id"], token=token, now=now, release=True, status=new_status,
+                self.store.update(task["id"], token=token, now=now, release=True, seen=task, status=new_status,
                                   step=status.step, progress=status.progress,
                                   polls=task["polls"] + 1, next_poll_at=next_at, **_recovered(task))
         elif status.state == "succeeded":
@@ -332,7 +332,7 @@ class Steps:
         """Back to the queue for a new submit (a new attempt) at `at`."""
         state = task["state"] or {}
         changes = {"state": _without(state, POSTED_AT)} if POSTED_AT in state else {}
-        self.store.update(task["id"], token=task["lease_token"], now=now, release=True, status="queued",
+        self.store.update(task["id"], token=task["lease_token"], now=now, release=True, seen=task, status="queued",
                           external_id=None, step="resubmitting", progress=None, next_poll_at=at, **changes)
 
     def _collect(self, task, provider, status, now):
@@ -444,7 +444,7 @@ class Steps:
             changes["files"] = files
             changes["progress"] = 1.0
         # The store logs the change (holdfast.tasks), once it is committed.
-        done = self.store.update(task["id"], token=task["lease_token"], now=now, **changes)
+        done = self.store.update(task["id"], token=task["lease_token"], now=now, seen=task, **changes)
         self._told.pop(task["id"], None)
         self.drop_unlisted_files(done)
 
