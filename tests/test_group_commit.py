@@ -171,16 +171,16 @@ def test_a_failing_write_rolls_back_alone_and_raises_only_to_its_caller(tmp_path
     assert _count(path, "SELECT COUNT(*) FROM marks WHERE who = ?", (failing,)) == 0
 
 
-def _batch_of_two(store, second):
-    """`first` writes a row and holds the batch open until `second(store)`
-    queues behind it and joins; what each of the two came to."""
+def _batch_of_two(store, second, first_sql="INSERT INTO marks (who) VALUES ('first')"):
+    """`first` runs `first_sql` and holds the batch open until
+    `second(store)` queues behind it and joins; what each came to."""
     outcome = {}
     first_in = threading.Event()
 
     def first():
         try:
             with store._seam(), store._write():
-                store._exec("INSERT INTO marks (who) VALUES ('first')")
+                store._exec(first_sql)
                 first_in.set()
                 _wait_for_queued(store, 1)
             outcome["first"] = "ok"
@@ -295,35 +295,13 @@ def test_a_failed_commit_fails_every_writer_of_its_batch_and_the_next_batch_work
                  "CREATE TABLE children (id INTEGER PRIMARY KEY, parent INTEGER NOT NULL "
                  "REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)")
     store.write_connection().execute("PRAGMA foreign_keys = ON")
-    outcome = {}
+
+    def orphan(store):
+        with store._seam(), store._write():
+            store._exec("INSERT INTO children (id, parent) VALUES (1, 99)")
     try:
-        first_in = threading.Event()
-
-        def first():
-            try:
-                with store._seam(), store._write():
-                    store._exec("INSERT INTO parents (id) VALUES (1)")
-                    first_in.set()
-                    _wait_for_queued(store, 1)
-                outcome["first"] = "ok"
-            except StoreUnavailable as exc:
-                outcome["first"] = exc
-
-        def orphan():
-            first_in.wait(30)
-            try:
-                with store._seam(), store._write():
-                    store._exec("INSERT INTO children (id, parent) VALUES (1, 99)")
-                outcome["orphan"] = "ok"
-            except StoreUnavailable as exc:
-                outcome["orphan"] = exc
-
-        threads = [threading.Thread(target=f) for f in (first, orphan)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        for who in ("first", "orphan"):
+        outcome = _batch_of_two(store, orphan, "INSERT INTO parents (id) VALUES (1)")
+        for who in ("first", "second"):
             assert isinstance(outcome[who], StoreUnavailable), outcome
             assert "FOREIGN KEY" in str(outcome[who])
         assert _count(path, "SELECT COUNT(*) FROM parents") == 0
