@@ -181,10 +181,12 @@ class SqliteStore(SqlStore):
 
     This process's writes share one connection and commit in groups: the
     first begins a transaction that stays open while other writers are
-    queued to join it, each of them in its own SAVEPOINT, and the last of them commits the
-    lot with one COMMIT. A write returns only once a COMMIT covering it
-    succeeded; a write that fails rolls back only its savepoint and raises
-    to its caller alone; a failed COMMIT raises to every writer it covered."""
+    queued to join it, each of them in its own SAVEPOINT (but those that
+    need none, see _GroupWrite), and the last of them commits the lot with
+    one COMMIT. A write returns only once a COMMIT covering it succeeded; a
+    write that fails rolls back only its own changes and raises to its
+    caller alone (one without a savepoint that fails after a change rolls
+    back its batch); a failed COMMIT raises to every writer it covered."""
 
     name = "sqlite"
     multi_process = True
