@@ -675,7 +675,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         a settle that finds one already there (a race on a backend that does
         not serialize writers, a repeat after a crash) changes no balance and
         takes the recorded outcome."""
-        kind = "charge" if status in ("succeeded", "partial") else "refund"
+        kind = "charge" if _SETTLED[status] == "charged" else "refund"
         cur = self._exec("INSERT INTO ledger (user_id, task_id, kind, amount, created_at) "
                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                          (task["user_id"], task["id"], kind, task["cost"], now))
