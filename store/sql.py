@@ -550,20 +550,21 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
     def update(self, task_id, *, token, now, release=False, seen=None, **changes):
         _check_updatable(changes)
         with self._seam(), self._write(undo=False):
-            for task, version in self._as_seen(task_id, token, seen):
-                try:
-                    return self._apply(task, token, now, release, changes, version)
-                except _Moved:
-                    continue
+            return self._as_seen(task_id, token, seen, lambda task, version: self._apply(
+                task, token, now, release, changes, version))
 
-    def _as_seen(self, task_id, token, seen):
-        """The task to apply a change to: first as the caller's lease last
-        saw it (`seen`, the task a claim, take_slot or update returned),
-        with the version the write must still find, which spares a read;
-        then, should the row have moved on (a cancel, a hint), as it is."""
+    def _as_seen(self, task_id, token, seen, change):
+        """change(task, version) on the task: first as the caller's lease
+        last saw it (`seen`, the task a claim, take_slot or update
+        returned), with the version the write must still find, which spares
+        a read; then, should the row have moved on (a cancel, a hint:
+        _Moved), as it is."""
         if token is not None and seen is not None and (seen["id"], seen["lease_token"]) == (task_id, token):
-            yield dict(seen), seen["version"]
-        yield self._task_for_update(task_id), None
+            try:
+                return change(dict(seen), seen["version"])
+            except _Moved:
+                pass
+        return change(self._task_for_update(task_id), None)
 
     def _apply(self, task, token, now, release, changes, version=None):
         """Check and write `changes` to `task`, with its event, history and
@@ -707,14 +708,10 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
     def take_slot(self, task_id, *, token, now, limit, wake=None, seen=None, **changes):
         _check_updatable(changes)
         with self._seam(), self._write(undo=False):
-            for task, version in self._as_seen(task_id, token, seen):
-                try:
-                    taken = self._take_slot(task, token, now, limit, changes, version)
-                except _Moved:
-                    continue
-                if taken is not False:
-                    return taken
-                break
+            taken = self._as_seen(task_id, token, seen, lambda task, version: self._take_slot(
+                task, token, now, limit, changes, version))
+            if taken is not False:
+                return taken
         # Refused with a slot free: those first in line are due now, and
         # committed; a waiting dispatcher may take them at once.
         if wake is not None:
