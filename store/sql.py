@@ -491,8 +491,14 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                 task["lease_owner"] = owner
                 task["lease_expires_at"] = now + lease_s
                 task["lease_token"] += 1
-                self._exec("UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, lease_token = ? "
-                           "WHERE id = ?", (owner, now + lease_s, task["lease_token"], task["id"]))
+            if tasks:
+                # One statement for the lot: each is a handover of the GIL
+                # while this write holds the lock. The rows are as read
+                # (this write holds them: the write lock, or FOR UPDATE), so
+                # `lease_token + 1` is the token each task now carries.
+                self._exec(f"UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, "
+                           f"lease_token = lease_token + 1 WHERE id IN ({', '.join('?' * len(tasks))})",
+                           (owner, now + lease_s, *(task["id"] for task in tasks)))
         return tasks
 
     _DUE = " AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)"

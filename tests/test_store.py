@@ -375,6 +375,31 @@ class TestLeases:
         assert [t["id"] for t in store.claim("w3", now=104.0, limit=9, lease_s=1, fresh_first=True)] == [
             first, second, young, old, middle]
 
+    def test_a_claim_leases_its_tasks_in_one_statement_with_each_its_own_token(self, store, alice):
+        tasks = [submit(store, alice["id"], 1.0 + i / 10)[0] for i in range(3)]
+        # Different tokens to start from: each task's own is raised by one.
+        store.claim("w0", now=1.0, limit=1, lease_s=-1)
+        store.claim("w0", now=1.1, limit=2, lease_s=-1)
+        before = {t["id"]: store.get_task(t["id"])["lease_token"] for t in tasks}
+        assert [before[t["id"]] for t in tasks] == [2, 1, 0]
+        statements = []
+        conn = store.write_connection() if hasattr(store, "write_connection") else None
+        if conn is not None:
+            conn.set_trace_callback(statements.append)
+        try:
+            claimed = store.claim("w1", now=2.0, limit=5, lease_s=30)
+        finally:
+            if conn is not None:
+                conn.set_trace_callback(None)
+        assert sorted(t["id"] for t in claimed) == sorted(before)
+        for task in claimed:
+            row = store.get_task(task["id"])
+            assert task["lease_token"] == row["lease_token"] == before[task["id"]] + 1
+            assert (task["lease_owner"], task["lease_expires_at"]) == (row["lease_owner"], row["lease_expires_at"]) == (
+                "w1", 32.0)
+        if conn is not None:
+            assert len([q for q in statements if q.startswith("UPDATE")]) == 1, statements
+
     def test_on_sqlite_a_fresh_first_claim_reads_indexes_in_order_and_sorts_nothing(self, sqlite_store):
         # Its order is computed: in one statement it read and sorted every
         # due task, so a worker slowed down by a backlog paid for all of it
