@@ -10,7 +10,10 @@ lookahead are identical. A second /ping server differs in one thing: waitress
 gets threads + 1 instead of threads + 200 (HOLDFAST_SSE_MAX_STREAMS=1), to
 show what the event streams' threads cost every request. Clients are threads in this process, each with one
 keep-alive http.client connection; the three endpoints take turns, round by
-round, and each ratio is the median of per-round ratios.
+round, and each ratio is the median of per-round ratios. The server's CPU
+per request (from /proc) is steadier than its rate on a busy machine: after
+each round of posts the bench waits for the worker to take every task, so a
+post's CPU includes its claim, submit and record.
 
 POST /api/tasks goes to a `bench` provider (the demo adapter with a one-hour
 job and five-minute polls): the worker takes each new task once (claim,
@@ -35,6 +38,7 @@ import io
 import json
 import os
 import pstats
+import sqlite3
 import statistics
 import threading
 import time
@@ -76,6 +80,42 @@ def server_env(data_dir, port):
     return {"HOLDFAST_DATA": data_dir, "HOLDFAST_PORT": str(port), "HOLDFAST_HOST": "127.0.0.1",
             "HOLDFAST_CONFIG": os.path.join(data_dir, "holdfast.toml"),
             "HOLDFAST_MAX_ACTIVE": "100000", "HOLDFAST_RATE_PER_S": "10000"}
+
+
+def server_cpu(pid):
+    """(CPU seconds, voluntary context switches) of a process so far, all
+    its threads, from /proc (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        switches = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    switches += next(int(line.split()[1]) for line in fh
+                                     if line.startswith("voluntary_ctxt_switches"))
+            except (OSError, StopIteration):
+                pass        # a thread that ended meanwhile
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches
+    except OSError:
+        return None
+
+
+def queued(db_path):
+    """Tasks the worker has not taken yet, read by a connection of this process."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'queued'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def settle(db_path, limit_s=30):
+    """Wait until the worker has taken every task posted (each one's claim,
+    submit and record belong to the POST that made it)."""
+    deadline = time.monotonic() + limit_s
+    while queued(db_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def load(port, requests, clients, make_request):
@@ -196,6 +236,7 @@ def main():
             with open(os.path.join(d, "holdfast.toml"), "w") as fh:
                 fh.write(TOML)
         tokens = make_users(hf_dir, 1 + -(-posts // 100))
+        hf_db = os.path.join(hf_dir, "holdfast.db")
         hf_port, ping_port, few_port = free_port(), free_port(), free_port()
         holdfast = Server([PYTHON, os.path.join(ROOT, "app.py")], port=hf_port, cwd=hf_dir,
                           env=server_env(hf_dir, hf_port), log_path=os.path.join(tmp, "holdfast.log"))
@@ -240,28 +281,47 @@ def main():
                      "GET /ping, threads + 1 instead of + 200": (few_port, ping_req)}
             for port, make in cases.values():     # warm up: connections, caches, first imports
                 load(port, min(200, args.requests), args.clients, make)
+            settle(hf_db)
             rates = {name: [] for name in cases}
             lats = {name: [] for name in cases}
+            used = {name: [0.0, 0] for name in cases}      # server CPU s, context switches
+            pids = {hf_port: holdfast.proc.pid, ping_port: ping.proc.pid, few_port: few.proc.pid}
             for _ in range(args.rounds):
                 for name, (port, make) in cases.items():
+                    before = server_cpu(pids[port])
                     rate, lat = load(port, args.requests, args.clients, make)
+                    if port == hf_port:
+                        settle(hf_db)
+                    after = server_cpu(pids[port])
                     rates[name].append(rate)
                     lats[name] += lat
+                    if before and after:
+                        used[name][0] += after[0] - before[0]
+                        used[name][1] += after[1] - before[1]
             rss = (holdfast.rss_mb(), ping.rss_mb())
         finally:
             holdfast.stop()
             ping.stop()
             few.stop()
 
-    base = rates["GET /ping (bare Bottle, baseline)"]
+    ping_name = "GET /ping (bare Bottle, baseline)"
+    base = rates[ping_name]
+    done = args.rounds * args.requests
+    cpu_ms = {name: 1000 * used[name][0] / done for name in cases}
     rows = []
     for name in cases:
         rows.append([name, fmt_rate(statistics.median(rates[name])), f"{median_ratio(rates[name], base):.2f}x",
                      fmt_ms(percentile(lats[name], 50)), fmt_ms(percentile(lats[name], 99)),
-                     f"{percentile(lats[name], 50) / percentile(lats['GET /ping (bare Bottle, baseline)'], 50):.2f}x"])
-    table(["endpoint", "req/s", "vs ping", "p50 ms", "p99 ms", "p50 vs ping"], rows,
+                     f"{percentile(lats[name], 50) / percentile(lats[ping_name], 50):.2f}x",
+                     f"{cpu_ms[name]:.3f}", f"{cpu_ms[name] / cpu_ms[ping_name]:.2f}x" if cpu_ms[ping_name] else "-",
+                     f"{used[name][1] / done:.1f}"])
+    table(["endpoint", "req/s", "vs ping", "p50 ms", "p99 ms", "p50 vs ping", "CPU ms/req", "vs ping",
+           "switches/req"], rows,
           f"HTTP: {args.clients} keep-alive clients, {args.rounds} rounds of {args.requests} requests per endpoint, "
           f"waitress as serve() sets it")
+    print("CPU ms/req: the server process's CPU, all threads, kernel included (/proc); a POST's includes "
+          "the worker taking its task (claim, submit, record), waited for after each round. "
+          "switches/req: its threads' voluntary context switches.")
     print(f"server RSS at the end: holdfast {rss[0]:.0f} MB, ping {rss[1]:.0f} MB")
     print(f"http_bench: {time.perf_counter() - started:.0f} s")
 
