@@ -12,7 +12,6 @@ import logging.handlers
 import os
 import queue
 import tempfile
-import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
@@ -221,51 +220,6 @@ class _Handoff(logging.handlers.QueueHandler):
         return record
 
 
-# How long the logging thread gathers lines before it writes them.
-WRITE_EVERY_S = 0.02
-
-
-class _Writer(logging.handlers.QueueListener):
-    """The logging thread. Woken by a record, it lets more come for
-    WRITE_EVERY_S and writes them all at once: a record queued while it
-    waits wakes no thread, where one woken per record cost each task
-    line a handover of the GIL."""
-
-    def _monitor(self):
-        records = self.queue
-        while True:
-            batch = [records.get()]
-            if batch[0] is not self._sentinel:
-                time.sleep(WRITE_EVERY_S)
-            while True:
-                try:
-                    batch.append(records.get_nowait())
-                except queue.Empty:
-                    break
-            lines = [r for r in batch if r is not self._sentinel]
-            self._write(lines)
-            if len(lines) < len(batch):
-                return      # stop() was called: what it found queued is written
-
-    def _write(self, batch):
-        handler = self.handlers[0]
-        text = []
-        for record in batch:
-            try:
-                text.append(handler.format(record) + handler.terminator)
-            except Exception:
-                handler.handleError(record)
-        if text:
-            handler.acquire()
-            try:
-                handler.stream.write("".join(text))
-                handler.flush()
-            except Exception:
-                handler.handleError(batch[-1])
-            finally:
-                handler.release()
-
-
 _listener = None
 
 
@@ -279,7 +233,7 @@ def setup_logging(kind):
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     records = queue.SimpleQueue()
-    _listener = _Writer(records, handler)
+    _listener = logging.handlers.QueueListener(records, handler)
     _listener.start()
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]

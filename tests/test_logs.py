@@ -162,35 +162,3 @@ def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wai
     stop_logging()      # writes out what is queued
     assert "INFO holdfast.test: one line" in out.getvalue()
     assert out.writers and threading.current_thread().name not in out.writers
-
-
-def test_the_logging_thread_writes_lines_logged_together_at_once_in_order(monkeypatch, own_logging):
-    import io
-    import sys
-    import time
-
-    class Counted(io.StringIO):
-        writes = 0
-
-        def write(self, text):
-            Counted.writes += 1
-            return super().write(text)
-
-    out = Counted()
-    monkeypatch.setattr(sys, "stderr", out)
-    setup_logging("text")
-    # One line alone is written soon, without a stop to flush it.
-    logging.getLogger("holdfast.test").info("alone")
-    deadline = time.monotonic() + 5
-    while "alone" not in out.getvalue():
-        assert time.monotonic() < deadline, "a lone line was not written"
-        time.sleep(0.01)
-    before = Counted.writes
-    for i in range(50):
-        logging.getLogger("holdfast.test").info("line %d", i)
-    stop_logging()
-    lines = [line for line in out.getvalue().splitlines() if "holdfast.test: line" in line]
-    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(i) for i in range(50)]
-    # Woken by the first, the thread wrote the rest with it: not a write
-    # (and a wake-up of the thread) for each line.
-    assert Counted.writes - before <= 10, Counted.writes - before
