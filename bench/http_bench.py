@@ -112,10 +112,26 @@ def queued(db_path):
 
 def settle(db_path, limit_s=30):
     """Wait until the worker has taken every task posted (each one's claim,
-    submit and record belong to the POST that made it)."""
-    deadline = time.monotonic() + limit_s
-    while queued(db_path) and time.monotonic() < deadline:
+    submit and record belong to the POST that made it), `limit_s` at most;
+    the seconds it waited."""
+    started = time.monotonic()
+    while queued(db_path) and time.monotonic() < started + limit_s:
         time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def poster(tokens):
+    """make_request for POST /api/tasks to the bench provider, each post
+    another prompt, the users taking turns (tokens[0] is left out): none
+    of them passes max_active."""
+    count = iter(range(10 ** 9))
+
+    def post(i):
+        n = next(count)
+        token = tokens[1 + n % (len(tokens) - 1)]
+        return "POST", "/api/tasks", json.dumps({"provider": "bench", "params": {"prompt": f"fox {n}"}}), {
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    return post
 
 
 def load(port, requests, clients, make_request):
@@ -261,19 +277,13 @@ def main():
             if res.status != 201:
                 raise SystemExit(f"POST /api/tasks answered {res.status}: {body[:300]!r}")
             task_id = json.loads(body)["task"]["id"]
-            post_count = iter(range(10 ** 9))
-
             def ping_req(i):
                 return "GET", "/ping", None, {}
 
             def get_req(i):
                 return "GET", f"/api/tasks/{task_id}", None, headers
 
-            def post_req(i):
-                n = next(post_count)
-                token = tokens[1 + n % (len(tokens) - 1)]
-                return "POST", "/api/tasks", json.dumps({"provider": "bench", "params": {"prompt": f"fox {n}"}}), {
-                    "Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            post_req = poster(tokens)
 
             cases = {"GET /ping (bare Bottle, baseline)": (ping_port, ping_req),
                      "GET /api/tasks/{id}": (hf_port, get_req),

@@ -15,13 +15,12 @@ posts, about a minute; every process stopped by its PID.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 from _common import PYTHON, ROOT, Server, fmt_ms, free_port, percentile, table, temp_dir
-from http_bench import TOML, load, make_users, queued, server_cpu, server_env
+from http_bench import TOML, load, make_users, poster, server_cpu, server_env, settle
 
 
 def run(layout, tmp, requests, rounds, tokens_needed):
@@ -40,29 +39,18 @@ def run(layout, tmp, requests, rounds, tokens_needed):
         procs.append(Server([PYTHON, os.path.join(ROOT, "bench", "_split_worker.py"), "worker"], port=port,
                             cwd=data, env=env, ready="worker serving",
                             log_path=os.path.join(tmp, f"{layout}-worker.log")))
-    count = iter(range(10 ** 9))
-
-    def post(i):
-        n = next(count)
-        token = tokens[1 + n % (len(tokens) - 1)]
-        return "POST", "/api/tasks", json.dumps({"provider": "bench", "params": {"prompt": f"fox {n}"}}), {
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
+    post = poster(tokens)
     db = os.path.join(data, "holdfast.db")
     results = []
     try:
         for proc in procs:
             proc.start()
         load(port, 200, 4, post)            # warm up
-        while queued(db):
-            time.sleep(0.05)
+        settle(db)
         for _ in range(rounds):
             before = [server_cpu(p.proc.pid) for p in procs]
             rate, lat = load(port, requests, 4, post)
-            ended = time.monotonic()
-            while queued(db) and time.monotonic() < ended + 60:
-                time.sleep(0.02)
-            behind = time.monotonic() - ended
+            behind = settle(db, limit_s=60)
             after = [server_cpu(p.proc.pid) for p in procs]
             cpu = [1000 * (b[0] - a[0]) / requests for a, b in zip(before, after)]
             results.append((rate, percentile(lat, 50), behind, cpu))
