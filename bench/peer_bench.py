@@ -11,6 +11,11 @@ Trackers, 4 workers each:
             polling by self.retry(countdown=P); enqueued from this process
   huey      SqliteHuey, 4 thread workers, polling by RetryTask(delay=P);
             enqueued from this process
+  floor     (workload A only; not run unless named in --only) bench/_floor.py:
+            the least a tracker that keeps holdfast's promises must do per
+            job, lean, in one process, submitted like holdfast; a yardstick
+            for what holdfast's own layers cost. floor+log, floor+client and
+            floor+log+client add holdfast's logging and provider client
 The task of all three: create the job (createTask), poll it (recordInfo)
 every P seconds until it succeeds, download its one result, keep it on disk.
 bench/_peers.py holds the peers' tasks; bench/_kie_counter.py is the
@@ -35,6 +40,7 @@ its PID at the end (SIGKILL for a tracker's whole tree), also on Ctrl-C.
 """
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -192,6 +198,31 @@ allow_private_results = true
             self.server.stop()
 
 
+class Floor(Holdfast):
+    """bench/_floor.py: the least a tracker with holdfast's promises does
+    per job, in one process; workload A only. Submitted like holdfast.
+    `floor+log`, `floor+client`, `floor+log+client`: with those of
+    holdfast's pieces (_floor.py's --with)."""
+    name = "floor"
+
+    def __init__(self, tmp, provider, poll_s, jobs, redis_db, pieces=()):
+        self.dir = os.path.join(tmp, "floor")
+        os.makedirs(self.dir)
+        self.tokens = [f"floor_bench_user_token_{i:06d}" for i in range(1 + jobs // 100)]
+        tokens = os.path.join(self.dir, "tokens")
+        with open(tokens, "w") as fh:
+            fh.write("\n".join(self.tokens))
+        self.port = free_port()
+        self.argv = [PYTHON, os.path.join(BENCH, "_floor.py"), "--port", str(self.port), "--data", self.dir,
+                     "--kie", provider.url, "--key", KEY, "--poll-s", str(poll_s), "--tokens", tokens,
+                     "--with", ",".join(pieces)]
+        self.server = None
+
+    def start(self):
+        self.server = Server(self.argv, port=self.port, cwd=self.dir,
+                             log_path=os.path.join(self.dir, "floor.log")).start(60)
+
+
 class _Consumer:
     """A peer's consumer in a subprocess, configured by the environment."""
 
@@ -287,7 +318,9 @@ class Huey(_Consumer):
             self.job(p)
 
 
-TRACKERS = {"holdfast": Holdfast, "celery": Celery, "huey": Huey}
+TRACKERS = {"holdfast": Holdfast, "celery": Celery, "huey": Huey, "floor": Floor}
+for _pieces in (("log",), ("client",), ("log", "client")):
+    TRACKERS["+".join(("floor", *_pieces))] = functools.partial(Floor, pieces=_pieces)
 
 
 # -- the workloads -----------------------------------------------------------------------
@@ -414,6 +447,8 @@ def main():
         # load hits all three alike.
         for w in loads:
             for kind in kinds:
+                if kind.startswith("floor") and w != "A":
+                    continue        # a yardstick for A alone: it has no recovery to be killed for
                 run_dir = os.path.join(tmp, f"{w}-{kind}")
                 os.makedirs(run_dir)
                 t = time.perf_counter()
