@@ -7,8 +7,9 @@ a yardstick for what its layers cost.
 
 Per job, what holdfast does too and no less:
   - the submit over HTTP (waitress, bare Bottle): the bearer token's
-    SHA-256 looked up, the task row and its event row in one BEGIN
-    IMMEDIATE transaction, 201 with the task as JSON;
+    SHA-256 looked up, a per-user rate limit, the user's active tasks
+    counted (429 queue full), the task row and its event row in one BEGIN
+    IMMEDIATE transaction, 201 with the contract's task JSON;
   - a lease with a fencing token taken in the store before any call, and
     every later write fenced by it;
   - "submitting" written before the create call (no blind resubmission),
@@ -16,7 +17,9 @@ Per job, what holdfast does too and no less:
   - the poll schedule in the store (next_at), not in a sleeping thread;
   - the result downloaded with a size limit, checksummed, written to a
     temporary file, fsynced and renamed, before the task is `succeeded`;
-  - an event row with each change, in the same transaction.
+  - an event row with each change, in the same transaction, holding the
+    task's JSON as the contract's events carry it; version grows with
+    every change, and an ended task is never changed again.
 And no more: no credits, quotas, webhooks, JSON logs, metrics, retries,
 dedupe, SSE, migrations, peewee. Every outbound call has a timeout; the
 bench bounds the run.
@@ -53,13 +56,16 @@ LEASE_S = 60.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, token_hash TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, status TEXT NOT NULL, params TEXT NOT NULL,
-    remote_id TEXT, next_at REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0,
-    lease_token INTEGER NOT NULL DEFAULT 0, files TEXT, created_at REAL NOT NULL, version INTEGER NOT NULL);
+    id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, provider TEXT NOT NULL, status TEXT NOT NULL,
+    step TEXT, params TEXT NOT NULL, external_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, files TEXT,
+    next_at REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0, lease_token INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+    deadline_at TEXT NOT NULL, version INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (status, next_at);
-CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, created_at);
+CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, status);
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, task_id TEXT NOT NULL, user_id INTEGER NOT NULL, status TEXT NOT NULL, at REAL NOT NULL);
+    id INTEGER PRIMARY KEY, task_id TEXT NOT NULL, user_id INTEGER NOT NULL, type TEXT NOT NULL,
+    task TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_user ON events (user_id, id);
 """
 
@@ -92,15 +98,29 @@ class Store:
         conn.execute("COMMIT")
         return out
 
-    def change(self, task, status, fields=""):
-        """A fenced update of one task and its event; False when the lease was lost."""
+    def change(self, held, release=False, next_at=None, **fields):
+        """A fenced update of a held task (held["task"] is its JSON as the
+        lease last saw it) and its event with the task as it now is; False
+        when the lease was lost or the task had ended."""
+        task = held["task"]
+        task.update(fields, updated_at=iso(time.time()), version=task["version"] + 1)
+        fields["updated_at"], fields["version"] = task["updated_at"], task["version"]
+        if "files" in fields:
+            fields["files"] = json.dumps(fields["files"])
+        if next_at is not None:
+            fields["next_at"] = next_at
+        if release:
+            fields["lease_until"] = 0
+        kind = "finished" if task["status"] in TERMINAL else "updated"
+
         def fn(conn):
-            cur = conn.execute(f"UPDATE tasks SET status = ?, version = version + 1{fields and ', ' + fields} "
-                               "WHERE id = ? AND lease_token = ?", (status, *task["args"], task["id"], task["token"]))
+            cur = conn.execute(f"UPDATE tasks SET {', '.join(f'{k} = ?' for k in fields)} "
+                               "WHERE id = ? AND lease_token = ? AND status NOT IN ('succeeded', 'failed')",
+                               (*fields.values(), task["id"], held["token"]))
             if cur.rowcount != 1:
                 return False
-            conn.execute("INSERT INTO events (task_id, user_id, status, at) VALUES (?, ?, ?, ?)",
-                         (task["id"], task["user"], status, time.time()))
+            conn.execute("INSERT INTO events (task_id, user_id, type, task) VALUES (?, ?, ?, ?)",
+                         (task["id"], held["user"], kind, json.dumps(task)))
             return True
         return self.write(fn)
 
@@ -108,16 +128,34 @@ class Store:
         now = time.time()
 
         def fn(conn):
-            rows = conn.execute("SELECT id, user_id, status, params, remote_id, lease_token FROM tasks "
+            rows = conn.execute(f"SELECT {', '.join(COLUMNS)}, user_id, lease_token FROM tasks "
                                 "WHERE status IN ('queued', 'running') AND next_at <= ? AND lease_until < ? "
                                 "ORDER BY next_at LIMIT ?", (now, now, limit)).fetchall()
             if rows:
                 marks = ",".join("?" * len(rows))
                 conn.execute(f"UPDATE tasks SET lease_token = lease_token + 1, lease_until = ? "
                              f"WHERE id IN ({marks})", (now + LEASE_S, *(r[0] for r in rows)))
-            return [{"id": r[0], "user": r[1], "status": r[2], "params": r[3], "remote_id": r[4],
-                     "token": r[5] + 1} for r in rows]
+            return [{"task": task_json(r), "user": r[-2], "token": r[-1] + 1} for r in rows]
         return self.write(fn)
+
+
+TERMINAL = ("succeeded", "failed")
+COLUMNS = ("id", "provider", "status", "step", "params", "external_id", "attempts", "files", "created_at",
+           "updated_at", "started_at", "finished_at", "deadline_at", "version")
+
+
+def task_json(row):
+    """The contract's task JSON from a row of COLUMNS (what the floor keeps of it)."""
+    task = dict(zip(COLUMNS, row))
+    task["params"] = json.loads(task["params"])
+    task["files"] = json.loads(task["files"] or "[]")
+    task.update(progress=1.0 if task["status"] == "succeeded" else 0.0, dedupe_key=None, error=None,
+                cost=0, credits="none")
+    return task
+
+
+def iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 class Kie:
@@ -202,22 +240,23 @@ class Worker:
             except Exception as exc:        # the lease expires and another claim retries
                 print(f"floor: task {task['id']}: {exc!r}", file=sys.stderr, flush=True)
 
-    def _step(self, task):
-        if task["remote_id"] is None:
-            task["args"] = ()
-            if not self.store.change(task, "submitting"):
+    def _step(self, held):
+        task = held["task"]
+        if task["external_id"] is None:
+            if task["step"] == "submitting":
+                return      # a crash between this write and the next: in doubt, and never sent twice
+            if not self.store.change(held, step="submitting", attempts=task["attempts"] + 1):
                 return
-            remote = self.kie.create(task["params"])
-            task["args"] = (remote, time.time() + self.poll_s)
-            if self.store.change(task, "running", "remote_id = ?, next_at = ?, lease_until = 0") and LOG:
-                LOG.info("task %s user %s kie: queued -> running; %s", task["id"], task["user"], remote)
+            remote = self.kie.create(json.dumps(task["params"]))
+            if self.store.change(held, True, time.time() + self.poll_s, status="running", step="submitted",
+                                 external_id=remote, started_at=iso(time.time())) and LOG:
+                LOG.info("task %s user %s kie: queued -> running; %s", task["id"], held["user"], remote)
             return
-        urls = self.kie.poll(task["remote_id"])
+        urls = self.kie.poll(task["external_id"])
         if urls is None:
-            task["args"] = (time.time() + self.poll_s,)
-            self.store.change(task, "running", "next_at = ?, lease_until = 0")
+            self.store.change(held, True, time.time() + self.poll_s, step="generating")
             return
-        folder = os.path.join(self.files, task["id"], str(task["token"]))
+        folder = os.path.join(self.files, task["id"], str(held["token"]))
         os.makedirs(folder, exist_ok=True)
         files = []
         for n, url in enumerate(urls):
@@ -229,14 +268,21 @@ class Worker:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            files.append({"name": f"{n}.png", "size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
-        task["args"] = (json.dumps(files),)
-        if self.store.change(task, "succeeded", "files = ?, lease_until = 0") and LOG:
-            LOG.info("task %s user %s kie: running -> succeeded", task["id"], task["user"])
+            files.append({"name": f"{n}.png", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                          "content_type": "image/png", "url": f"/api/tasks/{task['id']}/files/{n}.png"})
+        if self.store.change(held, True, status="succeeded", step="done", files=files,
+                             finished_at=iso(time.time())) and LOG:
+            LOG.info("task %s user %s kie: running -> succeeded", task["id"], held["user"])
 
 
-def make_app(store, worker):
+def make_app(store, worker, max_active=100_000, rate_per_s=10_000):
     app = bottle.Bottle()
+    buckets = {}            # user -> (tokens, at): the per-user rate limit
+    lock = threading.Lock()
+
+    def error(status, code, message):
+        bottle.response.status = status
+        return {"error": {"code": code, "message": message}}
 
     @app.post("/api/tasks")
     def submit():
@@ -244,28 +290,42 @@ def make_app(store, worker):
         token_hash = hashlib.sha256(auth.removeprefix("Bearer ").encode()).hexdigest()
         row = store.conn().execute("SELECT id FROM users WHERE token_hash = ?", (token_hash,)).fetchone()
         if row is None:
-            bottle.response.status = 401
-            return {"error": {"code": "unauthorized", "message": "unknown token"}}
+            return error(401, "unauthorized", "unknown token")
+        user, now = row[0], time.time()
+        with lock:
+            tokens, at = buckets.get(user, (rate_per_s, now))
+            tokens = min(rate_per_s, tokens + (now - at) * rate_per_s)
+            if tokens < 1:
+                return error(429, "rate_limited", "too many submissions")
+            buckets[user] = (tokens - 1, now)
         body = bottle.request.json
-        if not isinstance(body, dict) or not isinstance(body.get("params"), dict):
-            bottle.response.status = 400
-            return {"error": {"code": "invalid_input", "message": "params must be an object"}}
-        now = time.time()
-        task = {"id": "t_" + secrets.token_hex(12), "status": "queued", "provider": body.get("provider"),
-                "created_at": now, "version": 1}
+        if not isinstance(body, dict) or body.get("provider") != "kie" or not isinstance(body.get("params"), dict):
+            return error(400, "invalid_input", "provider must be kie and params an object")
+        task = {"id": "t_" + secrets.token_hex(12), "provider": "kie", "status": "queued", "step": None,
+                "progress": 0.0, "dedupe_key": None, "params": body["params"], "external_id": None,
+                "attempts": 0, "files": [], "error": None, "cost": 0, "credits": "none",
+                "created_at": iso(now), "updated_at": iso(now), "started_at": None, "finished_at": None,
+                "deadline_at": iso(now + 7200), "version": 1}
 
         def fn(conn):
-            conn.execute("INSERT INTO tasks (id, user_id, status, params, next_at, created_at, version) "
-                         "VALUES (?, ?, 'queued', ?, ?, ?, 1)",
-                         (task["id"], row[0], json.dumps(body["params"]), now, now))
-            conn.execute("INSERT INTO events (task_id, user_id, status, at) VALUES (?, ?, 'queued', ?)",
-                         (task["id"], row[0], now))
-        store.write(fn)
+            active = conn.execute("SELECT count(*) FROM tasks WHERE user_id = ? AND status IN ('queued', 'running')",
+                                  (user,)).fetchone()[0]
+            if active >= max_active:
+                return False
+            conn.execute("INSERT INTO tasks (id, user_id, provider, status, params, next_at, created_at, "
+                         "updated_at, deadline_at, version) VALUES (?, ?, 'kie', 'queued', ?, ?, ?, ?, ?, 1)",
+                         (task["id"], user, json.dumps(body["params"]), now, task["created_at"],
+                          task["updated_at"], task["deadline_at"]))
+            conn.execute("INSERT INTO events (task_id, user_id, type, task) VALUES (?, ?, 'created', ?)",
+                         (task["id"], user, json.dumps(task)))
+            return True
+        if not store.write(fn):
+            return error(429, "queue_full", f"{max_active} tasks active")
         if LOG:
-            LOG.info("task %s user %s %s: created (queued)", task["id"], row[0], task["provider"])
+            LOG.info("task %s user %s kie: created (queued)", task["id"], user)
         worker.wake.set()
         bottle.response.status = 201
-        return task
+        return {"task": task, "deduplicated": False}
 
     return app
 
