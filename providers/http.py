@@ -1,12 +1,12 @@
-"""What the HTTP adapters share: one urllib3 seam, a rate limit, streamed
+"""What the HTTP adapters share: one seam, a rate limit, streamed
 downloads (bounded in size, time and rate, and by the address policy of
 net.py), answers read with a limit.
 
-`HttpProvider.seam()` is the one place where urllib3's and json's exceptions
+`HttpProvider.seam()` is the one place where the client's and json's exceptions
 become holdfast's: ProviderUnavailable (transient: connection refused, timeout,
 a truncated or malformed answer) or ProviderRejected (a URL that can never
 work). `HttpProvider.call()` adds the HTTP statuses that mean "later" (408,
-429 with Retry-After, 5xx). Nothing else in the adapters catches a urllib3
+429 with Retry-After, 5xx). Nothing else in the adapters catches a client
 exception.
 
 The same two places say what a failure means for a request that may have had
@@ -27,14 +27,13 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, LocationValueError, NewConnectionError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from http.client import HTTPException
 
 from errors import (ConfigError, InDoubt, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired)
 
 from .base import BaseProvider
-from .net import AddressPolicy, Client, chunks, parse_json
+from .net import AddressPolicy, AnswerTimeout, BadURL, Client, NotConnected, chunks, parse_json
 
 MAX_RETRY_AFTER_S = 3600.0
 # After an in-doubt submit, the provider is asked about its id no sooner than
@@ -174,20 +173,20 @@ class HttpProvider(BaseProvider):
 
     @contextmanager
     def seam(self, what, health=True):
-        """urllib3 and json errors -> holdfast's; records the provider's health."""
+        """The client's and json's errors -> holdfast's; records the provider's health."""
         try:
             yield
-        except LocationValueError as exc:     # a URL urllib3 cannot parse, or not http(s)
+        except BadURL as exc:     # not http(s), no host, a bad port
             raise ProviderRejected(f"{self.name}: {what}: bad URL: {exc}", code="invalid_result") from None
-        except NewConnectionError as exc:
-            # Refused, unreachable, DNS: the connection never opened, so not
-            # a byte of the request reached the provider.
+        except NotConnected as exc:
+            # Refused, unreachable, DNS, connect timeout: the connection
+            # never opened, so not a byte of the request reached the provider.
+            if exc.timed_out:
+                raise self._down(f"{what}: could not connect within {self.timeout_s:g}s", health) from None
             raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
-        except ConnectTimeoutError:
-            raise self._down(f"{what}: could not connect within {self.timeout_s:g}s", health) from None
-        except Urllib3Timeout:
+        except AnswerTimeout:
             raise self._down(f"{what}: no answer within {self.timeout_s:g}s", health, doubt=True) from None
-        except (HTTPError, OSError) as exc:
+        except (HTTPException, OSError) as exc:
             # A reset or a close once the request was written (ProtocolError),
             # TLS, a body that cannot be decoded: the request may have acted.
             raise self._down(f"{what}: the connection broke ({_short(exc)})", health, doubt=True) from None

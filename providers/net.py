@@ -30,12 +30,15 @@ import time
 from itertools import accumulate
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import functools
+import http.client
+import select
+import ssl
+import zlib
+from collections import OrderedDict
+from urllib.parse import quote
+
 import certifi
-from urllib3 import PoolManager, Timeout
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError, ReadTimeoutError
-from urllib3.util.connection import create_connection
 
 from errors import InvalidResult
 
@@ -82,55 +85,64 @@ class AddressPolicy:
         host, port = _host_port(own_url)
         self.own = (host, port)
         self.allow_private = allow_private
-        guard = {"policy": self}
-        self.pool_classes = {
-            "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {
-                "ConnectionCls": type("GuardedHTTPConnection", (_Guarded, HTTPConnection), guard)}),
-            "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {
-                "ConnectionCls": type("GuardedHTTPSConnection", (_Guarded, HTTPSConnection), guard)}),
-        }
 
     def checks(self, host, port):
         return not self.allow_private and (host.lower().rstrip("."), port) != self.own
 
-
-class _Guarded:
-    """A urllib3 connection that resolves its host itself and connects only
-    to addresses the policy allows."""
-
-    policy = None
-
-    def _new_conn(self):
-        if not self.policy.checks(self.host, self.port):
-            return super()._new_conn()
+    def connect(self, host, port, timeout):
+        """A socket connected to `host`:`port`, at an address the policy
+        allows: resolved here and connected to by address, never by name
+        again (a second resolution could answer differently: DNS
+        rebinding). NotConnected when no connection opened; InvalidResult
+        when the policy refuses every address."""
+        if not self.checks(host, port):
+            try:
+                return socket.create_connection((host, port), timeout)
+            except OSError as exc:
+                raise NotConnected(host, port, exc) from None
         try:
-            infos = socket.getaddrinfo(self._dns_host, self.port, 0, socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         except OSError as exc:
-            raise NameResolutionError(self.host, self, exc) from exc
+            raise NotConnected(host, port, exc) from None
         allowed, refused = [], []
         for info in infos:
             ip = info[4][0]
             why = refusal(ip)
-            (refused if why else allowed).append((ip, why))
+            (refused if why else allowed).append((info, why))
         if not allowed:
-            ip, why = refused[0]
-            raise InvalidResult(f"refused to connect to {self.host}:{self.port}: it resolves to {ip}, "
+            (info, why) = refused[0]
+            raise InvalidResult(f"refused to connect to {host}:{port}: it resolves to {info[4][0]}, "
                                 f"{why} (set allow_private_results = true for a provider whose results "
                                 "live on a private network)")
-        # Connect to the checked address itself, never to the name again: a
-        # second resolution could answer differently (DNS rebinding). HTTPS
-        # still verifies the certificate against the name (self.host).
         last = None
-        for ip, _ in allowed:
+        for (family, kind, proto, _, addr), _ in allowed:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(timeout)
             try:
-                return create_connection((ip, self.port), self.timeout, source_address=self.source_address,
-                                         socket_options=self.socket_options)
-            except socket.timeout:
-                last = ConnectTimeoutError(self, f"Connection to {self.host} ({ip}) timed out. "
-                                                 f"(connect timeout={self.timeout})")
+                sock.connect(addr)
+                return sock
             except OSError as exc:
-                last = NewConnectionError(self, f"Failed to establish a new connection to {ip}: {exc}")
+                sock.close()
+                last = NotConnected(host, port, exc, addr[0])
         raise last
+
+
+class NotConnected(Exception):
+    """The connection never opened (refused, unreachable, DNS, connect
+    timeout): not a byte of the request went out."""
+
+    def __init__(self, host, port, cause, ip=None):
+        self.timed_out = isinstance(cause, TimeoutError)
+        at = f"{host}:{port}" + (f" ({ip})" if ip else "")
+        super().__init__(f"{at}: {'connect timed out' if self.timed_out else cause}")
+
+
+class AnswerTimeout(Exception):
+    """The request went out and no answer came in time."""
+
+
+class BadURL(Exception):
+    """A URL no request can be made to: not http(s), no host, a bad port."""
 
 
 # Sent with every request; the caller adds its own (the key, a body's type).
@@ -161,25 +173,26 @@ class Answer:
 
 
 class Client:
-    """HTTP for one thread of one provider, on urllib3 directly: pooled
-    connections that the address policy checks as they connect, answers
-    read with a byte limit and a total time, redirects followed here so
-    every hop is checked. (requests' per-call machinery, settings merged
-    into every request, hooks, cookies, cost more CPU than the request
-    itself: a poll is what holdfast does most.)
+    """HTTP for one thread of one provider, on http.client: a keep-alive
+    connection per host, opened through the address policy, answers read
+    with a byte limit and a total time, redirects followed here so every
+    hop is checked. (A general client's per-call machinery, urllib3's
+    pool manager and URL normalising, or requests' settings merged into
+    every request, cost more CPU than the request itself: a poll is what
+    holdfast does most.)
 
-    Nothing here sends a request twice (`retries=False`): whether a failed
-    one may be repeated is the caller's decision, as it depends on whether
-    it was sent (providers/http.py, guarantee 5)."""
+    Nothing here sends a request twice: whether a failed one may be
+    repeated is the caller's decision, as it depends on whether it was
+    sent (providers/http.py, guarantee 5). Errors: NotConnected (not
+    sent), AnswerTimeout, OSError and http.client.HTTPException (sent,
+    the answer is missing or broken), BadURL, InvalidResult."""
+
+    MAX_HOSTS = 10          # hosts with an idle connection kept; the least recently used goes first
 
     def __init__(self, policy, max_answer_bytes):
+        self.policy = policy
         self.max_answer_bytes = max_answer_bytes
-        # A thread uses one connection to a host at a time; two leave room
-        # for a download's host being the provider's own.
-        # certifi's CA certificates, as requests used: an image without a
-        # system store still verifies HTTPS.
-        self.pools = PoolManager(num_pools=10, maxsize=2, retries=False, ca_certs=certifi.where())
-        self.pools.pool_classes_by_scheme = dict(policy.pool_classes)
+        self._idle = OrderedDict()      # (scheme, host, port) -> an idle keep-alive connection
 
     def request(self, method, url, *, what, headers_for, timeout_s, json=None, params=None, stream=False):
         """One request, following up to MAX_REDIRECTS redirects (http(s)
@@ -191,14 +204,12 @@ class Client:
         body, content_type = None, None
         if json is not None:
             body, content_type = _json_body(json), "application/json"
-        timeout = Timeout(connect=timeout_s, read=timeout_s)
         seen = set()
         for _ in range(MAX_REDIRECTS + 1):
             headers = {**BASE_HEADERS, **headers_for(url)}
             if content_type is not None:
                 headers["Content-Type"] = content_type
-            raw = self.pools.urlopen(method, url, body=body, headers=headers, redirect=False, retries=False,
-                                     timeout=timeout, preload_content=False, decode_content=False)
+            raw = self._send(method, url, body, headers, timeout_s)
             location = raw.headers.get("Location") if raw.status in REDIRECTS else None
             if location is None:
                 return self._answer(raw, url, stream, timeout_s)
@@ -215,6 +226,28 @@ class Client:
                 method, body, content_type = "GET", None, None
         raise InvalidResult(f"{what}: more than {MAX_REDIRECTS} redirects")
 
+    def _send(self, method, url, body, headers, timeout_s):
+        key, target = _target(url)
+        conn = self._idle.pop(key, None)
+        if conn is not None and _dropped(conn):
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = _Connection(self.policy, key, timeout_s)
+        else:
+            conn.sock.settimeout(timeout_s)
+        conn.timeout = timeout_s
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            resp = conn.getresponse()
+        except TimeoutError:
+            conn.close()
+            raise AnswerTimeout(f"{_where(url)}: no answer within {timeout_s:g}s") from None
+        except BaseException:
+            conn.close()
+            raise
+        return Response(self, key, conn, resp)
+
     def _answer(self, raw, url, stream, timeout_s):
         if stream:
             return Answer(raw)
@@ -223,17 +256,145 @@ class Client:
         except BaseException:
             _discard(raw)
             raise
+        _discard(raw)       # read to its end: its connection waits for the next request
         return Answer(raw, content)
 
+    def _keep(self, key, conn):
+        old = self._idle.pop(key, None)
+        if old is not None:
+            old.close()
+        self._idle[key] = conn
+        while len(self._idle) > self.MAX_HOSTS:
+            self._idle.popitem(last=False)[1].close()
+
     def close(self):
-        self.pools.clear()
+        while self._idle:
+            self._idle.popitem()[1].close()
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context():
+    """HTTPS is verified against the name in the URL, not the address
+    connected to, with certifi's CA certificates (a system without a
+    store of its own still verifies)."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client's connection (HTTPS too), opened through the policy."""
+
+    def __init__(self, policy, key, timeout_s):
+        scheme, host, port = key
+        super().__init__(host, port, timeout=timeout_s)
+        self.policy, self.https = policy, scheme == "https"
+
+    def connect(self):
+        sock = self.policy.connect(self.host, self.port, self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.https:
+            try:
+                sock = _tls_context().wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
+
+
+def _target(url):
+    """((scheme, host, port), the request target) of an http(s) URL; BadURL
+    for any other. The target's characters outside URL syntax are
+    percent-encoded, as a browser sends them."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise BadURL(f"{url[:200]!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadURL(f"{url[:200]!r} is not an http(s) URL with a host")
+    target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@~")
+    if parts.query:
+        target += "?" + quote(parts.query, safe="/%!$&'()*+,;=:@~?")
+    return (parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)), target
+
+
+def _dropped(conn):
+    """Whether an idle keep-alive connection was closed by its server (it
+    reads as ready: an end of file, or bytes nobody asked for)."""
+    if conn.sock is None:
+        return True
+    poller = select.poll()      # not select(): it fails on descriptors past 1023
+    try:
+        poller.register(conn.sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+class Response:
+    """An answer being read: `status`, `headers` (any case), `read1(n)`
+    of its decoded body. Closed by _discard: a body read to its end gives
+    its connection back for the next request; any other closes it."""
+
+    def __init__(self, client, key, conn, resp):
+        self.client, self.key, self.conn, self.resp = client, key, conn, resp
+        self.status, self.headers = resp.status, resp.headers
+        encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
+        # gzip and deflate (asked for in BASE_HEADERS); wbits 32+ reads
+        # either header, zlib's or gzip's.
+        self.decoder = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding in ("gzip", "deflate") else None
+        self.ended = self.flushed = self.fed = self.closed = False
+
+    def read1(self, n=CHUNK):
+        """Up to about n bytes of the decoded body, as they arrive; b"" at
+        its end only. A decoded chunk never passes n bytes, however
+        compressed the answer (a small gzip can hold gigabytes)."""
+        decoder = self.decoder
+        while True:
+            if decoder is not None and decoder.unconsumed_tail:
+                out = decoder.decompress(decoder.unconsumed_tail, n)
+            elif self.ended:
+                if decoder is None or self.flushed or not self.fed:
+                    return b""
+                self.flushed = True
+                if not decoder.eof:
+                    raise ValueError("the compressed answer ends before its end")
+                return decoder.flush()
+            else:
+                try:
+                    data = self.resp.read1(n) if self.resp.length != 0 else b""
+                except TimeoutError:
+                    raise AnswerTimeout(f"the answer stopped for over {self.conn.timeout:g}s") from None
+                if not data:
+                    if self.resp.length:    # the connection ended before the bytes it promised
+                        raise http.client.IncompleteRead(b"", self.resp.length)
+                    self.resp.read()        # http.client marks a body read to its end as such only here
+                    self.ended = True
+                    continue
+                if decoder is None:
+                    return data
+                self.fed = True
+                try:
+                    out = decoder.decompress(data, n)
+                except zlib.error as exc:
+                    raise ValueError(f"the compressed answer cannot be read: {exc}") from None
+            if out:
+                return out
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.ended and self.resp.isclosed() and not self.resp.will_close and self.conn.sock is not None:
+            self.client._keep(self.key, self.conn)
+        else:
+            self.resp.close()
+            self.conn.close()
 
 
 def _discard(raw):
-    """Close a urllib3 response and hand its connection slot back: one not
-    read to its end is closed, never reused with bytes still unread."""
+    """Done with an answer: one read to its end gives its connection back,
+    one not read to its end is closed, never reused with bytes unread."""
     raw.close()
-    raw.release_conn()
 
 
 def _json_body(value):
@@ -252,12 +413,12 @@ def _with_query(url, params):
 
 
 def chunks(raw):
-    """A urllib3 response's (decoded) body as it arrives: each chunk is
-    whatever the socket had, so a caller that checks a clock between chunks
-    runs even when the sender drips (a whole-buffer read would wait for
-    64 KB). urllib3's errors go to the caller's seam as they are."""
+    """A Response's (decoded) body as it arrives: each chunk is whatever
+    the socket had, so a caller that checks a clock between chunks runs
+    even when the sender drips (a whole-buffer read would wait for 64 KB).
+    Errors go to the caller's seam as they are."""
     while True:
-        chunk = raw.read1(CHUNK, decode_content=True)
+        chunk = raw.read1(CHUNK)
         if not chunk:
             return
         yield chunk
@@ -265,7 +426,7 @@ def chunks(raw):
 
 def read_capped(raw, limit, within_s=None, url=""):
     """The whole body of the answer from `url`, or InvalidResult past
-    `limit` bytes; ReadTimeoutError when it takes longer than `within_s` in
+    `limit` bytes; AnswerTimeout when it takes longer than `within_s` in
     all (a per-read timeout alone lets a sender dripping a byte at a time
     hold the thread forever)."""
     length = raw.headers.get("Content-Length", "")
@@ -279,7 +440,7 @@ def read_capped(raw, limit, within_s=None, url=""):
             raise InvalidResult(f"{_where(url)}: the answer is over max_answer_bytes ({limit} bytes)")
         if end is not None and time.monotonic() > end:
             where = _where(url)
-            raise ReadTimeoutError(None, where, f"{where}: the answer took over {within_s:g}s")
+            raise AnswerTimeout(f"{where}: the answer took over {within_s:g}s")
     return bytes(body)
 
 

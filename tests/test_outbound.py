@@ -8,9 +8,16 @@ always allowed; every other loopback port is not, unless the provider's
 table says allow_private_results = true.
 """
 
+import gzip
 import json
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 import time
+import tracemalloc
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import pytest
@@ -18,8 +25,9 @@ import pytest
 from errors import InvalidResult, ProviderUnavailable
 from providers import Output, build_providers
 from providers import http as http_provider
+from providers import net
 from providers.net import _with_query, json_depth, parse_json, refusal
-from support import ServerProcess, api
+from support import ServerProcess, api, require
 from worker import Worker
 
 try:
@@ -475,3 +483,135 @@ def test_a_task_over_max_task_bytes_fails_invalid_result(sqlite_store, files):
     assert (task["status"], task["error"]["code"]) == ("failed", "invalid_result"), task
     assert "max_task_bytes" in task["error"]["message"]
     assert kie.requests["/blob"] == 3
+
+
+# -- the client: keep-alive connections, encodings, request targets -------------------
+
+BOMB_BYTES = 50 * 1024 * 1024
+
+
+class KeepAlive(FakeServer):
+    """An HTTP/1.1 host that keeps connections open. It records every
+    request with the client port it came on (a port is a connection) and
+    answers /gzip with gzipped JSON, /bomb with 50 MB of zeros gzipped
+    (about 50 KB), and anything else with its path as sent, in JSON."""
+
+    protocol = "HTTP/1.1"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []          # (client port, path as it arrived)
+        self.sockets = []
+        self.bomb = gzip.compress(b"\0" * BOMB_BYTES)
+
+    def handle(self, req):
+        self.seen.append((req.connection.getpeername()[1], req.path))
+        self.sockets.append(req.connection)
+        if req.path == "/gzip":
+            return Response(200, gzip.compress(b'{"state": "ok"}'),
+                            {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        if req.path == "/bomb":
+            return Response(200, self.bomb, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        return Response(200, json.dumps({"path": req.path}).encode(), {"Content-Type": "application/json"})
+
+    def connections(self):
+        return len({port for port, _ in self.seen})
+
+    def drop_idle(self):
+        """Close every connection from this end without a word, as a server
+        does with a keep-alive connection idle past its own timeout."""
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_calls_share_one_keep_alive_connection_and_one_the_server_closed_is_not_reused():
+    with KeepAlive() as host:
+        provider = kie_provider(host)
+        for _ in range(3):
+            assert provider.call("GET", "/poll", what="recordInfo").content == b'{"path": "/poll"}'
+        assert len(host.seen) == 3 and host.connections() == 1
+        host.drop_idle()
+        time.sleep(0.2)     # the close reaches this end (loopback: at once)
+        # Sent on the dead connection, this would be "in doubt"; it goes out
+        # once, on a new connection, and is answered.
+        assert provider.call("POST", "/create", what="createTask", json={"x": 1}).status_code == 200
+        assert [path for _, path in host.seen] == ["/poll"] * 3 + ["/create"]
+        assert host.connections() == 2
+
+
+def test_a_gzip_answer_is_decoded_and_a_gzip_bomb_stops_at_the_byte_limit():
+    with KeepAlive() as host:
+        provider = kie_provider(host, max_answer_bytes=1_000_000)
+        assert provider.json_of(provider.call("GET", "/gzip", what="recordInfo"), "recordInfo") == {"state": "ok"}
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidResult, match="over max_answer_bytes"):
+                provider.call("GET", "/bomb", what="recordInfo")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # About 50 KB on the wire; the 50 MB they unpack to were never held.
+        assert len(host.bomb) < 200_000
+        assert peak < 8 * 1024 * 1024, f"{peak} bytes held at the peak"
+
+
+def test_a_result_link_with_spaces_and_other_scripts_is_sent_percent_encoded():
+    with KeepAlive() as host:
+        provider = kie_provider(host)
+        body = download(provider, host.url + "/out put/fuchs-ü.png?size=2 x")
+        assert json.loads(body) == {"path": "/out%20put/fuchs-%C3%BC.png"}
+        assert download(provider, host.url + "/already%20encoded.png") == b'{"path": "/already%20encoded.png"}'
+
+
+def test_https_to_a_provider_is_verified_against_its_certificate(tmp_path, monkeypatch):
+    require(shutil.which("openssl") is not None, "needs the openssl command (to make a certificate)")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    paths = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            self.wfile.write(b'{"ok": true}')
+
+        def log_message(self, *args):
+            pass
+
+    class Quiet(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass        # the refused handshake below, expected
+
+    server = Quiet(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        table = {"kie": {"type": "kie", "url": f"https://127.0.0.1:{server.server_address[1]}",
+                         "api_key_env": "KIE_TEST_KEY", "timeout_s": 5}}
+        # Not trusted (not among certifi's authorities): no request is sent.
+        provider = build_providers(table, env={"KIE_TEST_KEY": "k"})["kie"]
+        with pytest.raises(ProviderUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            provider.call("GET", "/poll", what="recordInfo")
+        assert paths == []
+        # Trusted, and checked against the name in the URL: answered.
+        monkeypatch.setattr(net, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+        provider = build_providers(table, env={"KIE_TEST_KEY": "k"})["kie"]
+        assert provider.call("GET", "/poll", what="recordInfo").content == b'{"ok": true}'
+        assert paths == ["/poll"]
+    finally:
+        server.shutdown()
+        server.server_close()

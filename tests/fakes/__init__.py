@@ -144,6 +144,10 @@ class FakeServer:
     at the same URL.
     """
 
+    # HTTP/1.0: a connection per request. A fake that sets "HTTP/1.1" keeps
+    # connections open, and every answer it streams must have a Content-Length.
+    protocol = "HTTP/1.0"
+
     def __init__(self):
         self._httpd = None
         self._port = 0
@@ -159,7 +163,7 @@ class FakeServer:
         if self._httpd:
             return self
         self._stopping.clear()
-        handler = type("Handler", (_Handler,), {"fake": self})
+        handler = type("Handler", (_Handler,), {"fake": self, "protocol_version": self.protocol})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
         self._httpd.daemon_threads = True
         self._port = self._httpd.server_address[1]
