@@ -1,7 +1,8 @@
 """What one provider call costs holdfast's own CPU: the outbound client
-(providers/net.py: urllib3 with the address policy, a byte limit, a time
-limit, redirects followed by hand) against the same GET by urllib3's
-connection pool alone and by the standard library's http.client, each on
+(providers/net.py: http.client with the address policy, a byte limit, a
+time limit, redirects followed by hand) against the same GET by the
+standard library's http.client alone and, where urllib3 is installed,
+by urllib3's connection pool (the client holdfast used before), each on
 one keep-alive connection to the fake KIE provider of peer_bench.py in a
 process of its own.
 
@@ -23,7 +24,6 @@ import time
 from _common import BENCH, PYTHON, Server, free_port, table
 
 from providers.net import AddressPolicy, Client
-from urllib3 import Timeout
 
 KEY = "bench-key"
 
@@ -47,26 +47,31 @@ def main():
         made = client.request("POST", url + "/api/v1/jobs/createTask", what="create", headers_for=lambda u: auth,
                               timeout_s=10, json={"model": "m", "input": {"prompt": "fox"}})
         path = f"/api/v1/jobs/recordInfo?taskId={json.loads(made.content)['data']['taskId']}"
-        pool = client.pools.connection_from_url(url)
-        timeout = Timeout(connect=10, read=10)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
         def holdfast():
             return client.request("GET", url + path, what="poll", headers_for=lambda u: auth, timeout_s=10).content
 
-        def pool_alone():
-            raw = pool.urlopen("GET", path, headers=auth, redirect=False, retries=False, timeout=timeout,
-                               preload_content=False, decode_content=False)
-            data = raw.read()
-            raw.release_conn()
-            return data
-
         def stdlib():
             conn.request("GET", path, headers=auth)
             return conn.getresponse().read()
 
-        cases = {"providers/net.py Client (holdfast)": holdfast, "urllib3 connection pool alone": pool_alone,
-                 "http.client, one connection (baseline)": stdlib}
+        cases = {"providers/net.py Client (holdfast)": holdfast, "http.client, one connection (baseline)": stdlib}
+        try:
+            import urllib3
+        except ImportError:
+            pass
+        else:
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
+            timeout = urllib3.Timeout(connect=10, read=10)
+
+            def pool_alone():
+                raw = pool.urlopen("GET", path, headers=auth, redirect=False, retries=False, timeout=timeout,
+                                   preload_content=False, decode_content=False)
+                data = raw.read()
+                raw.release_conn()
+                return data
+            cases["urllib3 connection pool alone"] = pool_alone
         cpu = {name: [] for name in cases}
         wall = {name: [] for name in cases}
         for fn in cases.values():
@@ -82,6 +87,8 @@ def main():
                 wall[name].append((time.perf_counter() - t0) / args.calls)
         conn.close()
         client.close()
+        if "urllib3 connection pool alone" in cases:
+            pool.close()
     finally:
         fake.stop()
     base = statistics.median(cpu["http.client, one connection (baseline)"])
