@@ -22,21 +22,19 @@ with a nesting limit: a 100 MB or 100,000-deep answer is the provider's
 fault, not a reason to run out of memory or stack.
 """
 
+import functools
+import http.client
 import ipaddress
 import json
 import re
-import socket
-import time
-from itertools import accumulate
-from urllib.parse import urlencode, urljoin, urlsplit
-
-import functools
-import http.client
 import select
+import socket
 import ssl
+import time
 import zlib
 from collections import OrderedDict
-from urllib.parse import quote
+from itertools import accumulate
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import certifi
 
@@ -253,10 +251,8 @@ class Client:
             return Answer(raw)
         try:
             content = read_capped(raw, self.max_answer_bytes, within_s=ANSWER_TIME_FACTOR * timeout_s, url=url)
-        except BaseException:
-            _discard(raw)
-            raise
-        _discard(raw)       # read to its end: its connection waits for the next request
+        finally:
+            _discard(raw)       # read to its end, its connection waits for the next request; else closed
         return Answer(raw, content)
 
     def _keep(self, key, conn):
