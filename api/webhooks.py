@@ -104,7 +104,7 @@ def webhook_routes(app, store, config, *, clock, current_user, admin_user):
         return {"secret": secret, "secrets": _secrets(store.webhook_secrets(user["id"], now=now))}
 
     def endpoint_arg(endpoint_id):
-        if not endpoint_id.isdigit() or len(endpoint_id) > 12:
+        if not (endpoint_id.isascii() and endpoint_id.isdigit()) or len(endpoint_id) > 12:
             raise NotFound("webhook endpoint not found", code="endpoint_not_found")
         return int(endpoint_id)
 

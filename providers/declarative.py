@@ -245,8 +245,9 @@ class DeclarativeProvider(HttpProvider):
         message = _first_text(body, self.message_path)
         code = _get(body, self.code_path) if self.code_path else []
         code = code[0] if code else None
-        if isinstance(code, str) and code.strip().lstrip("-").isdigit():
-            code = int(code)        # "200" and 200 say the same
+        digits = code.strip().lstrip("-") if isinstance(code, str) else ""
+        if digits.isascii() and digits.isdigit():
+            code = int(code)        # "200" and 200 say the same (and "²" is no number)
         if resp.status_code >= 400:
             if not unknown_ok:
                 raise ProviderRejected(f"{self.name} refused {what}: "
@@ -327,7 +328,7 @@ def _get(value, path):
                 nxt.extend(item if isinstance(item, list) else item.values() if isinstance(item, dict) else ())
             elif key and isinstance(item, dict) and key in item:
                 nxt.append(item[key])
-            elif key.isdigit() and isinstance(item, list) and int(key) < len(item):
+            elif key.isascii() and key.isdigit() and isinstance(item, list) and int(key) < len(item):
                 nxt.append(item[int(key)])
             elif index and index != "*" and isinstance(item, list) and int(index) < len(item):
                 nxt.append(item[int(index)])

@@ -249,7 +249,7 @@ class HttpProvider(BaseProvider):
                 raise InvalidInput(f"{output.name}: the result link answered HTTP {resp.status_code}",
                                    code="invalid_result")
             length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > self.max_file_bytes:
+            if length.isascii() and length.isdigit() and int(length) > self.max_file_bytes:
                 raise InvalidInput(f"{output.name} is {length} bytes, over the limit of {self.max_file_bytes}",
                                    code="invalid_result")
             started = checked = time.monotonic()

@@ -9,6 +9,7 @@ the KIE fake the `kie` adapter uses, and described as RunPod (with a cancel
 request and a secret header from the environment) against the RunPod fake.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from api import create_app
-from errors import ConfigError, InvalidInput
+from errors import ConfigError, InvalidInput, ProviderRejected
 from providers import build_providers
 from recover import recover
 from support import ROOT, WSGIClient, free_port
@@ -430,3 +431,18 @@ def test_the_declarative_adapter_never_shows_its_secret_header():
     with FakeRunPod() as fake:
         provider = build_providers({"x": runpod_as_http(fake)}, env=ENV)["x"]
         assert "test-key" not in repr(provider.describe())
+
+
+def test_a_code_that_only_looks_like_a_number_is_read_as_text():
+    """The README's `http` description of KIE reads `code`: "200" is 200,
+    and "\u00b2" (a digit to str.isdigit(), no number to int()) is a code
+    that is not OK, not an error of holdfast's own."""
+    class Answer:
+        def __init__(self, body):
+            self.status_code, self.content, self.headers = 200, json.dumps(body).encode(), {}
+
+    with FakeKIE() as kie:
+        provider = build_providers({"k": kie_as_http(kie)}, env=ENV)["k"]
+    assert provider._answer(Answer({"code": "200", "data": {}}), "recordInfo") == {"code": "200", "data": {}}
+    with pytest.raises(ProviderRejected, match="code \u00b2"):
+        provider._answer(Answer({"code": "\u00b2", "msg": "odd"}), "recordInfo")

@@ -423,6 +423,11 @@ def test_admins_manage_endpoints_and_secrets_are_shown_once(client, users, sqlit
     assert admin.post(f"{path}/{endpoint['id']}/enable").json()["endpoint"]["disabled_at"] is None
     assert admin.request("DELETE", f"{path}/{endpoint['id']}").status == 200
     assert admin.request("DELETE", f"{path}/{endpoint['id']}").status == 404
+    # Digits to str.isdigit(), not ids: superscript two, an Arabic-Indic
+    # three; in PATH_INFO as a WSGI server hands the decoded path over.
+    for odd in ("\u00b2", "\u0663"):
+        r = admin.request("DELETE", f"{path}/" + odd.encode().decode("latin-1"))
+        assert r.status == 404 and r.json()["error"]["code"] == "endpoint_not_found", r.body
     assert admin.get(path).json()["endpoints"] == []
 
 
@@ -490,3 +495,14 @@ def test_a_retried_task_reports_to_the_same_webhook(client, users):
     retry = r.json()["task"]["id"]
     [d] = alice.get("/api/webhooks/deliveries", query={"task_id": retry}).json()["deliveries"]
     assert (d["type"], d["url"]) == ("task.created", PUBLIC)
+
+
+def test_retry_after_reads_seconds_or_a_date_and_nothing_else():
+    from worker.deliver import MAX_RETRY_AFTER_S, retry_after_s
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert retry_after_s("7", now) == 7.0
+    assert retry_after_s("Thu, 01 Jan 2026 00:00:30 GMT", now) == 30.0
+    assert retry_after_s("999999999", now) == MAX_RETRY_AFTER_S
+    # Digits to str.isdigit() that are no number: "²" once raised ValueError.
+    for value in ("\u00b2", "soon", "", None):
+        assert retry_after_s(value, now) is None
