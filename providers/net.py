@@ -276,8 +276,115 @@ def _tls_context():
     return ssl.create_default_context(cafile=certifi.where())
 
 
+# An answer's header section, as http.client bounds it.
+MAX_HEADER_LINE = 65536
+MAX_HEADERS = 100
+
+
+class Headers:
+    """An answer's header fields: `get(name, default)` in any case, the
+    first of a field sent twice (as http.client's message gives it),
+    `get_all(name)`, `items()` as sent."""
+
+    __slots__ = ("_fields", "_first")
+
+    def __init__(self, fields):
+        self._fields = fields
+        self._first = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name, default=None):
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self._first.get(name.lower())
+
+    def __contains__(self, name):
+        return name.lower() in self._first
+
+    def get_all(self, name, failobj=None):
+        name = name.lower()
+        return [v for n, v in self._fields if n.lower() == name] or failobj
+
+    def items(self):
+        return list(self._fields)
+
+    def keys(self):
+        return [n for n, _ in self._fields]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._fields)
+
+
+def _read_header_fields(fp):
+    """The header fields up to the blank line, within MAX_HEADERS lines of
+    MAX_HEADER_LINE bytes. A line that starts with a space or tab continues
+    the field before it (obsolete folding); a line with no colon is skipped."""
+    fields = []
+    for _ in range(MAX_HEADERS + 1):
+        line = fp.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return fields
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if text[0] in " \t":
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + " " + text.strip(" \t"))
+            continue
+        name, colon, value = text.partition(":")
+        if colon:
+            fields.append((name, value.strip(" \t")))
+    raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+
+
+class _Answer(http.client.HTTPResponse):
+    """http.client's response, its header section read into Headers: the
+    standard library parses it as an e-mail message, which cost more CPU
+    than the rest of a small answer's reading (a poll's answer)."""
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:     # past any 100 Continue
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            _read_header_fields(self.fp)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = Headers(_read_header_fields(self.fp))
+        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked and length.isascii() and length.isdigit():
+            self.length = int(length)
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200 \
+                or self._method == "HEAD":
+            self.length = 0
+        # Neither chunked nor of a known length: the body ends when the
+        # server closes the connection.
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
 class _Connection(http.client.HTTPConnection):
     """http.client's connection (HTTPS too), opened through the policy."""
+
+    response_class = _Answer
 
     def __init__(self, policy, key, timeout_s):
         scheme, host, port = key
@@ -426,7 +533,7 @@ def read_capped(raw, limit, within_s=None, url=""):
     all (a per-read timeout alone lets a sender dripping a byte at a time
     hold the thread forever)."""
     length = raw.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isascii() and length.isdigit() and int(length) > limit:
         raise InvalidResult(f"{_where(url)}: the answer is {length} bytes, over max_answer_bytes ({limit})")
     end = None if within_s is None else time.monotonic() + within_s
     body = bytearray()

@@ -9,6 +9,8 @@ table says allow_private_results = true.
 """
 
 import gzip
+import http.client
+import io
 import json
 import shutil
 import socket
@@ -615,3 +617,142 @@ def test_https_to_a_provider_is_verified_against_its_certificate(tmp_path, monke
     finally:
         server.shutdown()
         server.server_close()
+
+
+class RawHost:
+    """A host that answers each request on a connection with the next of
+    `answers`, byte for byte as given (to send what no well-behaved server
+    would), then keeps the connection open for the next request, or closes
+    it after an answer that ends with the connection (`close_after`)."""
+
+    def __init__(self, answers, close_after=()):
+        self.answers, self.close_after = list(answers), set(close_after)
+        self.requests = 0
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while self.answers:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if b"\r\n\r\n" not in data:
+                        break
+                    data = data.split(b"\r\n\r\n", 1)[1]
+                    index = self.requests
+                    self.requests += 1
+                    conn.sendall(self.answers.pop(0))
+                    if index in self.close_after:
+                        break
+
+    def close(self):
+        self.sock.close()
+
+
+def raw_client(host):
+    return net.Client(net.AddressPolicy(host.url), 1_000_000)
+
+
+def raw_get(client, host, path="/"):
+    return client.request("GET", host.url + path, what="test", headers_for=lambda url: {}, timeout_s=5)
+
+
+def test_an_answers_header_fields_read_as_http_client_reads_them():
+    """Fields come out as the standard library's parser gives them: any
+    case, the first of a field sent twice, values without the spaces
+    around them; and the body is read by its length on a kept connection."""
+    body = b'{"ok": true}'
+    section = (b"Content-Type: application/json\r\nX-Twice: first\r\nx-twice: second\r\n"
+               b"Retry-After:   7\r\nETag: \"abc\"\r\nContent-Length: %d\r\n" % len(body))
+    host = RawHost([b"HTTP/1.1 200 OK\r\n" + section + b"\r\n" + body] * 2)
+    try:
+        client = raw_client(host)
+        answers = [raw_get(client, host) for _ in range(2)]
+    finally:
+        host.close()
+    expected = http.client.parse_headers(io.BytesIO(section + b"\r\n"))
+    for answer in answers:
+        assert answer.status_code == 200 and answer.content == body
+        for name in ("content-type", "X-TWICE", "Retry-After", "etag", "content-length", "missing"):
+            assert answer.headers.get(name) == expected.get(name), name
+        assert answer.headers.get_all("X-Twice") == expected.get_all("X-Twice") == ["first", "second"]
+        assert answer.headers.get("missing", "no") == "no"
+    assert host.connections == 1       # the length ended each body: the connection was kept
+
+
+def test_a_folded_field_is_one_value_and_a_line_without_a_colon_is_passed_over():
+    host = RawHost([b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n \t two\r\nnot a field\r\n"
+                    b"Content-Length: 2\r\n\r\nok"])
+    try:
+        answer = raw_get(raw_client(host), host)
+    finally:
+        host.close()
+    assert answer.headers.get("x-folded") == "one two"
+    assert answer.content == b"ok" and answer.headers.get("not a field") is None
+
+
+# "\u00b2" (superscript two) is a digit to str.isdigit() and no number to int().
+@pytest.mark.parametrize("length", ["-5", "\u00b2", "12abc", ""])
+def test_a_body_of_no_usable_length_is_read_to_the_close(length):
+    """An API answer and a result file alike."""
+    answer = f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n".encode("latin-1") + b"all of it"
+    host = RawHost([answer, answer], close_after={0, 1})
+    try:
+        assert raw_get(raw_client(host), host).content == b"all of it"
+        assert download(kie_provider(host), host.url + "/0.png") == b"all of it"
+    finally:
+        host.close()
+    assert host.requests == 2
+
+
+def test_a_no_content_answer_has_no_body_and_keeps_its_connection():
+    host = RawHost([b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    try:
+        client = raw_client(host)
+        first, second = raw_get(client, host), raw_get(client, host)
+    finally:
+        host.close()
+    assert (first.status_code, first.content) == (204, b"")
+    assert (second.status_code, second.content) == (200, b"ok")
+    assert host.connections == 1
+
+
+def test_a_hundred_continue_is_passed_over():
+    host = RawHost([b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\nHTTP/1.1 200 OK\r\nX-Late: 2\r\n"
+                    b"Content-Length: 2\r\n\r\nok"])
+    try:
+        answer = raw_get(raw_client(host), host)
+    finally:
+        host.close()
+    assert (answer.status_code, answer.content) == (200, b"ok")
+    assert answer.headers.get("x-late") == "2" and answer.headers.get("x-early") is None
+
+
+@pytest.mark.parametrize("section, problem", [
+    (b"".join(b"X-Field-%d: v\r\n" % i for i in range(net.MAX_HEADERS + 1)), "more than 100 headers"),
+    (b"X-Long: " + b"v" * net.MAX_HEADER_LINE + b"\r\n", "header line"),
+])
+def test_a_header_section_past_its_bounds_is_a_broken_answer(section, problem):
+    """Past 100 fields or a 64 KB line the answer is broken (for a create,
+    in doubt), as with the standard library's own reader; nothing waits for
+    the rest of it."""
+    host = RawHost([b"HTTP/1.1 200 OK\r\n" + section + b"Content-Length: 2\r\n\r\nok"], close_after={0})
+    try:
+        with pytest.raises(http.client.HTTPException, match=problem):
+            raw_get(raw_client(host), host)
+    finally:
+        host.close()
