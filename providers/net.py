@@ -559,9 +559,12 @@ def parse_json(data, what, max_depth=MAX_DEPTH):
     otherwise recurse until RecursionError)."""
     if isinstance(data, (bytes, bytearray)):
         data = bytes(data).decode(json.detect_encoding(data))   # UnicodeDecodeError is a ValueError
-    depth = json_depth(data)
-    if depth > max_depth:
-        raise InvalidResult(f"{what}: the answer nests {depth} levels deep, over the limit of {max_depth}")
+    # No deeper than it has brackets that open: most answers are passed
+    # without scanning them for strings.
+    if data.count("{") + data.count("[") > max_depth:
+        depth = json_depth(data)
+        if depth > max_depth:
+            raise InvalidResult(f"{what}: the answer nests {depth} levels deep, over the limit of {max_depth}")
     try:
         return json.loads(data)
     except RecursionError:

@@ -653,12 +653,24 @@ def too_deep(what):
                         code="invalid_json")
 
 
+# Compact, and strict: a non-finite number is a ValueError, never a stored "Infinity".
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(value):
     """The JSON text of a value the store keeps: strict JSON, or InvalidInput."""
-    check_json(value)
-    # allow_nan=False is the last guard should a non-finite number get past
-    # the check: a ValueError, never a stored "Infinity".
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = _ENCODE(value)
+    except (ValueError, RecursionError):
+        check_json(value)       # a non-finite number, or nested too deep: InvalidInput
+        raise
+    # Every object and array opens with a bracket in the text, so a value
+    # with no more brackets than MAX_JSON_DEPTH (those inside strings count
+    # too) cannot nest deeper: most values the store keeps are checked
+    # without walking them.
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH:
+        check_json(value)
+    return text
 
 
 def task_json(task):

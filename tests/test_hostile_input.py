@@ -185,6 +185,16 @@ class TestStoredJsonIsStrict:
             dumps(deep)
         assert strict(dumps(json.loads(nested(MAX_JSON_DEPTH)))) == json.loads(nested(MAX_JSON_DEPTH))
 
+    def test_dumps_refuses_a_value_too_deep_for_the_encoder_and_keeps_wide_ones(self):
+        deep = []
+        for _ in range(100_000):
+            deep = [deep]
+        with pytest.raises(InvalidInput, match="nested too deep"):
+            dumps({"x": deep})
+        # Many brackets, in lists side by side and inside strings, but shallow.
+        wide = {"rows": [[i, {"v": [i]}] for i in range(500)], "text": "[{" * 500}
+        assert strict(dumps(wide)) == wide
+
     def test_a_number_stored_before_the_checks_goes_out_as_null(self, client, sqlite_store, alice):
         """A row written by an older holdfast may hold Infinity: the task
         list must still parse."""
