@@ -238,6 +238,9 @@ def setup_logging(kind):
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]
     root.setLevel(logging.INFO)
+    # Neither format writes the process, thread or task names; each record
+    # would otherwise look them up (a getpid call among them) as it is made.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 

@@ -1,9 +1,10 @@
 """What every adapter is: the common Status and Output, the retry policy, and
 BaseProvider with its configuration checks."""
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from errors import ConfigError, InvalidInput
 
@@ -74,7 +75,13 @@ class Retry:
 
 
 def iso_now():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now in UTC, to the second. Every provider call's answer stamps it."""
+    return _iso_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=2)
+def _iso_second(second):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 # Names that look like a secret: holdfast.toml must name an environment
