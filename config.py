@@ -238,9 +238,12 @@ def setup_logging(kind):
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]
     root.setLevel(logging.INFO)
-    # Neither format writes the process, thread or task names; each record
-    # would otherwise look them up (a getpid call among them) as it is made.
+    # Neither format writes the process, thread or task names, nor the file
+    # and line a record came from; each record would otherwise look them up
+    # as it is made (a getpid call, a walk up the stack). logging's own
+    # documentation names these switches for this.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 

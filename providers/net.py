@@ -412,12 +412,23 @@ def _target(url):
         port = parts.port
     except ValueError as exc:
         raise BadURL(f"{url[:200]!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
         raise BadURL(f"{url[:200]!r} is not an http(s) URL with a host")
-    target = quote(parts.path or "/", safe="/%!$&'()*+,;=:@~")
+    target = parts.path or "/"
     if parts.query:
-        target += "?" + quote(parts.query, safe="/%!$&'()*+,;=:@~?")
-    return (parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)), target
+        target += "?" + parts.query
+    if not _TARGET_AS_SENT.match(target):
+        target = quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            target += "?" + quote(parts.query, safe=_PATH_SAFE + "?")
+    return (parts.scheme, host, port or (443 if parts.scheme == "https" else 80)), target
+
+
+# What quote() leaves as it is, in a path (and, with "?", a query): a
+# target made of these alone is sent as written, without quoting it.
+_PATH_SAFE = "/%!$&'()*+,;=:@~"
+_TARGET_AS_SENT = re.compile(r"[A-Za-z0-9_.\-/%!$&'()*+,;=:@~?]*\Z")
 
 
 def _dropped(conn):
