@@ -11,7 +11,7 @@ import re
 import bottle
 
 from errors import HoldfastError, InvalidInput, TooLarge
-from store import check_json, too_deep
+from store import MAX_JSON_DEPTH, check_json, too_deep
 
 log = logging.getLogger("holdfast.app")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -53,9 +53,10 @@ def check_headers(environ):
     UTF-8 when a route reads one and would raise UnicodeDecodeError there,
     so every header is checked once, here, whichever a route reads."""
     for key, value in environ.items():
-        if not (key.startswith("HTTP_") or key in ("CONTENT_TYPE", "CONTENT_LENGTH")):
+        # Most values are ASCII: that test first, the key's only then.
+        if not isinstance(value, str) or value.isascii():
             continue
-        if isinstance(value, str) and not value.isascii():
+        if key.startswith("HTTP_") or key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             try:
                 value.encode("latin-1").decode("utf-8")
             except UnicodeError:
@@ -105,7 +106,7 @@ def read_json(max_body):
     if not raw.strip():
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw, parse_constant=_no_constant)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_number)
     except ValueError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
@@ -114,11 +115,29 @@ def read_json(max_body):
         raise too_deep("the request body") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
-    # json.loads takes 1e999 (as inf) and nesting up to its recursion limit:
-    # both would be stored, then break whoever encodes or parses them next.
-    check_json(body, "the request body")
-    _check_strings(body)
+    # json.loads takes 1e999 (as inf: _finite_number refuses it as it is read) and
+    # nesting up to its recursion limit: both would be stored, then break
+    # whoever encodes or parses them next. Each object and array opens with
+    # a bracket, so a body with no more of them than the limit (those in
+    # strings count too) is not walked for its depth.
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:
+        check_json(body, "the request body")
+    # A NUL or an unpaired surrogate reaches a string of UTF-8 JSON only as
+    # a \u escape, or (a surrogate) as the bytes ED A0-BF that json.loads
+    # lets through: a body with neither is not walked for them.
+    if b"\\u" in raw or b"\xed" in raw or json.detect_encoding(raw) != "utf-8":
+        _check_strings(body)
     return body
+
+
+def _finite_number(text):
+    """A JSON number with a fraction or an exponent, refused when it is
+    past what a float holds (1e999 would be inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidInput(f"the request body holds a number that is not finite ({text[:40]}): "
+                           "numbers must be finite, within about 1e308", code="invalid_json")
+    return value
 
 
 def _no_constant(name):

@@ -148,6 +148,11 @@ class TestBadInput:
          "invalid_json"),
         ("NUL", b'{"provider": "demo", "params": {"prompt": "a\\u0000b"}}', 400, "invalid_input"),
         ("NUL in a key", b'{"provider": "demo", "params": {"a\\u0000": 1}}', 400, "invalid_input"),
+        # JSON in UTF-16 and UTF-32 (json.loads reads both): the escapes are not UTF-8 bytes.
+        ("NUL in UTF-16", '{"provider": "demo", "params": {"prompt": "a\\u0000b"}}'.encode("utf-16"), 400,
+         "invalid_input"),
+        ("surrogate in UTF-32", '{"provider": "demo", "params": {"prompt": "\\ud800"}}'.encode("utf-32"), 400,
+         "invalid_json"),
         ("NUL deep in a list", b'{"provider": "demo", "params": {"a": [[{"b": "\\u0000"}]]}}', 400,
          "invalid_input"),
     ]
