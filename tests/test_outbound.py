@@ -694,13 +694,18 @@ def test_an_answers_header_fields_read_as_http_client_reads_them():
     assert host.connections == 1       # the length ended each body: the connection was kept
 
 
-def test_a_folded_field_is_one_value_and_a_line_without_a_colon_is_passed_over():
-    host = RawHost([b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n \t two\r\nnot a field\r\n"
-                    b"Content-Length: 2\r\n\r\nok"])
+def one_answer(raw):
+    """What a Client reads from a host that answers with `raw`."""
+    host = RawHost([raw])
     try:
-        answer = raw_get(raw_client(host), host)
+        return raw_get(raw_client(host), host)
     finally:
         host.close()
+
+
+def test_a_folded_field_is_one_value_and_a_line_without_a_colon_is_passed_over():
+    answer = one_answer(b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n \t two\r\nnot a field\r\n"
+                        b"Content-Length: 2\r\n\r\nok")
     assert answer.headers.get("x-folded") == "one two"
     assert answer.content == b"ok" and answer.headers.get("not a field") is None
 
@@ -732,12 +737,8 @@ def test_a_no_content_answer_has_no_body_and_keeps_its_connection():
 
 
 def test_a_hundred_continue_is_passed_over():
-    host = RawHost([b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\nHTTP/1.1 200 OK\r\nX-Late: 2\r\n"
-                    b"Content-Length: 2\r\n\r\nok"])
-    try:
-        answer = raw_get(raw_client(host), host)
-    finally:
-        host.close()
+    answer = one_answer(b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\nHTTP/1.1 200 OK\r\nX-Late: 2\r\n"
+                        b"Content-Length: 2\r\n\r\nok")
     assert (answer.status_code, answer.content) == (200, b"ok")
     assert answer.headers.get("x-late") == "2" and answer.headers.get("x-early") is None
 
