@@ -20,7 +20,7 @@ ROOT = os.path.dirname(BENCH)
 # (script, seconds it may take)
 SCRIPTS = [("store_bench.py", 120), ("job_store_bench.py", 90), ("http_bench.py", 120), ("e2e_bench.py", 150),
            ("poll_lag_bench.py", 120), ("dispatch_bench.py", 120), ("claim_bench.py", 90),
-           ("client_bench.py", 60), ("sse_load.py", 120), ("s3_bench.py", 120)]
+           ("client_bench.py", 60), ("worker_bench.py", 150), ("sse_load.py", 120), ("s3_bench.py", 120)]
 TOTAL_LIMIT_S = 600
 
 
