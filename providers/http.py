@@ -33,7 +33,7 @@ from errors import (ConfigError, InDoubt, InvalidInput, ProviderRejected,
                     ProviderUnavailable, ResultExpired)
 
 from .base import BaseProvider
-from .net import AddressPolicy, AnswerTimeout, BadURL, Client, NotConnected, chunks, parse_json
+from .net import AddressPolicy, AnswerTimeout, BadURL, Client, NotConnected, chunks, content_length, parse_json
 
 MAX_RETRY_AFTER_S = 3600.0
 # After an in-doubt submit, the provider is asked about its id no sooner than
@@ -248,8 +248,8 @@ class HttpProvider(BaseProvider):
             if resp.status_code != 200:
                 raise InvalidInput(f"{output.name}: the result link answered HTTP {resp.status_code}",
                                    code="invalid_result")
-            length = resp.headers.get("Content-Length", "")
-            if length.isascii() and length.isdigit() and int(length) > self.max_file_bytes:
+            length = content_length(resp.headers)
+            if length is not None and length > self.max_file_bytes:
                 raise InvalidInput(f"{output.name} is {length} bytes, over the limit of {self.max_file_bytes}",
                                    code="invalid_result")
             started = checked = time.monotonic()

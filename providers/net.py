@@ -297,27 +297,19 @@ class Headers:
     def get(self, name, default=None):
         return self._first.get(name.lower(), default)
 
-    def __getitem__(self, name):
-        return self._first.get(name.lower())
-
-    def __contains__(self, name):
-        return name.lower() in self._first
-
-    def get_all(self, name, failobj=None):
+    def get_all(self, name, failobj=None):     # http.client's getheader()
         name = name.lower()
         return [v for n, v in self._fields if n.lower() == name] or failobj
 
-    def items(self):
+    def items(self):                            # http.client's getheaders()
         return list(self._fields)
 
-    def keys(self):
-        return [n for n, _ in self._fields]
 
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._fields)
+def content_length(headers):
+    """An answer's Content-Length as a number, or None when it has none
+    that is one ("-5", "12abc", and "\u00b2", a digit to str.isdigit())."""
+    length = headers.get("Content-Length") or ""
+    return int(length) if length.isascii() and length.isdigit() else None
 
 
 def _read_header_fields(fp):
@@ -368,10 +360,7 @@ class _Answer(http.client.HTTPResponse):
         self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
         self.chunk_left = None
         self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked and length.isascii() and length.isdigit():
-            self.length = int(length)
+        self.length = None if self.chunked else content_length(self.headers)
         if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200 \
                 or self._method == "HEAD":
             self.length = 0
@@ -415,13 +404,11 @@ def _target(url):
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
         raise BadURL(f"{url[:200]!r} is not an http(s) URL with a host")
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
+    path, query = parts.path or "/", parts.query
+    target = f"{path}?{query}" if query else path
     if not _TARGET_AS_SENT.match(target):
-        target = quote(parts.path or "/", safe=_PATH_SAFE)
-        if parts.query:
-            target += "?" + quote(parts.query, safe=_PATH_SAFE + "?")
+        path, query = quote(path, safe=_PATH_SAFE), quote(query, safe=_PATH_SAFE + "?")
+        target = f"{path}?{query}" if query else path
     return (parts.scheme, host, port or (443 if parts.scheme == "https" else 80)), target
 
 
@@ -543,8 +530,8 @@ def read_capped(raw, limit, within_s=None, url=""):
     `limit` bytes; AnswerTimeout when it takes longer than `within_s` in
     all (a per-read timeout alone lets a sender dripping a byte at a time
     hold the thread forever)."""
-    length = raw.headers.get("Content-Length", "")
-    if length.isascii() and length.isdigit() and int(length) > limit:
+    length = content_length(raw.headers)
+    if length is not None and length > limit:
         raise InvalidResult(f"{_where(url)}: the answer is {length} bytes, over max_answer_bytes ({limit})")
     end = None if within_s is None else time.monotonic() + within_s
     body = bytearray()
