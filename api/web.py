@@ -11,7 +11,7 @@ import re
 import bottle
 
 from errors import HoldfastError, InvalidInput, TooLarge
-from store import MAX_JSON_DEPTH, check_json, too_deep
+from store import check_json, may_nest_too_deep, too_deep
 
 log = logging.getLogger("holdfast.app")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -115,12 +115,10 @@ def read_json(max_body):
         raise too_deep("the request body") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
-    # json.loads takes 1e999 (as inf: _finite_number refuses it as it is read) and
-    # nesting up to its recursion limit: both would be stored, then break
-    # whoever encodes or parses them next. Each object and array opens with
-    # a bracket, so a body with no more of them than the limit (those in
-    # strings count too) is not walked for its depth.
-    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:
+    # json.loads takes 1e999 (as inf: _finite_number refuses it as it is
+    # read) and nesting up to its recursion limit: both would be stored,
+    # then break whoever encodes or parses them next.
+    if may_nest_too_deep(raw):
         check_json(body, "the request body")
     # A NUL or an unpaired surrogate reaches a string of UTF-8 JSON only as
     # a \u escape, or (a surrogate) as the bytes ED A0-BF that json.loads

@@ -39,7 +39,8 @@ from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MOD
                      FileExpiry, Heartbeat, Ledger, SchemaVersion, Session, Task, TaskHistory, TaskStatus,
                      User, check_json, check_session_key, check_transition, check_user_limits, dead_owners,
                      dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
-                     new_task_id, process_identity, session_json, stuck_reasons, task_json, too_deep)
+                     may_nest_too_deep, new_task_id, process_identity, session_json, stuck_reasons, task_json,
+                     too_deep)
 from .schema import MAX_PRIORITY, SLOT_WAIT_STEP, check_priority
 from .schema import DURATION_BOUNDS_S, TaskHistoryDetail, duration_bucket
 from .schema import DERIVED_TABLES
@@ -57,6 +58,7 @@ __all__ = [
     "TRANSITIONS", "Task", "TaskHistory", "TaskStatus", "User", "check_json", "check_session_key",
     "check_transition", "check_user_limits", "dead_owners", "dumps", "event_json",
     "external_id_problem", "hash_token", "history_day", "iso", "lease_dir", "lease_owner_id",
+    "may_nest_too_deep",
     "new_task_id", "no_space", "ObjectStore", "open_files", "open_store", "process_identity", "safe_file_name", "session_json",
     "stuck_reasons", "task_json", "too_deep",
     "DEFAULT_WEBHOOK_EVENTS", "WEBHOOK_EVENTS", "delivery_json", "endpoint_json", "webhook_events",

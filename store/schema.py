@@ -642,6 +642,14 @@ def check_json(value, what="the value"):
         level, depth = below, depth + 1
 
 
+def may_nest_too_deep(text):
+    """False when the JSON text `text` (str or bytes) cannot nest past
+    MAX_JSON_DEPTH: every object and array opens with a bracket, so a text
+    with no more of them (those inside strings count too) needs no walk."""
+    opening = (b"{", b"[") if isinstance(text, (bytes, bytearray)) else ("{", "[")
+    return text.count(opening[0]) + text.count(opening[1]) > MAX_JSON_DEPTH
+
+
 def _check_scalar(value, what):
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInput(f"{what} holds a number that is not finite ({value!r}): "
@@ -664,11 +672,8 @@ def dumps(value):
     except (ValueError, RecursionError):
         check_json(value)       # a non-finite number, or nested too deep: InvalidInput
         raise
-    # Every object and array opens with a bracket in the text, so a value
-    # with no more brackets than MAX_JSON_DEPTH (those inside strings count
-    # too) cannot nest deeper: most values the store keeps are checked
-    # without walking them.
-    if text.count("{") + text.count("[") > MAX_JSON_DEPTH:
+    # Most values the store keeps are checked without walking them.
+    if may_nest_too_deep(text):
         check_json(value)
     return text
 
