@@ -122,9 +122,10 @@ def table(headers, rows, title=None):
 
 
 @contextlib.contextmanager
-def temp_dir(prefix):
-    """A temporary directory, removed afterwards even when a run fails."""
-    path = tempfile.mkdtemp(prefix=f"holdfast-bench-{prefix}-")
+def temp_dir(prefix, base=None):
+    """A temporary directory (in `base`, if given), removed afterwards even
+    when a run fails."""
+    path = tempfile.mkdtemp(prefix=f"holdfast-bench-{prefix}-", dir=base)
     try:
         yield path
     finally:

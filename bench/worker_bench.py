@@ -20,20 +20,17 @@ section in BENCHMARKS.md). Printed: CPU per job of the measuring process
 apart, jobs/s, and holdfast against the floor; medians of the rounds.
 The provider's counts are checked: every job created once and downloaded.
 The store and the files live in /dev/shm (tmpfs) where it exists: see
-_memory_dir.
+MEMORY.
 
 Bounded: about 30-60 s; everything lives in temporary directories.
 """
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -65,21 +62,11 @@ def holdfast(data, kie_url, jobs, threads, tag):
                      deadline_at=now + 3600, max_active=100_000)
     worker = Worker(store, providers, files, threads=threads, lease_s=config.lease_s)
 
-    def active():
-        return store.stats(time.time())["active"]
-    start = _clocks()
-    if threads == 1:
-        while worker.run_once() or _due_soon(active, start):
-            pass
-    else:
-        worker.start()
-        while active() and time.perf_counter() - start[3] < LIMIT_S:
-            time.sleep(0.02)
-    end = _clocks()
+    spent = _until_done(threads, worker.run_once, worker.start, lambda: store.stats(time.time())["active"])
     worker.shutdown()
     done = sum(n for (_, status), n in store.task_counts().items() if status == "succeeded")
     store.close()
-    return _spent(start, end), done
+    return spent, done
 
 
 def floor(data, kie_url, jobs, threads, tag):
@@ -98,41 +85,46 @@ def floor(data, kie_url, jobs, threads, tag):
     worker = _floor.Worker(store, _floor.Kie(kie_url, KEY), os.path.join(data, "files"), POLL_S,
                            threads=threads)
 
+    def one_pass():
+        held = store.claim(16)
+        for task in held:
+            worker._step(task)
+        return len(held)
+
     def active():
         return store.conn().execute("SELECT count(*) FROM tasks WHERE status NOT IN ('succeeded', 'failed')"
                                     ).fetchone()[0]
-    start = _clocks()
+    spent = _until_done(threads, one_pass, worker.start, active)
+    done = store.conn().execute("SELECT count(*) FROM tasks WHERE status = 'succeeded'").fetchone()[0]
+    return spent, done
+
+
+def _until_done(threads, one_pass, start_threads, active):
+    """Run the tasks until none is `active()` (or LIMIT_S passes): with one
+    thread, one_pass() (how many it took) in this one, waiting for the next
+    poll when nothing was due; else start_threads() and wait. Returns (CPU,
+    user, system, wall) seconds spent."""
+    begin = _clocks()
+
+    def left():
+        return active() and time.perf_counter() - begin[3] < LIMIT_S
     if threads == 1:
         while True:
-            held = store.claim(16)
-            for task in held:
-                worker._step(task)
-            if not held and not _due_soon(active, start):
+            if one_pass():
+                continue
+            if not left():
                 break
+            time.sleep(POLL_S)      # nothing was due, and tasks remain
     else:
-        worker.start()
-        while active() and time.perf_counter() - start[3] < LIMIT_S:
+        start_threads()
+        while left():
             time.sleep(0.02)
-    end = _clocks()
-    done = store.conn().execute("SELECT count(*) FROM tasks WHERE status = 'succeeded'").fetchone()[0]
-    return _spent(start, end), done
-
-
-def _due_soon(active, start):
-    """Nothing was due: wait for the next poll if tasks remain (and time does)."""
-    if not active() or time.perf_counter() - start[3] > LIMIT_S:
-        return False
-    time.sleep(POLL_S)
-    return True
+    return [b - a for a, b in zip(begin, _clocks())]
 
 
 def _clocks():
     t = os.times()
     return t.user + t.system, t.user, t.system, time.perf_counter()
-
-
-def _spent(start, end):
-    return [b - a for a, b in zip(start, end)]
 
 
 def one(args):
@@ -147,7 +139,7 @@ def one(args):
 
 
 def measure(kind, kie, jobs, threads, tag):
-    with _memory_dir(f"worker-bench-{kind}") as data:
+    with temp_dir(f"worker-bench-{kind}", MEMORY) as data:
         since = time.time()
         out = subprocess.run([sys.executable, __file__, "--one", kind, "--data", data, "--kie", kie.url,
                               "--jobs", str(jobs), "--threads", str(threads), "--tag", tag],
@@ -165,20 +157,12 @@ def measure(kind, kie, jobs, threads, tag):
         return figures
 
 
-@contextlib.contextmanager
-def _memory_dir(prefix):
-    """A temporary directory in memory (tmpfs) where there is one. On this
-    machine's ext4, a file or folder made soon after thousands were deleted
-    costs up to a millisecond of kernel time (its allocator skips recently
-    deleted inodes), and each measure deletes thousands: on disk the
-    measures' order would matter more than the code. peer_bench keeps the
-    disk."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = tempfile.mkdtemp(prefix=f"holdfast-bench-{prefix}-", dir=base)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+# Measures keep their files in memory (tmpfs) where there is one. On this
+# machine's ext4, a file or folder made soon after thousands were deleted
+# costs up to a millisecond of kernel time (its allocator skips recently
+# deleted inodes), and each measure deletes thousands: on disk the
+# measures' order would matter more than the code. peer_bench keeps the disk.
+MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def main():
