@@ -1,5 +1,6 @@
 """holdfast's two busiest endpoints against a bare Bottle /ping on the same
-waitress settings, each a real server in a subprocess on 127.0.0.1.
+waitress settings, each a real server in a subprocess on 127.0.0.1; and the
+POST to a KIE provider, by holdfast and by bench/_floor.py.
 
     .venv/bin/python bench/http_bench.py [--clients 4] [--requests 2000] [--rounds 3]
 
@@ -9,7 +10,7 @@ serve() with the app swapped for a bare one, so threads, connection limit and
 lookahead are identical. A second /ping server differs in one thing: waitress
 gets threads + 1 instead of threads + 200 (HOLDFAST_SSE_MAX_STREAMS=1), to
 show what the event streams' threads cost every request. Clients are threads in this process, each with one
-keep-alive http.client connection; the three endpoints take turns, round by
+keep-alive http.client connection; the six cases take turns, round by
 round, and each ratio is the median of per-round ratios. The server's CPU
 per request (from /proc) is steadier than its rate on a busy machine: after
 each round of posts the bench waits for the worker to take every task, so a
@@ -22,12 +23,31 @@ spread over several users so none passes 100 active tasks (the default
 max_active): the store counts a user's active tasks on every submit, and that
 cost is measured on its own in store_bench.py.
 
+Two more POST rows ask whether a lean tracker could reach a given fraction
+of /ping at all, both posting to a `kie` provider: bench/_kie_counter.py, a
+process of its own per tracker, with one-hour jobs and five-minute polls,
+so the worker claims each task, takes its slot, creates the job and records
+it running, and no poll falls in the run (the provider's CPU is in no row):
+  POST /api/tasks, kie provider   a second holdfast server (`python app.py`,
+      its own data directory and users), as the first but with a `kie`
+      provider instead of `bench`: the demo row plus a real provider call
+  POST /api/tasks, floor          bench/_floor.py (as peer_bench.py runs it):
+      the least a tracker keeping holdfast's promises does per post (hashed
+      token, rate limit, active count, task and event rows in one
+      transaction; a fenced lease, "submitting", the create, "running"), on
+      bare Bottle, raw sqlite3 and http.client. Its waitress runs 8 threads,
+      not holdfast's 8 + 200; the last /ping row shows that hardly matters
+They are measured as the demo row is (posts over several users, the
+worker's take of each waited for), and afterwards each provider must have
+been sent exactly one create per post, or the run fails.
+
 --profile instead calls the app in-process through WSGI (no server, no
 worker) and prints where GET and POST spend their time (cProfile, top
 functions by own time).
 
-Bounded: rounds x 4 x requests requests, about 30-60 s; both servers are
-stopped by PID and the temporary directory removed.
+Bounded: rounds x 6 x requests requests, about 40-80 s; every server (the
+four trackers', the two /ping, the two providers) is stopped by PID and the
+temporary directory removed.
 """
 
 import argparse
@@ -57,6 +77,20 @@ poll_interval_s = 300
 max_poll_interval_s = 300
 max_wait_s = 7200
 """
+
+# The second holdfast's provider: a _kie_counter.py. A provider's own host
+# and port are always allowed, 127.0.0.1 too (providers/net.py); its result
+# links would need allow_private_results, but no job ends during the run.
+KIE_TOML = """
+[providers.kie]
+type = "kie"
+url = "{url}"
+api_key_env = "HTTP_BENCH_KIE_KEY"
+poll_interval_s = 300
+max_poll_interval_s = 300
+max_wait_s = 7200
+"""
+KIE_KEY = "http-bench-kie-key"
 
 
 def make_users(data_dir, count):
@@ -120,18 +154,44 @@ def settle(db_path, limit_s=30):
     return time.monotonic() - started
 
 
-def poster(tokens):
-    """make_request for POST /api/tasks to the bench provider, each post
-    another prompt, the users taking turns (tokens[0] is left out): none
-    of them passes max_active."""
+def poster(tokens, provider="bench"):
+    """make_request for POST /api/tasks to `provider` (bench, the demo
+    adapter, or kie), each post another prompt, the users taking turns
+    (tokens[0] is left out): none of them passes max_active."""
     count = iter(range(10 ** 9))
 
     def post(i):
         n = next(count)
         token = tokens[1 + n % (len(tokens) - 1)]
-        return "POST", "/api/tasks", json.dumps({"provider": "bench", "params": {"prompt": f"fox {n}"}}), {
+        params = {"prompt": f"fox {n}"}
+        if provider == "kie":
+            # KIE's params (the floor sends them as they are): the counter
+            # counts creates by input.prompt.
+            params = {"model": "bench", "input": params}
+        return "POST", "/api/tasks", json.dumps({"provider": provider, "params": params}), {
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     return post
+
+
+def kie_counter(tmp, name):
+    """A bench/_kie_counter.py whose jobs outlast the run (an hour)."""
+    port = free_port()
+    return Server([PYTHON, os.path.join(BENCH, "_kie_counter.py"), "--port", str(port), "--key", KIE_KEY,
+                   "--job-s", "3600"], port=port, log_path=os.path.join(tmp, f"{name}.log"))
+
+
+def provider_counts(port):
+    """What the counter at `port` was sent: creates, distinct prompts, polls."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/_counts?since=0&until=1e12&poll_s=300")
+        res = conn.getresponse()
+        body = res.read()
+    finally:
+        conn.close()
+    if res.status != 200:
+        raise SystemExit(f"{port}/_counts answered {res.status}: {body[:200]!r}")
+    return json.loads(body)
 
 
 def load(port, requests, clients, make_request):
@@ -246,16 +306,34 @@ def main():
     posts = args.requests * (args.rounds + 1)
 
     with temp_dir("http") as tmp:
-        hf_dir, ping_dir, few_dir = (os.path.join(tmp, d) for d in ("holdfast", "ping", "ping-few"))
-        for d in (hf_dir, ping_dir, few_dir):
+        hf_dir, kie_dir, floor_dir, ping_dir, few_dir = (
+            os.path.join(tmp, d) for d in ("holdfast", "holdfast-kie", "floor", "ping", "ping-few"))
+        for d in (hf_dir, kie_dir, floor_dir, ping_dir, few_dir):
             os.makedirs(d)
+        for d in (hf_dir, ping_dir, few_dir):
             with open(os.path.join(d, "holdfast.toml"), "w") as fh:
                 fh.write(TOML)
-        tokens = make_users(hf_dir, 1 + -(-posts // 100))
+        # A fake KIE for each tracker: each one's creates are its own to count.
+        kie_counter_hf, kie_counter_floor = kie_counter(tmp, "kie-holdfast"), kie_counter(tmp, "kie-floor")
+        with open(os.path.join(kie_dir, "holdfast.toml"), "w") as fh:
+            fh.write(KIE_TOML.format(url=kie_counter_hf.url))
+        users = 1 + -(-posts // 100)
+        tokens = make_users(hf_dir, users)
+        kie_tokens = make_users(kie_dir, users)
+        floor_tokens = [f"floor_bench_user_token_{i:06d}" for i in range(users)]
+        with open(os.path.join(floor_dir, "tokens"), "w") as fh:
+            fh.write("\n".join(floor_tokens))
         hf_db = os.path.join(hf_dir, "holdfast.db")
-        hf_port, ping_port, few_port = free_port(), free_port(), free_port()
+        hf_port, kie_port, floor_port, ping_port, few_port = (free_port() for _ in range(5))
         holdfast = Server([PYTHON, os.path.join(ROOT, "app.py")], port=hf_port, cwd=hf_dir,
                           env=server_env(hf_dir, hf_port), log_path=os.path.join(tmp, "holdfast.log"))
+        holdfast_kie = Server([PYTHON, os.path.join(ROOT, "app.py")], port=kie_port, cwd=kie_dir,
+                              env={**server_env(kie_dir, kie_port), "HTTP_BENCH_KIE_KEY": KIE_KEY},
+                              log_path=os.path.join(tmp, "holdfast-kie.log"))
+        floor = Server([PYTHON, os.path.join(BENCH, "_floor.py"), "--port", str(floor_port), "--data", floor_dir,
+                        "--kie", kie_counter_floor.url, "--key", KIE_KEY, "--poll-s", "300",
+                        "--tokens", os.path.join(floor_dir, "tokens")], port=floor_port, cwd=floor_dir,
+                       log_path=os.path.join(tmp, "floor.log"))
         ping = Server([PYTHON, os.path.join(BENCH, "_ping_server.py")], port=ping_port, cwd=ping_dir,
                       env=server_env(ping_dir, ping_port), log_path=os.path.join(tmp, "ping.log"))
         # The same, with waitress's threads cut from threads + 200 (the event
@@ -263,10 +341,10 @@ def main():
         few = Server([PYTHON, os.path.join(BENCH, "_ping_server.py")], port=few_port, cwd=few_dir,
                      env={**server_env(few_dir, few_port), "HOLDFAST_SSE_MAX_STREAMS": "1"},
                      log_path=os.path.join(tmp, "ping-few.log"))
+        servers = (kie_counter_hf, kie_counter_floor, holdfast, holdfast_kie, floor, ping, few)
         try:
-            holdfast.start()
-            ping.start()
-            few.start()
+            for server in servers:
+                server.start()
             headers = {"Authorization": f"Bearer {tokens[0]}", "Content-Type": "application/json"}
             conn = http.client.HTTPConnection("127.0.0.1", hf_port, timeout=30)
             conn.request("POST", "/api/tasks", body=json.dumps({"provider": "bench", "params": {"prompt": "x"}}),
@@ -285,34 +363,50 @@ def main():
 
             post_req = poster(tokens)
 
+            kie_name, floor_name = "POST /api/tasks, kie provider", "POST /api/tasks, floor (bench/_floor.py)"
             cases = {"GET /ping (bare Bottle, baseline)": (ping_port, ping_req),
                      "GET /api/tasks/{id}": (hf_port, get_req),
                      "POST /api/tasks": (hf_port, post_req),
+                     kie_name: (kie_port, poster(kie_tokens, "kie")),
+                     floor_name: (floor_port, poster(floor_tokens, "kie")),
                      "GET /ping, threads + 1 instead of + 200": (few_port, ping_req)}
-            for port, make in cases.values():     # warm up: connections, caches, first imports
-                load(port, min(200, args.requests), args.clients, make)
-            settle(hf_db)
+            # Whose worker's take of every post is waited for, after each round.
+            dbs = {hf_port: hf_db, kie_port: os.path.join(kie_dir, "holdfast.db"),
+                   floor_port: os.path.join(floor_dir, "floor.db")}
+            counters = {kie_name: kie_counter_hf, floor_name: kie_counter_floor}
+            posted = dict.fromkeys(cases, 0)         # requests answered 2xx, warm-up included
+            for name, (port, make) in cases.items():     # warm up: connections, caches, first imports
+                posted[name] += len(load(port, min(200, args.requests), args.clients, make)[1])
+            for db in dbs.values():
+                settle(db)
             rates = {name: [] for name in cases}
             lats = {name: [] for name in cases}
             used = {name: [0.0, 0] for name in cases}      # server CPU s, context switches
-            pids = {hf_port: holdfast.proc.pid, ping_port: ping.proc.pid, few_port: few.proc.pid}
+            pids = {server.port: server.proc.pid for server in servers}
             for _ in range(args.rounds):
                 for name, (port, make) in cases.items():
                     before = server_cpu(pids[port])
                     rate, lat = load(port, args.requests, args.clients, make)
-                    if port == hf_port:
-                        settle(hf_db)
+                    if port in dbs:
+                        settle(dbs[port])
                     after = server_cpu(pids[port])
                     rates[name].append(rate)
                     lats[name] += lat
+                    posted[name] += len(lat)
                     if before and after:
                         used[name][0] += after[0] - before[0]
                         used[name][1] += after[1] - before[1]
-            rss = (holdfast.rss_mb(), ping.rss_mb())
+            # Each post made one job at its provider, and no post two: a
+            # create missing or repeated would make the figure lie.
+            sent = {name: provider_counts(counter.port) for name, counter in counters.items()}
+            for name, counts in sent.items():
+                if not posted[name] == counts["creates"] == counts["prompts"]:
+                    raise SystemExit(f"{name}: {posted[name]} posts, but its provider got {counts['creates']} "
+                                     f"creates of {counts['prompts']} prompts ({counts['made_twice']} made twice)")
+            rss = (holdfast.rss_mb(), ping.rss_mb(), holdfast_kie.rss_mb(), floor.rss_mb())
         finally:
-            holdfast.stop()
-            ping.stop()
-            few.stop()
+            for server in servers:
+                server.stop()
 
     ping_name = "GET /ping (bare Bottle, baseline)"
     base = rates[ping_name]
@@ -328,11 +422,15 @@ def main():
     table(["endpoint", "req/s", "vs ping", "p50 ms", "p99 ms", "p50 vs ping", "CPU ms/req", "vs ping",
            "switches/req"], rows,
           f"HTTP: {args.clients} keep-alive clients, {args.rounds} rounds of {args.requests} requests per endpoint, "
-          f"waitress as serve() sets it")
+          f"waitress as serve() sets it (the floor's: 8 threads, not 8 + 200; the last row shows that hardly matters)")
     print("CPU ms/req: the server process's CPU, all threads, kernel included (/proc); a POST's includes "
           "the worker taking its task (claim, submit, record), waited for after each round. "
           "switches/req: its threads' voluntary context switches.")
-    print(f"server RSS at the end: holdfast {rss[0]:.0f} MB, ping {rss[1]:.0f} MB")
+    print("The kie and floor rows post to a fake KIE each (one-hour jobs, 300 s polls; its CPU is in no row): "
+          + "; ".join(f"{name.split(', ')[1]} {posted[name]} posts, {counts['creates']} creates, "
+                      f"{counts['made_twice']} made twice, {counts['polls']} polls" for name, counts in sent.items()))
+    print(f"server RSS at the end: holdfast {rss[0]:.0f} MB, ping {rss[1]:.0f} MB, holdfast (kie) {rss[2]:.0f} MB, "
+          f"floor {rss[3]:.0f} MB")
     print(f"http_bench: {time.perf_counter() - started:.0f} s")
 
 
