@@ -6,11 +6,11 @@ the other.
 """
 
 import atexit
+import collections
 import json
 import logging
-import logging.handlers
 import os
-import queue
+import threading
 import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -208,16 +208,75 @@ def _origins(value):
 
 # -- wiring --------------------------------------------------------------------
 
-class _Handoff(logging.handlers.QueueHandler):
-    """The root handler: a record goes on a queue and the listener's thread
+# How long the logging thread waits, once a line came, for more to write
+# with it: one wake-up and one write for every line of that time.
+LOG_BATCH_S = 0.05
+
+
+class _Handoff(logging.Handler):
+    """The root handler: a record is left for the logging thread, which
     formats and writes it. A task's state change is logged from the thread
     that made it, request or worker, and each of those waited on the stream
-    handler's lock for a write to stderr, which all of them share."""
+    handler's lock for a write to stderr, which all of them share. Lines
+    are written in batches, so that a busy server wakes that thread and
+    writes to stderr once per LOG_BATCH_S, not once per line."""
 
-    def prepare(self, record):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out                  # the StreamHandler: its formatter, its stream
+        self._records = collections.deque()
+        self._pending = False           # the thread was told of the records waiting
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="holdfast-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record):
         # The text as it is now; the exception, if any, stays for the formatter.
-        record.msg, record.args = record.getMessage(), None
-        return record
+        try:
+            record.msg, record.args = record.getMessage(), None
+        except Exception:
+            self.handleError(record)
+            return
+        self._records.append(record)
+        if not self._pending:
+            self._pending = True
+            self._wake.set()
+
+    def _run(self):
+        while True:
+            self._wake.wait()
+            stopping = self._stopping.wait(LOG_BATCH_S)
+            # Cleared before the records are taken: one that comes after
+            # wakes the thread again.
+            self._wake.clear()
+            self._pending = False
+            self._write()
+            if stopping:
+                return
+
+    def _write(self):
+        out, lines, record = self.out, [], None
+        while self._records:
+            record = self._records.popleft()
+            try:
+                lines.append(out.format(record) + out.terminator)
+            except Exception:
+                out.handleError(record)
+        if lines:
+            with out.lock:
+                try:
+                    out.stream.write("".join(lines))
+                    out.flush()
+                except Exception:
+                    out.handleError(record)
+
+    def stop(self):
+        """Write what is left, and end the thread."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join()
+        self._write()       # what came after the thread's last look
 
 
 _listener = None
@@ -232,11 +291,9 @@ def setup_logging(kind):
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    records = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
+    _listener = _Handoff(handler)
     root = logging.getLogger()
-    root.handlers[:] = [_Handoff(records)]
+    root.handlers[:] = [_listener]
     root.setLevel(logging.INFO)
     # Neither format writes the process, thread or task names, nor the file
     # and line a record came from; each record would otherwise look them up
@@ -250,7 +307,7 @@ def setup_logging(kind):
 
 def log_output():
     """The handler that writes log lines (for tests), or None."""
-    return _listener.handlers[0] if _listener is not None else None
+    return _listener.out if _listener is not None else None
 
 
 def stop_logging():

@@ -162,3 +162,50 @@ def test_a_log_line_is_written_by_the_logging_thread_and_the_caller_does_not_wai
     stop_logging()      # writes out what is queued
     assert "INFO holdfast.test: one line" in out.getvalue()
     assert out.writers and threading.current_thread().name not in out.writers
+
+
+class _Counted:
+    """stderr that counts its writes."""
+
+    def __init__(self):
+        import threading
+        self.writes, self.text, self.lock = 0, "", threading.Lock()
+
+    def write(self, text):
+        with self.lock:
+            self.writes += 1
+            self.text += text
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_burst_of_lines_is_written_in_a_few_writes(monkeypatch, own_logging):
+    import sys
+    out = _Counted()
+    monkeypatch.setattr(sys, "stderr", out)
+    setup_logging("text")
+    log = logging.getLogger("holdfast.test")
+    for i in range(200):
+        log.info("line %d", i)
+    stop_logging()
+    lines = out.text.splitlines()
+    assert [line.split("holdfast.test: ")[1] for line in lines] == [f"line {i}" for i in range(200)]
+    # One write per batch, not per line: the logging thread wakes once for
+    # the lines of a batch (config.LOG_BATCH_S).
+    assert out.writes <= 10, out.writes
+
+
+def test_a_line_is_written_without_waiting_for_the_end(monkeypatch, own_logging):
+    import sys
+    import time
+    out = _Counted()
+    monkeypatch.setattr(sys, "stderr", out)
+    setup_logging("json")
+    logging.getLogger("holdfast.test").warning("alone")
+    deadline = time.monotonic() + 10
+    while "alone" not in out.text:
+        assert time.monotonic() < deadline, "the line was never written"
+        time.sleep(0.01)
+    assert json.loads(out.text)["message"] == "alone"
