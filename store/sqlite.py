@@ -90,10 +90,10 @@ class _GroupWrite:
             # each hands the GIL over while this lock is held.
             self.first = store._batch is None
             if self.first:
-                store.db.begin("IMMEDIATE")
+                store._exec("BEGIN IMMEDIATE")
                 store._batch = _Batch()
             elif self.undo:
-                store.db.execute_sql("SAVEPOINT holdfast_write")
+                store._exec("SAVEPOINT holdfast_write")
                 self.savepoint = True
             else:
                 self.changes = conn.total_changes
@@ -108,7 +108,7 @@ class _GroupWrite:
             if exc_type is None:
                 if self.savepoint:
                     try:
-                        store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+                        store._exec("RELEASE SAVEPOINT holdfast_write")
                     except BaseException as failed:
                         self._undo(failed)
                         raise
@@ -132,15 +132,15 @@ class _GroupWrite:
         store = self.store
         try:
             if self.first:
-                store.db.execute_sql("ROLLBACK")
+                store._exec("ROLLBACK")
             elif self.savepoint:
-                store.db.execute_sql("ROLLBACK TO SAVEPOINT holdfast_write")
-                store.db.execute_sql("RELEASE SAVEPOINT holdfast_write")
+                store._exec("ROLLBACK TO SAVEPOINT holdfast_write")
+                store._exec("RELEASE SAVEPOINT holdfast_write")
             elif self.conn.total_changes != self.changes:
                 # A failed statement undoes itself; these rows were changed
                 # by statements that succeeded, and only the batch's
                 # beginning is left to go back to.
-                store.db.execute_sql("ROLLBACK")
+                store._exec("ROLLBACK")
                 exc = peewee.OperationalError(f"rolled back with another write of its batch, which failed: {exc}")
         except Exception:
             pass
@@ -158,12 +158,12 @@ class _GroupWrite:
             if batch is not None and (not store._queued or batch.writes >= MAX_BATCH):
                 store._batch = None
                 try:
-                    store.db.execute_sql("COMMIT")
+                    store._exec("COMMIT")
                     store.commits += 1
                 except BaseException as failed:
                     batch.fail(failed)
                     try:
-                        store.db.execute_sql("ROLLBACK")
+                        store._exec("ROLLBACK")
                     except Exception:
                         pass
                 finally:
