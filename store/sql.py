@@ -22,7 +22,6 @@ import secrets
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 
 import peewee
 
@@ -130,6 +129,29 @@ def _once(fn):
     return wrapper
 
 
+class _Seam:
+    """SqlStore._seam(): a class, not a generator, as every store call
+    enters one (a job passes some twenty)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc is not None:
+                mapped = self.store._seam_error(exc)
+                if mapped is not None:
+                    raise mapped from exc
+            return False
+        finally:
+            self.store._left_seam(exc is None)
+
+
 class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, WebhooksSql, BaseStore):
     """The shared implementation for databases peewee speaks to."""
 
@@ -149,45 +171,48 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
     # one seam for driver errors; every write transaction runs inside it, so
     # leaving the outermost one is after the commit: tell the listeners then,
     # and log the state changes that committed (none of a rolled-back one).
-    @contextmanager
     def _seam(self):
-        committed = False
-        try:
-            yield
-            committed = True
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        return _Seam(self)
+
+    def _seam_error(self, exc):
+        """The error a driver's `exc` becomes, or None to let it through."""
+        if isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
             # InterfaceError: a pooled connection that died under us.
             cause = _cause(exc)
             if "lock" not in str(cause).lower():
                 # Waiting for another writer is contention, not a store
                 # that cannot write.
                 self._write_failure = str(cause)
-            raise StoreUnavailable(f"store error: {cause}") from exc
-        except StoreUnavailable as exc:
+            return StoreUnavailable(f"store error: {cause}")
+        if isinstance(exc, StoreUnavailable):
             if exc.code == StoreUnavailable.code:
                 self._write_failure = exc.message     # e.g. the JSON journal could not be written
-            raise
-        except peewee.DataError as exc:
+            return None
+        if isinstance(exc, peewee.DataError):
             # A value the database refuses, e.g. a NUL in PostgreSQL text.
-            raise InvalidInput(f"the store cannot keep this value: {exc}") from exc
-        except UnicodeEncodeError as exc:
+            return InvalidInput(f"the store cannot keep this value: {exc}")
+        if isinstance(exc, UnicodeEncodeError):
             # An unpaired surrogate: the driver cannot encode it to UTF-8.
-            raise InvalidInput("a string holds an unpaired surrogate "
-                               f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode") from exc
-        finally:
-            actions = getattr(self._changes, "pending", None)
-            if actions and not self.db.transaction_depth():
-                self._changes.pending = []
-                if committed:
-                    for fn, args in actions:
-                        fn(*args)
-            if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
-                self._wrote_events.flag = False
-                if committed:
-                    # A change users see reached the store: writes work.
-                    self._write_failure = None
-                for callback in self._event_listeners:
-                    callback()
+            return InvalidInput("a string holds an unpaired surrogate "
+                                f"(\\u{ord(exc.object[exc.start]):04x}), which is not valid Unicode")
+        return None
+
+    def _left_seam(self, committed):
+        """Leaving a seam: past the outermost transaction, what waited for
+        its commit (log lines, counters) and the event listeners."""
+        actions = getattr(self._changes, "pending", None)
+        if actions and not self.db.transaction_depth():
+            self._changes.pending = []
+            if committed:
+                for fn, args in actions:
+                    fn(*args)
+        if getattr(self._wrote_events, "flag", False) and not self.db.transaction_depth():
+            self._wrote_events.flag = False
+            if committed:
+                # A change users see reached the store: writes work.
+                self._write_failure = None
+            for callback in self._event_listeners:
+                callback()
 
     def _sql(self, sql):
         if self.placeholder == "?":
