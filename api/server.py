@@ -63,6 +63,30 @@ def guarded_channel(base):
             # close() may come from a task thread too (a failed send), and twice.
             self.server.release(self)
 
+        def writable(self):
+            # While a request's thread holds the output (it appends its answer
+            # and sends it itself), the main loop cannot take it either: its
+            # handle_write tries the lock and returns. Said writable, the
+            # socket woke poll() again at once, and the loop spun dozens of
+            # turns a request, each taking the GIL from the threads at work:
+            # a bare request cost three times the CPU. The thread wakes the
+            # loop when it lets go with bytes unsent (write_soon below), as
+            # at the end of every request. Past the high watermark waitress
+            # waits for the loop in its own way: left as it was.
+            if self.requests and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+                if not self.outbuf_lock.acquire(False):
+                    return False
+                self.outbuf_lock.release()
+            return super().writable()
+
+        def write_soon(self, data):
+            sent = super().write_soon(data)
+            # waitress woke the loop while still holding the output: now
+            # that it is free, again, so the loop sends what is left.
+            if self.total_outbufs_len and self.connected:
+                self.server.pull_trigger()
+            return sent
+
     return GuardedChannel
 
 
