@@ -6,7 +6,8 @@ a yardstick for what its layers cost.
     python bench/_floor.py --port N --data DIR --kie URL --key K --poll-s P --tokens FILE
 
 Per job, what holdfast does too and no less:
-  - the submit over HTTP (waitress, bare Bottle): the bearer token's
+  - the submit over HTTP (waitress, its loop kept from spinning as
+    holdfast keeps it, bare Bottle): the bearer token's
     SHA-256 looked up, a per-user rate limit, the user's active tasks
     counted (429 queue full), the task row and its event row in one BEGIN
     IMMEDIATE transaction, 201 with the contract's task JSON;
@@ -47,6 +48,7 @@ from urllib.parse import urlsplit
 
 import bottle
 import waitress
+from waitress.channel import HTTPChannel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOG = None      # holdfast's task logger, with --with log
@@ -330,6 +332,25 @@ def make_app(store, worker, max_active=100_000, rate_per_s=10_000):
     return app
 
 
+class QuietChannel(HTTPChannel):
+    """waitress's channel without its main loop's spin while a request holds
+    its answer (api/server.py's GuardedChannel says why; holdfast runs
+    that one): a floor that spun would price waitress's busy loop."""
+
+    def writable(self):
+        if self.requests and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+            if not self.outbuf_lock.acquire(False):
+                return False
+            self.outbuf_lock.release()
+        return super().writable()
+
+    def write_soon(self, data):
+        sent = super().write_soon(data)
+        if self.total_outbufs_len and self.connected:
+            self.server.pull_trigger()
+        return sent
+
+
 def main():
     parser = argparse.ArgumentParser()
     for flag in ("--data", "--kie", "--key", "--tokens"):
@@ -355,7 +376,9 @@ def main():
     worker = Worker(store, Kie(args.kie, args.key, "client" in pieces), os.path.join(args.data, "files"), args.poll_s)
     worker.start()
     print(f"floor serving on http://127.0.0.1:{args.port}", flush=True)
-    waitress.serve(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8, _quiet=True)
+    server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8)
+    server.channel_class = QuietChannel
+    server.run()
 
 
 if __name__ == "__main__":
