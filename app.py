@@ -18,7 +18,7 @@ import time
 
 from api import create_app
 from api.web import json_error_channel
-from config import Config, open_everything, setup_logging, stop_logging
+from config import Config, flush_logs, open_everything, setup_logging, stop_logging
 from errors import ConfigError, Conflict, HoldfastError, NotFound
 
 log = logging.getLogger("holdfast.app")
@@ -281,6 +281,7 @@ def main(argv=None):
             store.close()
         return 0
     except HoldfastError as exc:
+        flush_logs()        # the lines logged before it come first
         print(f"holdfast: {exc.message}", file=sys.stderr)
         return 2
 

@@ -208,18 +208,21 @@ def _origins(value):
 
 # -- wiring --------------------------------------------------------------------
 
-# How long the logging thread waits, once a line came, for more to write
-# with it: one wake-up and one write for every line of that time.
-LOG_BATCH_S = 0.05
+# How long the logging thread waits, once an INFO line came, for more to
+# write with it: one wake-up and one write for all the lines of that time.
+# A warning or an error is written at once. A kill -9 loses at most this
+# much of INFO lines (and what a line written just then could not save).
+LOG_BATCH_S = 0.02
 
 
 class _Handoff(logging.Handler):
     """The root handler: a record is left for the logging thread, which
     formats and writes it. A task's state change is logged from the thread
     that made it, request or worker, and each of those waited on the stream
-    handler's lock for a write to stderr, which all of them share. Lines
-    are written in batches, so that a busy server wakes that thread and
-    writes to stderr once per LOG_BATCH_S, not once per line."""
+    handler's lock for a write to stderr, which all of them share. INFO
+    lines are written in batches, so that a busy server wakes that thread
+    and writes to stderr once per LOG_BATCH_S, not once per line (a wake-up
+    a line cost about as much as making and writing the line)."""
 
     def __init__(self, out):
         super().__init__()
@@ -227,7 +230,9 @@ class _Handoff(logging.Handler):
         self._records = collections.deque()
         self._pending = False           # the thread was told of the records waiting
         self._wake = threading.Event()
+        self._hurry = threading.Event()     # a warning or an error waits: no batch
         self._stopping = threading.Event()
+        self._writing = threading.Lock()    # lines leave in the order they came
         self._thread = threading.Thread(target=self._run, name="holdfast-log", daemon=True)
         self._thread.start()
 
@@ -239,6 +244,8 @@ class _Handoff(logging.Handler):
             self.handleError(record)
             return
         self._records.append(record)
+        if record.levelno >= logging.WARNING:
+            self._hurry.set()
         if not self._pending:
             self._pending = True
             self._wake.set()
@@ -246,37 +253,43 @@ class _Handoff(logging.Handler):
     def _run(self):
         while True:
             self._wake.wait()
-            stopping = self._stopping.wait(LOG_BATCH_S)
+            self._hurry.wait(LOG_BATCH_S)
+            stopping = self._stopping.is_set()
             # Cleared before the records are taken: one that comes after
             # wakes the thread again.
             self._wake.clear()
+            self._hurry.clear()
             self._pending = False
-            self._write()
+            self.flush()
             if stopping:
                 return
 
-    def _write(self):
-        out, lines, record = self.out, [], None
-        while self._records:
-            record = self._records.popleft()
-            try:
-                lines.append(out.format(record) + out.terminator)
-            except Exception:
-                out.handleError(record)
-        if lines:
-            with out.lock:
+    def flush(self):
+        """Write what is waiting, now, in this thread."""
+        out = self.out
+        with self._writing:
+            lines, record = [], None
+            while self._records:
+                record = self._records.popleft()
                 try:
-                    out.stream.write("".join(lines))
-                    out.flush()
+                    lines.append(out.format(record) + out.terminator)
                 except Exception:
                     out.handleError(record)
+            if lines:
+                with out.lock:
+                    try:
+                        out.stream.write("".join(lines))
+                        out.flush()
+                    except Exception:
+                        out.handleError(record)
 
     def stop(self):
         """Write what is left, and end the thread."""
         self._stopping.set()
+        self._hurry.set()
         self._wake.set()
         self._thread.join()
-        self._write()       # what came after the thread's last look
+        self.flush()        # what came after the thread's last look
 
 
 _listener = None
@@ -308,6 +321,13 @@ def setup_logging(kind):
 def log_output():
     """The handler that writes log lines (for tests), or None."""
     return _listener.out if _listener is not None else None
+
+
+def flush_logs():
+    """Write the lines logged so far before going on: before a line of
+    one's own on stderr (a start-up error), so it comes after them."""
+    if _listener is not None:
+        _listener.flush()
 
 
 def stop_logging():

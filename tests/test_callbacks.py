@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from store import open_store
-from support import ROOT, ServerProcess, free_port
+from support import ROOT, ServerProcess, free_port, wait_for
 
 try:
     from tests.fakes.kie import FakeKIE
@@ -234,7 +234,8 @@ def test_a_callback_after_a_lost_createtask_answer_adopts_the_job(holdfast, lost
         # One job, made by the one createTask; its result came from recordInfo.
         assert len(kie.created) == kie.requests[CREATE] == 1
         assert kie.requests[RECORD] >= 1
-        assert "adopting job" in hf.server.read_log()
+        # The log is written by a thread of its own, in batches: the line may trail the task.
+        wait_for(lambda: "adopting job" in hf.server.read_log(), 10, "the adoption's log line")
         # The copy of the callback finds the job adopted (200: a poll) or the task ended (404).
         wait_until = time.monotonic() + 10
         while len([s for _, _, s in kie.callbacks_sent if s in (200, 404)]) < 2:

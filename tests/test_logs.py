@@ -203,9 +203,45 @@ def test_a_line_is_written_without_waiting_for_the_end(monkeypatch, own_logging)
     out = _Counted()
     monkeypatch.setattr(sys, "stderr", out)
     setup_logging("json")
-    logging.getLogger("holdfast.test").warning("alone")
+    logging.getLogger("holdfast.test").info("alone")
     deadline = time.monotonic() + 10
     while "alone" not in out.text:
         assert time.monotonic() < deadline, "the line was never written"
         time.sleep(0.01)
     assert json.loads(out.text)["message"] == "alone"
+
+
+def test_a_warning_is_written_at_once_with_the_lines_before_it(monkeypatch, own_logging):
+    import sys
+    import time
+
+    import config
+    out = _Counted()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(config, "LOG_BATCH_S", 30.0)     # INFO lines would wait that long
+    setup_logging("text")
+    log = logging.getLogger("holdfast.test")
+    log.info("quiet")
+    time.sleep(0.3)
+    assert out.text == ""       # waiting for more lines to write with it
+    log.warning("loud")
+    deadline = time.monotonic() + 10
+    while "loud" not in out.text:
+        assert time.monotonic() < deadline, "the warning waited for the batch"
+        time.sleep(0.01)
+    assert [line.split(": ", 1)[1] for line in out.text.splitlines()] == ["quiet", "loud"]
+
+
+def test_flush_logs_writes_what_waits_before_the_caller_goes_on(monkeypatch, own_logging):
+    import sys
+
+    import config
+    out = _Counted()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(config, "LOG_BATCH_S", 30.0)
+    setup_logging("text")
+    logging.getLogger("holdfast.test").info("migrated")
+    config.flush_logs()
+    print("holdfast: a start-up error", file=sys.stderr)   # as app.main() writes one
+    lines = out.text.splitlines()
+    assert lines[0].endswith("holdfast.test: migrated") and lines[1] == "holdfast: a start-up error"
