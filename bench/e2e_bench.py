@@ -48,7 +48,7 @@ class Bench:
         self.provider = self.providers["instant"]
         self.config = Config()
         self.reader = sqlite3.connect(os.path.join(tmp, "holdfast.db"), isolation_level=None)
-        self.begins = BeginTimer(self.store.db)
+        self.begins = BeginTimer(self.store)
         self.phase = 0
 
     def worker(self):

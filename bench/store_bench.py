@@ -280,7 +280,7 @@ def contention_cases(tmp, args):
     now = time.time()
     for i in range(200):
         store.submit(worker_user["id"], "demo", {"prompt": f"due {i}"}, now=now - 10, deadline_at=now + 7200)
-    timer = BeginTimer(store.db)
+    timer = BeginTimer(store)
     n = max(200, args.n // 2)
 
     def submits():
