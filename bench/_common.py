@@ -8,6 +8,7 @@ right after the other: drift hits both sides alike.
 """
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -214,3 +216,27 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class KieCounter:
+    """bench/_kie_counter.py in a subprocess: a fake KIE provider whose jobs
+    are done `job_s` after their create, counting what it was sent.
+    `.server` starts and stops it."""
+
+    def __init__(self, tmp, key, job_s, name="kie"):
+        self.port = free_port()
+        self.server = Server([PYTHON, os.path.join(BENCH, "_kie_counter.py"), "--port", str(self.port),
+                              "--key", key, "--job-s", str(job_s)], port=self.port,
+                             log_path=os.path.join(tmp, f"{name}.log"))
+
+    @property
+    def url(self):
+        return self.server.url
+
+    def counts(self, since=0.0, until=1e12, poll_s=1.0):
+        """What it was sent: creates, prompts created more than once, polls,
+        downloads, and the lag of polls `poll_s` apart between `since` and
+        `until` (see _kie_counter.py)."""
+        with urllib.request.urlopen(f"{self.url}/_counts?since={since}&until={until}&poll_s={poll_s}",
+                                    timeout=30) as resp:
+            return json.loads(resp.read())

@@ -64,7 +64,7 @@ import threading
 import time
 import tomllib
 
-from _common import (BENCH, PYTHON, ROOT, Server, fmt_ms, fmt_rate, free_port, median_ratio,
+from _common import (BENCH, PYTHON, ROOT, KieCounter, Server, fmt_ms, fmt_rate, free_port, median_ratio,
                      percentile, table, temp_dir)
 
 from store import SqliteStore
@@ -171,27 +171,6 @@ def poster(tokens, provider="bench"):
         return "POST", "/api/tasks", json.dumps({"provider": provider, "params": params}), {
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     return post
-
-
-def kie_counter(tmp, name):
-    """A bench/_kie_counter.py whose jobs outlast the run (an hour)."""
-    port = free_port()
-    return Server([PYTHON, os.path.join(BENCH, "_kie_counter.py"), "--port", str(port), "--key", KIE_KEY,
-                   "--job-s", "3600"], port=port, log_path=os.path.join(tmp, f"{name}.log"))
-
-
-def provider_counts(port):
-    """What the counter at `port` was sent: creates, distinct prompts, polls."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/_counts?since=0&until=1e12&poll_s=300")
-        res = conn.getresponse()
-        body = res.read()
-    finally:
-        conn.close()
-    if res.status != 200:
-        raise SystemExit(f"{port}/_counts answered {res.status}: {body[:200]!r}")
-    return json.loads(body)
 
 
 def load(port, requests, clients, make_request):
@@ -314,7 +293,8 @@ def main():
             with open(os.path.join(d, "holdfast.toml"), "w") as fh:
                 fh.write(TOML)
         # A fake KIE for each tracker: each one's creates are its own to count.
-        kie_counter_hf, kie_counter_floor = kie_counter(tmp, "kie-holdfast"), kie_counter(tmp, "kie-floor")
+        kie_counter_hf, kie_counter_floor = (KieCounter(tmp, KIE_KEY, 3600, name)   # jobs outlast the run
+                                              for name in ("kie-holdfast", "kie-floor"))
         with open(os.path.join(kie_dir, "holdfast.toml"), "w") as fh:
             fh.write(KIE_TOML.format(url=kie_counter_hf.url))
         users = 1 + -(-posts // 100)
@@ -341,7 +321,7 @@ def main():
         few = Server([PYTHON, os.path.join(BENCH, "_ping_server.py")], port=few_port, cwd=few_dir,
                      env={**server_env(few_dir, few_port), "HOLDFAST_SSE_MAX_STREAMS": "1"},
                      log_path=os.path.join(tmp, "ping-few.log"))
-        servers = (kie_counter_hf, kie_counter_floor, holdfast, holdfast_kie, floor, ping, few)
+        servers = (kie_counter_hf.server, kie_counter_floor.server, holdfast, holdfast_kie, floor, ping, few)
         try:
             for server in servers:
                 server.start()
@@ -398,7 +378,7 @@ def main():
                         used[name][1] += after[1] - before[1]
             # Each post made one job at its provider, and no post two: a
             # create missing or repeated would make the figure lie.
-            sent = {name: provider_counts(counter.port) for name, counter in counters.items()}
+            sent = {name: counter.counts() for name, counter in counters.items()}
             for name, counts in sent.items():
                 if not posted[name] == counts["creates"] == counts["prompts"]:
                     raise SystemExit(f"{name}: {posted[name]} posts, but its provider got {counts['creates']} "

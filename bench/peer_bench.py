@@ -49,9 +49,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
-from _common import BENCH, PYTHON, ROOT, Server, free_port, percentile, table, temp_dir
+from _common import BENCH, PYTHON, ROOT, KieCounter, Server, free_port, percentile, table, temp_dir
 
 KEY = "peer-bench-key"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -101,25 +100,6 @@ def kill_tree(proc):
         except ProcessLookupError:
             pass
     proc.wait(10)
-
-
-class Provider:
-    """bench/_kie_counter.py in a subprocess."""
-
-    def __init__(self, tmp, job_s):
-        self.port = free_port()
-        self.server = Server([PYTHON, os.path.join(BENCH, "_kie_counter.py"), "--port", str(self.port),
-                              "--key", KEY, "--job-s", str(job_s)], port=self.port,
-                             log_path=os.path.join(tmp, "kie.log"))
-
-    @property
-    def url(self):
-        return self.server.url
-
-    def counts(self, since=0.0, until=1e12, poll_s=1.0):
-        with urllib.request.urlopen(f"{self.url}/_counts?since={since}&until={until}&poll_s={poll_s}",
-                                    timeout=30) as resp:
-            return json.loads(resp.read())
 
 
 # -- the trackers ----------------------------------------------------------------------
@@ -336,7 +316,7 @@ def wait_done(provider, n, deadline):
 
 def workload_a(kind, tmp, args):
     n, poll_s = args.a_jobs, args.a_poll
-    provider = Provider(tmp, 0.0)
+    provider = KieCounter(tmp, KEY, 0.0)
     with provider.server:
         tracker = TRACKERS[kind](tmp, provider, poll_s, n, args.redis_db)
         try:
@@ -359,7 +339,7 @@ def workload_a(kind, tmp, args):
 
 def workload_b(kind, tmp, args):
     n, poll_s, job_s = args.b_jobs, args.b_poll, args.b_job_s
-    provider = Provider(tmp, job_s)
+    provider = KieCounter(tmp, KEY, job_s)
     with provider.server:
         tracker = TRACKERS[kind](tmp, provider, poll_s, n, args.redis_db)
         try:
@@ -389,7 +369,7 @@ def workload_b(kind, tmp, args):
 
 def workload_c(kind, tmp, args):
     n, poll_s = args.c_jobs, args.c_poll
-    provider = Provider(tmp, args.c_job_s)
+    provider = KieCounter(tmp, KEY, args.c_job_s)
     with provider.server:
         tracker = TRACKERS[kind](tmp, provider, poll_s, n, args.redis_db)
         try:

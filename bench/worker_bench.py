@@ -32,11 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
-from _common import ROOT, Server, free_port, table, temp_dir
+from _common import ROOT, KieCounter, table, temp_dir
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
 KEY = "worker-bench-key"
 POLL_S = 0.01           # every poll due at once: the worker, not the schedule, sets the pace
 LIMIT_S = 120           # one measure's deadline
@@ -147,9 +145,7 @@ def measure(kind, kie, jobs, threads, tag):
         if out.returncode != 0:
             raise SystemExit(f"{kind}: exit {out.returncode}: {out.stderr[-2000:]}")
         figures = json.loads(out.stdout.strip().splitlines()[-1])
-        with urllib.request.urlopen(f"{kie.url}/_counts?since={since}&until={time.time()}&poll_s={POLL_S}",
-                                    timeout=30) as resp:
-            counts = json.loads(resp.read())
+        counts = kie.counts(since, time.time(), POLL_S)
         # Each measure's prompts are its own (`tag`); the provider counts since it started.
         if figures["done"] != jobs or counts["made_twice"]:
             raise SystemExit(f"{kind}: {figures['done']} of {jobs} succeeded, "
@@ -180,10 +176,8 @@ def main():
     started = time.perf_counter()
     results = {}
     with temp_dir("worker-bench-kie") as tmp:
-        port = free_port()
-        kie = Server([sys.executable, os.path.join(BENCH, "_kie_counter.py"), "--port", str(port),
-                      "--key", KEY, "--job-s", "0"], port=port, log_path=os.path.join(tmp, "kie.log"))
-        kie.start(30)
+        kie = KieCounter(tmp, KEY, 0)
+        kie.server.start(30)
         try:
             for r in range(args.rounds):
                 for threads in (1, 4):
@@ -192,7 +186,7 @@ def main():
                         tag = f"{kind}-{threads}-{r}"
                         results.setdefault((kind, threads), []).append(measure(kind, kie, args.jobs, threads, tag))
         finally:
-            kie.stop()
+            kie.server.stop()
     rows = []
     for threads in (1, 4):
         base = results[("floor", threads)]
