@@ -35,11 +35,42 @@ _REFUSAL = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r
 _FD_MARGIN = 256    # database files, provider sockets, result files beside the channels
 
 
+class QuietLoop:
+    """A waitress channel (mixed in before HTTPChannel) whose main loop
+    does not spin while a request's thread holds the answer.
+
+    That thread appends its answer to the output and sends it itself; the
+    main loop cannot take the output meanwhile (its handle_write tries the
+    lock and returns). Said writable, the socket woke poll() again at once,
+    and the loop spun dozens of turns a request, each taking the GIL from
+    the threads at work: a bare request cost three times the CPU. So the
+    channel is not writable then, and the thread wakes the loop itself
+    when it lets go with bytes unsent, as at the end of every request.
+    Past the high watermark waitress waits for the loop in its own way:
+    left as it was."""
+
+    def writable(self):
+        if self.requests and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+            if not self.outbuf_lock.acquire(False):
+                return False
+            self.outbuf_lock.release()
+        return super().writable()
+
+    def write_soon(self, data):
+        sent = super().write_soon(data)
+        # waitress woke the loop while still holding the output: now that
+        # it is free, again, so the loop sends what is left.
+        if self.total_outbufs_len and self.connected:
+            self.server.pull_trigger()
+        return sent
+
+
 def guarded_channel(base):
     """`base` (a waitress HTTPChannel class) that remembers when its current,
-    unfinished request began, and gives its address's place back on close."""
+    unfinished request began, gives its address's place back on close, and
+    keeps the main loop from spinning (QuietLoop)."""
 
-    class GuardedChannel(base):
+    class GuardedChannel(QuietLoop, base):
         counted_host = None
 
         def __init__(self, server, sock, addr, adj, map=None):
@@ -62,30 +93,6 @@ def guarded_channel(base):
             super().del_channel(map)
             # close() may come from a task thread too (a failed send), and twice.
             self.server.release(self)
-
-        def writable(self):
-            # While a request's thread holds the output (it appends its answer
-            # and sends it itself), the main loop cannot take it either: its
-            # handle_write tries the lock and returns. Said writable, the
-            # socket woke poll() again at once, and the loop spun dozens of
-            # turns a request, each taking the GIL from the threads at work:
-            # a bare request cost three times the CPU. The thread wakes the
-            # loop when it lets go with bytes unsent (write_soon below), as
-            # at the end of every request. Past the high watermark waitress
-            # waits for the loop in its own way: left as it was.
-            if self.requests and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
-                if not self.outbuf_lock.acquire(False):
-                    return False
-                self.outbuf_lock.release()
-            return super().writable()
-
-        def write_soon(self, data):
-            sent = super().write_soon(data)
-            # waitress woke the loop while still holding the output: now
-            # that it is free, again, so the loop sends what is left.
-            if self.total_outbufs_len and self.connected:
-                self.server.pull_trigger()
-            return sent
 
     return GuardedChannel
 

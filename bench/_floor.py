@@ -48,7 +48,6 @@ from urllib.parse import urlsplit
 
 import bottle
 import waitress
-from waitress.channel import HTTPChannel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOG = None      # holdfast's task logger, with --with log
@@ -332,25 +331,6 @@ def make_app(store, worker, max_active=100_000, rate_per_s=10_000):
     return app
 
 
-class QuietChannel(HTTPChannel):
-    """waitress's channel without its main loop's spin while a request holds
-    its answer (api/server.py's GuardedChannel says why; holdfast runs
-    that one): a floor that spun would price waitress's busy loop."""
-
-    def writable(self):
-        if self.requests and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
-            if not self.outbuf_lock.acquire(False):
-                return False
-            self.outbuf_lock.release()
-        return super().writable()
-
-    def write_soon(self, data):
-        sent = super().write_soon(data)
-        if self.total_outbufs_len and self.connected:
-            self.server.pull_trigger()
-        return sent
-
-
 def main():
     parser = argparse.ArgumentParser()
     for flag in ("--data", "--kie", "--key", "--tokens"):
@@ -375,9 +355,17 @@ def main():
     store.write(lambda conn: conn.executemany("INSERT OR IGNORE INTO users (token_hash) VALUES (?)", hashes))
     worker = Worker(store, Kie(args.kie, args.key, "client" in pieces), os.path.join(args.data, "files"), args.poll_s)
     worker.start()
-    print(f"floor serving on http://127.0.0.1:{args.port}", flush=True)
+    from waitress.channel import HTTPChannel
+
+    from api.server import QuietLoop
+
+    class Channel(QuietLoop, HTTPChannel):
+        """waitress's own, kept from spinning as holdfast's is: a floor
+        that spun would price waitress's busy loop."""
+
     server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8)
-    server.channel_class = QuietChannel
+    server.channel_class = Channel
+    print(f"floor serving on http://127.0.0.1:{args.port}", flush=True)
     server.run()
 
 
