@@ -228,7 +228,6 @@ class _Handoff(logging.Handler):
         super().__init__()
         self.out = out                  # the StreamHandler: its formatter, its stream
         self._records = collections.deque()
-        self._pending = False           # the thread was told of the records waiting
         self._wake = threading.Event()
         self._hurry = threading.Event()     # a warning or an error waits: no batch
         self._stopping = threading.Event()
@@ -246,8 +245,7 @@ class _Handoff(logging.Handler):
         self._records.append(record)
         if record.levelno >= logging.WARNING:
             self._hurry.set()
-        if not self._pending:
-            self._pending = True
+        if not self._wake.is_set():        # set is dearer than a look, and once is enough
             self._wake.set()
 
     def _run(self):
@@ -259,7 +257,6 @@ class _Handoff(logging.Handler):
             # wakes the thread again.
             self._wake.clear()
             self._hurry.clear()
-            self._pending = False
             self.flush()
             if stopping:
                 return
