@@ -232,9 +232,11 @@ class Client:
             conn = None
         if conn is None:
             conn = _Connection(self.policy, key, timeout_s)
-        else:
+        elif conn.timeout != timeout_s:
+            # Only when it changes: each settimeout is a system call, and
+            # a handover of the GIL, on every request.
             conn.sock.settimeout(timeout_s)
-        conn.timeout = timeout_s
+            conn.timeout = timeout_s
         try:
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
@@ -390,6 +392,17 @@ class _Connection(http.client.HTTPConnection):
                 sock.close()
                 raise
         self.sock = sock
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        # A body in bytes goes out with the head, in one send: http.client
+        # sends them apart, two system calls (each a handover of the GIL,
+        # and a poll before it, the socket having a timeout) and two packets.
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))
+            message = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            return self.send(message)
+        return super()._send_output(message_body, encode_chunked)
 
 
 def _target(url):

@@ -619,6 +619,60 @@ def test_https_to_a_provider_is_verified_against_its_certificate(tmp_path, monke
         server.server_close()
 
 
+
+class Echo(KeepAlive):
+    """A keep-alive host that answers every request with what it got: its
+    method, path, JSON body and Content-Length, in JSON."""
+
+    def handle(self, req):
+        self.seen.append((req.connection.getpeername()[1], req.path))
+        return Response(200, json.dumps({"method": req.method, "path": req.path, "json": req.json(),
+                                         "length": req.headers.get("content-length")}).encode(),
+                        {"Content-Type": "application/json"})
+
+
+class CountingSocket:
+    """A connection's real socket, its sends and timeout changes counted."""
+
+    def __init__(self, sock):
+        self.sock, self.sends, self.timeouts = sock, 0, []
+
+    def sendall(self, data):
+        self.sends += 1
+        return self.sock.sendall(data)
+
+    def settimeout(self, value):
+        self.timeouts.append(value)
+        return self.sock.settimeout(value)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_a_request_goes_out_in_one_send_and_a_kept_connection_keeps_its_timeout():
+    """A request's head and its JSON body leave in one send, not two (two
+    system calls, each a handover of the GIL); a kept connection's timeout
+    is set again only when a call asks for another one."""
+    with Echo() as host:
+        client = net.Client(net.AddressPolicy(host.url), 1_000_000)
+
+        def call(method, path, timeout_s=5, **options):
+            answer = client.request(method, host.url + path, what="test", headers_for=lambda url: {"X-Key": "k"},
+                                    timeout_s=timeout_s, **options)
+            return json.loads(answer.content)
+
+        assert call("GET", "/first") == {"method": "GET", "path": "/first", "json": None, "length": None}
+        (conn,) = client._idle.values()
+        conn.sock = counted = CountingSocket(conn.sock)
+        body = {"prompt": "a cat", "n": [1, 2, 3]}
+        assert call("POST", "/create", json=body) == {
+            "method": "POST", "path": "/create", "json": body, "length": str(len(net._json_body(body)))}
+        assert call("GET", "/poll") == {"method": "GET", "path": "/poll", "json": None, "length": None}
+        assert (counted.sends, counted.timeouts) == (2, [])
+        assert call("GET", "/poll", timeout_s=7)["path"] == "/poll"
+        assert counted.timeouts == [7] and counted.sock.gettimeout() == 7
+        assert host.connections() == 1
+
 class RawHost:
     """A host that answers each request on a connection with the next of
     `answers`, byte for byte as given (to send what no well-behaved server
