@@ -17,7 +17,10 @@ The baseline is bench/_floor.py's worker in the same round, the least a
 tracker keeping holdfast's promises does per job (see peer_bench's
 section in BENCHMARKS.md). Printed: CPU per job of the measuring process
 (all its threads, kernel included, the provider's not), user and kernel
-apart, jobs/s, and holdfast against the floor; medians of the rounds.
+apart, jobs/s, context switches per job (voluntary and not, all threads:
+with four threads most are the GIL or a lock changing hands, and they
+move far less from run to run than CPU time does), and holdfast against
+the floor; medians of the rounds.
 The provider's counts are checked: every job created once and downloaded.
 The store and the files live in /dev/shm (tmpfs) where it exists: see
 MEMORY.
@@ -28,6 +31,7 @@ Bounded: about 30-60 s; everything lives in temporary directories.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -101,7 +105,7 @@ def _until_done(threads, one_pass, start_threads, active):
     """Run the tasks until none is `active()` (or LIMIT_S passes): with one
     thread, one_pass() (how many it took) in this one, waiting for the next
     poll when nothing was due; else start_threads() and wait. Returns (CPU,
-    user, system, wall) seconds spent."""
+    user, system, wall seconds, context switches) spent."""
     begin = _clocks()
 
     def left():
@@ -122,7 +126,8 @@ def _until_done(threads, one_pass, start_threads, active):
 
 def _clocks():
     t = os.times()
-    return t.user + t.system, t.user, t.system, time.perf_counter()
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return t.user + t.system, t.user, t.system, time.perf_counter(), use.ru_nvcsw + use.ru_nivcsw
 
 
 def one(args):
@@ -131,8 +136,9 @@ def one(args):
     sink = open(os.devnull, "w")        # the log lines are written, to nowhere
     sys.stderr = sink
     run = holdfast if args.one == "holdfast" else floor
-    (cpu, user, system, wall), done = run(args.data, args.kie, args.jobs, args.threads, args.tag)
-    print(json.dumps({"cpu": cpu, "user": user, "system": system, "wall": wall, "done": done}), flush=True)
+    (cpu, user, system, wall, switches), done = run(args.data, args.kie, args.jobs, args.threads, args.tag)
+    print(json.dumps({"cpu": cpu, "user": user, "system": system, "wall": wall, "switches": switches,
+                      "done": done}), flush=True)
     os._exit(0)         # the floor's threads never end by themselves
 
 
@@ -200,8 +206,9 @@ def main():
                          f"{statistics.median(f['user'] for f in runs) / args.jobs * 1000:.2f}",
                          f"{statistics.median(f['system'] for f in runs) / args.jobs * 1000:.2f}",
                          f"{statistics.median(args.jobs / f['wall'] for f in runs):,.0f}",
+                         f"{statistics.median(f['switches'] for f in runs) / args.jobs:.1f}",
                          f"{ratio:.2f}x"])
-    table(["worker", "CPU ms/job", "user", "kernel", "jobs/s", "CPU vs floor"], rows,
+    table(["worker", "CPU ms/job", "user", "kernel", "jobs/s", "switches/job", "CPU vs floor"], rows,
           title=f"A's job, worker alone: {args.rounds} rounds of {args.jobs} jobs, medians; "
                 "ratio = median of per-round ratios")
     print(f"worker_bench: {time.perf_counter() - started:.0f} s")
