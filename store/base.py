@@ -103,6 +103,21 @@ class BaseStore:
         every later write must present."""
         raise NotImplementedError
 
+    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False):
+        """Ask that the next write of this thread that lets a lease go
+        (update() with `release` or ending the task, reschedule()) also
+        lease one due task to `owner`, as claim() would at clock(), in the
+        same transaction: a worker thread about to be free takes its next
+        task without a write of its own. Once: the ask is used up by that
+        write, or dropped by claimed_on_release()."""
+        raise NotImplementedError
+
+    def claimed_on_release(self):
+        """What claim_on_release()'s write leased once it committed, [] or
+        [task]; None when no such write committed (then claim()). Drops
+        the ask."""
+        raise NotImplementedError
+
     def poll_lag(self, *, now):
         """How late (seconds) the longest-due unleased active task is at
         `now`; 0 when none is due."""

@@ -165,6 +165,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         self._sql_cache = {}
         self._wrote_events = threading.local()
         self._changes = threading.local()
+        self._ride = threading.local()     # claim_on_release()'s ask, and what it leased
         self._write_failure = None     # the last write error, until a write commits again
         self._probed_at = 0.0
 
@@ -511,20 +512,53 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         with self._seam(), self._write(undo=False):
             # Every row read into a task before the first is leased: from
             # then on only the database can fail this write.
-            tasks = [self._task(row) for row in self._due(statuses, now, limit, fresh_first)]
-            for task in tasks:
-                task["lease_owner"] = owner
-                task["lease_expires_at"] = now + lease_s
-                task["lease_token"] += 1
-            if tasks:
-                # One statement for the lot: each is a handover of the GIL
-                # while this write holds the lock. The rows are as read
-                # (this write holds them: the write lock, or FOR UPDATE), so
-                # `lease_token + 1` is the token each task now carries.
-                self._exec(f"UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, "
-                           f"lease_token = lease_token + 1 WHERE id IN ({', '.join('?' * len(tasks))})",
-                           (owner, now + lease_s, *(task["id"] for task in tasks)))
+            return self._lease(owner, now, lease_s,
+                               [self._task(row) for row in self._due(statuses, now, limit, fresh_first)])
+
+    def _lease(self, owner, now, lease_s, tasks):
+        """Lease `tasks`, read in this write, to `owner`; returns them."""
+        for task in tasks:
+            task["lease_owner"] = owner
+            task["lease_expires_at"] = now + lease_s
+            task["lease_token"] += 1
+        if tasks:
+            # One statement for the lot: each is a handover of the GIL
+            # while this write holds the lock. The rows are as read
+            # (this write holds them: the write lock, or FOR UPDATE), so
+            # `lease_token + 1` is the token each task now carries.
+            self._exec(f"UPDATE tasks SET lease_owner = ?, lease_expires_at = ?, "
+                       f"lease_token = lease_token + 1 WHERE id IN ({', '.join('?' * len(tasks))})",
+                       (owner, now + lease_s, *(task["id"] for task in tasks)))
         return tasks
+
+    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False):
+        self._ride.ask = (owner, lease_s, clock, fresh_first)
+        self._ride.got = None
+
+    def claimed_on_release(self):
+        got = getattr(self._ride, "got", None)
+        self._ride.ask = self._ride.got = None
+        return got
+
+    def _ride_claim(self):
+        """In a write of this thread that has just let a lease go: the claim
+        claim_on_release() asked for, once. What it leased is this thread's
+        when the write commits (_after_commit), and never if it rolls back."""
+        ask = getattr(self._ride, "ask", None)
+        if ask is None:
+            return
+        self._ride.ask = None
+        owner, lease_s, clock, fresh_first = ask
+        now = clock()
+        rows = self._due(("queued", "running"), now, 1, fresh_first)
+        try:
+            tasks = [self._task(row) for row in rows]
+        except Exception:
+            # A row that cannot be read must not undo the write it rides
+            # on: nothing is leased, and the worker's own claim meets the
+            # row and says why.
+            return
+        self._after_commit(setattr, self._ride, "got", self._lease(owner, now, lease_s, tasks))
 
     _DUE = " AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)"
 
@@ -669,6 +703,8 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         self._webhook_change(task, old, changes, now)
         if new != old:
             self._note_change(task, old)
+        if release:
+            self._ride_claim()
         return task
 
     def _after_commit(self, fn, *args):
@@ -733,6 +769,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         with self._seam(), self._write(undo=False):
             if self._exec(sql, (*params, task_id, token)).rowcount != 1:
                 raise StaleLease(f"task {task_id} is no longer held with lease {token}")
+            self._ride_claim()
 
     # -- provider slots and long steps (the worker's) --------------------------
 

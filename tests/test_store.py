@@ -400,6 +400,48 @@ class TestLeases:
         if conn is not None:
             assert len([q for q in statements if q.startswith("UPDATE")]) == 1, statements
 
+    def test_a_write_that_lets_a_lease_go_claims_the_next_task_when_asked(self, store, alice):
+        """claim_on_release(): a worker thread's next task is leased by the
+        write that ends its step (an update with release, a task's end, a
+        reschedule), in that write's transaction; once, and not by a write
+        that keeps its lease or is refused."""
+        a, b, c = (submit(store, alice["id"], 1.0 + i)[0] for i in range(3))
+        held = store.claim("w1", now=1.0, limit=1, lease_s=30)[0]
+        assert held["id"] == a["id"]
+
+        def clock():
+            return 10.0
+        store.claim_on_release("w1", lease_s=30, clock=clock)
+        store.update(a["id"], token=held["lease_token"], now=2.0, step="working")
+        with pytest.raises(StaleLease):
+            store.update(a["id"], token=held["lease_token"] + 5, now=2.0, release=True, status="running")
+        assert store.claimed_on_release() is None
+        assert store.get_task(b["id"])["lease_owner"] is None
+
+        store.claim_on_release("w1", lease_s=30, clock=clock)
+        commits = getattr(store, "commits", None)
+        store.update(a["id"], token=held["lease_token"], now=3.0, release=True, status="running", next_poll_at=50.0)
+        if commits is not None:
+            assert store.commits == commits + 1          # one transaction for both
+        (got,) = store.claimed_on_release()
+        row = store.get_task(b["id"])
+        assert got["id"] == b["id"] and got["lease_token"] == row["lease_token"] == 1
+        assert (row["lease_owner"], row["lease_expires_at"]) == (got["lease_owner"], got["lease_expires_at"]) == (
+            "w1", 40.0)
+        assert store.get_task(a["id"])["lease_owner"] is None
+        assert store.claimed_on_release() is None        # once
+
+        store.claim_on_release("w1", lease_s=30, clock=clock)
+        store.reschedule(b["id"], token=got["lease_token"], next_poll_at=60.0, polls=1)
+        (third,) = store.claimed_on_release()
+        assert third["id"] == c["id"] and store.get_task(c["id"])["lease_owner"] == "w1"
+        # Nothing else due at 10 (a at 50, b at 60): the write takes nothing.
+        store.claim_on_release("w1", lease_s=30, clock=clock)
+        store.update(c["id"], token=third["lease_token"], now=4.0, release=True, status="running",
+                     next_poll_at=70.0)
+        assert store.claimed_on_release() == []
+        assert [store.get_task(t["id"])["lease_owner"] for t in (a, b, c)] == [None, None, None]
+
     def test_on_sqlite_a_fresh_first_claim_reads_indexes_in_order_and_sorts_nothing(self, sqlite_store):
         # Its order is computed: in one statement it read and sorted every
         # due task, so a worker slowed down by a backlog paid for all of it
