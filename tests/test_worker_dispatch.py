@@ -143,25 +143,39 @@ def test_wakes_during_a_dispatch_make_one_more_dispatch_and_no_scheduler_warning
 
 
 class _ClaimThreads:
-    """The store, noting which thread made each claim that found tasks."""
+    """The store, noting in which thread each task was claimed: by claim(),
+    or by the write ending a step (claimed_on_release); and the most tasks
+    leased to one owner at any write that let a lease go."""
 
     def __init__(self, store):
         self.store = store
-        self.threads = []
+        self.claims = []        # thread names, a task each
+        self.rides = []
+        self.most_leased = 0
 
     def __getattr__(self, name):
         return getattr(self.store, name)
 
     def claim(self, *args, **kwargs):
         tasks = self.store.claim(*args, **kwargs)
-        if tasks:
-            self.threads.append(threading.current_thread().name)
+        self.claims += [threading.current_thread().name] * len(tasks)
         return tasks
 
+    def claimed_on_release(self):
+        got = self.store.claimed_on_release()
+        if got:
+            self.rides.append(threading.current_thread().name)
+            owner = got[0]["lease_owner"]
+            leased = self.store._one("SELECT COUNT(*) FROM tasks WHERE lease_owner = ?", (owner,))[0]
+            self.most_leased = max(self.most_leased, leased)
+        return got
 
-def test_a_pool_thread_freed_with_a_backlog_claims_its_next_task_itself(sqlite_store, files):
-    """Under load every step ends with a claim for the thread it freed: made
-    in that thread, not handed to another one to wake up and make."""
+
+def test_a_pool_thread_freed_with_a_backlog_takes_its_next_task_in_the_write_ending_its_step(sqlite_store, files):
+    """Under load the write that ends a step also claims the next task for
+    the thread it frees, which runs it at once: no write of its own for the
+    claim, no other thread woken to make it, and never more tasks leased
+    than there are threads."""
     ids = _queued(sqlite_store, 30)
     store = _ClaimThreads(sqlite_store)
     worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, threads=2,
@@ -175,9 +189,54 @@ def test_a_pool_thread_freed_with_a_backlog_claims_its_next_task_itself(sqlite_s
     finally:
         worker.stop()
     assert all(sqlite_store.get_task(i)["status"] == "running" for i in ids)
-    refills = [name for name in store.threads if name.startswith("holdfast-task")]
-    # The first claim is the wake's; the pool's own make up most of the rest.
-    assert len(refills) >= len(store.threads) // 2, store.threads
+    assert len(store.claims) + len(store.rides) == len(ids)
+    # The wake's claim fills both threads; nearly every later task rode on a
+    # step's last write, in the pool thread that step freed.
+    assert len(store.rides) >= len(ids) - 6, (store.claims, store.rides)
+    assert all(name.startswith("holdfast-task") for name in store.rides), store.rides
+    assert 1 <= store.most_leased <= 2
+
+
+class _SlowSubmits(DemoProvider):
+    """A demo whose submits take 10 ms each, and whose cancels note how
+    many tasks were still queued when they ran."""
+
+    def __init__(self, name, store):
+        super().__init__(name, {})
+        self.store = store
+        self.cancelled_with_queued = []
+
+    def submit(self, task, now):
+        time.sleep(0.01)
+        return super().submit(task, now)
+
+    def cancel(self, task):
+        self.cancelled_with_queued.append(self.store.stats(time.time())["queue_depth"])
+
+
+def test_a_cancel_handed_to_the_pool_waits_for_one_step_not_for_the_backlog(sqlite_store, files):
+    """Threads go on from step to step while a backlog lasts, but not past
+    other work handed to the pool: a cancel at the provider runs as soon
+    as a thread ends its step."""
+    ids = _queued(sqlite_store, 80)
+    provider = _SlowSubmits("demo", sqlite_store)
+    worker = Worker(sqlite_store, {"demo": provider}, files, threads=2, tick_s=3600, sweep_s=3600)
+    worker.start()
+    try:
+        worker.wake()
+        deadline = time.time() + 30
+        while time.time() < deadline and sqlite_store.stats(time.time())["queue_depth"] > 60:
+            time.sleep(0.01)
+        running = next(t for t in map(sqlite_store.get_task, ids) if t["external_id"])
+        worker.cancel_at_provider(running)
+        while time.time() < deadline and not provider.cancelled_with_queued:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    # 80 submits of 10 ms on two threads: about 0.4 s of backlog; the cancel
+    # came with 60 or fewer still queued and ran a step or two later.
+    assert len(provider.cancelled_with_queued) == 1
+    assert provider.cancelled_with_queued[0] >= 20, provider.cancelled_with_queued
 
 
 def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):
