@@ -239,6 +239,55 @@ def test_a_cancel_handed_to_the_pool_waits_for_one_step_not_for_the_backlog(sqli
     assert provider.cancelled_with_queued[0] >= 20, provider.cancelled_with_queued
 
 
+class _SubmitsAsTheBacklogEnds:
+    """The store, with a task submitted (and the worker woken) right after
+    the write ending a step found nothing more to claim: the wake finds
+    every thread busy, and the thread about to be free must still take it."""
+
+    def __init__(self, store, user_id):
+        self.store, self.user_id = store, user_id
+        self.worker = None
+        self.late = None
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claimed_on_release(self):
+        got = self.store.claimed_on_release()
+        if got == [] and self.late is None:
+            now = time.time()
+            self.late = self.store.submit(self.user_id, "demo", {"prompt": "late"}, now=now,
+                                          deadline_at=now + 3600)[0]["id"]
+            # The wake's dispatch runs (and finds no free thread) before
+            # this thread goes on.
+            ticked = self.worker.last_tick
+            self.worker.wake()
+            deadline = time.time() + 5
+            while self.worker.last_tick == ticked and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+        return got
+
+
+def test_a_task_submitted_as_a_backlog_ends_is_claimed_without_waiting_for_a_tick(sqlite_store, files):
+    first = _queued(sqlite_store, 1)[0]
+    store = _SubmitsAsTheBacklogEnds(sqlite_store, sqlite_store.get_task(first)["user_id"])
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, threads=1,
+                    tick_s=3600, sweep_s=3600)
+    store.worker = worker
+    worker.start()
+    try:
+        worker.wake()
+        deadline = time.time() + 10
+        while time.time() < deadline and (store.late is None
+                                          or sqlite_store.get_task(store.late)["status"] != "running"):
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    assert store.late is not None
+    assert sqlite_store.get_task(store.late)["status"] == "running"
+
+
 def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):
     ids = _queued(sqlite_store, 3)
     store = _StopsDuringClaim(sqlite_store)

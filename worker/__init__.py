@@ -401,8 +401,12 @@ class Worker(Steps, Callbacks):
             log.info("worker stopping: task %s, claimed as a step ended, left to its lease", got[0]["id"])
             return None
         now = self.clock()
-        self._backlog = bool(got)
-        self.slow_down.after_claim(self.store, got, self._backlog, now, self.tick_s)
+        if got:
+            self._backlog = True
+        # Nothing due: the thread ends here, and _pool_job_done still
+        # refills, which claims what a submit made due meanwhile (its wake
+        # found every thread busy) and tells the backlog is over.
+        self.slow_down.after_claim(self.store, got, bool(got), now, self.tick_s)
         metrics.claimed(got, now)
         return got[0] if got else None
 
