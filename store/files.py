@@ -20,8 +20,8 @@ sit directly in the task's folder and are served from there.
 import errno
 import hashlib
 import os
+import random
 import re
-import secrets
 import shutil
 
 from errors import InvalidInput, NotFound
@@ -118,8 +118,10 @@ class FileStore:
         files entry, `dir` included. InvalidInput when it passes `max_bytes`;
         nothing is left behind then, nor after any other error."""
         final = self.path(task_id, name, scope)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.{secrets.token_hex(4)}.part"
+        self._make_folders(task_id, scope)
+        # Only against another try of the same lease: not a secret, so no
+        # system call (secrets' is one, and a handover of the GIL).
+        tmp = f"{final}.{random.getrandbits(32):08x}.part"
         digest = hashlib.sha256()
         size = 0
         try:
@@ -145,6 +147,20 @@ class FileStore:
         if scope is not None:
             meta["dir"] = scope
         return meta
+
+    def _make_folders(self, task_id, scope):
+        """The task's folder and, when given, its lease folder `scope`: a
+        mkdir each. os.makedirs first looks at each parent, a system call
+        (and a handover of the GIL) per look."""
+        folder = os.path.join(self.root, task_id)
+        try:
+            for path in (folder,) if scope is None else (folder, os.path.join(folder, scope)):
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    pass
+        except FileNotFoundError:       # no folder for files at all yet
+            os.makedirs(folder if scope is None else os.path.join(folder, scope), exist_ok=True)
 
     def task_ids(self):
         """The task ids that have a folder here, sorted; other entries are

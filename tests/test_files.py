@@ -266,3 +266,28 @@ def test_audit_reports_the_files_of_a_failed_task(tmp_path):
                                          "entries": [lease_dir(held["lease_token"])]}]
     code, report = audit(tmp_path, "--fix")
     assert code == 0 and not os.path.exists(tmp_path / "files" / task["id"])
+
+
+def test_a_save_makes_its_folders_with_one_mkdir_each_and_the_root_again_if_it_went(tmp_path, monkeypatch):
+    """Each look at the disk is a system call and a handover of the GIL:
+    a save makes the task's folder and its lease's with a mkdir each, and
+    looks at no parent first; a folder for files that went away is made
+    again."""
+    files = FileStore(str(tmp_path / "files"))
+    task_id = "t_" + "0" * 26
+    calls = []
+    for name in ("mkdir", "stat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    first = files.save(task_id, "a.png", [b"ab"], max_bytes=10, scope=lease_dir(1))
+    assert calls == ["mkdir", "mkdir"]
+    calls.clear()
+    second = files.save(task_id, "b.png", [b"cd"], max_bytes=10, scope=lease_dir(1))
+    assert calls == ["mkdir", "mkdir"]
+    assert [read(files, task_id, m) for m in (first, second)] == [b"ab", b"cd"]
+    monkeypatch.undo()
+    files.remove_task(task_id)
+    os.rmdir(files.root)
+    third = files.save(task_id, "c.png", [b"ef"], max_bytes=10, scope=lease_dir(2))
+    assert read(files, task_id, third) == b"ef" and third["dir"] == lease_dir(2)
+    assert sorted(os.listdir(os.path.join(files.root, task_id))) == [lease_dir(2)]
