@@ -301,6 +301,42 @@ def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files
     assert all(sqlite_store.get_task(i)["status"] == "queued" for i in ids)
 
 
+class _StopsAsAStepEnds:
+    """The store, except that the worker is stopped right after the write
+    ending a step claimed its thread's next task."""
+
+    def __init__(self, store):
+        self.store = store
+        self.worker = None
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def claimed_on_release(self):
+        got = self.store.claimed_on_release()
+        if got:
+            self.worker.stop(wait=False)
+        return got
+
+
+def test_a_task_claimed_as_a_step_ends_while_the_worker_stops_is_left_to_its_lease(sqlite_store, files):
+    first, second = _queued(sqlite_store, 2)
+    store = _StopsAsAStepEnds(sqlite_store)
+    worker = Worker(store, build_providers({"demo": {"duration_s": 600}}), files, threads=1,
+                    tick_s=3600, sweep_s=3600)
+    store.worker = worker
+    worker.start()
+    worker.wake()
+    deadline = time.time() + 10
+    while time.time() < deadline and not (worker._stopping and worker._inflight == 0):
+        time.sleep(0.02)
+    assert worker._stopping and worker._inflight == 0 and worker._held == {}
+    ran, left = sorted(map(sqlite_store.get_task, (first, second)), key=lambda t: t["status"] != "running")
+    assert ran["status"] == "running"
+    # Claimed, never started: its lease stays for shutdown() to hand back.
+    assert (left["status"], left["step"], left["lease_owner"]) == ("queued", None, worker.owner)
+
+
 def test_a_stopped_worker_claims_nothing(sqlite_store, files):
     ids = _queued(sqlite_store, 2)
     worker = Worker(sqlite_store, build_providers({"demo": {}}), files, tick_s=3600, sweep_s=3600)
