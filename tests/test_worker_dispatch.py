@@ -76,9 +76,9 @@ def test_a_busy_worker_holds_leases_only_on_the_tasks_its_threads_run(sqlite_sto
         worker.stop()
 
 
-class _StopsDuringClaim:
-    """The store, except that the worker is stopped (as SIGTERM does in
-    app.serve) right after a claim returns: stop() races a tick."""
+class _Around:
+    """The store, through which a test watches or steers some of the
+    worker's calls; every other call goes straight to the store."""
 
     def __init__(self, store):
         self.store = store
@@ -86,6 +86,11 @@ class _StopsDuringClaim:
 
     def __getattr__(self, name):
         return getattr(self.store, name)
+
+
+class _StopsDuringClaim(_Around):
+    """The store, except that the worker is stopped (as SIGTERM does in
+    app.serve) right after a claim returns: stop() races a tick."""
 
     def claim(self, *args, **kwargs):
         tasks = self.store.claim(*args, **kwargs)
@@ -100,15 +105,12 @@ def _queued(store, n):
             for i in range(n)]
 
 
-class _SlowClaims:
+class _SlowClaims(_Around):
     """The store, with every claim taking 50 ms and counted."""
 
     def __init__(self, store):
-        self.store = store
+        super().__init__(store)
         self.claims = 0
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
 
     def claim(self, *args, **kwargs):
         self.claims += 1
@@ -142,19 +144,16 @@ def test_wakes_during_a_dispatch_make_one_more_dispatch_and_no_scheduler_warning
     assert not [r for r in caplog.records if r.name.startswith("apscheduler")], caplog.text
 
 
-class _ClaimThreads:
+class _ClaimThreads(_Around):
     """The store, noting in which thread each task was claimed: by claim(),
     or by the write ending a step (claimed_on_release); and the most tasks
     leased to one owner at any write that let a lease go."""
 
     def __init__(self, store):
-        self.store = store
+        super().__init__(store)
         self.claims = []        # thread names, a task each
         self.rides = []
         self.most_leased = 0
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
 
     def claim(self, *args, **kwargs):
         tasks = self.store.claim(*args, **kwargs)
@@ -239,18 +238,15 @@ def test_a_cancel_handed_to_the_pool_waits_for_one_step_not_for_the_backlog(sqli
     assert provider.cancelled_with_queued[0] >= 20, provider.cancelled_with_queued
 
 
-class _SubmitsAsTheBacklogEnds:
+class _SubmitsAsTheBacklogEnds(_Around):
     """The store, with a task submitted (and the worker woken) right after
     the write ending a step found nothing more to claim: the wake finds
     every thread busy, and the thread about to be free must still take it."""
 
     def __init__(self, store, user_id):
-        self.store, self.user_id = store, user_id
-        self.worker = None
+        super().__init__(store)
+        self.user_id = user_id
         self.late = None
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
 
     def claimed_on_release(self):
         got = self.store.claimed_on_release()
@@ -301,16 +297,9 @@ def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files
     assert all(sqlite_store.get_task(i)["status"] == "queued" for i in ids)
 
 
-class _StopsAsAStepEnds:
+class _StopsAsAStepEnds(_Around):
     """The store, except that the worker is stopped right after the write
     ending a step claimed its thread's next task."""
-
-    def __init__(self, store):
-        self.store = store
-        self.worker = None
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
 
     def claimed_on_release(self):
         got = self.store.claimed_on_release()
@@ -471,18 +460,15 @@ def test_the_started_worker_survives_a_provider_raising_in_poll(sqlite_store, fi
     assert sqlite_store.get_task(boom)["state"]["last_error"] == "internal: adapter bug"
 
 
-class _SlowWrites:
+class _SlowWrites(_Around):
     """The store, with each heartbeat and the sweeper's first read waiting
     `pause` seconds, as they do behind another writer's transaction
     (busy_timeout) or a slow PostgreSQL."""
 
     def __init__(self, store, pause):
-        self.store = store
+        super().__init__(store)
         self.pause = pause
         self.beats = 0
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
 
     def heartbeat(self, *args, **kwargs):
         self.beats += 1
