@@ -152,15 +152,17 @@ class FileStore:
         """The task's folder and, when given, its lease folder `scope`: a
         mkdir each. os.makedirs first looks at each parent, a system call
         (and a handover of the GIL) per look."""
-        folder = os.path.join(self.root, task_id)
+        folders = [os.path.join(self.root, task_id)]
+        if scope is not None:
+            folders.append(os.path.join(folders[0], scope))
         try:
-            for path in (folder,) if scope is None else (folder, os.path.join(folder, scope)):
+            for folder in folders:
                 try:
-                    os.mkdir(path)
+                    os.mkdir(folder)
                 except FileExistsError:
                     pass
         except FileNotFoundError:       # no folder for files at all yet
-            os.makedirs(folder if scope is None else os.path.join(folder, scope), exist_ok=True)
+            os.makedirs(folders[-1], exist_ok=True)
 
     def task_ids(self):
         """The task ids that have a folder here, sorted; other entries are
