@@ -371,9 +371,9 @@ class Worker(Steps, Callbacks):
         # While there is a backlog, the write that ends a step (lets its
         # lease go) also claims this thread's next task, which runs here at
         # once: claimed for a thread that is free now, it waits in no queue
-        # (see dispatch), and costs no write of its own. Two of a job's six
-        # writes under load were such claims, each a turn at the write lock
-        # and a wait for its COMMIT, most of them a context switch.
+        # (see dispatch), and costs no write of its own. Two of the worker's
+        # five writes a job under load were such claims, each a turn at the
+        # write lock and a wait for its COMMIT, most of them a context switch.
         while task is not None:
             ride = self._backlog and not self._stopping and not self._waiting
             if ride:
