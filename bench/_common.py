@@ -126,6 +126,19 @@ def table(headers, rows, title=None):
     print()
 
 
+# This machine's disk is ext4 without a journal. There, a new file or
+# folder skips every free inode deleted in the last minute (in the last
+# six while the inode table's block is not yet written back): for a
+# while after a bench deletes thousands, each one made costs up to a
+# millisecond of kernel time, and the next run's figures say more about
+# the last run than about the code. A bench that deletes that many on
+# disk writes them back at once and leaves the time here; settle_disk()
+# waits out the minute.
+SETTLE_S = 61
+MANY_DELETED = 1000
+_DELETED_AT = os.path.join(tempfile.gettempdir(), "holdfast-bench-deleted")
+
+
 @contextlib.contextmanager
 def temp_dir(prefix, base=None):
     """A temporary directory (in `base`, if given), removed afterwards even
@@ -134,7 +147,27 @@ def temp_dir(prefix, base=None):
     try:
         yield path
     finally:
+        many = base is None and sum(len(d) + len(f) for _, d, f in os.walk(path)) >= MANY_DELETED
         shutil.rmtree(path, ignore_errors=True)
+        if many:
+            os.sync()       # the deleted inodes are then skipped for a minute, not six
+            with open(_DELETED_AT, "w"):
+                pass
+
+
+def settle_disk():
+    """Wait until SETTLE_S have passed since a bench last deleted many
+    files on disk (see above). Returns the seconds waited."""
+    try:
+        wait = SETTLE_S - (time.time() - os.path.getmtime(_DELETED_AT))
+    except FileNotFoundError:
+        return 0.0
+    if wait <= 0:
+        return 0.0
+    print(f"waiting {wait:.0f} s for the disk: a bench deleted many files less than a minute ago, and new "
+          "files cost more until that minute ends (see bench/_common.py)", file=sys.stderr, flush=True)
+    time.sleep(wait)
+    return wait
 
 
 def free_port():

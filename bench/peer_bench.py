@@ -35,8 +35,15 @@ Workloads (sizes of the issue; --quick shrinks them to about 3 minutes):
      of its processes) once a third are done, and started again: jobs never
      finished within the time limit, and jobs created twice at the provider
 
-Bounded: each run has a deadline; every process started here is stopped by
-its PID at the end (SIGKILL for a tracker's whole tree), also on Ctrl-C.
+The trackers keep their files on disk. Run less than a minute after a
+bench deleted thousands of files there, it first waits for that minute
+to end (bench/_common.py, settle_disk): until then, on this machine's
+disk, every new file costs more, and most of all for the tracker that
+goes first.
+
+Bounded: each run has a deadline (and the wait above at most a minute);
+every process started here is stopped by its PID at the end (SIGKILL for
+a tracker's whole tree), also on Ctrl-C.
 """
 
 import argparse
@@ -50,7 +57,8 @@ import sys
 import threading
 import time
 
-from _common import BENCH, PYTHON, ROOT, KieCounter, Server, free_port, percentile, table, temp_dir
+from _common import (BENCH, PYTHON, ROOT, KieCounter, Server, free_port, percentile, settle_disk, table,
+                     temp_dir)
 
 KEY = "peer-bench-key"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -420,6 +428,7 @@ def main():
     loads = [w for w in args.workloads.split(",") if w]
     if set(kinds) - set(TRACKERS) or set(loads) - set(WORKLOADS):
         parser.error(f"--only takes {','.join(TRACKERS)}; --workloads takes A,B,C")
+    settle_disk()
     started = time.perf_counter()
     results = {k: {} for k in kinds}
     with temp_dir("peer") as tmp:
