@@ -1,27 +1,29 @@
 """A job's store writes, as the worker makes them, against plain sqlite3
 writing the same rows, measured in the same run.
 
-    .venv/bin/python bench/job_store_bench.py [--jobs 2000] [--rounds 3]
+    .venv/bin/python bench/job_store_bench.py [--jobs 2000] [--rounds 3] [--threads 1,4]
 
 One job is what peer_bench's workload A asks of the store: a submit; a
 claim, take_slot and the update that records the provider's job; a claim
 and the update that finishes it with its file. The workers pass each
 update the task as their lease last saw it (`seen`), as worker/steps.py
 does. Four threads share one SqliteStore (its group commit), as four
-worker threads do.
+worker threads do; and one thread alone, to show what sharing costs.
 
 The baseline writes the same rows with the store's schema in its own file
 (its triggers and indexes included): each write its own BEGIN IMMEDIATE
 and COMMIT on a connection per thread, an event row with each change, no
-reads. Printed: CPU per job (the process's, all threads), jobs/s, and
-statements per job on the store's write connection (a trigger's
-statements not counted).
+reads. Printed: CPU per job (the process's, all threads), jobs/s,
+context switches per job (voluntary and not: with more than one thread
+most are a lock or the GIL changing hands), and statements per job on
+the store's write connection (a trigger's statements not counted).
 
 Bounded: about 20-40 s; everything lives in one temporary directory.
 """
 
 import argparse
 import inspect
+import resource
 import json
 import os
 import sqlite3
@@ -33,7 +35,6 @@ from _common import table, temp_dir
 
 from store import TASK_COLUMNS, SqliteStore, lease_dir
 
-THREADS = 4
 PRAGMAS = ("PRAGMA journal_mode=wal", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000",
            "PRAGMA cache_size=-8000")
 # Older stores (before `seen`) read the row at every update: measured as they are.
@@ -41,7 +42,7 @@ SEEN = "seen" in inspect.signature(SqliteStore.update).parameters
 FILE = {"name": "out_0.png", "size": 741, "sha256": "0" * 64, "content_type": "image/png"}
 
 
-def holdfast_jobs(path, n, counted):
+def holdfast_jobs(path, n, counted, threads):
     store = SqliteStore(path)
     users = [store.create_user(f"u{i}")[0]["id"] for i in range(n // 100 + 1)]
     statements = []
@@ -50,7 +51,7 @@ def holdfast_jobs(path, n, counted):
     now = time.time()
 
     def jobs(k):
-        for i in range(k, n, THREADS):
+        for i in range(k, n, threads):
             store.submit(users[i % len(users)], "demo", {"prompt": f"job {i}"}, now=now, deadline_at=now + 3600)
             task = store.claim("bench", now=now + 1, limit=1, lease_s=60)[0]
             held = store.take_slot(task["id"], token=task["lease_token"], now=now + 1, limit=None, **_seen(task),
@@ -63,7 +64,7 @@ def holdfast_jobs(path, n, counted):
             store.update(task["id"], token=task["lease_token"], now=now + 2, **_seen(task), status="succeeded",
                          step="done", progress=1.0, files=[dict(FILE, dir=lease_dir(task["lease_token"]))])
     try:
-        return _timed(jobs, n), _distinct(statements) / n if counted else None
+        return _timed(jobs, n, threads), _distinct(statements) / n if counted else None
     finally:
         store.close()
 
@@ -72,7 +73,7 @@ def _seen(task):
     return {"seen": task} if SEEN else {}
 
 
-def raw_jobs(path, n):
+def raw_jobs(path, n, threads):
     SqliteStore(path).close()           # the store's schema, triggers and indexes
     conns = []
     with sqlite3.connect(path) as setup:
@@ -95,7 +96,7 @@ def raw_jobs(path, n):
         conns.append(conn)
         for pragma in PRAGMAS:
             conn.execute(pragma)
-        for i in range(k, n, THREADS):
+        for i in range(k, n, threads):
             task_id = f"t_{k}_{i:08d}"
             row = {c: None for c in TASK_COLUMNS}
             row.update(id=task_id, user_id=1, provider="demo", status="queued", params=json.dumps({"prompt": i}),
@@ -117,14 +118,15 @@ def raw_jobs(path, n):
                          "version = 4 WHERE id = ?", (json.dumps([FILE]), now, task_id)),
                   event(task_id, {"status": "succeeded"}))
     try:
-        return _timed(jobs, n)
+        return _timed(jobs, n, threads)
     finally:
         for conn in conns:
             conn.close()
 
 
-def _timed(jobs, n):
-    """(CPU ms per job, jobs/s) of jobs(k) run in THREADS threads."""
+def _timed(jobs, n, count):
+    """(CPU ms per job, jobs/s, context switches per job) of jobs(k) run
+    in `count` threads."""
     errors = []
 
     def run(k):
@@ -132,15 +134,21 @@ def _timed(jobs, n):
             jobs(k)
         except Exception as exc:
             errors.append(exc)
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(THREADS)]
-    cpu, wall = time.process_time(), time.perf_counter()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    switches, cpu, wall = _switches(), time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
     if errors or any(t.is_alive() for t in threads):
         raise SystemExit(f"job_store_bench: a writer failed: {errors[:1] or 'still running after 300 s'}")
-    return 1000 * (time.process_time() - cpu) / n, n / (time.perf_counter() - wall)
+    return (1000 * (time.process_time() - cpu) / n, n / (time.perf_counter() - wall),
+            (_switches() - switches) / n)
+
+
+def _switches():
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_nvcsw + use.ru_nivcsw
 
 
 def _distinct(statements):
@@ -153,27 +161,36 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", default="1,4", help="thread counts, comma-separated (default 1,4)")
     args = parser.parse_args()
+    counts = [int(t) for t in args.threads.split(",")]
+    if not counts or min(counts) < 1:
+        parser.error("--threads takes counts of 1 or more, such as 1,4")
     started = time.monotonic()
-    mine, raw = [], []
+    rows = []
     with temp_dir("job-store") as tmp:
-        for r in range(args.rounds):
-            raw.append(raw_jobs(os.path.join(tmp, f"raw{r}.db"), args.jobs))
-            mine.append(holdfast_jobs(os.path.join(tmp, f"store{r}.db"), args.jobs, False)[0])
-        # Counted apart: the trace callback costs CPU of its own.
-        per_job = holdfast_jobs(os.path.join(tmp, "counted.db"), 400, True)[1]
-    cpu_ratio = statistics.median(m[0] / b[0] for m, b in zip(mine, raw))
-    rate_ratio = statistics.median(m[1] / b[1] for m, b in zip(mine, raw))
-    print(f"A job's store writes, {THREADS} threads, {args.jobs} jobs, {args.rounds} interleaved rounds "
+        for threads in counts:
+            mine, raw = [], []
+            for r in range(args.rounds):
+                raw.append(raw_jobs(os.path.join(tmp, f"raw{threads}-{r}.db"), args.jobs, threads))
+                mine.append(holdfast_jobs(os.path.join(tmp, f"store{threads}-{r}.db"), args.jobs, False,
+                                          threads)[0])
+            # Counted apart: the trace callback costs CPU of its own.
+            per_job = holdfast_jobs(os.path.join(tmp, f"counted{threads}.db"), 400, True, threads)[1]
+            cpu_ratio = statistics.median(m[0] / b[0] for m, b in zip(mine, raw))
+            rate_ratio = statistics.median(m[1] / b[1] for m, b in zip(mine, raw))
+            rows += [["plain sqlite3, same rows (baseline)", threads, *_medians(raw), "", "1.00x"],
+                     ["holdfast's store, as the worker calls it", threads, *_medians(mine), f"{per_job:.1f}",
+                      f"CPU {cpu_ratio:.2f}x, rate {rate_ratio:.2f}x"]]
+    print(f"A job's store writes, {args.jobs} jobs, {args.rounds} interleaved rounds "
           "(medians; ratios are the median of per-round ratios)")
-    table(["writer", "CPU ms/job", "jobs/s", "vs raw"], [
-        ["plain sqlite3, same rows (baseline)", f"{statistics.median(b[0] for b in raw):.2f}",
-         f"{statistics.median(b[1] for b in raw):,.0f}", "1.00x"],
-        ["holdfast's store, as the worker calls it", f"{statistics.median(m[0] for m in mine):.2f}",
-         f"{statistics.median(m[1] for m in mine):,.0f}", f"CPU {cpu_ratio:.2f}x, rate {rate_ratio:.2f}x"],
-    ])
-    print(f"\nholdfast statements per job on the write connection: {per_job:.1f}")
+    table(["writer", "threads", "CPU ms/job", "jobs/s", "switches/job", "statements/job", "vs raw"], rows)
     print(f"\njob_store_bench: {time.monotonic() - started:.0f} s")
+
+
+def _medians(runs):
+    return [f"{statistics.median(r[0] for r in runs):.2f}", f"{statistics.median(r[1] for r in runs):,.0f}",
+            f"{statistics.median(r[2] for r in runs):.1f}"]
 
 
 if __name__ == "__main__":
