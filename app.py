@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+import cpu
 from api import create_app
 from api.web import json_error_channel
 from config import Config, flush_logs, open_everything, setup_logging, stop_logging
@@ -110,10 +111,15 @@ def serve(config):
     later = _Later()
     server = listen(config, later)
     try:
+        # Before the store, the worker and waitress start threads: they
+        # inherit the one CPU (cpu.py).
+        confined = cpu.confine(config.cpu)
         store, providers, files = open_everything(config)
     except BaseException:
         server.close()
         raise
+    if confined is not None:
+        log.info(cpu.describe(confined))
     worker = Worker(store, providers, files, threads=config.worker_threads, lease_s=config.lease_s,
                     keep_files_h=config.keep_files_h, keep_tasks_d=config.keep_tasks_d,
                     public_url=config.public_url, webhooks=config.webhook_settings())

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
+import cpu
 from errors import ConfigError
 
 
@@ -39,6 +40,7 @@ class Config:
     keep_tasks_d: float = 30.0
     log: str = "text"
     worker_threads: int = 4
+    cpu: str = "auto"              # the server's threads on one CPU (auto: the one it starts on), a number, or all
     max_active: int = 100          # per user, unless the user row says otherwise
     lease_s: float = 60.0          # how long a worker holds a task before others may take it
     rate_per_s: float = 10.0       # submissions per second per user, unless the user row says otherwise
@@ -106,6 +108,7 @@ class Config:
                 config._set(f, env[var], var)
         if not 1 <= config.port <= 65535:
             raise ConfigError(f"HOLDFAST_PORT must be from 1 to 65535, not {config.port}")
+        config.cpu = cpu.check(config.cpu)
         if config.log not in ("text", "json"):
             raise ConfigError("HOLDFAST_LOG must be text or json")
         if config.public_url is not None:

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+import cpu
 import metrics
 from errors import (Conflict, HoldfastError, InDoubt, InvalidInput, InvalidResult, ProviderRejected,
                     ProviderUnavailable, ResultExpired, StaleLease, StoreUnavailable)
@@ -214,7 +215,11 @@ class Steps:
             return self._wait_for_slot(task, provider, now)
         report = self._reporter(held)
         try:
-            outputs = provider.run(held, report)
+            # On every CPU the process started with, not the server's one
+            # (cpu.py): the function may use many cores, and its own
+            # threads keep them.
+            with cpu.everywhere():
+                outputs = provider.run(held, report)
         except Exception as exc:
             if report.stopped is not None:
                 raise report.stopped from None

@@ -116,3 +116,15 @@ def logged(params, report):
         report(step="working", progress=1 - (end - time.monotonic()) / seconds)
         time.sleep(0.1)
     return png_bytes(4, 4, (10, 20, 30))
+
+
+def affinity(params, report):
+    """The CPUs this call may run on, and those of a thread it starts, as
+    one JSON file (cpu.py: a local function keeps every core)."""
+    import json
+    import threading
+    seen = {"function": sorted(os.sched_getaffinity(0))}
+    child = threading.Thread(target=lambda: seen.__setitem__("thread", sorted(os.sched_getaffinity(0))))
+    child.start()
+    child.join()
+    return [("affinity.json", json.dumps(seen).encode())]
