@@ -21,6 +21,8 @@ Per job, what holdfast does too and no less:
   - an event row with each change, in the same transaction, holding the
     task's JSON as the contract's events carry it; version grows with
     every change, and an ended task is never changed again.
+Its threads run on one CPU, as holdfast's do (cpu.py; --cpu all spreads
+them): placed otherwise, the floor would price the placement, not the work.
 And no more: no credits, quotas, webhooks, JSON logs, metrics, retries,
 dedupe, SSE, migrations, peewee. Every outbound call has a timeout; the
 bench bounds the run.
@@ -338,7 +340,11 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--poll-s", type=float, default=0.5)
     parser.add_argument("--with", dest="pieces", default="", help="holdfast's pieces to add: log,client")
+    parser.add_argument("--cpu", default="auto", help="as HOLDFAST_CPU: auto (one CPU, as holdfast), all, or N")
     args = parser.parse_args()
+    # Placed as `python app.py` places its threads (cpu.py), before any starts.
+    import cpu
+    cpu.confine(cpu.check(args.cpu))
     pieces = {p for p in args.pieces.split(",") if p}
     if pieces - {"log", "client"}:
         parser.error("--with takes log,client")
