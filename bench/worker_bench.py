@@ -1,7 +1,7 @@
 """holdfast's worker alone against the floor's worker: the CPU one job of
 peer_bench's workload A costs the worker, without the HTTP server.
 
-    .venv/bin/python bench/worker_bench.py [--jobs 3000] [--rounds 3]
+    .venv/bin/python bench/worker_bench.py [--jobs 3000] [--rounds 3] [--cpu auto|all|N]
 
 peer_bench's workload A measures the whole tracker: submits over HTTP,
 waitress, the worker's four threads and the one GIL they share, on a
@@ -11,7 +11,9 @@ then the worker runs until every one has succeeded: created at the fake
 KIE provider (bench/_kie_counter.py, a process of its own), polled,
 its result downloaded and saved. Each measure runs in a process of its
 own, with one worker thread (Worker.run_once in a loop, the tasks due
-at once) and with four (the worker started, as `python app.py` runs it).
+at once) and with four (the worker started, as `python app.py` runs it),
+its threads on one CPU as `python app.py` places them (cpu.py; --cpu all
+spreads them, for both trackers).
 
 The baseline is bench/_floor.py's worker in the same round, the least a
 tracker keeping holdfast's promises does per job (see peer_bench's
@@ -133,6 +135,8 @@ def _clocks():
 def one(args):
     """A measure in this process: its figures as a JSON line on stdout."""
     sys.path.insert(0, ROOT)
+    import cpu
+    cpu.confine(cpu.check(args.cpu))
     sink = open(os.devnull, "w")        # the log lines are written, to nowhere
     sys.stderr = sink
     run = holdfast if args.one == "holdfast" else floor
@@ -142,11 +146,11 @@ def one(args):
     os._exit(0)         # the floor's threads never end by themselves
 
 
-def measure(kind, kie, jobs, threads, tag):
+def measure(kind, kie, jobs, threads, tag, placement):
     with temp_dir(f"worker-bench-{kind}", MEMORY) as data:
         since = time.time()
         out = subprocess.run([sys.executable, __file__, "--one", kind, "--data", data, "--kie", kie.url,
-                              "--jobs", str(jobs), "--threads", str(threads), "--tag", tag],
+                              "--jobs", str(jobs), "--threads", str(threads), "--tag", tag, "--cpu", placement],
                              capture_output=True, text=True, timeout=LIMIT_S + 60, cwd=ROOT)
         if out.returncode != 0:
             raise SystemExit(f"{kind}: exit {out.returncode}: {out.stderr[-2000:]}")
@@ -176,6 +180,7 @@ def main():
     parser.add_argument("--kie", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="job", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", default="auto", help="as HOLDFAST_CPU, for both trackers: auto (default), all, N")
     args = parser.parse_args()
     if args.one:
         return one(args)
@@ -190,7 +195,7 @@ def main():
                     # Alternate who goes first: the second of two runs meets a warmer disk.
                     for kind in (("holdfast", "floor") if r % 2 == 0 else ("floor", "holdfast")):
                         tag = f"{kind}-{threads}-{r}"
-                        results.setdefault((kind, threads), []).append(measure(kind, kie, args.jobs, threads, tag))
+                        results.setdefault((kind, threads), []).append(measure(kind, kie, args.jobs, threads, tag, args.cpu))
         finally:
             kie.server.stop()
     rows = []
@@ -209,7 +214,8 @@ def main():
                          f"{statistics.median(f['switches'] for f in runs) / args.jobs:.1f}",
                          f"{ratio:.2f}x"])
     table(["worker", "CPU ms/job", "user", "kernel", "jobs/s", "switches/job", "CPU vs floor"], rows,
-          title=f"A's job, worker alone: {args.rounds} rounds of {args.jobs} jobs, medians; "
+          title=f"A's job, worker alone: {args.rounds} rounds of {args.jobs} jobs, threads on "
+                f"{'every CPU' if args.cpu == 'all' else 'one CPU'} (--cpu {args.cpu}), medians; "
                 "ratio = median of per-round ratios")
     print(f"worker_bench: {time.perf_counter() - started:.0f} s")
 
