@@ -17,10 +17,13 @@ Linux only: elsewhere, and on a process allowed a single CPU, nothing
 changes.
 """
 
+import logging
 import os
 from contextlib import contextmanager
 
 from errors import ConfigError
+
+log = logging.getLogger("holdfast.cpu")
 
 _started_with = None      # the CPUs allowed before confine(); None until it confines
 
@@ -54,11 +57,26 @@ def confine(setting):
         return None
     # A thread's CPUs are its own (Linux): each one already running is
     # moved, and those started later inherit them from their starter.
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), {cpu})
-        except ProcessLookupError:
-            pass            # ended meanwhile
+    moved = []
+    try:
+        for tid in map(int, os.listdir("/proc/self/task")):
+            try:
+                os.sched_setaffinity(tid, {cpu})
+                moved.append(tid)
+            except ProcessLookupError:
+                pass            # ended meanwhile
+    except OSError as exc:
+        # A sandbox that forbids it: every thread back where it was.
+        for tid in moved:
+            try:
+                os.sched_setaffinity(tid, allowed)
+            except OSError:
+                pass
+        if setting != "auto":
+            raise ConfigError(f"HOLDFAST_CPU is {cpu}, but the system refused it: {exc.strerror or exc}") from None
+        log.warning("threads left on CPUs %s: the system refused to confine them (%s)", _ranges(allowed),
+                    exc.strerror or exc)
+        return None
     _started_with = allowed
     return cpu, allowed
 

@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import cpu
+from errors import ConfigError
 from support import ROOT, ServerProcess, api, wait_for
 
 try:
@@ -123,3 +125,36 @@ def test_everywhere_without_confine_changes_nothing():
     with cpu.everywhere():
         assert os.sched_getaffinity(0) == before
     assert os.sched_getaffinity(0) == before
+
+
+def test_a_system_that_refuses_leaves_every_thread_where_it_was(monkeypatch, caplog):
+    """No sandbox here forbids sched_setaffinity, so the refusal is the
+    one call faked: the second thread's move fails after the first's."""
+    calls = []
+    real = os.sched_setaffinity
+
+    def refusing(tid, cpus):
+        calls.append((tid, set(cpus)))
+        if len(calls) == 2:
+            raise PermissionError(1, "Operation not permitted")
+        return real(tid, cpus)
+
+    started = threading.Event()
+    stop = threading.Event()
+    other = threading.Thread(target=lambda: (started.set(), stop.wait(10)), daemon=True)
+    other.start()
+    started.wait(5)
+    monkeypatch.setattr(os, "sched_setaffinity", refusing)
+    try:
+        with caplog.at_level("WARNING", logger="holdfast.cpu"):
+            assert cpu.confine("auto") is None
+        assert "the system refused to confine them (Operation not permitted)" in caplog.text
+        assert calls[-1][1] == ALLOWED, calls      # the first thread moved back
+        calls.clear()
+        with pytest.raises(ConfigError, match="the system refused it: Operation not permitted"):
+            cpu.confine(str(min(ALLOWED)))
+        assert cpu._started_with is None
+    finally:
+        stop.set()
+        monkeypatch.undo()
+    assert set(map(frozenset, thread_cpus(os.getpid()).values())) == {frozenset(ALLOWED)}
