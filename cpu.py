@@ -97,9 +97,7 @@ def everywhere():
 
 
 def describe(confined):
-    """The start-up line for confine()'s answer."""
-    if confined is None:
-        return None
+    """The start-up line for what confine() answered when it confined."""
     cpu, allowed = confined
     return (f"threads confined to CPU {cpu} of {_ranges(allowed)}: they share one GIL, and handing it "
             "between cores cost more than it gained (HOLDFAST_CPU=all spreads them)")

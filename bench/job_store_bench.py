@@ -23,9 +23,9 @@ Bounded: about 20-40 s; everything lives in one temporary directory.
 
 import argparse
 import inspect
-import resource
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import threading

@@ -195,7 +195,8 @@ def main():
                     # Alternate who goes first: the second of two runs meets a warmer disk.
                     for kind in (("holdfast", "floor") if r % 2 == 0 else ("floor", "holdfast")):
                         tag = f"{kind}-{threads}-{r}"
-                        results.setdefault((kind, threads), []).append(measure(kind, kie, args.jobs, threads, tag, args.cpu))
+                        results.setdefault((kind, threads), []).append(
+                            measure(kind, kie, args.jobs, threads, tag, args.cpu))
         finally:
             kie.server.stop()
     rows = []

@@ -6,15 +6,14 @@ CPU the server started with, and so do the threads it starts."""
 
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import pytest
 
 import cpu
 from errors import ConfigError
-from support import ROOT, ServerProcess, api, wait_for
+from support import ServerProcess, api, free_port, wait_for
+from test_cli import one_line, run_app
 
 try:
     from tests.fakes import local as local_fns
@@ -90,14 +89,9 @@ def test_a_cpu_number_puts_them_there_and_all_leaves_them_everywhere(tmp_path):
 def test_a_cpu_it_cannot_use_is_one_line_and_exit_2_before_anything_is_written(tmp_path, value, says):
     if value == "4095" and 4095 in ALLOWED:
         pytest.skip("this machine has a CPU 4095")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLDFAST_")}
-    env.update(HOLDFAST_HOST="127.0.0.1", HOLDFAST_CPU=value, HOLDFAST_DATA=str(tmp_path / "data"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert proc.stdout == "" and "Traceback" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("holdfast: ") and says in lines[0], proc.stderr
+    line = one_line(run_app(tmp_path, HOLDFAST_CPU=value, HOLDFAST_DATA=str(tmp_path / "data"),
+                            HOLDFAST_PORT=str(free_port())))
+    assert says in line, line
     assert not (tmp_path / "data").exists()
 
 
