@@ -1,6 +1,7 @@
 """waitress's main loop under holdfast's channel (api/server.py): it does not
-spin while a request's thread holds the answer, and answers of every size
-still go out whole. A real server in a thread of this process, on 127.0.0.1."""
+spin while a request's thread holds the answer, an answer's head goes out
+with its body, and answers of every size still go out whole. A real server
+in a thread of this process, on 127.0.0.1."""
 
 import http.client
 import socket
@@ -20,6 +21,12 @@ def app(environ, start_response):
     if environ["PATH_INFO"] == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(BIG))])
         return (bytes([n % 251]) * (1 << 20) for n in range(BIG >> 20))
+    if environ["PATH_INFO"] == "/empty":
+        start_response("204 No Content", [])
+        return []
+    if environ["PATH_INFO"] == "/unchanged":     # a body waitress must leave out
+        start_response("304 Not Modified", [("ETag", '"1"')])
+        return [b"left out"]
     body = environ["PATH_INFO"].encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
@@ -27,9 +34,20 @@ def app(environ, start_response):
 
 @pytest.fixture
 def server():
-    """The server running, and how many turns its main loop made."""
-    srv = create_server(app, host="127.0.0.1", port=0, threads=4, channel_class=HTTPChannel,
+    """The server running, how many turns its main loop made (`turns`), and
+    the sizes of the sends its channels tried (`sends`)."""
+    srv = create_server(app, host="127.0.0.1", port=0, threads=8, channel_class=HTTPChannel,
                         request_timeout_s=20, max_per_address=100)
+    sends = []
+
+    class Counted(srv.channel_class):
+        def send(self, data, do_close=True):
+            # Counted before it is sent: a client that has read an answer
+            # finds its send counted.
+            sends.append(len(data))
+            return super().send(data, do_close)
+    srv.channel_class = Counted
+    srv.sends = sends
     turns = [0]
     readable = srv.readable
 
@@ -73,6 +91,33 @@ def test_the_loop_turns_a_few_times_per_request_not_dozens(server):
     # loop spun 20 to 100 turns a request before (a bare request cost
     # three times its CPU).
     assert turns < 6 * clients * per_client, turns
+
+
+def test_an_answer_goes_out_in_one_send_head_and_body(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+    try:
+        conn.request("GET", "/x")
+        conn.getresponse().read()       # the connection is up and warm
+        before = len(server.sends)
+        for i in range(50):
+            conn.request("GET", f"/one/{i}")
+            res = conn.getresponse()
+            assert (res.status, res.getheader("Content-Length"), res.read()) == (200, str(len(f"/one/{i}")),
+                                                                               f"/one/{i}".encode())
+        # waitress sent the head and then the body: two sends an answer.
+        assert len(server.sends) - before == 50, server.sends[before:]
+        before = len(server.sends)
+        conn.request("GET", "/unchanged")       # a body left out: the head alone
+        res = conn.getresponse()
+        assert (res.status, res.getheader("ETag"), res.read()) == (304, '"1"', b"")
+        conn.request("GET", "/empty")           # no body: the head alone
+        res = conn.getresponse()
+        assert (res.status, res.read()) == (204, b"")
+        conn.request("GET", "/after")           # the connection still speaks HTTP
+        assert conn.getresponse().read() == b"/after"
+        assert len(server.sends) - before == 3, server.sends[before:]
+    finally:
+        conn.close()
 
 
 def test_a_channel_whose_output_a_request_holds_is_not_writable(server):
