@@ -20,7 +20,7 @@ import logging
 import resource
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from waitress.adjustments import Adjustments
 from waitress.server import MultiSocketServer, TcpWSGIServer
@@ -93,6 +93,29 @@ class OneSend(WSGITask):
             head, channel.head = channel.head, None
         if head is not None:
             channel.write_soon(head)
+
+
+class _NewestFirst(deque):
+    append = deque.appendleft
+
+
+class Dispatcher(ThreadedTaskDispatcher):
+    """waitress's pool of request threads, the idle ones woken newest first.
+
+    waitress wakes the thread idle longest, so a steady load goes round
+    every one of holdfast's threads in turn (8, and 200 more for event
+    streams), each taking up a stack and objects gone cold; on one CPU
+    (cpu.py) they all share its caches. Woken newest first, the few threads
+    the load needs take every request and the rest stay asleep; requests
+    still run in the order they came. Measured in BENCHMARKS.md's
+    http_bench section."""
+
+    def __init__(self):
+        super().__init__()
+        # CPython's Condition: wait() appends its waiter to _waiters, and
+        # notify() wakes them from the left. tests/test_server_loop.py
+        # checks that the newest idle thread is the one woken.
+        self.queue_cv._waiters = _NewestFirst()
 
 
 def guarded_channel(base):
@@ -237,7 +260,7 @@ def create_server(app, *, channel_class, request_timeout_s, max_per_address, map
     adjustments.setdefault("asyncore_use_poll", True)
     adj = Adjustments(**adjustments)
     map = {} if map is None else map
-    dispatcher = ThreadedTaskDispatcher()
+    dispatcher = Dispatcher()
     dispatcher.set_thread_count(adj.threads)
     channel = guarded_channel(channel_class)
     servers = []

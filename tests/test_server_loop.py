@@ -1,12 +1,14 @@
 """waitress's main loop under holdfast's channel (api/server.py): it does not
 spin while a request's thread holds the answer, an answer's head goes out
-with its body, and answers of every size still go out whole. A real server
-in a thread of this process, on 127.0.0.1."""
+with its body, the newest idle request thread takes the next request, and
+answers of every size still go out whole. A real server in a thread of
+this process, on 127.0.0.1."""
 
 import http.client
 import socket
 import threading
 import time
+from collections import Counter
 
 import pytest
 from waitress import wasyncore
@@ -21,6 +23,10 @@ def app(environ, start_response):
     if environ["PATH_INFO"] == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(BIG))])
         return (bytes([n % 251]) * (1 << 20) for n in range(BIG >> 20))
+    if environ["PATH_INFO"] == "/who":
+        body = str(threading.get_ident()).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
     if environ["PATH_INFO"] == "/empty":
         start_response("204 No Content", [])
         return []
@@ -118,6 +124,29 @@ def test_an_answer_goes_out_in_one_send_head_and_body(server):
         assert len(server.sends) - before == 3, server.sends[before:]
     finally:
         conn.close()
+
+
+def test_the_newest_idle_request_thread_takes_the_next_request(server):
+    pool = server.task_dispatcher
+
+    def all_idle():
+        deadline = time.monotonic() + 10
+        while pool.active_count:        # a thread counts itself idle as it begins to wait
+            assert time.monotonic() < deadline, "a request thread never went back to wait"
+            time.sleep(0.001)
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+    try:
+        served = []
+        for _ in range(40):
+            all_idle()      # so the thread that answered the last request is the newest idle one
+            conn.request("GET", "/who")
+            served.append(conn.getresponse().read())
+    finally:
+        conn.close()
+    # waitress woke the thread idle longest: forty requests went round all
+    # eight threads, five each.
+    assert len(set(served)) == 1, Counter(served)
 
 
 def test_a_channel_whose_output_a_request_holds_is_not_writable(server):
