@@ -6,11 +6,12 @@ a yardstick for what its layers cost.
     python bench/_floor.py --port N --data DIR --kie URL --key K --poll-s P --tokens FILE
 
 Per job, what holdfast does too and no less:
-  - the submit over HTTP (waitress, its loop kept from spinning as
-    holdfast keeps it, bare Bottle): the bearer token's
-    SHA-256 looked up, a per-user rate limit, the user's active tasks
-    counted (429 queue full), the task row and its event row in one BEGIN
-    IMMEDIATE transaction, 201 with the contract's task JSON;
+  - the submit over HTTP (waitress changed as holdfast changes it: its
+    loop kept from spinning, an answer in one send, idle threads woken
+    newest first; bare Bottle): the bearer token's SHA-256 looked up, a
+    per-user rate limit, the user's active tasks counted (429 queue
+    full), the task row and its event row in one BEGIN IMMEDIATE
+    transaction, 201 with the contract's task JSON;
   - a lease with a fencing token taken in the store before any call, and
     every later write fenced by it;
   - "submitting" written before the create call (no blind resubmission),
@@ -363,13 +364,18 @@ def main():
     worker.start()
     from waitress.channel import HTTPChannel
 
-    from api.server import QuietLoop
+    from api.server import Dispatcher, OneSend, QuietLoop
 
     class Channel(QuietLoop, HTTPChannel):
-        """waitress's own, kept from spinning as holdfast's is: a floor
-        that spun would price waitress's busy loop."""
+        """waitress's own, changed as holdfast's is: its loop kept from
+        spinning, an answer's head sent with its body. A floor without
+        them would price waitress's ways, not the work."""
+        task_class = OneSend
 
-    server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8)
+    pool = Dispatcher()         # idle threads woken newest first, as holdfast's
+    pool.set_thread_count(8)
+    server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8,
+                                    _dispatcher=pool)
     server.channel_class = Channel
     print(f"floor serving on http://127.0.0.1:{args.port}", flush=True)
     server.run()
