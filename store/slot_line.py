@@ -25,6 +25,9 @@ import peewee
 # submit is under way, or in doubt after a crash (see take_slot). Here, as
 # the line is what it decides; store.schema gives it to the rest.
 SLOT_STEP = "submitting"
+# A queued task's step after take_slot refused it: it waits in line for a
+# slot (see SqlStore._next_in_line), parked until a slot is given back.
+SLOT_WAIT_STEP = "waiting for a slot"
 
 
 def waiting(row):
@@ -172,3 +175,100 @@ def rows(store):
     """slot_line as it is, in the same form as recount()."""
     return sorted(tuple(r) for r in store._exec(
         "SELECT provider, user_id, best, since FROM slot_line").fetchall())
+
+
+# -- the wake: a slot given back (migration 17) --------------------------------
+#
+# A task refused a slot is parked (SLOT_WAIT_STEP) and due again only after
+# a long while (worker/steps.py, SLOT_RECHECK_S): looking every poll
+# interval, each parked task cost a claim and two writes a look, and
+# thousands of them waiting behind one GPU kept a third of a core busy.
+# Instead, the change that gives a slot back (a task ends, is cancelled, a
+# submit lets go, a job is lost) makes one parked task due at that change's
+# time, in the same transaction, whichever code path made it: the first
+# parked task of the first user in line, users holding none of the
+# provider's slots first. Its take_slot then takes the slot, or, where the
+# rule gives the turn to another user, makes those first in line due
+# (SqlStore._next_in_line). Reads stay in indexes: tasks_parked, and the
+# slot line's rows of users with a task parked.
+
+def _holds(row):
+    # COALESCE: a NULL step must read as holding nothing, not as unknown
+    # (which would make NOT _holds unknown too).
+    return f"({row}.status = 'running' OR ({row}.status = 'queued' AND COALESCE({row}.step, '') = '{SLOT_STEP}'))"
+
+
+def _parked(row, provider, user, now):
+    return (f"{row}.status = 'queued' AND {row}.step = '{SLOT_WAIT_STEP}' AND {row}.provider = {provider} "
+            f"AND {row}.user_id = {user} AND {row}.next_poll_at > {now}")
+
+
+def _any_parked(provider, sqlite):
+    return (f"EXISTS (SELECT 1 FROM tasks p{_index(sqlite, 'tasks_parked')} WHERE p.status = 'queued' "
+            f"AND p.step = '{SLOT_WAIT_STEP}' AND p.provider = {provider})")
+
+
+def _index(sqlite, name):
+    # Without statistics (no ANALYZE) SQLite picks an index that covers the
+    # columns over the one that holds only the rows asked for: every queued
+    # task of the provider read through tasks_since, every task a user ever
+    # had through tasks_user_id_id. PostgreSQL plans from its statistics.
+    return f" INDEXED BY {name}" if sqlite else ""
+
+
+def _wake_first(provider, now, sqlite):
+    # Users in slot_line_order's order, each read stopping at its first
+    # match: the first holding none of the slots (running, or queued and
+    # submitting: as SqlStore._HELD counts them) with a task parked, else
+    # the first with a task parked.
+    def first_user(holding_none):
+        none = (f"AND NOT EXISTS (SELECT 1 FROM tasks r{_index(sqlite, 'tasks_status_provider')} "
+                f"WHERE r.status = 'running' AND r.provider = {provider} AND r.user_id = l.user_id) "
+                f"AND NOT EXISTS (SELECT 1 FROM tasks s{_index(sqlite, 'tasks_slots')} WHERE s.status = 'queued' "
+                f"AND s.step = '{SLOT_STEP}' AND s.provider = {provider} AND s.user_id = l.user_id) "
+                if holding_none else "")
+        return (f"(SELECT l.user_id FROM slot_line l WHERE l.provider = {provider} {none}"
+                f"AND EXISTS (SELECT 1 FROM tasks w{_index(sqlite, 'tasks_parked')} "
+                f"WHERE {_parked('w', provider, 'l.user_id', now)}) "
+                f"ORDER BY l.best DESC, l.since, l.user_id LIMIT 1)")
+    user = f"COALESCE({first_user(True)}, {first_user(False)})"
+    # PostgreSQL: a parked row another transaction holds (a claim, a
+    # take_slot) is passed over, not waited for: that wait could close a
+    # cycle with the slot line's row locks.
+    lock = "" if sqlite else " FOR UPDATE SKIP LOCKED"
+    return (f"UPDATE tasks SET next_poll_at = {now} WHERE id = (SELECT t.id FROM tasks t"
+            f"{_index(sqlite, 'tasks_parked')} WHERE {_parked('t', provider, user, now)} "
+            f"ORDER BY t.priority DESC, t.created_at, t.id LIMIT 1{lock});")
+
+
+_GIVEN_BACK = f"{_holds('OLD')} AND NOT {_holds('NEW')}"
+
+_WAKE_SQLITE = [
+    f"CREATE TRIGGER slot_given_back AFTER UPDATE OF status, step ON tasks "
+    f"WHEN {_GIVEN_BACK} AND {_any_parked('OLD.provider', True)} "
+    f"BEGIN {_wake_first('OLD.provider', 'NEW.updated_at', True)} END",
+]
+
+# A trigger's WHEN takes no subquery on PostgreSQL: the function asks.
+_WAKE_PG = [
+    "CREATE OR REPLACE FUNCTION slot_given_back() RETURNS trigger AS $$\n"
+    "BEGIN\n"
+    f"  IF {_any_parked('OLD.provider', False)} THEN\n"
+    f"    {_wake_first('OLD.provider', 'NEW.updated_at', False)}\n"
+    "  END IF;\n"
+    "  RETURN NULL;\n"
+    "END $$ LANGUAGE plpgsql",
+    f"CREATE TRIGGER slot_given_back AFTER UPDATE OF status, step ON tasks FOR EACH ROW WHEN ({_GIVEN_BACK}) "
+    "EXECUTE FUNCTION slot_given_back()",
+]
+
+
+def create_wake(db):
+    """The parked tasks' index and the trigger that wakes one of them when a
+    slot is given back. Safe to run again."""
+    db.execute_sql("CREATE INDEX IF NOT EXISTS tasks_parked ON tasks (provider, user_id, priority DESC, "
+                   f"created_at, id) WHERE status = 'queued' AND step = '{SLOT_WAIT_STEP}'")
+    postgres = isinstance(db, peewee.PostgresqlDatabase)
+    db.execute_sql("DROP TRIGGER IF EXISTS slot_given_back" + (" ON tasks" if postgres else ""))
+    for sql in _WAKE_PG if postgres else _WAKE_SQLITE:
+        db.execute_sql(sql)
