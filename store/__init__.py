@@ -41,10 +41,9 @@ from .schema import (ACTIVE, DATA_MODELS, DEDUPE_IGNORED, ERROR_CODES, LOCAL_MOD
                      dumps, event_json, external_id_problem, hash_token, history_day, iso, lease_owner_id,
                      may_nest_too_deep, new_task_id, process_identity, session_json, stuck_reasons, task_json,
                      too_deep)
-from .schema import MAX_PRIORITY, check_priority
+from .schema import MAX_PRIORITY, SLOT_WAIT_STEP, check_priority
 from .schema import DURATION_BOUNDS_S, TaskHistoryDetail, duration_bucket
 from .schema import DERIVED_TABLES
-from .slot_line import SLOT_WAIT_STEP
 from .sql import SqlStore
 from .sql_webhooks import (DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, delivery_json, endpoint_json,
                            webhook_events)

@@ -56,6 +56,9 @@ TRANSITIONS = {
 ERROR_CODES = frozenset({"provider_rejected", "provider_unavailable", "timeout", "result_expired",
                          "provider_lost", "submission_in_doubt", "invalid_result", "internal"})
 DEDUPE_IGNORED = ("failed", "cancelled")
+# A queued task's step after take_slot refused it: it waits in line for a
+# slot (see SqlStore._next_in_line).
+SLOT_WAIT_STEP = "waiting for a slot"
 # The worker's mark in a queued task's `state`: when its last submit was sent
 # (written, and committed, before the request). Present while that submit
 # may have made a job nobody has heard of; in_doubt() finds tasks by it.
@@ -548,17 +551,10 @@ def _migration_16(db):
                    "WHERE status = 'running'")
 
 
-def _migration_17(db):
-    """A slot given back wakes a task parked for one, in the same
-    transaction (store/slot_line.py), so parked tasks need not look again
-    every poll interval."""
-    slot_line.create_wake(db)
-
-
 MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4),
               (5, _migration_5), (6, _migration_6), (7, _migration_7), (8, _migration_8),
               (11, _migration_11), (12, _migration_12), (13, _migration_13), (14, _migration_14),
-              (15, _migration_15), (16, _migration_16), (17, _migration_17)]
+              (15, _migration_15), (16, _migration_16)]
 
 TASK_COLUMNS = [f.column_name for f in Task._meta.sorted_fields]
 # Shared by sql.py and its mixins, which sql.py imports: here, no cycle.

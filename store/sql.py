@@ -31,11 +31,10 @@ from errors import (Conflict, InvalidInput, NotFound, PaymentRequired, StaleLeas
 
 from .base import BaseStore
 from .files import lease_dir
-from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, FRESH_ORDER, POSTED_AT, SLOT_STEP,
+from .schema import (_LEASED, _TASK_SELECT, ERROR_CODES, FRESH_ORDER, POSTED_AT, SLOT_STEP, SLOT_WAIT_STEP,
                      TASK_COLUMNS, TERMINAL, TaskStatus, check_priority, check_transition, check_user_limits,
                      dumps, duration_bucket, event_json, external_id_problem, hash_token, history_day,
                      new_task_id, task_json)
-from .slot_line import SLOT_WAIT_STEP
 from .sql_accounts import AccountsSql
 from .sql_console import ConsoleSql
 from .sql_liveness import LivenessSql

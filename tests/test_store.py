@@ -1375,48 +1375,6 @@ def test_a_refusal_with_a_slot_free_wakes_the_caller_once_it_is_committed(store,
     assert take(held[a[2]]) is None and len(woken) == 1, "no slot free: nobody to wake"
 
 
-def _park(store, task_id, until=1000.0):
-    """As the worker parks a task refused a slot: due again only at `until`."""
-    store.update(task_id, token=None, now=100.0, step="waiting for a slot", next_poll_at=until)
-
-
-def test_a_slot_given_back_makes_the_first_parked_task_due_in_the_same_write(store, alice):
-    """Whatever gives it back (an end, a cancel, a job lost, a submit that
-    lets go): one parked task a slot, due at the time of that change, the
-    first in line, users holding none of the slots first. A task backing
-    off, one already due and another provider's parked task are left
-    alone; with nothing parked, nothing changes."""
-    bob = store.create_user("bob")[0]
-    a = [submit(store, alice["id"], float(i))[0]["id"] for i in range(1, 9)]
-    other = store.submit(alice["id"], "other", {"p": 1}, now=1.0, deadline_at=1e9)[0]["id"]
-    held = _held(store)
-    for task_id in a[:4]:
-        assert _take(store, held[task_id], 4)
-    b = submit(store, bob["id"], 50.0)[0]["id"]
-    for task_id in (a[4], a[5], b, other):
-        _park(store, task_id)
-    store.update(a[6], token=None, now=100.0, step="backing off", next_poll_at=1000.0)
-    store.update(a[7], token=None, now=100.0, step="waiting for a slot", next_poll_at=90.0)   # due already
-
-    def due():
-        return {t: row(store, t)["next_poll_at"] for t in (a[4], a[5], a[6], a[7], b, other)}
-    before = due()
-    # An end: bob holds no slot, so his parked task goes first, though younger.
-    store.update(a[0], token=None, now=120.0, status="running", step="generating")
-    assert due() == before, "a slot taken up is none given back"
-    store.update(a[0], token=None, now=130.0, status="succeeded")
-    assert due() == dict(before, **{b: 130.0})
-    # A cancel: bob's is due already; alice's oldest parked task.
-    store.cancel(a[1], alice["id"], now=140.0)
-    assert due() == dict(before, **{b: 130.0, a[4]: 140.0})
-    # A job lost (running, queued again), then a submit letting go of its slot.
-    store.update(a[2], token=None, now=150.0, status="running", step="generating")
-    store.update(a[2], token=None, now=160.0, status="queued", step=None)
-    assert due() == dict(before, **{b: 130.0, a[4]: 140.0, a[5]: 160.0})
-    store.update(a[3], token=None, now=170.0, step=None)
-    assert due() == dict(before, **{b: 130.0, a[4]: 140.0, a[5]: 160.0}), "nothing parked is left to wake"
-
-
 def test_fair_share_comes_before_priority_across_users(store, alice):
     bob = store.create_user("bob")[0]
     a = [submit(store, alice["id"], float(i), priority=9)[0]["id"] for i in range(1, 4)]

@@ -284,53 +284,6 @@ def test_a_task_submitted_as_a_backlog_ends_is_claimed_without_waiting_for_a_tic
     assert sqlite_store.get_task(store.late)["status"] == "running"
 
 
-def test_tasks_parked_for_a_slot_are_not_asked_again_each_poll_but_woken_as_slots_come_back(
-        sqlite_store, files, tmp_path):
-    """concurrency = 1 and twenty tasks: one runs, nineteen park. Looked at
-    every poll interval (50 ms here), each was claimed and refused twenty
-    times a second; parked, none is asked again while the slot stays taken,
-    and each slot given back starts the next at once."""
-    gate = tmp_path / "gate"
-    providers = build_providers({"one": {"type": "local", "function": f"{local_fns.__name__}:gate",
-                                         "concurrency": 1, "poll_interval_s": 0.05, "max_poll_interval_s": 0.05}})
-    user = sqlite_store.create_user("alice")[0]
-    now = time.time()
-    ids = [sqlite_store.submit(user["id"], "one", {"gate": str(gate), "n": i}, now=now, deadline_at=now + 3600)[0]["id"]
-           for i in range(20)]
-    asked = []
-    take_slot = sqlite_store.take_slot
-
-    def counted(task_id, **kw):
-        asked.append(task_id)
-        return take_slot(task_id, **kw)
-    sqlite_store.take_slot = counted
-    worker = Worker(sqlite_store, providers, files, threads=2, tick_s=0.05, sweep_s=3600)
-    worker.start()
-    try:
-        worker.wake()
-
-        def steps():
-            return [sqlite_store.get_task(i)["step"] for i in ids]
-        deadline = time.time() + 30
-        while steps().count("waiting for a slot") < 19:
-            assert time.time() < deadline, steps()
-            time.sleep(0.02)
-        before = len(asked)
-        time.sleep(1.0)     # twenty poll intervals, the gate shut
-        again = len(asked) - before
-        gate.touch()
-        deadline = time.time() + 30
-        while [sqlite_store.get_task(i)["status"] for i in ids].count("succeeded") < len(ids):
-            assert time.time() < deadline, [sqlite_store.get_task(i)["status"] for i in ids]
-            time.sleep(0.02)
-    finally:
-        worker.stop()
-    assert again == 0, f"{again} asks for the slot in a second while it stayed taken"
-    # Each task asked when first claimed and once more when woken (the
-    # first in line may be asked once more, refused for another's turn).
-    assert len(asked) <= 2 * len(ids) + 2, len(asked)
-
-
 def test_a_stop_racing_a_tick_hands_nothing_to_the_gone_pool(sqlite_store, files):
     ids = _queued(sqlite_store, 3)
     store = _StopsDuringClaim(sqlite_store)

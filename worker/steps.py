@@ -24,10 +24,6 @@ log = logging.getLogger("holdfast.worker")
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
 WAITING_FOR_SLOT = SLOT_WAIT_STEP
-# A task parked for a slot is made due when one is given back (a trigger,
-# store/slot_line.py). This look is for a wake that went amiss: two slots
-# given back at once on PostgreSQL, a `concurrency` raised at a restart.
-SLOT_RECHECK_S = 60.0
 WAKE_EVERY_S = 1.0         # at most one wake_backoff per provider this often, per process
 
 
@@ -200,8 +196,8 @@ class Steps:
             self.wake()
 
     def _wait_for_slot(self, task, provider, now):
-        """Every slot is taken: parked until one is given back."""
-        next_at = now + max(provider.poll_interval_s, SLOT_RECHECK_S)
+        """Every slot is taken: look again when a running task may have ended."""
+        next_at = now + provider.poll_interval_s
         if task["step"] != WAITING_FOR_SLOT:
             self.store.update(task["id"], token=task["lease_token"], now=now, release=True, seen=task,
                               step=WAITING_FOR_SLOT, next_poll_at=next_at)
@@ -455,9 +451,6 @@ class Steps:
         # The store logs the change (holdfast.tasks), once it is committed.
         done = self.store.update(task["id"], token=task["lease_token"], now=now, seen=task, **changes)
         self._told.pop(task["id"], None)
-        provider = self.providers.get(task["provider"])
-        if provider is not None and provider.concurrency is not None:
-            self.wake()         # the slot it gave back made a parked task due: now, not at the next tick
         self.drop_unlisted_files(done)
 
     def drop_unlisted_files(self, task):
