@@ -372,9 +372,10 @@ def main():
         them would price waitress's ways, not the work."""
         task_class = OneSend
 
+    threads = 8
     pool = Dispatcher()         # idle threads woken newest first, as holdfast's
-    pool.set_thread_count(8)
-    server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=8,
+    pool.set_thread_count(threads)      # waitress leaves a pool it is handed as it is
+    server = waitress.create_server(make_app(store, worker), host="127.0.0.1", port=args.port, threads=threads,
                                     _dispatcher=pool)
     server.channel_class = Channel
     print(f"floor serving on http://127.0.0.1:{args.port}", flush=True)
