@@ -165,6 +165,18 @@ class BaseStore:
         spare every task gets one. StaleLease, Conflict, NotFound."""
         raise NotImplementedError
 
+    def wake_line(self, provider, *, limit, now):
+        """Make due now those first in line for `provider`'s slots that a
+        refusal parked (see take_slot), as many as there are slots free
+        under `limit`; with `limit` None, every parked task of `provider`.
+        Returns how many it woke. Reads the slots held and the line, and
+        writes only when a task first in line is parked: a look at a
+        provider whose slots are all taken costs one short read, however
+        many tasks wait. The worker looks every tick, so a task refused a
+        slot can park for long without a slot given back meanwhile going
+        unused."""
+        raise NotImplementedError
+
     def renew_lease(self, task_id, *, token, expires_at):
         """Move the expiry of a lease still held with `token` to
         `expires_at` (a long download, a local function). No version bump,

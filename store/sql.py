@@ -786,6 +786,33 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
             wake()
         return None
 
+    def wake_line(self, provider, *, limit, now):
+        waiting = f"{self._WAITING} AND (step IS NULL OR step = ?) AND next_poll_at > ?"
+        with self._seam():
+            if limit is None:
+                ids = [r[0] for r in self._exec(f"SELECT id FROM tasks WHERE {waiting}",
+                                                (provider, SLOT_STEP, SLOT_WAIT_STEP, now)).fetchall()]
+            else:
+                held = dict(self._exec(self._HELD, (provider, "") * 2).fetchall())
+                free = limit - sum(held.values())
+                if free <= 0:
+                    return 0
+                ids = [task_id for user, n in self._turns(provider, held, free).items()
+                       for task_id, due_at in self._first_parked(provider, user, n) if due_at > now]
+        if not ids:
+            return 0
+        # Read apart from this write, so a look that finds nothing to wake
+        # (the usual one) writes nothing: the line may have moved since, so
+        # each is woken only if still parked. A row another writer holds is
+        # passed over rather than waited for (PostgreSQL), as take_slot
+        # holds its task's row and then the slot lock; the next look
+        # finds it again if it still needs waking.
+        with self._seam(), self._write(undo=False):
+            return self._exec(
+                f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE id IN "
+                f"({', '.join('?' * len(ids))}) AND {waiting}{self.skip_locked})",
+                (now, *ids, provider, SLOT_STEP, SLOT_WAIT_STEP, now)).rowcount
+
     def _take_slot(self, task, token, now, limit, changes, version):
         """take_slot's decision and change: the task changed, None when
         every slot is taken, False when refused with a slot free."""
@@ -823,9 +850,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         """Whether `task` may take one of its provider's `free` slots, inside
         take_slot's transaction, under the slot lock; `held`: {user id: slots
         held}. With no more waiting than free, yes. Otherwise users take
-        turns: the next slot goes to the user holding fewest, then the one
-        whose best waiting task has the higher priority, then the one
-        waiting longest; within a user, higher priority, then the oldest
+        turns (_turns); within a user, higher priority, then the oldest
         task. When `task` is not among those first in line, they become due
         now, so the slot it leaves free is taken at the next tick rather
         than a poll interval later.
@@ -834,15 +859,33 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         cap, the line reads a row per free slot and per holder), so the
         cost grows neither with the tasks waiting nor with their users."""
         provider = task["provider"]
-        cap = free + 1
-        if self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} LIMIT ?) w",
-                     (provider, SLOT_STEP, cap))[0] <= free:
+        if self._waiting_at_most(provider, free):
             return True
+        turns = self._turns(provider, held, free)
+        mine = turns.get(task["user_id"], 0)
+        if mine and self._ahead(task, mine) < mine:
+            return True
+        for user, n in turns.items():
+            self._wake(provider, user, n, now)
+        return False
+
+    def _waiting_at_most(self, provider, n):
+        """Whether at most `n` tasks wait for `provider`'s slots."""
+        return self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} LIMIT ?) w",
+                         (provider, SLOT_STEP, n + 1))[0] <= n
+
+    def _turns(self, provider, held, free):
+        """{user id: how many of `free` slots are theirs}: the next slot
+        goes to the user holding fewest (`held`), then the one whose best
+        waiting task has the higher priority, then the one waiting longest.
+        Fewer than `free` in all when fewer tasks wait."""
         # Users level on all three take turns by user id.
         line = {user: [held.get(user, 0), -best, since, user]
                 for user, best, since in self._line(provider, held, free)}
         turns = {}
         for turn in range(free):
+            if not line:
+                break
             user = min(line, key=line.get)
             turns[user] = turns.get(user, 0) + 1
             line[user][0] += 1
@@ -853,12 +896,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                     f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE {self._WAITING} AND user_id = ? "
                     "LIMIT ?) n", (provider, SLOT_STEP, user, turns[user] + 1))[0]:
                 del line[user]
-        mine = turns.get(task["user_id"], 0)
-        if mine and self._ahead(task, mine) < mine:
-            return True
-        for user, n in turns.items():
-            self._wake(provider, user, n, now)
-        return False
+        return turns
 
     def _line(self, provider, held, free):
         """[(user id, best waiting priority, oldest waiting since)] of the
@@ -894,31 +932,39 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
              task["id"], cap))[0]
 
     def _wake(self, provider, user, n, now):
-        """Make `user`'s first `n` in line due now. Only those parked by a
-        refusal or never tried: a task sitting out a backoff keeps its
-        schedule. Read a priority at a time from the top, so that a user's
-        long line of older, lower tasks is never sorted."""
+        """Make `user`'s first `n` parked in line (_first_parked) due now."""
+        ids = [task_id for task_id, due_at in self._first_parked(provider, user, n) if due_at > now]
+        if ids:
+            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({', '.join('?' * len(ids))}) "
+                       "AND next_poll_at > ?", (now, *ids, now))
+
+    def _first_parked(self, provider, user, n):
+        """[(id, next_poll_at)] of `user`'s first `n` in line at `provider`
+        among those parked by a refusal or never tried: a task sitting out
+        a backoff keeps its schedule. Read a priority at a time from the
+        top, so that a user's long line of older, lower tasks is never
+        sorted."""
         parked = f"{self._WAITING} AND user_id = ? AND (step IS NULL OR step = ?)"
         key = (provider, SLOT_STEP, user, SLOT_WAIT_STEP)
-        below = None
+        below, first = None, []
         while n > 0:
             row = self._one(f"SELECT MAX(priority) FROM tasks WHERE {parked}"
                             + ("" if below is None else " AND priority < ?"),
                             key if below is None else (*key, below))
             if row is None or row[0] is None:
-                return
+                break
             below = row[0]
             # The n-th oldest at this priority bounds the range read (and
             # sorted by id, for ties): the index gives created_at's order.
             nth = self._one(f"SELECT created_at FROM tasks WHERE {parked} AND priority = ? "
                             "ORDER BY created_at LIMIT 1 OFFSET ?", (*key, below, n - 1))
             upto = "" if nth is None else " AND created_at <= ?"
-            ids = [r[0] for r in self._exec(
-                f"SELECT id FROM tasks WHERE {parked} AND priority = ?{upto} ORDER BY created_at, id LIMIT ?",
-                (*key, below, *([] if nth is None else [nth[0]]), n)).fetchall()]
-            n -= len(ids)
-            self._exec(f"UPDATE tasks SET next_poll_at = ? WHERE id IN ({', '.join('?' * len(ids))}) "
-                       "AND next_poll_at > ?", (now, *ids, now))
+            rows = self._exec(
+                f"SELECT id, next_poll_at FROM tasks WHERE {parked} AND priority = ?{upto} "
+                "ORDER BY created_at, id LIMIT ?", (*key, below, *([] if nth is None else [nth[0]]), n)).fetchall()
+            n -= len(rows)
+            first += [tuple(r) for r in rows]
+        return first
 
     def renew_lease(self, task_id, *, token, expires_at):
         with self._seam(), self._write(undo=False):
