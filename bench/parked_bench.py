@@ -6,12 +6,13 @@ against the same server with none waiting.
 One `python app.py` on a temporary data directory, its demo provider with
 `concurrency = 1`, hour-long jobs and 2 s polls (the default): the first
 task posted takes the slot for the run, every later one is refused it
-(step "waiting for a slot") and asks again every poll interval. The
-server's CPU (all threads, kernel included, from /proc) is read over
+(step "waiting for a slot") and parks until the worker's look at the line
+wakes it (a slot given back) or PARKED_S (300 s) passes. The server's CPU (all threads, kernel included, from /proc) is read over
 `--window` seconds twice: first with one task running and none waiting
 (the baseline), then with `--waiting` tasks waiting. The default window
 holds more than a minute, so that a change whose waiting tasks look again
-less often shows that look in its figure. Printed: CPU as a share of one
+every minute shows that look in its figure; `--window 310` holds one
+fallback look of each waiting task. Printed: CPU as a share of one
 core, context switches a second, and the waiting server's against the
 baseline; checked: one task running, the rest waiting, none overdue.
 

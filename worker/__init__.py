@@ -26,8 +26,14 @@ Every function takes `now`; tests pass a clock instead of sleeping.
 A task's life with a provider:
 
     queued --take_slot--> queued, "submitting" --submit--> running --poll...--> download --> succeeded
-      |  no slot: wait     (id stored first)                   |
+      |  no slot: park     (id stored first)                   |
       +<------ the provider lost the job: again, up to `retries` -------+
+
+A task refused because every slot is taken parks: it looks again only after
+PARKED_S. The `slots` job wakes those first in line instead, every tick
+and as soon as a step here ends a task that held one (store.wake_line), so
+tasks waiting behind a busy GPU cost nothing while they wait, however many
+there are, and a slot given back by any process is taken within a tick.
 
 `attempts` counts submissions (or, local, function starts), stored before
 the request together with its id and the time it is sent (POSTED_AT in the
@@ -126,8 +132,11 @@ class Worker(Steps, Callbacks):
         self._leaving = False     # the process is exiting: local functions stop at their next report()
         self._identity = None
         self._wakeup = threading.Event()
+        self._freed = False       # a step here ended a task holding a slot: look at the line first
+        self._unparked = False    # tasks parked for a provider that has no limit now were woken
         self._waker = None
         self._dispatch = self._safe(self.dispatch)   # the tick's, the wake thread's and a pool thread's
+        self._slots = self._safe(self.wake_slots)     # the tick's and the wake thread's
         self._refilling = threading.local()
         self.last_tick = None
         self.hints = Hints(store, providers, wake=self.wake, clock=clock)
@@ -149,6 +158,7 @@ class Worker(Steps, Callbacks):
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="holdfast-task")
         beat_s = max(self.lease_s / 3, 0.1)
         jobs = {"dispatch": (self._dispatch, self.tick_s),
+                "slots": (self._slots, self.tick_s),
                 "sweep": (self._safe(self.sweep), self.sweep_s),
                 "deliver": (self._safe(self.deliverer.tick), min(self.tick_s, 0.25)),
                 "cleanup": (self._safe(self.cleanup), self.cleanup_s),
@@ -185,6 +195,9 @@ class Worker(Steps, Callbacks):
             self._wakeup.clear()
             if self._stopping:
                 return
+            if self._freed:
+                self._freed = False
+                self._slots(wake=False)
             self._dispatch()
 
     def stop(self, wait=True):
@@ -259,10 +272,32 @@ class Worker(Steps, Callbacks):
         if self._waker is not None and not self._wakeup.is_set():
             self._wakeup.set()
 
+    def slot_freed(self, provider):
+        """A step here ended a task holding one of `provider`'s slots: the
+        wake thread looks at the line before it next dispatches."""
+        if provider.concurrency is not None:
+            self._freed = True
+            self.wake()
+
+    def wake_slots(self, now=None, wake=True):
+        """Wake the parked tasks first in line for each provider's free
+        slots (store.wake_line); the first time, every parked task of a
+        provider that has no limit now. Returns how many; `wake`: dispatch
+        at once when there are any."""
+        now = self.clock() if now is None else now
+        woken = 0
+        for name, provider in self.providers.items():
+            if provider.concurrency is not None or not self._unparked:
+                woken += self.store.wake_line(name, limit=provider.concurrency, now=now)
+        self._unparked = True
+        if woken and wake:
+            self.wake()
+        return woken
+
     def _safe(self, fn):
-        def run():
+        def run(*args, **kwargs):
             try:
-                fn()
+                fn(*args, **kwargs)
             except StoreUnavailable as exc:
                 # A full disk fails every tick: one line when it starts.
                 if self._told.get(fn.__name__) != exc.message:
@@ -441,6 +476,7 @@ class Worker(Steps, Callbacks):
         """Claim what is due at `now` and process it here. Returns how many."""
         now = self.clock() if now is None else now
         self.last_tick = now
+        self.wake_slots(now, wake=False)
         tasks = self.store.claim(self.owner, now=now, limit=self.batch, lease_s=self.lease_s)
         metrics.claimed(tasks, now)
         for task in tasks:

@@ -24,6 +24,7 @@ log = logging.getLogger("holdfast.worker")
 # schedule until the task's deadline; the sweeper ends it then.
 TRANSIENT = Retry(max_attempts=10**9, intervals=(1, 2, 4, 8, 15, 30, 60))
 WAITING_FOR_SLOT = SLOT_WAIT_STEP
+PARKED_S = 300.0           # a task refused a slot looks again by itself; the line wakes it sooner
 WAKE_EVERY_S = 1.0         # at most one wake_backoff per provider this often, per process
 
 
@@ -196,8 +197,12 @@ class Steps:
             self.wake()
 
     def _wait_for_slot(self, task, provider, now):
-        """Every slot is taken: look again when a running task may have ended."""
-        next_at = now + provider.poll_interval_s
+        """Every slot is taken: park. The `slots` job wakes the task when a
+        slot is free and it is first in line (store.wake_line); looking
+        again by itself every poll interval cost the server a third of a
+        core with 8,000 waiting (bench/parked_bench.py). PARKED_S is only
+        the fallback, should no process look at the line."""
+        next_at = now + max(provider.poll_interval_s, PARKED_S)
         if task["step"] != WAITING_FOR_SLOT:
             self.store.update(task["id"], token=task["lease_token"], now=now, release=True, seen=task,
                               step=WAITING_FOR_SLOT, next_poll_at=next_at)
@@ -451,6 +456,9 @@ class Steps:
         # The store logs the change (holdfast.tasks), once it is committed.
         done = self.store.update(task["id"], token=task["lease_token"], now=now, seen=task, **changes)
         self._told.pop(task["id"], None)
+        provider = self.providers.get(task["provider"])
+        if provider is not None and (task["status"] == "running" or task["step"] == SLOT_STEP):
+            self.slot_freed(provider)
         self.drop_unlisted_files(done)
 
     def drop_unlisted_files(self, task):
