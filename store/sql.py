@@ -788,7 +788,11 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     def wake_line(self, provider, *, limit, now):
         waiting = f"{self._WAITING} AND (step IS NULL OR step = ?) AND next_poll_at > ?"
-        with self._seam():
+        # One snapshot, so the slots counted free and the line agree: read
+        # statement by statement, a task taking a slot in between was not
+        # counted as holding it, and the one after it in line was woken
+        # for a slot it had just taken.
+        with self._seam(), self._snapshot():
             if limit is None:
                 ids = [r[0] for r in self._exec(f"SELECT id FROM tasks WHERE {waiting}",
                                                 (provider, SLOT_STEP, SLOT_WAIT_STEP, now)).fetchall()]

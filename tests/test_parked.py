@@ -40,6 +40,7 @@ class Looks:
 
     def __init__(self, store):
         self.asked = self.refused = 0
+        self.log = []     # (task id, taken), in order
         self._lock = threading.Lock()
         self._take_slot = store.take_slot
         store.take_slot = self
@@ -49,6 +50,7 @@ class Looks:
         with self._lock:
             self.asked += 1
             self.refused += held is None
+            self.log.append((args[0], held is not None))
         return held
 
 
@@ -117,7 +119,8 @@ def test_a_slot_given_back_goes_to_the_first_in_line_within_a_tick(sqlite_store,
     if free_it == "the worker's own poll ends it":
         assert kie.max_concurrent_seen == 1
     # The five parked once each, and the one that started asked once more.
-    assert looks.refused == 5 and looks.asked == 1 + 5 + 1
+    assert looks.refused == 5 and looks.asked == 1 + 5 + 1, [(([first] + waiting).index(i), taken)
+                                                             for i, taken in looks.log]
 
 
 def test_tasks_parked_for_a_provider_with_no_limit_now_start_at_once(sqlite_store, files, clock):
@@ -198,5 +201,54 @@ def test_wake_line_passes_over_a_row_another_writer_holds(pg_schema):
         assert woken == 0 and took < 5.0, (woken, took)
         assert store.wake_line("p", limit=1, now=now + 2) == 1
         assert store.get_task(task_id)["next_poll_at"] == pytest.approx(now + 2)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_wake_line_reads_the_slots_and_the_line_in_one_snapshot(backend, tmp_path, request):
+    """A task first in line takes the free slot between the look's count of
+    slots and its read of the line: the look wakes nobody. Read statement by
+    statement, it counted the slot free and then found the next task first
+    in line, and woke it for a slot already taken."""
+    from store import PostgresStore, SqliteStore
+    if backend == "postgresql":
+        opened = PostgresStore(request.getfixturevalue("pg_schema").url)
+    else:
+        opened = SqliteStore(str(tmp_path / "holdfast.db"))
+
+    class TakenMeanwhile(type(opened)):
+        def _turns(self, provider, held, free):
+            # Another thread's take_slot commits here, between the reads
+            # (once: that take_slot reads the line too).
+            if threading.current_thread() is threading.main_thread():
+                taker = threading.Thread(target=take_first)
+                taker.start()
+                taker.join(10)
+            return super()._turns(provider, held, free)
+
+    opened.__class__ = TakenMeanwhile
+    store = opened
+    try:
+        now = time.time()
+        user = store.create_user("alice")[0]
+        ids = [store.submit(user["id"], "p", {}, now=now + i * 0.01, deadline_at=now + 600)[0]["id"]
+               for i in range(3)]
+        park(store, ids, now + 1)
+        took = []
+
+        def take_first():
+            try:
+                task = next(t for t in store.claim("w", now=now + 2 + PARKED_S, limit=3, lease_s=60)
+                            if t["id"] == ids[0])
+                took.append(store.take_slot(task["id"], token=task["lease_token"], now=now + 2, limit=1,
+                                            step=SLOT_STEP))
+            except Exception as exc:
+                took.append(exc)
+
+        woken = store.wake_line("p", limit=1, now=now + 2)
+        assert took and not isinstance(took[0], Exception) and took[0]["id"] == ids[0], took
+        assert woken == 0
+        assert [store.get_task(i)["next_poll_at"] for i in ids[1:]] == [now + 1 + PARKED_S] * 2
     finally:
         store.close()
