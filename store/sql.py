@@ -857,7 +857,7 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         turns (_turns); within a user, higher priority, then the oldest
         task. When `task` is not among those first in line, they become due
         now, so the slot it leaves free is taken at the next tick rather
-        than a poll interval later.
+        than when their own looks fall due (parked: PARKED_S).
 
         Every read here stops after a few index entries (counts stop at a
         cap, the line reads a row per free slot and per holder), so the

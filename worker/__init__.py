@@ -1,7 +1,8 @@
 """When things happen: dispatch, poll, download, sweep.
 
-    __init__.py  Worker: the scheduler's jobs (dispatch, renew, heartbeat,
-                 sweep, cleanup), the pool, leases, shutdown; start here
+    __init__.py  Worker: the scheduler's jobs (dispatch, slots, renew,
+                 heartbeat, sweep, cleanup), the pool, leases, shutdown;
+                 start here
     steps.py     Steps: one step of one claimed task (submit, run, poll,
                  save the results, finish, look again later)
     callbacks.py Callbacks: a submit's callback token; a submit in doubt that
