@@ -155,6 +155,11 @@ class BaseProvider:
             raise ConfigError(f"provider {name}: max_poll_interval_s must be at least poll_interval_s")
         self.health = {"ok": None, "checked_at": None, "error": None}
         self._back = False
+        # The provider's last request went unanswered for timeout_s (a
+        # connect or an answer): it holds a worker thread that long a
+        # call, so the worker lets it have one call at a time until it
+        # answers again (Worker.process). Any answer clears it.
+        self.stalled = False
 
     def _check_keys(self, config):
         for key in config:

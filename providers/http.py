@@ -182,9 +182,11 @@ class HttpProvider(BaseProvider):
             # Refused, unreachable, DNS, connect timeout: the connection
             # never opened, so not a byte of the request reached the provider.
             if exc.timed_out:
+                self.stalled = self.stalled or health
                 raise self._down(f"{what}: could not connect within {self.timeout_s:g}s", health) from None
             raise self._down(f"{what}: cannot connect ({_short(exc)})", health) from None
         except AnswerTimeout:
+            self.stalled = self.stalled or health
             raise self._down(f"{what}: no answer within {self.timeout_s:g}s", health, doubt=True) from None
         except (HTTPException, OSError) as exc:
             # A reset or a close once the request was written (ProtocolError),
@@ -223,8 +225,11 @@ class HttpProvider(BaseProvider):
         """One request through this thread's client, its errors translated:
         the key only where _headers_for allows, the provider's timeout."""
         with self.seam(what, health):
-            return self._client().request(method, url, what=what, headers_for=self._headers_for,
+            resp = self._client().request(method, url, what=what, headers_for=self._headers_for,
                                           timeout_s=self.timeout_s, **options)
+        if health:
+            self.stalled = False
+        return resp
 
     def json_of(self, resp, what):
         """The response's JSON; ProviderUnavailable when it is not JSON,
