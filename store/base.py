@@ -94,16 +94,17 @@ class BaseStore:
         `retry_of` (a task id), only the user's tasks that retry that task."""
         raise NotImplementedError
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False, skip=()):
         """Lease up to `limit` due tasks (next_poll_at <= now, no live lease)
         to `owner`, the longest due first; with `fresh_first` (the worker's
         slow-down), a running task's turn is put off by its age, so
-        submissions and young tasks go first. Each claim increments the
+        submissions and young tasks go first. Tasks of the providers named
+        in `skip` are passed over and stay due. Each claim increments the
         task's lease_token; the returned tasks carry the new token, which
         every later write must present."""
         raise NotImplementedError
 
-    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False):
+    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False, skip=()):
         """Ask that the next write of this thread that lets a lease go
         (update() with `release` or ending the task, reschedule()) also
         lease one due task to `owner`, as claim() would at clock(), in the

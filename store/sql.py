@@ -508,12 +508,12 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         tasks = [self._task(r) for r in rows[:limit]]
         return tasks, (tasks[-1]["id"] if len(rows) > limit else None)
 
-    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False):
+    def claim(self, owner, *, now, limit, lease_s, statuses=("queued", "running"), fresh_first=False, skip=()):
         with self._seam(), self._write(undo=False):
             # Every row read into a task before the first is leased: from
             # then on only the database can fail this write.
             return self._lease(owner, now, lease_s,
-                               [self._task(row) for row in self._due(statuses, now, limit, fresh_first)])
+                               [self._task(row) for row in self._due(statuses, now, limit, fresh_first, skip)])
 
     def _lease(self, owner, now, lease_s, tasks):
         """Lease `tasks`, read in this write, to `owner`; returns them."""
@@ -531,8 +531,8 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
                        (owner, now + lease_s, *(task["id"] for task in tasks)))
         return tasks
 
-    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False):
-        self._ride.ask = (owner, lease_s, clock, fresh_first)
+    def claim_on_release(self, owner, *, lease_s, clock, fresh_first=False, skip=()):
+        self._ride.ask = (owner, lease_s, clock, fresh_first, skip)
         self._ride.got = None
 
     def claimed_on_release(self):
@@ -548,9 +548,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         if ask is None:
             return
         self._ride.ask = None
-        owner, lease_s, clock, fresh_first = ask
+        owner, lease_s, clock, fresh_first, skip = ask
         now = clock()
-        rows = self._due(("queued", "running"), now, 1, fresh_first)
+        rows = self._due(("queued", "running"), now, 1, fresh_first, skip)
         try:
             tasks = [self._task(row) for row in rows]
         except Exception:
@@ -562,17 +562,22 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     _DUE = " AND next_poll_at <= ? AND (lease_owner IS NULL OR lease_expires_at < ?)"
 
-    def _due(self, statuses, now, limit, fresh_first=False):
+    def _due(self, statuses, now, limit, fresh_first=False, skip=()):
         """The first `limit` rows due and not leased, in claim order: the
         longest due first; with `fresh_first`, a running task's turn is
-        put off by its age, so submissions and young tasks go first."""
+        put off by its age, so submissions and young tasks go first.
+        None of the providers in `skip`: rows passed over stay due."""
+        due, due_params = self._DUE, (now, now)
+        if skip:
+            due += f" AND provider NOT IN ({', '.join('?' * len(skip))})"
+            due_params += tuple(skip)
         if not fresh_first or "running" not in statuses:
             # SQLite reads each status's range of tasks_status_next_poll_at
             # in order and leaves it once it holds `limit` rows ahead.
             marks = ", ".join("?" * len(statuses))
-            return self._exec(_TASK_SELECT + f" WHERE status IN ({marks}){self._DUE} "
+            return self._exec(_TASK_SELECT + f" WHERE status IN ({marks}){due} "
                               f"ORDER BY next_poll_at LIMIT ?{self.skip_locked}",
-                              (*statuses, now, now, limit)).fetchall()
+                              (*statuses, *due_params, limit)).fetchall()
         # A computed order cannot stop early: it read and sorted every due
         # row, the very backlog that turns the slow-down on. So the queued
         # first, by the same index; then the running by tasks_fresh
@@ -587,9 +592,9 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
         keyed = []
         if others:
             keyed = [(row[_NEXT_POLL_AT], row) for row in self._exec(
-                _TASK_SELECT + f" WHERE status IN ({others}){self._DUE} ORDER BY next_poll_at "
-                f"LIMIT ?{self.skip_locked}", (now, now, limit)).fetchall()]
-        sql, params = _TASK_SELECT + f"{self.fresh_index} WHERE status = 'running'{self._DUE}", [now, now]
+                _TASK_SELECT + f" WHERE status IN ({others}){due} ORDER BY next_poll_at "
+                f"LIMIT ?{self.skip_locked}", (*due_params, limit)).fetchall()]
+        sql, params = _TASK_SELECT + f"{self.fresh_index} WHERE status = 'running'{due}", [*due_params]
         if len(keyed) >= limit:
             sql += f" AND {FRESH_ORDER} < ?"
             params.append(keyed[limit - 1][0] - now)
