@@ -125,6 +125,7 @@ class Worker(Steps, Callbacks):
         self._waiting = 0      # pool jobs other than steps, submitted and not yet started
         self._backlog = False
         self._held = {}    # task id -> lease token, while a step works on it
+        self._calling = {}     # provider name -> steps of its tasks running here now
         self._told = {}    # task id or job name -> the repeating failure last logged for it
         self._woken = {}   # provider name -> time.monotonic() of its last wake_backoff
         self._lock = threading.Lock()
@@ -332,7 +333,7 @@ class Worker(Steps, Callbacks):
         tasks = []
         try:
             tasks = self.store.claim(self.owner, now=now, limit=room, lease_s=self.lease_s,
-                                     fresh_first=self.slow_down.active)
+                                     fresh_first=self.slow_down.active, skip=self._stalled())
         finally:
             with self._idle:
                 self._inflight -= room - len(tasks)
@@ -414,7 +415,7 @@ class Worker(Steps, Callbacks):
             ride = self._backlog and not self._stopping and not self._waiting
             if ride:
                 self.store.claim_on_release(self.owner, lease_s=self.lease_s, clock=self.clock,
-                                            fresh_first=self.slow_down.active)
+                                            fresh_first=self.slow_down.active, skip=self._stalled())
             try:
                 # The step's own clock: the task may have been claimed a moment ago.
                 self.process(task, self.clock())
@@ -484,9 +485,55 @@ class Worker(Steps, Callbacks):
             self.process(task, now)
         return len(tasks)
 
+    def _stalled(self):
+        """The providers whose last request went unanswered (stalled) that
+        have as many steps running here as they may: claims pass over
+        their tasks."""
+        return tuple(name for name, provider in self.providers.items()
+                     if provider.stalled and self._calling.get(name, 0) >= self._stalled_steps)
+
+    @property
+    def _stalled_steps(self):
+        # Half the threads, not one: a stalled provider's step may be a
+        # long download that says nothing of its API, and another step is
+        # then still free to ask the API whether it answers again.
+        return max(1, self.threads // 2)
+
     def process(self, task, now):
-        """Move one claimed task one step. Survives any error of its own."""
-        provider = self.providers.get(task["provider"])
+        """Move one claimed task one step. Survives any error of its own.
+
+        A provider that stalls (its last request unanswered for its
+        timeout_s) gets at most half the threads here until it answers
+        again: every step of its tasks would hold a thread that long, and
+        its backlog would take every thread from the other providers'
+        tasks (40 tasks of a provider that never answers, timeout_s 5, 4
+        threads: another provider's task waited 50 s). Claims pass over its
+        tasks meanwhile (_stalled), and one claimed before it stalled is
+        handed back as it was, still due."""
+        name = task["provider"]
+        provider = self.providers.get(name)
+        with self._lock:
+            if provider is not None and provider.stalled and self._calling.get(name, 0) >= self._stalled_steps:
+                provider = False
+            else:
+                self._calling[name] = self._calling.get(name, 0) + 1
+        if provider is False:
+            return self._hand_back(task)
+        try:
+            self._step(task, provider, now)
+        finally:
+            with self._lock:
+                self._calling[name] -= 1
+
+    def _hand_back(self, task):
+        """Let a claimed task's lease go, its schedule as it was."""
+        try:
+            self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=task["next_poll_at"],
+                                  polls=task["polls"])
+        except HoldfastError as exc:
+            log.info("task %s: not handed back: %s", task["id"], exc)
+
+    def _step(self, task, provider, now):
         try:
             with self._holding(task):
                 if provider is None:
