@@ -462,13 +462,26 @@ class Worker(Steps, Callbacks):
                 log.info("task %s: lease not renewed: %s", task_id, exc)
 
     @contextmanager
-    def _holding(self, task):
+    def _holding(self, task, provider):
+        """While a step works on `task`: its lease renewed, and its
+        provider's steps here counted. Yields False, holding nothing, when
+        the provider is stalled and has its share of steps here already
+        (process); in the same two turns at the lock as the lease's."""
+        name = task["provider"]
         with self._lock:
-            self._held[task["id"]] = task["lease_token"]
+            admitted = (provider is None or not provider.stalled
+                        or self._calling.get(name, 0) < self._stalled_steps)
+            if admitted:
+                self._held[task["id"]] = task["lease_token"]
+                self._calling[name] = self._calling.get(name, 0) + 1
+        if not admitted:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             with self._lock:
+                self._calling[name] -= 1
                 if self._held.get(task["id"]) == task["lease_token"]:
                     del self._held[task["id"]]
 
@@ -510,33 +523,12 @@ class Worker(Steps, Callbacks):
         threads: another provider's task waited 50 s). Claims pass over its
         tasks meanwhile (_stalled), and one claimed before it stalled is
         handed back as it was, still due."""
-        name = task["provider"]
-        provider = self.providers.get(name)
-        with self._lock:
-            if provider is not None and provider.stalled and self._calling.get(name, 0) >= self._stalled_steps:
-                provider = False
-            else:
-                self._calling[name] = self._calling.get(name, 0) + 1
-        if provider is False:
-            return self._hand_back(task)
+        provider = self.providers.get(task["provider"])
         try:
-            self._step(task, provider, now)
-        finally:
-            with self._lock:
-                self._calling[name] -= 1
-
-    def _hand_back(self, task):
-        """Let a claimed task's lease go, its schedule as it was."""
-        try:
-            self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=task["next_poll_at"],
-                                  polls=task["polls"])
-        except HoldfastError as exc:
-            log.info("task %s: not handed back: %s", task["id"], exc)
-
-    def _step(self, task, provider, now):
-        try:
-            with self._holding(task):
-                if provider is None:
+            with self._holding(task, provider) as admitted:
+                if not admitted:
+                    self._hand_back(task)
+                elif provider is None:
                     self._finish(task, now, "failed", error=("internal", f"provider {task['provider']!r} "
                                                              "is not configured"))
                 elif task["status"] == "queued":
@@ -553,6 +545,14 @@ class Worker(Steps, Callbacks):
         except Exception as exc:
             log.exception("task %s: unexpected error; retrying later", task["id"])
             self._later(task, now, f"internal: {exc}")
+
+    def _hand_back(self, task):
+        """Let a claimed task's lease go, its schedule as it was."""
+        try:
+            self.store.reschedule(task["id"], token=task["lease_token"], next_poll_at=task["next_poll_at"],
+                                  polls=task["polls"])
+        except HoldfastError as exc:
+            log.info("task %s: not handed back: %s", task["id"], exc)
 
     # -- deadlines ---------------------------------------------------------------
 
