@@ -59,6 +59,17 @@ def parked(store, ids):
     return all(t["status"] == "queued" and t["step"] == SLOT_WAIT_STEP for t in tasks) and tasks
 
 
+def behind_one(store, n):
+    """With a worker started: one task in the provider's one slot, then `n`
+    parked behind it. (user, the first's id, the waiting ids)."""
+    user = store.create_user("busy")[0]
+    first, = submit(store, user, 1)
+    wait_for(lambda: store.get_task(first)["status"] == "running", 10, "the first job")
+    waiting = submit(store, user, n)
+    wait_for(lambda: parked(store, waiting), 10, f"the {n} to park")
+    return user, first, waiting
+
+
 def test_tasks_behind_a_busy_slot_are_not_looked_at_again_until_it_frees(sqlite_store, files):
     """One slot, one long job in it, 40 waiting, polls every 0.05 s: each
     waiting task is refused once and then left alone. Looking again every
@@ -66,13 +77,9 @@ def test_tasks_behind_a_busy_slot_are_not_looked_at_again_until_it_frees(sqlite_
     with FakeKIE(job_seconds=60) as kie:
         worker = Worker(sqlite_store, kie_providers(kie), files, threads=4, tick_s=0.05)
         looks = Looks(sqlite_store)
-        user = sqlite_store.create_user("busy")[0]
-        first, = submit(sqlite_store, user, 1)
         worker.start()
         try:
-            wait_for(lambda: sqlite_store.get_task(first)["status"] == "running", 10, "the first job")
-            waiting = submit(sqlite_store, user, 40)
-            wait_for(lambda: parked(sqlite_store, waiting), 10, "the 40 to park")
+            _, _, waiting = behind_one(sqlite_store, 40)
             refused_then = looks.refused
             time.sleep(2.0)
             refused = looks.refused - refused_then
@@ -95,13 +102,9 @@ def test_a_slot_given_back_goes_to_the_first_in_line_within_a_tick(sqlite_store,
     with FakeKIE(job_seconds=job_s) as kie:
         worker = Worker(sqlite_store, kie_providers(kie), files, threads=4, tick_s=0.1)
         looks = Looks(sqlite_store)
-        user = sqlite_store.create_user("busy")[0]
-        first, = submit(sqlite_store, user, 1)
         worker.start()
         try:
-            wait_for(lambda: sqlite_store.get_task(first)["status"] == "running", 10, "the first job")
-            waiting = submit(sqlite_store, user, 5)
-            wait_for(lambda: parked(sqlite_store, waiting), 10, "the 5 to park")
+            user, first, waiting = behind_one(sqlite_store, 5)
             if free_it == "a cancel ends it":
                 sqlite_store.cancel(first, user["id"], now=time.time())
             freed_at = time.time() if free_it == "a cancel ends it" else None
