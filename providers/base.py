@@ -157,8 +157,8 @@ class BaseProvider:
         self._back = False
         # The provider's last request went unanswered for timeout_s (a
         # connect or an answer): it holds a worker thread that long a
-        # call, so the worker lets it have one call at a time until it
-        # answers again (Worker.process). Any answer clears it.
+        # call, so the worker gives its tasks at most half the threads
+        # until it answers again (Worker.process). Any answer clears it.
         self.stalled = False
 
     def _check_keys(self, config):
