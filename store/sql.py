@@ -793,34 +793,33 @@ class SqlStore(AccountsSql, ConsoleSql, UpkeepSql, LivenessSql, SchemaSql, Webho
 
     def wake_line(self, provider, *, limit, now):
         waiting = f"{self._WAITING} AND (step IS NULL OR step = ?) AND next_poll_at > ?"
-        # One snapshot, so the slots counted free and the line agree: read
-        # statement by statement, a task taking a slot in between was not
-        # counted as holding it, and the one after it in line was woken
-        # for a slot it had just taken.
-        with self._seam(), self._snapshot():
-            if limit is None:
-                ids = [r[0] for r in self._exec(f"SELECT id FROM tasks WHERE {waiting}",
-                                                (provider, SLOT_STEP, SLOT_WAIT_STEP, now)).fetchall()]
-            else:
+        chosen, ids = "", ()
+        if limit is not None:
+            # One snapshot, so the slots counted free and the line agree:
+            # read statement by statement, a task taking a slot in between
+            # was not counted as holding it, and the one after it in line
+            # was woken for a slot it had just taken.
+            with self._seam(), self._snapshot():
                 held = dict(self._exec(self._HELD, (provider, "") * 2).fetchall())
                 free = limit - sum(held.values())
                 if free <= 0:
                     return 0
                 ids = [task_id for user, n in self._turns(provider, held, free).items()
                        for task_id, due_at in self._first_parked(provider, user, n) if due_at > now]
-        if not ids:
-            return 0
+            if not ids:
+                return 0
+            chosen = f"id IN ({', '.join('?' * len(ids))}) AND "
         # Read apart from this write, so a look that finds nothing to wake
         # (the usual one) writes nothing: the line may have moved since, so
-        # each is woken only if still parked. A row another writer holds is
-        # passed over rather than waited for (PostgreSQL), as take_slot
-        # holds its task's row and then the slot lock; the next look
-        # finds it again if it still needs waking.
+        # each is woken only if still parked. With no limit, every parked
+        # task, in this one statement however many there are. A row another
+        # writer holds is passed over rather than waited for (PostgreSQL),
+        # as take_slot holds its task's row and then the slot lock; the
+        # next look finds it again if it still needs waking.
         with self._seam(), self._write(undo=False):
             return self._exec(
-                f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE id IN "
-                f"({', '.join('?' * len(ids))}) AND {waiting}{self.skip_locked})",
-                (now, *ids, provider, SLOT_STEP, SLOT_WAIT_STEP, now)).rowcount
+                f"UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE {chosen}"
+                f"{waiting}{self.skip_locked})", (now, *ids, provider, SLOT_STEP, SLOT_WAIT_STEP, now)).rowcount
 
     def _take_slot(self, task, token, now, limit, changes, version):
         """take_slot's decision and change: the task changed, None when
